@@ -1,0 +1,142 @@
+//! The amidala client library: the wire protocol shared with `amidalad` ([`proto`]) and a
+//! blocking [`Client`] that speaks it over the daemon's Unix socket.
+
+pub mod proto;
+
+use std::io::{IoSlice, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+
+use proto::{decode, encode_frame, ErrorReply, FrameDecoder, FrameError, Request, Response};
+
+/// The socket the daemon listens on unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/amidala/amidala.sock";
+
+/// What can go wrong talking to the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach amidalad at {path}: {source} (is amidalad running?)")]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("talking to amidalad: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("talking to amidalad: {0}")]
+    Frame(#[from] FrameError),
+    #[error("amidalad closed the connection")]
+    Closed,
+    #[error("amidalad speaks protocol {daemon}, this client speaks {client}")]
+    ProtocolMismatch { daemon: u32, client: u32 },
+    #[error("{}: {}", .0.code, .0.message)]
+    Daemon(ErrorReply),
+    #[error("amidalad sent an unexpected answer: {0}")]
+    Unexpected(String),
+}
+
+/// A connection to `amidalad`.
+#[derive(Debug)]
+pub struct Client {
+    stream: UnixStream,
+    decoder: FrameDecoder,
+    daemon_version: String,
+}
+
+impl Client {
+    /// Connects and exchanges hellos.
+    pub fn connect(path: &Path) -> Result<Client, ClientError> {
+        let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut client = Client {
+            stream,
+            decoder: FrameDecoder::new(),
+            daemon_version: String::new(),
+        };
+        client.send(
+            &Request::Hello {
+                protocol: proto::PROTOCOL_VERSION,
+                client: format!("amidala {}", env!("CARGO_PKG_VERSION")),
+            },
+            None,
+        )?;
+        match client.recv()? {
+            Response::Hello { protocol, daemon } if protocol == proto::PROTOCOL_VERSION => {
+                client.daemon_version = daemon;
+                Ok(client)
+            }
+            Response::Hello { protocol, .. } => Err(ClientError::ProtocolMismatch {
+                daemon: protocol,
+                client: proto::PROTOCOL_VERSION,
+            }),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The version string the daemon sent in its hello.
+    pub fn daemon_version(&self) -> &str {
+        &self.daemon_version
+    }
+
+    /// Sends one request, with `fd` attached by `SCM_RIGHTS` if given.
+    pub fn send(
+        &mut self,
+        request: &Request,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Result<(), ClientError> {
+        let frame = encode_frame(request)?;
+        match fd {
+            None => self.stream.write_all(&frame)?,
+            Some(fd) => {
+                let fds = [fd.as_raw_fd()];
+                let cmsg = [ControlMessage::ScmRights(&fds)];
+                // The descriptor rides on the first chunk; the rest of the frame follows plainly.
+                let sent = sendmsg::<()>(
+                    self.stream.as_fd().as_raw_fd(),
+                    &[IoSlice::new(&frame)],
+                    &cmsg,
+                    MsgFlags::MSG_NOSIGNAL,
+                    None,
+                )
+                .map_err(std::io::Error::from)?;
+                self.stream.write_all(&frame[sent..])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the next frame. An error frame is returned as [`ClientError::Daemon`].
+    pub fn recv(&mut self) -> Result<Response, ClientError> {
+        loop {
+            if let Some(body) = self.decoder.next_frame()? {
+                return match decode::<Response>(&body)? {
+                    Response::Error(err) => Err(ClientError::Daemon(err)),
+                    other => Ok(other),
+                };
+            }
+            let mut buf = [0u8; 16 * 1024];
+            let n = self.stream.read(&mut buf)?;
+            if n == 0 {
+                self.decoder.finish()?;
+                return Err(ClientError::Closed);
+            }
+            self.decoder.push(&buf[..n]);
+        }
+    }
+
+    /// Sends a request and reads the single answer.
+    pub fn call(&mut self, request: &Request) -> Result<Response, ClientError> {
+        self.send(request, None)?;
+        self.recv()
+    }
+}
+
+/// The error for an answer that does not fit the request.
+pub fn unexpected(response: Response) -> ClientError {
+    let text = serde_json::to_string(&response).unwrap_or_else(|_| format!("{response:?}"));
+    ClientError::Unexpected(text)
+}

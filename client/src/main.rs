@@ -1,0 +1,473 @@
+//! `amidala`: the unprivileged command-line client of `amidalad`.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use amidala::proto::{
+    parse_size, BuildInfo, BuildSpec, ImportSpec, Request, Response, Source, Tag,
+};
+use amidala::{unexpected, Client, ClientError, DEFAULT_SOCKET};
+
+/// Bake machine images from tagged disk snapshots.
+#[derive(Debug, Parser)]
+#[command(name = "amidala", version, about, propagate_version = true)]
+struct Cli {
+    /// The daemon's socket.
+    #[arg(long, global = true, env = "AMIDALA_SOCKET", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Manage base snapshots.
+    Base {
+        #[command(subcommand)]
+        command: BaseCommand,
+    },
+    /// Bake an image: run CMD in a chroot on a volume made from a snapshot, with the current
+    /// directory at /workspace, then snapshot the volume and register an image.
+    Build(BuildArgs),
+    /// List builds.
+    List(JsonFlag),
+    /// Show one build.
+    Status {
+        id: String,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Print a build's log.
+    Logs {
+        id: String,
+        /// Follow the log until the build ends.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Cancel a build and wait for its teardown.
+    Cancel { id: String },
+    /// List images.
+    Images(JsonFlag),
+    /// List snapshots.
+    Snapshots(JsonFlag),
+    /// List the provisioner plugins the daemon has loaded.
+    Plugins(JsonFlag),
+    /// Print the client's and the daemon's versions.
+    Version,
+}
+
+#[derive(Debug, Subcommand)]
+enum BaseCommand {
+    /// Make a snapshot from a directory, a rootfs tarball (.tar, .tar.gz, .tar.xz) or a raw
+    /// disk image (a whole-disk filesystem or an MBR/GPT partitioned disk).
+    Import {
+        /// The source; opened by this client, so it needs only your read access.
+        src: PathBuf,
+        /// Tags of the snapshot (default amidala=base).
+        #[arg(long = "tag", value_name = "K=V")]
+        tags: Vec<Tag>,
+        /// Size of the snapshot, e.g. 2G (default: what the content needs).
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+}
+
+#[derive(Debug, Args)]
+struct JsonFlag {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct BuildArgs {
+    /// Start from the newest snapshot with this tag.
+    #[arg(long, value_name = "K=V", conflicts_with = "source")]
+    from: Option<Tag>,
+    /// Start from this snapshot.
+    #[arg(long, value_name = "SNAPSHOT_ID")]
+    source: Option<String>,
+    /// The provisioner plugin.
+    #[arg(long, default_value = "shell")]
+    provisioner: String,
+    /// The image name (default amidala-<build id>).
+    #[arg(long)]
+    name: Option<String>,
+    /// Tag the image.
+    #[arg(long = "tag", value_name = "K=V")]
+    tags: Vec<Tag>,
+    /// Tag the output snapshot, so a later `--from K=V` starts from it.
+    #[arg(long = "snapshot-tag", value_name = "K=V")]
+    snapshot_tags: Vec<Tag>,
+    /// The partition (1-based) that holds the root filesystem (default: found automatically).
+    #[arg(long)]
+    partition: Option<u32>,
+    /// Mount the workspace read-write (default read-only).
+    #[arg(long)]
+    workspace_rw: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+    /// The command to run inside the image, with /workspace as its working directory.
+    #[arg(last = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("amidala: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn connect(socket: &Path) -> Result<Client> {
+    Ok(Client::connect(socket)?)
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let socket = cli.socket;
+    match cli.command {
+        Command::Base {
+            command:
+                BaseCommand::Import {
+                    src,
+                    tags,
+                    size,
+                    json,
+                },
+        } => import(&socket, &src, tags, size, json.json),
+        Command::Build(args) => build(&socket, args),
+        Command::List(json) => {
+            let builds = match connect(&socket)?.call(&Request::List)? {
+                Response::Builds(builds) => builds,
+                other => return Err(unexpected(other).into()),
+            };
+            if json.json {
+                print_json(&builds)?;
+            } else {
+                print_table(
+                    &[
+                        "ID",
+                        "STATE",
+                        "PHASE",
+                        "OWNER",
+                        "PROVISIONER",
+                        "CREATED",
+                        "IMAGE",
+                    ],
+                    builds.iter().map(|b| {
+                        vec![
+                            b.id.clone(),
+                            b.state.as_str().to_owned(),
+                            b.phase.map(|p| p.to_string()).unwrap_or_default(),
+                            b.owner_uid.to_string(),
+                            b.provisioner.clone(),
+                            b.created.clone(),
+                            b.image_id.clone().unwrap_or_default(),
+                        ]
+                    }),
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { id, json } => {
+            let build = match connect(&socket)?.call(&Request::Status { id })? {
+                Response::Build(build) => build,
+                other => return Err(unexpected(other).into()),
+            };
+            if json.json {
+                print_json(&build)?;
+            } else {
+                print_status(&build);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Logs { id, follow } => {
+            let mut client = connect(&socket)?;
+            client.send(&Request::Logs { id, follow }, None)?;
+            loop {
+                match client.recv()? {
+                    Response::Phase { phase } => println!("==> {phase}"),
+                    Response::Log { line } => println!("{line}"),
+                    Response::Accepted { build_id } => println!("==> build {build_id} accepted"),
+                    Response::Finished(result) => {
+                        println!("==> finished: image {}", result.image_id);
+                        break;
+                    }
+                    Response::Failed(failure) => {
+                        println!("==> failed in phase {}: {}", failure.phase, failure.message);
+                        break;
+                    }
+                    Response::LogEnd => break,
+                    other => return Err(unexpected(other).into()),
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cancel { id } => {
+            match connect(&socket)?.call(&Request::Cancel { id })? {
+                Response::Build(build) => {
+                    eprintln!("build {} is {}", build.id, build.state.as_str());
+                }
+                other => return Err(unexpected(other).into()),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Images(json) => {
+            let images = match connect(&socket)?.call(&Request::Images)? {
+                Response::Images(images) => images,
+                other => return Err(unexpected(other).into()),
+            };
+            if json.json {
+                print_json(&images)?;
+            } else {
+                print_table(
+                    &["ID", "NAME", "SNAPSHOT", "CREATED", "TAGS"],
+                    images.iter().map(|i| {
+                        vec![
+                            i.id.clone(),
+                            i.name.clone(),
+                            i.snapshot_id.clone(),
+                            i.created.clone(),
+                            format_tags(&i.tags),
+                        ]
+                    }),
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Snapshots(json) => {
+            let snapshots = match connect(&socket)?.call(&Request::Snapshots)? {
+                Response::Snapshots(snapshots) => snapshots,
+                other => return Err(unexpected(other).into()),
+            };
+            if json.json {
+                print_json(&snapshots)?;
+            } else {
+                print_table(
+                    &["ID", "CREATED", "SIZE", "TAGS", "PATH"],
+                    snapshots.iter().map(|s| {
+                        vec![
+                            s.id.clone(),
+                            s.created.clone(),
+                            s.size.to_string(),
+                            format_tags(&s.tags),
+                            s.path.clone().unwrap_or_default(),
+                        ]
+                    }),
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plugins(json) => {
+            let plugins = match connect(&socket)?.call(&Request::Plugins)? {
+                Response::Plugins(plugins) => plugins,
+                other => return Err(unexpected(other).into()),
+            };
+            if json.json {
+                print_json(&plugins)?;
+            } else {
+                print_table(
+                    &["NAME", "VERSION", "DESCRIPTION", "PATH"],
+                    plugins.iter().map(|p| {
+                        vec![
+                            p.name.clone(),
+                            p.version.clone(),
+                            p.description.clone(),
+                            p.path.clone(),
+                        ]
+                    }),
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Version => {
+            println!("amidala {}", env!("CARGO_PKG_VERSION"));
+            match connect(&socket)?.call(&Request::Version)? {
+                Response::Version {
+                    daemon,
+                    protocol,
+                    provider,
+                } => println!("amidalad {daemon} (protocol {protocol}, provider {provider})"),
+                other => return Err(unexpected(other).into()),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn import(
+    socket: &Path,
+    src: &Path,
+    tags: Vec<Tag>,
+    size: Option<u64>,
+    json: bool,
+) -> Result<ExitCode> {
+    // Opened here, with the user's own rights; the daemon never opens a path we name.
+    let source = File::open(src).with_context(|| format!("opening {}", src.display()))?;
+    let mut client = connect(socket)?;
+    let spec = ImportSpec {
+        tags,
+        size,
+        source_name: src.display().to_string(),
+    };
+    client.send(&Request::ImportBase(spec), Some(source.as_fd()))?;
+    drop(source);
+    loop {
+        match client.recv() {
+            Ok(Response::Log { line }) => eprintln!("{line}"),
+            Ok(Response::Imported(snapshot)) => {
+                if json {
+                    print_json(&snapshot)?;
+                } else {
+                    println!("{}", snapshot.id);
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            Ok(other) => return Err(unexpected(other).into()),
+            Err(ClientError::Daemon(err)) => bail!("base import: {}", err.message),
+            Err(err) => return Err(err.into()),
+        }
+    }
+}
+
+fn build(socket: &Path, args: BuildArgs) -> Result<ExitCode> {
+    let source = match (args.from, args.source) {
+        (_, Some(id)) => Source::Snapshot(id),
+        (Some(tag), None) => Source::Tag(tag),
+        (None, None) => Source::Tag(Tag {
+            key: "amidala".into(),
+            value: "base".into(),
+        }),
+    };
+    let spec = BuildSpec {
+        source,
+        provisioner: args.provisioner,
+        command: args.command,
+        options: BTreeMap::new(),
+        name: args.name,
+        image_tags: args.tags,
+        snapshot_tags: args.snapshot_tags,
+        partition: args.partition,
+        workspace_rw: args.workspace_rw,
+    };
+    // The workspace is the directory we are in, opened by us and handed over as a descriptor.
+    let workspace = File::open(".").context("opening the current directory as the workspace")?;
+    let mut client = connect(socket)?;
+    client.send(&Request::Build(spec), Some(workspace.as_fd()))?;
+    drop(workspace);
+    let mut build_id = None;
+    loop {
+        match client.recv() {
+            Ok(Response::Accepted { build_id: id }) => {
+                eprintln!("amidala: build {id} accepted");
+                build_id = Some(id);
+            }
+            Ok(Response::Phase { phase }) => eprintln!("==> {phase}"),
+            Ok(Response::Log { line }) => eprintln!("{line}"),
+            Ok(Response::Finished(result)) => {
+                if args.json {
+                    print_json(&result)?;
+                } else {
+                    println!("{}", result.image_id);
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            Ok(Response::Failed(failure)) => {
+                if args.json {
+                    print_json(&failure)?;
+                }
+                bail!(
+                    "build {} failed in phase {}: {}",
+                    failure.build_id,
+                    failure.phase,
+                    failure.message
+                );
+            }
+            Ok(other) => return Err(unexpected(other).into()),
+            Err(ClientError::Daemon(err)) => bail!("build refused: {}", err.message),
+            Err(ClientError::Closed) => {
+                return Err(anyhow!(
+                    "amidalad closed the connection before build {} ended",
+                    build_id.as_deref().unwrap_or("(not yet accepted)")
+                ))
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn format_tags(tags: &BTreeMap<String, String>) -> String {
+    tags.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn print_table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) {
+    let rows: Vec<Vec<String>> = rows.collect();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let text: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", text.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        line(row);
+    }
+}
+
+fn print_status(b: &BuildInfo) {
+    println!("id:              {}", b.id);
+    println!("state:           {}", b.state.as_str());
+    if let Some(phase) = b.phase {
+        println!("phase:           {phase}");
+    }
+    println!("owner uid:       {}", b.owner_uid);
+    println!("provisioner:     {}", b.provisioner);
+    println!("command:         {}", b.command.join(" "));
+    println!("source:          {}", b.source);
+    if let Some(s) = &b.source_snapshot {
+        println!("source snapshot: {s}");
+    }
+    println!("created:         {}", b.created);
+    if let Some(f) = &b.finished {
+        println!("finished:        {f}");
+    }
+    if let Some(i) = &b.image_id {
+        println!("image:           {i}");
+    }
+    if let Some(s) = &b.snapshot_id {
+        println!("snapshot:        {s}");
+    }
+    if let Some(e) = &b.error {
+        println!("error:           {} ({}): {}", e.phase, e.code, e.message);
+    }
+}

@@ -1,0 +1,605 @@
+//! One build, phase by phase: resolve → volume → attach → mount → provision → unmount →
+//! detach → snapshot → register → cleanup. A failure in any phase tears down what the earlier
+//! ones made, in reverse; the volume is always deleted.
+//!
+//! Every event of a build (phase, output line, result) is appended to its log file, which is
+//! what the client that started the build and any `amidala logs -f` follow. The build never
+//! waits for a client, however slow.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+
+use amidala::proto::{BuildFailure, BuildResult, BuildState, ErrorCode, Phase, Response};
+use amidala_plugin::BuildInfo as PluginBuildInfo;
+use chrono::Utc;
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::{BuildRecord, Catalog};
+use crate::error::Failure;
+use crate::executor::{ExecutorSpec, Outcome, Report, EXECUTOR_ARG, WORKSPACE_FD};
+use crate::provider::{Attachment, ImageMeta, SnapshotMeta, Volume};
+use crate::Daemon;
+
+/// Longest line of provisioner output kept as one log line; longer ones are split.
+pub const MAX_LOG_LINE: usize = 16 * 1024;
+/// Where the provisioner finds the user's build directory.
+pub const WORKSPACE: &str = "/workspace";
+
+/// How far a build's log has been written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogProgress {
+    pub len: u64,
+    pub done: bool,
+}
+
+/// A build's event log: JSON lines of [`Response`] events, appended whole.
+#[derive(Debug)]
+pub struct EventLog {
+    file: Mutex<(File, u64)>,
+    progress: watch::Sender<LogProgress>,
+}
+
+impl EventLog {
+    pub fn create(path: &Path) -> std::io::Result<EventLog> {
+        let file = OpenOptions::new()
+            .append(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)?;
+        Ok(EventLog {
+            file: Mutex::new((file, 0)),
+            progress: watch::Sender::new(LogProgress {
+                len: 0,
+                done: false,
+            }),
+        })
+    }
+
+    pub fn append(&self, event: &Response) {
+        let mut line = serde_json::to_vec(event).expect("events serialize");
+        line.push(b'\n');
+        let mut guard = self.file.lock().expect("log lock");
+        let (file, len) = &mut *guard;
+        match file.write_all(&line) {
+            Ok(()) => {
+                *len += line.len() as u64;
+                let len = *len;
+                self.progress.send_modify(|p| p.len = len);
+            }
+            Err(e) => tracing::error!(error = %e, "writing a build log"),
+        }
+    }
+
+    pub fn finish(&self) {
+        let guard = self.file.lock().expect("log lock");
+        let _ = guard.0.sync_data();
+        self.progress.send_modify(|p| p.done = true);
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<LogProgress> {
+        self.progress.subscribe()
+    }
+}
+
+/// A build the daemon is running (or has queued).
+#[derive(Debug)]
+pub struct BuildHandle {
+    pub id: String,
+    pub owner_uid: u32,
+    pub cancel: CancellationToken,
+    pub log: EventLog,
+    record: Mutex<BuildRecord>,
+    catalog: Catalog,
+}
+
+type PhaseResult<T> = Result<T, (Phase, Failure)>;
+
+trait At<T> {
+    fn at(self, phase: Phase) -> PhaseResult<T>;
+}
+
+impl<T> At<T> for Result<T, Failure> {
+    fn at(self, phase: Phase) -> PhaseResult<T> {
+        self.map_err(|f| (phase, f))
+    }
+}
+
+impl BuildHandle {
+    /// Registers a new build: its record and its log exist before it is acknowledged.
+    pub fn create(catalog: &Catalog, record: BuildRecord) -> Result<BuildHandle, Failure> {
+        let log = EventLog::create(&catalog.build_log(&record.id))
+            .map_err(|e| Failure::io("creating the build log", e))?;
+        catalog
+            .put_build(&record)
+            .map_err(|e| Failure::io("writing the build record", e))?;
+        Ok(BuildHandle {
+            id: record.id.clone(),
+            owner_uid: record.owner_uid,
+            cancel: CancellationToken::new(),
+            log,
+            record: Mutex::new(record),
+            catalog: catalog.clone(),
+        })
+    }
+
+    pub fn record(&self) -> BuildRecord {
+        self.record.lock().expect("record lock").clone()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut BuildRecord)) {
+        let mut record = self.record.lock().expect("record lock");
+        f(&mut record);
+        if let Err(e) = self.catalog.put_build(&record) {
+            tracing::error!(build = %self.id, error = %e, "writing the build record");
+        }
+    }
+
+    /// Enters a phase that does new work: refused once the build is cancelled.
+    fn enter(&self, phase: Phase) -> PhaseResult<()> {
+        if self.cancel.is_cancelled() {
+            return Err((phase, Failure::new(ErrorCode::Cancelled, "build cancelled")));
+        }
+        self.enter_teardown(phase);
+        Ok(())
+    }
+
+    /// Enters a phase that undoes work: runs whatever happened before.
+    fn enter_teardown(&self, phase: Phase) {
+        tracing::info!(build = %self.id, %phase, "phase");
+        self.update(|r| r.phase = Some(phase));
+        self.log.append(&Response::Phase { phase });
+    }
+
+    fn note(&self, line: impl Into<String>) {
+        self.log.append(&Response::Log { line: line.into() });
+    }
+}
+
+fn cancel_message(daemon: &Daemon) -> &'static str {
+    if daemon.shutdown.is_cancelled() {
+        "build cancelled: amidalad is shutting down"
+    } else {
+        "build cancelled"
+    }
+}
+
+/// Runs a build to its end, recording the result; never fails itself.
+pub async fn run(daemon: Arc<Daemon>, handle: Arc<BuildHandle>, workspace: OwnedFd) {
+    let outcome = async {
+        let _slot = tokio::select! {
+            slot = daemon.slots.clone().acquire_owned() => slot.map_err(|_| (Phase::Queued, Failure::new(ErrorCode::ShuttingDown, "amidalad is shutting down")))?,
+            () = handle.cancel.cancelled() => return Err((Phase::Queued, Failure::new(ErrorCode::Cancelled, cancel_message(&daemon)))),
+        };
+        handle.update(|r| r.state = BuildState::Running);
+        execute(&daemon, &handle, workspace).await
+    }
+    .await;
+    let finished = Utc::now();
+    match outcome {
+        Ok(result) => {
+            tracing::info!(build = %handle.id, image = %result.image_id, "build succeeded");
+            handle.update(|r| {
+                r.state = BuildState::Succeeded;
+                r.phase = None;
+                r.finished = Some(finished);
+                r.image_id = Some(result.image_id.clone());
+                r.snapshot_id = Some(result.snapshot_id.clone());
+                r.volume_id = None;
+                r.device = None;
+            });
+            handle.log.append(&Response::Finished(result));
+        }
+        Err((phase, mut failure)) => {
+            if failure.code == ErrorCode::Cancelled {
+                failure.message = cancel_message(&daemon).to_owned();
+            }
+            tracing::warn!(build = %handle.id, %phase, code = %failure.code, error = %failure.message, "build failed");
+            let report = BuildFailure {
+                build_id: handle.id.clone(),
+                phase,
+                code: failure.code,
+                message: failure.message,
+                exit_status: failure.exit_status,
+            };
+            handle.update(|r| {
+                r.state = if report.code == ErrorCode::Cancelled {
+                    BuildState::Cancelled
+                } else {
+                    BuildState::Failed
+                };
+                r.phase = Some(phase);
+                r.finished = Some(finished);
+                r.error = Some(report.clone());
+                r.volume_id = None;
+                r.device = None;
+            });
+            handle.log.append(&Response::Failed(report));
+        }
+    }
+    handle.log.finish();
+    daemon
+        .builds
+        .lock()
+        .expect("builds lock")
+        .remove(&handle.id);
+}
+
+async fn execute(
+    daemon: &Daemon,
+    handle: &BuildHandle,
+    workspace: OwnedFd,
+) -> PhaseResult<BuildResult> {
+    let provider = &daemon.provider;
+    let spec = handle.record().spec;
+    handle.enter(Phase::Resolve)?;
+    let source = provider.resolve(&spec.source).await.at(Phase::Resolve)?;
+    handle.note(format!("amidala: starting from {}", source.id));
+    handle.update(|r| r.source_snapshot = Some(source.id.clone()));
+
+    handle.enter(Phase::Volume)?;
+    let volume = provider.create_volume(&source).await.at(Phase::Volume)?;
+    handle.update(|r| r.volume_id = Some(volume.id.clone()));
+
+    let result = with_volume(daemon, handle, &source.id, &volume, workspace).await;
+
+    handle.enter_teardown(Phase::Cleanup);
+    let cleaned = provider.delete_volume(volume).await.at(Phase::Cleanup);
+    let result = result?;
+    cleaned?;
+    Ok(result)
+}
+
+async fn with_volume(
+    daemon: &Daemon,
+    handle: &BuildHandle,
+    source: &str,
+    volume: &Volume,
+    workspace: OwnedFd,
+) -> PhaseResult<BuildResult> {
+    let provider = &daemon.provider;
+    let record = handle.record();
+    let spec = &record.spec;
+    handle.enter(Phase::Attach)?;
+    let attachment = provider
+        .attach(volume, spec.partition)
+        .await
+        .at(Phase::Attach)?;
+    handle.update(|r| r.device = Some(attachment.device.display().to_string()));
+    if let Some(n) = attachment.partition {
+        handle.note(format!(
+            "amidala: root filesystem ({}) on partition {n}",
+            attachment.fs.kernel_name()
+        ));
+    }
+
+    let provisioned = provision(daemon, handle, &attachment, source, workspace).await;
+
+    handle.enter_teardown(Phase::Detach);
+    let detached = provider.detach(attachment).await.at(Phase::Detach);
+    handle.update(|r| r.device = None);
+    provisioned?;
+    detached?;
+
+    let owner = owner_name(handle.owner_uid);
+    let mut snapshot_tags: BTreeMap<String, String> = spec
+        .snapshot_tags
+        .iter()
+        .map(|t| (t.key.clone(), t.value.clone()))
+        .collect();
+    snapshot_tags.insert("amidala:build".into(), handle.id.clone());
+    snapshot_tags.insert("amidala:source-snapshot".into(), source.to_owned());
+    snapshot_tags.insert("amidala:owner".into(), owner.clone());
+    snapshot_tags.insert("amidala:provisioner".into(), spec.provisioner.clone());
+    handle.enter(Phase::Snapshot)?;
+    let snapshot = provider
+        .snapshot(
+            volume,
+            SnapshotMeta {
+                tags: snapshot_tags,
+                owner_uid: handle.owner_uid,
+                build_id: Some(handle.id.clone()),
+                source_snapshot: Some(source.to_owned()),
+            },
+        )
+        .await
+        .at(Phase::Snapshot)?;
+    handle.update(|r| r.snapshot_id = Some(snapshot.id.clone()));
+
+    let mut image_tags: BTreeMap<String, String> = spec
+        .image_tags
+        .iter()
+        .map(|t| (t.key.clone(), t.value.clone()))
+        .collect();
+    image_tags.insert("amidala:build".into(), handle.id.clone());
+    image_tags.insert("amidala:owner".into(), owner);
+    handle
+        .enter(Phase::Register)
+        .map_err(|(phase, f)| (phase, kept_snapshot(f, &snapshot.id)))?;
+    let image = provider
+        .register(
+            &snapshot,
+            ImageMeta {
+                name: image_name(spec.name.as_deref(), &handle.id),
+                tags: image_tags,
+                owner_uid: handle.owner_uid,
+                build_id: Some(handle.id.clone()),
+            },
+        )
+        .await
+        .map_err(|f| kept_snapshot(f, &snapshot.id))
+        .at(Phase::Register)?;
+    Ok(BuildResult {
+        build_id: handle.id.clone(),
+        image_id: image.id,
+        snapshot_path: provider
+            .snapshot_path(&snapshot.id)
+            .map(|p| p.display().to_string()),
+        snapshot_id: snapshot.id,
+    })
+}
+
+fn kept_snapshot(mut failure: Failure, snapshot: &str) -> Failure {
+    failure.message = format!(
+        "{} (snapshot {snapshot} was made and is kept)",
+        failure.message
+    );
+    failure
+}
+
+pub fn image_name(requested: Option<&str>, build_id: &str) -> String {
+    requested.map_or_else(|| format!("amidala-{build_id}"), str::to_owned)
+}
+
+/// The user name of `uid`, or the number if it has none.
+pub fn owner_name(uid: u32) -> String {
+    nix::unistd::User::from_uid(uid.into())
+        .ok()
+        .flatten()
+        .map_or_else(|| uid.to_string(), |u| u.name)
+}
+
+/// What the provisioner is told about its build.
+pub fn plugin_build_info(record: &BuildRecord, source_snapshot: &str) -> PluginBuildInfo {
+    PluginBuildInfo {
+        build_id: record.id.clone(),
+        source_snapshot: source_snapshot.to_owned(),
+        image_name: image_name(record.spec.name.as_deref(), &record.id),
+        workspace: WORKSPACE.to_owned(),
+        command: record.spec.command.clone(),
+        options: record.spec.options.clone(),
+    }
+}
+
+/// The mount, provision and unmount phases, carried out by an executor process.
+async fn provision(
+    daemon: &Daemon,
+    handle: &BuildHandle,
+    attachment: &Attachment,
+    source: &str,
+    workspace: OwnedFd,
+) -> PhaseResult<()> {
+    let record = handle.record();
+    let plugin = daemon
+        .plugins
+        .get(&record.spec.provisioner)
+        .ok_or_else(|| {
+            (
+                Phase::Mount,
+                Failure::new(
+                    ErrorCode::UnknownProvisioner,
+                    format!(
+                        "provisioner {} is no longer loaded",
+                        record.spec.provisioner
+                    ),
+                ),
+            )
+        })?;
+    let mount_dir = daemon.catalog.mount_dir(&handle.id);
+    std::fs::create_dir(&mount_dir).map_err(|e| {
+        (
+            Phase::Mount,
+            Failure::io(format!("creating {}", mount_dir.display()), e),
+        )
+    })?;
+    let spec = ExecutorSpec {
+        device: attachment.device.clone(),
+        fs_type: attachment.fs.kernel_name().to_owned(),
+        mount_dir: mount_dir.clone(),
+        workspace_rw: record.spec.workspace_rw,
+        plugin_path: plugin.path.clone(),
+        build: plugin_build_info(&record, source),
+        resolv_conf: std::fs::read("/etc/resolv.conf")
+            .ok()
+            .map(|b| String::from_utf8_lossy(&b).into_owned()),
+    };
+    let result = run_executor(handle, &spec, workspace).await;
+    // Only ever mounted inside the executor's namespace, which is gone: a plain rmdir, never
+    // a recursive removal.
+    if let Err(e) = std::fs::remove_dir(&mount_dir) {
+        tracing::warn!(dir = %mount_dir.display(), error = %e, "removing the mount point");
+    }
+    result
+}
+
+async fn run_executor(
+    handle: &BuildHandle,
+    spec: &ExecutorSpec,
+    workspace: OwnedFd,
+) -> PhaseResult<()> {
+    let mut phase = Phase::Mount;
+    let ws = workspace.as_raw_fd();
+    let mut cmd = tokio::process::Command::new("/proc/self/exe");
+    cmd.arg0("amidalad-executor")
+        .arg(EXECUTOR_ARG)
+        .arg(&handle.id)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    // SAFETY: between fork and exec the closure calls only dup2 and fcntl, which are
+    // async-signal-safe, on a descriptor that stays open until spawn returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            if ws == WORKSPACE_FD {
+                if libc::fcntl(ws, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(ws, WORKSPACE_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| (phase, Failure::io("starting the executor", e)))?;
+    drop(workspace);
+    let input = serde_json::to_vec(spec).expect("executor spec serializes");
+    let mut stdin = child.stdin.take().expect("piped");
+    if let Err(e) = stdin.write_all(&input).await {
+        let _ = child.kill().await;
+        return Err((phase, Failure::io("sending the executor its spec", e)));
+    }
+    drop(stdin);
+
+    let stderr = child.stderr.take().expect("piped");
+    let output = async {
+        let mut reader = BufReader::new(stderr);
+        while let Ok(Some(line)) = read_bounded_line(&mut reader, MAX_LOG_LINE).await {
+            handle.note(String::from_utf8_lossy(&line).into_owned());
+        }
+    };
+    let reports = async {
+        let mut reader = BufReader::new(child.stdout.take().expect("piped")).lines();
+        let mut outcome = None;
+        let mut failed = None;
+        let mut done = false;
+        let mut killed = false;
+        loop {
+            tokio::select! {
+                line = reader.next_line() => match line {
+                    Ok(Some(line)) => match crate::executor::parse_report(line.as_bytes()) {
+                        Ok(Report::Phase(p)) => {
+                            phase = p;
+                            handle.enter_teardown(p);
+                        }
+                        Ok(Report::Note(text)) => handle.note(text),
+                        Ok(Report::Provisioned(o)) => outcome = Some(o),
+                        Ok(Report::Failed { phase: p, message }) => {
+                            failed.get_or_insert((p, message));
+                        }
+                        Ok(Report::Done) => done = true,
+                        Err(e) => tracing::error!(build = %handle.id, error = %e, line, "unreadable executor report"),
+                    },
+                    Ok(None) | Err(_) => break,
+                },
+                () = handle.cancel.cancelled(), if !killed => {
+                    killed = true;
+                    if let Some(pid) = child.id() {
+                        handle.note("amidala: cancelling: stopping the provisioner");
+                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
+                    }
+                }
+            }
+        }
+        (outcome, failed, done)
+    };
+    let ((outcome, failed, done), ()) = tokio::join!(reports, output);
+    let status = child
+        .wait()
+        .await
+        .map_err(|e| (phase, Failure::io("waiting for the executor", e)))?;
+
+    if let Some((p, message)) = failed {
+        let code = if handle.cancel.is_cancelled() {
+            ErrorCode::Cancelled
+        } else {
+            ErrorCode::Io
+        };
+        return Err((p, Failure::new(code, message)));
+    }
+    if handle.cancel.is_cancelled() {
+        return Err((phase, Failure::new(ErrorCode::Cancelled, "build cancelled")));
+    }
+    let provision_failure = |message: String, exit_status| {
+        let mut f = Failure::new(ErrorCode::ProvisionerFailed, message);
+        f.exit_status = exit_status;
+        Err((Phase::Provision, f))
+    };
+    match (outcome, done) {
+        (Some(Outcome::Exited(0)), true) if status.success() => Ok(()),
+        (Some(Outcome::Exited(code)), _) if code != 0 => {
+            provision_failure(format!("provisioner exited with status {code}"), Some(code))
+        }
+        (Some(Outcome::Signalled(sig)), _) => {
+            provision_failure(format!("provisioner was killed by signal {sig}"), None)
+        }
+        (Some(Outcome::Error(message)), _) => {
+            provision_failure(format!("provisioner failed: {message}"), None)
+        }
+        _ => Err((
+            phase,
+            Failure::new(
+                ErrorCode::Internal,
+                format!("executor ended ({status}) without finishing the {phase} phase"),
+            ),
+        )),
+    }
+}
+
+/// Reads one line of at most `max` bytes (longer lines are split), without its newline.
+pub async fn read_bounded_line<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    max: usize,
+) -> std::io::Result<Option<Vec<u8>>> {
+    let mut line = Vec::new();
+    loop {
+        let buf = reader.fill_buf().await?;
+        if buf.is_empty() {
+            return Ok(if line.is_empty() { None } else { Some(line) });
+        }
+        let take = buf.len().min(max - line.len());
+        if let Some(nl) = buf[..take].iter().position(|&b| b == b'\n') {
+            line.extend_from_slice(&buf[..nl]);
+            reader.consume(nl + 1);
+            return Ok(Some(line));
+        }
+        line.extend_from_slice(&buf[..take]);
+        reader.consume(take);
+        if line.len() == max {
+            return Ok(Some(line));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bounded_lines_split_long_ones() {
+        let mut r = BufReader::new(&b"ab\ncdefg\n\nhij"[..]);
+        let mut got = Vec::new();
+        while let Some(l) = read_bounded_line(&mut r, 3).await.unwrap() {
+            got.push(String::from_utf8(l).unwrap());
+        }
+        assert_eq!(got, vec!["ab", "cde", "fg", "", "hij"]);
+    }
+
+    #[test]
+    fn default_image_name_is_valid() {
+        let name = image_name(None, &crate::ids::new_id("bld"));
+        amidala::proto::validate_image_name(&name).unwrap();
+        assert_eq!(image_name(Some("web"), "bld-x"), "web");
+    }
+}

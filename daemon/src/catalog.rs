@@ -1,0 +1,294 @@
+//! The local catalog: snapshots, images and builds as one JSON record each, written
+//! atomically (see [`crate::store`]), plus the files they describe.
+//!
+//! Layout under the state directory:
+//!
+//! ```text
+//! catalog/snapshots/snap-….json   snapshot records          snapshots/snap-….img  their disks
+//! catalog/images/ami-….json       image records
+//! builds/bld-….json               build records (the journal)  builds/bld-….log  event logs
+//! volumes/vol-….img               volumes of running builds
+//! mnt/bld-…/                      mount points (mounted only inside a build's namespace)
+//! tmp/                            staging of imports
+//! ```
+//!
+//! A snapshot's data file is written completely (and synced) before its record, so a record
+//! never names a missing or partial file.
+
+use std::collections::BTreeMap;
+use std::fs::{self, DirBuilder};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use amidala::proto::{
+    BuildFailure, BuildInfo, BuildSpec, BuildState, ImageInfo, Phase, SnapshotInfo, Tag,
+};
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::store;
+
+/// A snapshot: an immutable raw disk image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRecord {
+    pub id: String,
+    pub created: DateTime<Utc>,
+    pub tags: BTreeMap<String, String>,
+    pub size: u64,
+    pub owner_uid: u32,
+    pub build_id: Option<String>,
+    pub source_snapshot: Option<String>,
+}
+
+/// A registered image, pointing at its snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageRecord {
+    pub id: String,
+    pub name: String,
+    pub created: DateTime<Utc>,
+    pub tags: BTreeMap<String, String>,
+    pub snapshot_id: String,
+    pub build_id: Option<String>,
+    pub owner_uid: u32,
+}
+
+/// A build, rewritten at every phase: what it was asked, where it is, what it holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuildRecord {
+    pub id: String,
+    pub owner_uid: u32,
+    pub owner_pid: Option<i32>,
+    pub state: BuildState,
+    pub phase: Option<Phase>,
+    pub spec: BuildSpec,
+    pub source_snapshot: Option<String>,
+    pub created: DateTime<Utc>,
+    pub finished: Option<DateTime<Utc>>,
+    pub image_id: Option<String>,
+    pub snapshot_id: Option<String>,
+    pub error: Option<BuildFailure>,
+    /// Resources held, for recovery after a crash.
+    pub volume_id: Option<String>,
+    pub device: Option<String>,
+}
+
+pub fn rfc3339(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+impl BuildRecord {
+    pub fn info(&self) -> BuildInfo {
+        BuildInfo {
+            id: self.id.clone(),
+            state: self.state,
+            phase: self.phase,
+            owner_uid: self.owner_uid,
+            provisioner: self.spec.provisioner.clone(),
+            command: self.spec.command.clone(),
+            source: self.spec.source.clone(),
+            source_snapshot: self.source_snapshot.clone(),
+            created: rfc3339(&self.created),
+            finished: self.finished.as_ref().map(rfc3339),
+            image_id: self.image_id.clone(),
+            snapshot_id: self.snapshot_id.clone(),
+            error: self.error.clone(),
+        }
+    }
+}
+
+/// The newest snapshot carrying `tag`: latest creation time, ties broken by the larger id.
+pub fn newest_with_tag<'a>(
+    snapshots: impl IntoIterator<Item = &'a SnapshotRecord>,
+    tag: &Tag,
+) -> Option<&'a SnapshotRecord> {
+    snapshots
+        .into_iter()
+        .filter(|s| s.tags.get(&tag.key) == Some(&tag.value))
+        .max_by(|a, b| a.created.cmp(&b.created).then_with(|| a.id.cmp(&b.id)))
+}
+
+/// The catalog under one state directory.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    root: PathBuf,
+}
+
+impl Catalog {
+    /// Opens (creating if needed) the catalog under `state_dir`, and removes temporary files
+    /// that a crash during a write left behind.
+    pub fn open(state_dir: &Path) -> io::Result<Catalog> {
+        let catalog = Catalog {
+            root: state_dir.to_owned(),
+        };
+        // Readable by all: snapshot files are the images users boot or export.
+        for (dir, mode) in [
+            ("", 0o755),
+            ("catalog", 0o755),
+            ("catalog/snapshots", 0o755),
+            ("catalog/images", 0o755),
+            ("snapshots", 0o755),
+            ("builds", 0o700),
+            ("volumes", 0o700),
+            ("mnt", 0o700),
+            ("tmp", 0o700),
+        ] {
+            let path = catalog.root.join(dir);
+            DirBuilder::new().recursive(true).mode(mode).create(&path)?;
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode))?;
+        }
+        for dir in ["catalog/snapshots", "catalog/images", "builds", "snapshots"] {
+            store::remove_stale_tmp(&catalog.root.join(dir))?;
+        }
+        Ok(catalog)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn snapshot_file(&self, id: &str) -> PathBuf {
+        self.root.join("snapshots").join(format!("{id}.img"))
+    }
+
+    pub fn volume_file(&self, id: &str) -> PathBuf {
+        self.root.join("volumes").join(format!("{id}.img"))
+    }
+
+    pub fn volumes_dir(&self) -> PathBuf {
+        self.root.join("volumes")
+    }
+
+    pub fn snapshots_dir(&self) -> PathBuf {
+        self.root.join("snapshots")
+    }
+
+    pub fn mount_dir(&self, build_id: &str) -> PathBuf {
+        self.root.join("mnt").join(build_id)
+    }
+
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    pub fn build_log(&self, id: &str) -> PathBuf {
+        self.root.join("builds").join(format!("{id}.log"))
+    }
+
+    fn record(&self, kind: &str, id: &str) -> PathBuf {
+        self.root.join(kind).join(format!("{id}.json"))
+    }
+
+    pub fn put_snapshot(&self, record: &SnapshotRecord) -> io::Result<()> {
+        store::write_json(&self.record("catalog/snapshots", &record.id), record)
+    }
+
+    pub fn get_snapshot(&self, id: &str) -> io::Result<Option<SnapshotRecord>> {
+        read_optional(&self.record("catalog/snapshots", id))
+    }
+
+    pub fn snapshots(&self) -> io::Result<Vec<SnapshotRecord>> {
+        store::list_json(&self.root.join("catalog/snapshots"))
+    }
+
+    pub fn put_image(&self, record: &ImageRecord) -> io::Result<()> {
+        store::write_json(&self.record("catalog/images", &record.id), record)
+    }
+
+    pub fn images(&self) -> io::Result<Vec<ImageRecord>> {
+        store::list_json(&self.root.join("catalog/images"))
+    }
+
+    pub fn put_build(&self, record: &BuildRecord) -> io::Result<()> {
+        store::write_json(&self.record("builds", &record.id), record)
+    }
+
+    pub fn get_build(&self, id: &str) -> io::Result<Option<BuildRecord>> {
+        read_optional(&self.record("builds", id))
+    }
+
+    pub fn builds(&self) -> io::Result<Vec<BuildRecord>> {
+        store::list_json(&self.root.join("builds"))
+    }
+
+    pub fn snapshot_info(&self, s: &SnapshotRecord) -> SnapshotInfo {
+        SnapshotInfo {
+            id: s.id.clone(),
+            tags: s.tags.clone(),
+            created: rfc3339(&s.created),
+            size: s.size,
+            path: Some(self.snapshot_file(&s.id).display().to_string()),
+        }
+    }
+}
+
+impl ImageRecord {
+    pub fn info(&self) -> ImageInfo {
+        ImageInfo {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            tags: self.tags.clone(),
+            created: rfc3339(&self.created),
+            snapshot_id: self.snapshot_id.clone(),
+            build_id: self.build_id.clone(),
+        }
+    }
+}
+
+fn read_optional<T: serde::de::DeserializeOwned>(path: &Path) -> io::Result<Option<T>> {
+    match store::read_json(path) {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn snap(id: &str, secs: i64, tags: &[(&str, &str)]) -> SnapshotRecord {
+        SnapshotRecord {
+            id: id.into(),
+            created: Utc.timestamp_opt(secs, 0).unwrap(),
+            tags: tags
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            size: 1,
+            owner_uid: 0,
+            build_id: None,
+            source_snapshot: None,
+        }
+    }
+
+    #[test]
+    fn newest_by_time_then_id() {
+        let tag: Tag = "amidala=base".parse().unwrap();
+        let all = [
+            snap("snap-a", 10, &[("amidala", "base")]),
+            snap("snap-c", 20, &[("amidala", "base")]),
+            snap("snap-b", 20, &[("amidala", "base")]),
+            snap("snap-z", 99, &[("amidala", "system")]),
+        ];
+        assert_eq!(newest_with_tag(&all, &tag).unwrap().id, "snap-c");
+        assert!(newest_with_tag(&all, &"amidala=app".parse().unwrap()).is_none());
+        assert!(newest_with_tag(&all[..0], &tag).is_none());
+    }
+
+    #[test]
+    fn records_round_trip_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::open(dir.path()).unwrap();
+        let s = snap("snap-0123456789abcdef0", 5, &[("k", "v")]);
+        catalog.put_snapshot(&s).unwrap();
+        let catalog = Catalog::open(dir.path()).unwrap();
+        assert_eq!(catalog.get_snapshot(&s.id).unwrap(), Some(s.clone()));
+        assert_eq!(catalog.snapshots().unwrap(), vec![s]);
+        assert_eq!(catalog.get_snapshot("snap-missing").unwrap(), None);
+    }
+}

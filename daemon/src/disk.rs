@@ -1,0 +1,528 @@
+//! Raw disk images: which filesystem a region holds, MBR and GPT partition tables, where the
+//! root filesystem is, and copies that keep holes (or share blocks, where the filesystem can).
+//!
+//! Partition tables are read here rather than by the kernel, so a root partition is attached
+//! as a loop device with an offset: this works on kernels without partition support and never
+//! races with udev creating partition nodes.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+
+use nix::errno::Errno;
+use nix::unistd::{lseek, Whence};
+
+const SECTOR: u64 = 512;
+
+/// A root filesystem type amidala can mount, named as the kernel names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsType {
+    Ext4,
+    Xfs,
+    Btrfs,
+}
+
+impl FsType {
+    pub fn kernel_name(self) -> &'static str {
+        match self {
+            FsType::Ext4 => "ext4",
+            FsType::Xfs => "xfs",
+            FsType::Btrfs => "btrfs",
+        }
+    }
+}
+
+fn read_exact_or_short(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// The filesystem whose superblock starts the region at `offset`, if it is one we mount.
+pub fn detect_fs(file: &File, offset: u64) -> io::Result<Option<FsType>> {
+    let mut buf = vec![0u8; 0x10040 + 8];
+    let n = read_exact_or_short(file, &mut buf, offset)?;
+    let buf = &buf[..n];
+    if buf.get(1080..1082) == Some(&[0x53, 0xEF]) {
+        return Ok(Some(FsType::Ext4));
+    }
+    if buf.get(0..4) == Some(b"XFSB") {
+        return Ok(Some(FsType::Xfs));
+    }
+    if buf.get(0x10040..0x10048) == Some(b"_BHRfS_M") {
+        return Ok(Some(FsType::Btrfs));
+    }
+    Ok(None)
+}
+
+/// One partition of a partitioned disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Partition {
+    /// 1-based, as Linux numbers them.
+    pub number: u32,
+    /// Byte offset and length on the disk.
+    pub start: u64,
+    pub size: u64,
+    /// GPT: the partition type is "Linux root" for x86-64 or arm64.
+    pub linux_root_type: bool,
+}
+
+/// The kind of partition table found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableKind {
+    Mbr,
+    Gpt,
+}
+
+const GPT_ROOT_X86_64: [u8; 16] = [
+    0xE3, 0xBC, 0x68, 0x4F, 0xCD, 0xE8, 0xB1, 0x4D, 0x96, 0xE7, 0xFB, 0xCA, 0xF9, 0x84, 0xB7, 0x09,
+];
+const GPT_ROOT_ARM64: [u8; 16] = [
+    0x45, 0xB0, 0x21, 0xB9, 0xF0, 0x1D, 0xC3, 0x41, 0xAF, 0x44, 0x4C, 0x6F, 0x28, 0x0D, 0x3F, 0xAE,
+];
+
+fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn le64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn bad(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+/// Reads the partition table, if the disk has one (GPT preferred over its protective MBR).
+/// Partitions that do not lie within `disk_size` are an error.
+pub fn read_partitions(
+    file: &File,
+    disk_size: u64,
+) -> io::Result<Option<(TableKind, Vec<Partition>)>> {
+    let mut head = [0u8; 1024];
+    if read_exact_or_short(file, &mut head, 0)? < 1024 {
+        return Ok(None);
+    }
+    if &head[512..520] == b"EFI PART" {
+        return read_gpt(file, &head[512..1024], disk_size).map(|p| Some((TableKind::Gpt, p)));
+    }
+    if head[510..512] != [0x55, 0xAA] {
+        return Ok(None);
+    }
+    let mut parts = Vec::new();
+    for i in 0..4 {
+        let e = &head[446 + 16 * i..446 + 16 * (i + 1)];
+        let kind = e[4];
+        let (lba, sectors) = (u64::from(le32(e, 8)), u64::from(le32(e, 12)));
+        if kind == 0 || sectors == 0 {
+            continue;
+        }
+        if kind == 0xEE {
+            return Err(bad("protective MBR without a GPT header".into()));
+        }
+        if matches!(kind, 0x05 | 0x0F | 0x85) {
+            // Extended partitions hold logical ones, which amidala does not read.
+            continue;
+        }
+        parts.push(Partition {
+            number: i as u32 + 1,
+            start: lba * SECTOR,
+            size: sectors * SECTOR,
+            linux_root_type: false,
+        });
+    }
+    if parts.is_empty() {
+        return Ok(None);
+    }
+    check_bounds(&parts, disk_size)?;
+    Ok(Some((TableKind::Mbr, parts)))
+}
+
+fn read_gpt(file: &File, header: &[u8], disk_size: u64) -> io::Result<Vec<Partition>> {
+    let entries_lba = le64(header, 72);
+    let count = le32(header, 80);
+    let entry_size = le32(header, 84) as usize;
+    if !(128..=4096).contains(&entry_size) || count > 4096 {
+        return Err(bad(format!(
+            "GPT header with {count} entries of {entry_size} bytes"
+        )));
+    }
+    let mut table = vec![0u8; count as usize * entry_size];
+    let offset = entries_lba
+        .checked_mul(SECTOR)
+        .ok_or_else(|| bad("GPT entry table offset overflows".into()))?;
+    if read_exact_or_short(file, &mut table, offset)? < table.len() {
+        return Err(bad("GPT entry table lies beyond the end of the disk".into()));
+    }
+    let mut parts = Vec::new();
+    for (i, e) in table.chunks(entry_size).enumerate() {
+        let type_guid: [u8; 16] = e[..16].try_into().expect("16 bytes");
+        if type_guid == [0; 16] {
+            continue;
+        }
+        let (first, last) = (le64(e, 32), le64(e, 40));
+        if last < first {
+            return Err(bad(format!(
+                "GPT partition {} ends before it starts",
+                i + 1
+            )));
+        }
+        parts.push(Partition {
+            number: i as u32 + 1,
+            start: first * SECTOR,
+            size: (last - first + 1) * SECTOR,
+            linux_root_type: type_guid == GPT_ROOT_X86_64 || type_guid == GPT_ROOT_ARM64,
+        });
+    }
+    check_bounds(&parts, disk_size)?;
+    Ok(parts)
+}
+
+fn check_bounds(parts: &[Partition], disk_size: u64) -> io::Result<()> {
+    for p in parts {
+        if p.start
+            .checked_add(p.size)
+            .is_none_or(|end| end > disk_size)
+        {
+            return Err(bad(format!(
+                "partition {} ({} bytes at {}) lies beyond the end of the disk ({} bytes)",
+                p.number, p.size, p.start, disk_size
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Where the root filesystem of a disk lies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RootLocation {
+    /// `None` for a whole-disk filesystem.
+    pub partition: Option<u32>,
+    pub offset: u64,
+    /// Length of the region; 0 means to the end of the disk.
+    pub size: u64,
+    pub fs: FsType,
+}
+
+/// Finds the root filesystem: partition `wanted` if given; else the whole disk if it holds a
+/// filesystem; else, on a partitioned disk, the GPT "Linux root" partition, or failing that
+/// the largest partition that holds a filesystem. Errors say what was found instead.
+pub fn locate_root(file: &File, wanted: Option<u32>) -> Result<RootLocation, String> {
+    let disk_size = file
+        .metadata()
+        .map_err(|e| format!("reading the disk size: {e}"))?
+        .len();
+    let table = read_partitions(file, disk_size)
+        .map_err(|e| format!("reading the partition table: {e}"))?;
+    let fs_at = |offset| detect_fs(file, offset).map_err(|e| format!("reading the disk: {e}"));
+    if let Some(n) = wanted {
+        let Some((_, parts)) = table else {
+            return Err(format!(
+                "--partition {n} given, but the disk has no partition table"
+            ));
+        };
+        let p = parts.iter().find(|p| p.number == n).ok_or_else(|| {
+            let have: Vec<String> = parts.iter().map(|p| p.number.to_string()).collect();
+            format!("the disk has no partition {n} (it has {})", have.join(", "))
+        })?;
+        let fs = fs_at(p.start)?
+            .ok_or_else(|| format!("partition {n} holds no ext4, xfs or btrfs filesystem"))?;
+        return Ok(RootLocation {
+            partition: Some(n),
+            offset: p.start,
+            size: p.size,
+            fs,
+        });
+    }
+    if let Some(fs) = fs_at(0)? {
+        return Ok(RootLocation {
+            partition: None,
+            offset: 0,
+            size: 0,
+            fs,
+        });
+    }
+    let Some((_, parts)) = table else {
+        return Err(
+            "the disk holds no ext4, xfs or btrfs filesystem and no partition table".into(),
+        );
+    };
+    let mut candidates = Vec::new();
+    for p in &parts {
+        if let Some(fs) = fs_at(p.start)? {
+            candidates.push((p, fs));
+        }
+    }
+    let chosen = candidates
+        .iter()
+        .find(|(p, _)| p.linux_root_type)
+        .or_else(|| {
+            candidates
+                .iter()
+                .max_by_key(|(p, _)| (p.size, std::cmp::Reverse(p.number)))
+        })
+        .ok_or_else(|| {
+            format!(
+                "none of the disk's {} partitions holds an ext4, xfs or btrfs filesystem",
+                parts.len()
+            )
+        })?;
+    Ok(RootLocation {
+        partition: Some(chosen.0.number),
+        offset: chosen.0.start,
+        size: chosen.0.size,
+        fs: chosen.1,
+    })
+}
+
+/// How a file was copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyMethod {
+    /// Blocks shared with the source (FICLONE): instant, no space used.
+    Reflink,
+    /// Only the data regions copied; holes stay holes.
+    Sparse,
+}
+
+nix::ioctl_write_int!(ficlone, 0x94, 9);
+
+/// Copies all of `src` into the empty file `dst`: by reflink where the filesystem shares
+/// blocks, else region by region skipping holes. Syncs `dst`.
+pub fn copy_file(src: &File, dst: &File) -> io::Result<CopyMethod> {
+    let len = src.metadata()?.len();
+    // SAFETY: FICLONE takes the source descriptor as its integer argument; both descriptors
+    // are open for the duration of the call and the kernel validates them.
+    let cloned = unsafe { ficlone(dst.as_raw_fd(), src.as_raw_fd() as u64) };
+    let method = match cloned {
+        Ok(_) => CopyMethod::Reflink,
+        Err(_) => {
+            copy_sparse(src, dst, len)?;
+            CopyMethod::Sparse
+        }
+    };
+    dst.set_len(len)?;
+    dst.sync_all()?;
+    Ok(method)
+}
+
+fn copy_sparse(src: &File, dst: &File, len: u64) -> io::Result<()> {
+    dst.set_len(len)?;
+    let mut pos: i64 = 0;
+    let end = len as i64;
+    while pos < end {
+        let data = match lseek(src.as_raw_fd(), pos, Whence::SeekData) {
+            Ok(off) => off,
+            Err(Errno::ENXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let hole = lseek(src.as_raw_fd(), data, Whence::SeekHole).map_err(io::Error::from)?;
+        copy_range(src, dst, data as u64, (hole.min(end) - data) as u64)?;
+        pos = hole;
+    }
+    Ok(())
+}
+
+fn copy_range(src: &File, dst: &File, start: u64, len: u64) -> io::Result<()> {
+    let mut off_in = start as i64;
+    let mut off_out = start as i64;
+    let mut left = len;
+    while left > 0 {
+        let chunk = left.min(1 << 30) as usize;
+        match nix::fcntl::copy_file_range(src, Some(&mut off_in), dst, Some(&mut off_out), chunk) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "source shrank while copying",
+                ))
+            }
+            Ok(n) => left -= n as u64,
+            Err(Errno::EINTR) => {}
+            Err(Errno::EXDEV | Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP) => {
+                return copy_range_by_hand(src, dst, off_in as u64, left)
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+fn copy_range_by_hand(src: &File, dst: &File, start: u64, len: u64) -> io::Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0;
+    while done < len {
+        let want = (len - done).min(buf.len() as u64) as usize;
+        let n = read_exact_or_short(src, &mut buf[..want], start + done)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "source shrank while copying",
+            ));
+        }
+        dst.write_all_at(&buf[..n], start + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn disk(size: u64) -> File {
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(size).unwrap();
+        f
+    }
+
+    fn put_ext4_magic(f: &File, offset: u64) {
+        f.write_all_at(&[0x53, 0xEF], offset + 1080).unwrap();
+    }
+
+    fn mbr(f: &File, entries: &[(u8, u32, u32)]) {
+        for (i, (kind, lba, sectors)) in entries.iter().enumerate() {
+            let mut e = [0u8; 16];
+            e[4] = *kind;
+            e[8..12].copy_from_slice(&lba.to_le_bytes());
+            e[12..16].copy_from_slice(&sectors.to_le_bytes());
+            f.write_all_at(&e, 446 + 16 * i as u64).unwrap();
+        }
+        f.write_all_at(&[0x55, 0xAA], 510).unwrap();
+    }
+
+    fn gpt(f: &File, entries: &[([u8; 16], u64, u64)]) {
+        let mut h = [0u8; 92];
+        h[..8].copy_from_slice(b"EFI PART");
+        h[72..80].copy_from_slice(&2u64.to_le_bytes());
+        h[80..84].copy_from_slice(&128u32.to_le_bytes());
+        h[84..88].copy_from_slice(&128u32.to_le_bytes());
+        f.write_all_at(&h, 512).unwrap();
+        for (i, (guid, first, last)) in entries.iter().enumerate() {
+            let mut e = [0u8; 128];
+            e[..16].copy_from_slice(guid);
+            e[32..40].copy_from_slice(&first.to_le_bytes());
+            e[40..48].copy_from_slice(&last.to_le_bytes());
+            f.write_all_at(&e, 1024 + 128 * i as u64).unwrap();
+        }
+    }
+
+    #[test]
+    fn detects_filesystems() {
+        let f = disk(1 << 20);
+        assert_eq!(detect_fs(&f, 0).unwrap(), None);
+        put_ext4_magic(&f, 0);
+        assert_eq!(detect_fs(&f, 0).unwrap(), Some(FsType::Ext4));
+        f.write_all_at(b"XFSB", 4096).unwrap();
+        assert_eq!(detect_fs(&f, 4096).unwrap(), Some(FsType::Xfs));
+        f.write_all_at(b"_BHRfS_M", 8192 + 0x10040).unwrap();
+        assert_eq!(detect_fs(&f, 8192).unwrap(), Some(FsType::Btrfs));
+    }
+
+    #[test]
+    fn whole_disk_filesystem_wins() {
+        let f = disk(1 << 20);
+        put_ext4_magic(&f, 0);
+        let root = locate_root(&f, None).unwrap();
+        assert_eq!(
+            (root.partition, root.offset, root.fs),
+            (None, 0, FsType::Ext4)
+        );
+        assert!(locate_root(&f, Some(1))
+            .unwrap_err()
+            .contains("no partition table"));
+    }
+
+    #[test]
+    fn mbr_picks_the_largest_partition_with_a_filesystem() {
+        let f = disk(8 << 20);
+        // 1: small, no fs (like a BIOS boot partition); 2: small ext4 (/boot); 3: large ext4 (root)
+        mbr(
+            &f,
+            &[(0x83, 2048, 100), (0x83, 4096, 2048), (0x83, 8192, 4096)],
+        );
+        put_ext4_magic(&f, 4096 * 512);
+        put_ext4_magic(&f, 8192 * 512);
+        let root = locate_root(&f, None).unwrap();
+        assert_eq!(
+            (root.partition, root.offset, root.size),
+            (Some(3), 8192 * 512, 4096 * 512)
+        );
+        assert_eq!(locate_root(&f, Some(2)).unwrap().offset, 4096 * 512);
+        assert!(locate_root(&f, Some(1)).unwrap_err().contains("holds no"));
+        assert!(locate_root(&f, Some(7))
+            .unwrap_err()
+            .contains("has no partition 7"));
+    }
+
+    #[test]
+    fn gpt_prefers_the_linux_root_type() {
+        let f = disk(16 << 20);
+        let generic = [
+            0xAF, 0x3D, 0xC6, 0x0F, 0x83, 0x84, 0x72, 0x47, 0x8E, 0x79, 0x3D, 0x69, 0xD8, 0x47,
+            0x7D, 0xE4,
+        ];
+        gpt(
+            &f,
+            &[(generic, 2048, 20479), (GPT_ROOT_X86_64, 20480, 22527)],
+        );
+        mbr(&f, &[(0xEE, 1, 32767)]);
+        put_ext4_magic(&f, 2048 * 512);
+        put_ext4_magic(&f, 20480 * 512);
+        let root = locate_root(&f, None).unwrap();
+        assert_eq!(root.partition, Some(2), "root type beats size");
+        let (kind, parts) = read_partitions(&f, 16 << 20).unwrap().unwrap();
+        assert_eq!(kind, TableKind::Gpt);
+        assert_eq!(parts.len(), 2);
+    }
+
+    #[test]
+    fn tables_reaching_past_the_disk_are_refused() {
+        let f = disk(1 << 20);
+        mbr(&f, &[(0x83, 2048, 1 << 20)]);
+        assert!(read_partitions(&f, 1 << 20).is_err());
+        let f = disk(1 << 20);
+        assert!(locate_root(&f, None)
+            .unwrap_err()
+            .contains("no partition table"));
+    }
+
+    #[test]
+    fn copies_keep_content_and_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let src_path = dir.path().join("src");
+        let mut src = File::create(&src_path).unwrap();
+        src.set_len(64 << 20).unwrap();
+        src.write_all(b"head").unwrap();
+        src.write_all_at(b"middle", 32 << 20).unwrap();
+        src.write_all_at(b"tail", (64 << 20) - 4).unwrap();
+        let src = File::open(&src_path).unwrap();
+        let dst = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(dir.path().join("dst"))
+            .unwrap();
+        copy_file(&src, &dst).unwrap();
+        let mut buf = [0u8; 6];
+        dst.read_exact_at(&mut buf, 32 << 20).unwrap();
+        assert_eq!(&buf, b"middle");
+        dst.read_exact_at(&mut buf[..4], (64 << 20) - 4).unwrap();
+        assert_eq!(&buf[..4], b"tail");
+        let meta = dst.metadata().unwrap();
+        assert_eq!(meta.len(), 64 << 20);
+        use std::os::unix::fs::MetadataExt;
+        assert!(
+            meta.blocks() * 512 < 4 << 20,
+            "holes stayed holes: {} blocks",
+            meta.blocks()
+        );
+    }
+}

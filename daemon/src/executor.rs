@@ -1,0 +1,763 @@
+//! The executor: a single-threaded process, one per build, that mounts the image, runs the
+//! provisioner inside it and unmounts it again.
+//!
+//! The daemon starts it as `amidalad __executor BUILD_ID` (a re-exec of its own binary, so the
+//! two can never be of different versions) with:
+//!
+//! - stdin: the [`ExecutorSpec`] as JSON, then end of file;
+//! - stdout: [`Report`]s as JSON lines, for the daemon;
+//! - stderr: the provisioner's output (its stdout and stderr), for the build log;
+//! - fd 3: the workspace directory, as the client opened it.
+//!
+//! The privileged steps, in order:
+//!
+//! 1. Ask to be killed with the daemon (`PR_SET_PDEATHSIG`); load the plugin.
+//! 2. Unshare a mount namespace and a PID namespace; make every mount private, so nothing
+//!    done here is seen by the host. Every mount of the build lives in namespaces owned by
+//!    this process and its child: if they die, the kernel unmounts everything.
+//! 3. Mount the root filesystem on the build's mount point.
+//! 4. Prepare the image through directory descriptors opened without following symlinks:
+//!    mount points present, the host's resolv.conf in (the image's own kept aside), service
+//!    starts blocked by a policy-rc.d.
+//! 5. Fork the provisioner, PID 1 of the new PID namespace. It unshares a further mount
+//!    namespace, mounts the workspace (read-only unless asked), proc, sys (read-only), a
+//!    private /dev and devpts, pivots into the image and detaches the host's tree, closes
+//!    every inherited descriptor, drops capabilities that reach beyond the image from its
+//!    bounding set, scrubs its environment and calls the plugin.
+//! 6. Wait for it. On SIGTERM (cancel) kill it. Its exit also kills every process it left in
+//!    its PID namespace, and ends its mount namespace with all the mounts made in step 5.
+//! 7. Restore the image's files, unmount the root filesystem and report.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::{Duration, Instant};
+
+use amidala::proto::Phase;
+use amidala_plugin::BuildInfo;
+use nix::errno::Errno;
+use nix::fcntl::{renameat, OFlag};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{unshare, CloneFlags};
+use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
+use nix::sys::stat::{fstatat, mknod, Mode, SFlag};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{fork, getppid, pivot_root, unlinkat, ForkResult, Pid, UnlinkatFlags};
+use serde::{Deserialize, Serialize};
+
+use crate::plugins::Plugin;
+
+/// The argument that makes `amidalad` an executor.
+pub const EXECUTOR_ARG: &str = "__executor";
+/// The descriptor number of the workspace in the executor.
+pub const WORKSPACE_FD: RawFd = 3;
+
+/// What the daemon tells an executor.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecutorSpec {
+    /// The block device holding the root filesystem.
+    pub device: PathBuf,
+    /// Its filesystem type, as the kernel names it.
+    pub fs_type: String,
+    /// An empty directory to mount it on (visible only inside this executor's namespace).
+    pub mount_dir: PathBuf,
+    pub workspace_rw: bool,
+    pub plugin_path: PathBuf,
+    pub build: BuildInfo,
+    /// The host's resolv.conf, to put in the image while provisioning.
+    pub resolv_conf: Option<String>,
+}
+
+/// What an executor tells the daemon, one JSON line each.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Report {
+    /// A phase began.
+    Phase(Phase),
+    /// A note for the build log.
+    Note(String),
+    /// The provisioner finished.
+    Provisioned(Outcome),
+    /// A step failed; teardown follows (and is reported) if anything was set up.
+    Failed { phase: Phase, message: String },
+    /// Everything is unmounted and restored.
+    Done,
+}
+
+/// How the provisioner ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Outcome {
+    Exited(i32),
+    Signalled(i32),
+    /// The plugin reported an error instead of an exit status.
+    Error(String),
+}
+
+/// What the provisioner process writes to its result pipe before exiting.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum ChildResult {
+    Status(i32),
+    SetupFailed(String),
+    PluginError(String),
+}
+
+const RESOLV_SAVED: &str = ".resolv.conf.amidala-saved";
+const POLICY_SAVED: &str = ".policy-rc.d.amidala-saved";
+const POLICY_RC_D: &str =
+    "#!/bin/sh\n# Written by amidala for the duration of a build: no service starts.\nexit 101\n";
+const MOUNT_POINTS: [&str; 4] = ["proc", "sys", "dev", "workspace"];
+/// Capabilities the provisioner never has: they reach beyond the image.
+const DROPPED_CAPS: [caps::Capability; 9] = [
+    caps::Capability::CAP_SYS_ADMIN,
+    caps::Capability::CAP_SYS_MODULE,
+    caps::Capability::CAP_SYS_RAWIO,
+    caps::Capability::CAP_SYS_PTRACE,
+    caps::Capability::CAP_SYS_BOOT,
+    caps::Capability::CAP_SYS_TIME,
+    caps::Capability::CAP_MAC_ADMIN,
+    caps::Capability::CAP_MAC_OVERRIDE,
+    caps::Capability::CAP_SYSLOG,
+];
+
+static CHILD: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_sigterm(_: libc::c_int) {
+    let pid = CHILD.load(Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: kill(2) is async-signal-safe; the pid is our own child's.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
+struct Failure {
+    phase: Phase,
+    message: String,
+}
+
+fn fail<E: std::fmt::Display>(
+    phase: Phase,
+    what: impl std::fmt::Display,
+) -> impl FnOnce(E) -> Failure {
+    move |e| Failure {
+        phase,
+        message: format!("{what}: {e}"),
+    }
+}
+
+fn report(r: &Report) {
+    let mut line = serde_json::to_vec(r).expect("reports serialize");
+    line.push(b'\n');
+    let mut out = io::stdout().lock();
+    // The daemon going away is handled by PR_SET_PDEATHSIG; nothing to do about a write error.
+    let _ = out.write_all(&line);
+    let _ = out.flush();
+}
+
+/// Entry point of `amidalad __executor`.
+pub fn main() -> ! {
+    let code = match run() {
+        Ok(()) => 0,
+        Err(f) => {
+            report(&Report::Failed {
+                phase: f.phase,
+                message: f.message,
+            });
+            1
+        }
+    };
+    std::process::exit(code)
+}
+
+fn run() -> Result<(), Failure> {
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
+        .map_err(fail(Phase::Mount, "setting the parent-death signal"))?;
+    if getppid() == Pid::from_raw(1) {
+        return Err(Failure {
+            phase: Phase::Mount,
+            message: "the daemon exited before the executor started".into(),
+        });
+    }
+    let mut input = Vec::new();
+    io::stdin()
+        .read_to_end(&mut input)
+        .map_err(fail(Phase::Mount, "reading the executor spec"))?;
+    let spec: ExecutorSpec =
+        serde_json::from_slice(&input).map_err(fail(Phase::Mount, "decoding the executor spec"))?;
+    let plugin =
+        Plugin::load(&spec.plugin_path).map_err(fail(Phase::Mount, "loading the provisioner"))?;
+
+    report(&Report::Phase(Phase::Mount));
+    // The workspace descriptor's mount belongs to the daemon's namespace, where a bind mount
+    // cannot take it from once we have our own; the working directory, however, is carried
+    // into each new mount namespace. So the workspace becomes our working directory here and
+    // the provisioner process bind-mounts ".".
+    nix::unistd::fchdir(WORKSPACE_FD).map_err(fail(Phase::Mount, "entering the workspace"))?;
+    unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID)
+        .map_err(fail(Phase::Mount, "creating namespaces"))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(fail(Phase::Mount, "making mounts private"))?;
+    mount(
+        Some(&spec.device),
+        &spec.mount_dir,
+        Some(spec.fs_type.as_str()),
+        MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(fail(
+        Phase::Mount,
+        format!(
+            "mounting {} ({}) on {}",
+            spec.device.display(),
+            spec.fs_type,
+            spec.mount_dir.display()
+        ),
+    ))?;
+
+    let result = with_root_mounted(&spec, &plugin);
+
+    report(&Report::Phase(Phase::Unmount));
+    let unmounted = unmount_root(&spec.mount_dir);
+    result?;
+    unmounted?;
+    report(&Report::Done);
+    Ok(())
+}
+
+fn with_root_mounted(spec: &ExecutorSpec, plugin: &Plugin) -> Result<(), Failure> {
+    let mut prepared = Prepared::new(spec)?;
+    let provisioned = provision(spec, plugin);
+    if let Ok(outcome) = &provisioned {
+        report(&Report::Provisioned(outcome.clone()));
+    }
+    let restored = prepared.restore();
+    provisioned?;
+    restored
+}
+
+fn unmount_root(dir: &Path) -> Result<(), Failure> {
+    // Anything the provisioner left is dead (its PID namespace is gone), so the filesystem is
+    // idle; a short retry covers the kernel finishing the namespace's teardown.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match umount2(dir, MntFlags::empty()) {
+            Ok(()) => return Ok(()),
+            Err(Errno::EBUSY) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Err(e) => {
+                return Err(fail(
+                    Phase::Unmount,
+                    format!("unmounting {}", dir.display()),
+                )(e))
+            }
+        }
+    }
+}
+
+fn open_dir_at(dir: BorrowedFd<'_>, name: &str) -> nix::Result<OwnedFd> {
+    let fd = nix::fcntl::openat(
+        Some(dir.as_raw_fd()),
+        name,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    // SAFETY: openat just returned this descriptor, and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Whether `name` exists in `dir`, without following a symlink.
+fn exists_at(dir: BorrowedFd<'_>, name: &str) -> nix::Result<bool> {
+    match fstatat(
+        Some(dir.as_raw_fd()),
+        name,
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    ) {
+        Ok(_) => Ok(true),
+        Err(Errno::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+fn create_at(dir: BorrowedFd<'_>, name: &str, mode: u32, content: &[u8]) -> io::Result<()> {
+    let fd = nix::fcntl::openat(
+        Some(dir.as_raw_fd()),
+        name,
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(mode),
+    )?;
+    // SAFETY: openat just returned this descriptor, and nothing else owns it.
+    let mut file = unsafe { File::from_raw_fd(fd) };
+    file.write_all(content)?;
+    // The mode given to openat is filtered by the umask; set it exactly.
+    nix::sys::stat::fchmod(file.as_raw_fd(), Mode::from_bits_truncate(mode))?;
+    Ok(())
+}
+
+/// A file of the image replaced for the duration of the build.
+struct Replaced {
+    dir: OwnedFd,
+    name: &'static str,
+    saved_as: &'static str,
+    had_original: bool,
+    shown: &'static str,
+}
+
+impl Replaced {
+    fn install(
+        dir: OwnedFd,
+        name: &'static str,
+        saved_as: &'static str,
+        mode: u32,
+        content: &[u8],
+        shown: &'static str,
+    ) -> Result<Replaced, Failure> {
+        let had_original = exists_at(dir.as_fd(), name)
+            .map_err(fail(Phase::Mount, format!("looking at {shown}")))?;
+        if had_original {
+            renameat(Some(dir.as_raw_fd()), name, Some(dir.as_raw_fd()), saved_as)
+                .map_err(fail(Phase::Mount, format!("setting {shown} aside")))?;
+        }
+        let replaced = Replaced {
+            dir,
+            name,
+            saved_as,
+            had_original,
+            shown,
+        };
+        if let Err(e) = create_at(replaced.dir.as_fd(), name, mode, content) {
+            let _ = replaced.restore();
+            return Err(fail(Phase::Mount, format!("writing {shown}"))(e));
+        }
+        Ok(replaced)
+    }
+
+    fn restore(self) -> Result<(), Failure> {
+        let dir = Some(self.dir.as_raw_fd());
+        // Whatever is there now (ours, or what the provisioner made of it) goes.
+        match unlinkat(dir, self.name, UnlinkatFlags::NoRemoveDir) {
+            Ok(()) | Err(Errno::ENOENT) => {}
+            Err(e) => {
+                return Err(fail(
+                    Phase::Unmount,
+                    format!("removing the build's {}", self.shown),
+                )(e))
+            }
+        }
+        if self.had_original {
+            renameat(dir, self.saved_as, dir, self.name).map_err(fail(
+                Phase::Unmount,
+                format!("restoring the image's {}", self.shown),
+            ))?;
+        }
+        Ok(())
+    }
+}
+
+/// What was changed in the image before provisioning, to undo afterwards.
+struct Prepared {
+    root: OwnedFd,
+    created_dirs: Vec<&'static str>,
+    replaced: Vec<Replaced>,
+}
+
+impl Prepared {
+    fn new(spec: &ExecutorSpec) -> Result<Prepared, Failure> {
+        let root = nix::fcntl::open(
+            &spec.mount_dir,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(fail(Phase::Mount, "opening the image root"))?;
+        // SAFETY: open just returned this descriptor, and nothing else owns it.
+        let root = unsafe { OwnedFd::from_raw_fd(root) };
+        let mut prepared = Prepared {
+            root,
+            created_dirs: Vec::new(),
+            replaced: Vec::new(),
+        };
+        if let Err(e) = prepared.fill(spec) {
+            let _ = prepared.restore();
+            return Err(e);
+        }
+        Ok(prepared)
+    }
+
+    fn fill(&mut self, spec: &ExecutorSpec) -> Result<(), Failure> {
+        for name in MOUNT_POINTS {
+            match open_dir_at(self.root.as_fd(), name) {
+                Ok(_) => {}
+                Err(Errno::ENOENT) => {
+                    nix::sys::stat::mkdirat(Some(self.root.as_raw_fd()), name, Mode::from_bits_truncate(0o755))
+                        .map_err(fail(Phase::Mount, format!("creating /{name} in the image")))?;
+                    self.created_dirs.push(name);
+                }
+                Err(Errno::ELOOP | Errno::ENOTDIR) => {
+                    return Err(Failure {
+                        phase: Phase::Mount,
+                        message: format!("/{name} in the image is a symlink or not a directory; amidala mounts on it and will not follow it"),
+                    })
+                }
+                Err(e) => return Err(fail(Phase::Mount, format!("opening /{name} in the image"))(e)),
+            }
+        }
+        if let Some(resolv) = &spec.resolv_conf {
+            match open_dir_at(self.root.as_fd(), "etc") {
+                Ok(etc) => self.replaced.push(Replaced::install(
+                    etc,
+                    "resolv.conf",
+                    RESOLV_SAVED,
+                    0o644,
+                    resolv.as_bytes(),
+                    "/etc/resolv.conf",
+                )?),
+                Err(e) => report(&Report::Note(format!(
+                    "amidala: not installing resolv.conf: /etc in the image: {e}"
+                ))),
+            }
+        }
+        match open_dir_at(self.root.as_fd(), "usr").and_then(|usr| open_dir_at(usr.as_fd(), "sbin"))
+        {
+            Ok(sbin) => self.replaced.push(Replaced::install(
+                sbin,
+                "policy-rc.d",
+                POLICY_SAVED,
+                0o755,
+                POLICY_RC_D.as_bytes(),
+                "/usr/sbin/policy-rc.d",
+            )?),
+            Err(e) => report(&Report::Note(format!(
+                "amidala: not installing policy-rc.d: /usr/sbin in the image: {e}"
+            ))),
+        }
+        Ok(())
+    }
+
+    fn restore(&mut self) -> Result<(), Failure> {
+        let mut first_error = None;
+        while let Some(r) = self.replaced.pop() {
+            if let Err(e) = r.restore() {
+                first_error.get_or_insert(e);
+            }
+        }
+        while let Some(name) = self.created_dirs.pop() {
+            match unlinkat(Some(self.root.as_raw_fd()), name, UnlinkatFlags::RemoveDir) {
+                Ok(()) | Err(Errno::ENOENT) => {}
+                Err(e) => {
+                    first_error.get_or_insert(fail(
+                        Phase::Unmount,
+                        format!("removing /{name}, which amidala created"),
+                    )(e));
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        if let Err(e) = self.restore() {
+            report(&Report::Note(format!("amidala: {}", e.message)));
+        }
+    }
+}
+
+fn provision(spec: &ExecutorSpec, plugin: &Plugin) -> Result<Outcome, Failure> {
+    report(&Report::Phase(Phase::Provision));
+    let (result_read, result_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
+        .map_err(fail(Phase::Provision, "creating the result pipe"))?;
+    // SAFETY: this process is single-threaded (the executor never starts a thread), so the
+    // child may run arbitrary code after fork.
+    match unsafe { fork() }.map_err(fail(Phase::Provision, "forking the provisioner"))? {
+        ForkResult::Child => {
+            drop(result_read);
+            let result = match child_setup(spec, result_write.as_raw_fd()) {
+                Err(message) => ChildResult::SetupFailed(message),
+                Ok(()) => match plugin.provision(&spec.build) {
+                    Ok(status) => ChildResult::Status(status),
+                    Err(e) => ChildResult::PluginError(e.message),
+                },
+            };
+            let mut pipe = File::from(result_write);
+            let _ = pipe.write_all(&serde_json::to_vec(&result).expect("results serialize"));
+            drop(pipe);
+            let code = match result {
+                ChildResult::Status(s) => s,
+                _ => 125,
+            };
+            let _ = io::stdout().flush();
+            // SAFETY: _exit ends the child without running the parent's atexit handlers.
+            unsafe { libc::_exit(code & 0xff) }
+        }
+        ForkResult::Parent { child } => {
+            drop(result_write);
+            CHILD.store(child.as_raw(), Ordering::SeqCst);
+            let action = SigAction::new(
+                SigHandler::Handler(on_sigterm),
+                SaFlags::empty(),
+                SigSet::empty(),
+            );
+            // SAFETY: the handler only calls kill(2), which is async-signal-safe.
+            unsafe { signal::sigaction(Signal::SIGTERM, &action) }
+                .map_err(fail(Phase::Provision, "installing the SIGTERM handler"))?;
+            let status = loop {
+                match waitpid(child, None) {
+                    Ok(status) => break status,
+                    Err(Errno::EINTR) => continue,
+                    Err(e) => return Err(fail(Phase::Provision, "waiting for the provisioner")(e)),
+                }
+            };
+            CHILD.store(0, Ordering::SeqCst);
+            let mut text = String::new();
+            let _ = File::from(result_read).read_to_string(&mut text);
+            match (serde_json::from_str::<ChildResult>(&text), status) {
+                (Ok(ChildResult::SetupFailed(message)), _) => Err(Failure {
+                    phase: Phase::Provision,
+                    message: format!("setting up the provisioner: {message}"),
+                }),
+                (Ok(ChildResult::PluginError(message)), _) => Ok(Outcome::Error(message)),
+                (_, WaitStatus::Signaled(_, sig, _)) => Ok(Outcome::Signalled(sig as i32)),
+                (_, WaitStatus::Exited(_, code)) => Ok(Outcome::Exited(code)),
+                (_, other) => Err(Failure {
+                    phase: Phase::Provision,
+                    message: format!("provisioner ended unexpectedly: {other:?}"),
+                }),
+            }
+        }
+    }
+}
+
+fn errno_context(what: impl std::fmt::Display) -> impl FnOnce(Errno) -> String {
+    move |e| format!("{what}: {e}")
+}
+
+/// Runs in the provisioner process (PID 1 of the build's PID namespace) before the plugin.
+fn child_setup(spec: &ExecutorSpec, keep: RawFd) -> Result<(), String> {
+    let root = &spec.mount_dir;
+    let at = |p: &str| root.join(p);
+    unshare(CloneFlags::CLONE_NEWNS)
+        .map_err(errno_context("creating the provisioner's mount namespace"))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(errno_context("making mounts private"))?;
+
+    // The workspace: the directory the client opened (our working directory), never a path.
+    mount(
+        Some("."),
+        &at("workspace"),
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(errno_context("bind-mounting the workspace"))?;
+    let mut ws_flags =
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    if !spec.workspace_rw {
+        ws_flags |= MsFlags::MS_RDONLY;
+    }
+    mount(
+        None::<&str>,
+        &at("workspace"),
+        None::<&str>,
+        ws_flags,
+        None::<&str>,
+    )
+    .map_err(errno_context("making the workspace read-only"))?;
+
+    let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount(
+        Some("proc"),
+        &at("proc"),
+        Some("proc"),
+        nosuid_nodev_noexec,
+        None::<&str>,
+    )
+    .map_err(errno_context("mounting /proc"))?;
+    mount(
+        Some("sysfs"),
+        &at("sys"),
+        Some("sysfs"),
+        nosuid_nodev_noexec | MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .map_err(errno_context("mounting /sys"))?;
+    setup_dev(&at("dev"))?;
+
+    // Into the image; the host's tree is detached and unreachable from here on.
+    std::env::set_current_dir(root).map_err(|e| format!("entering the image: {e}"))?;
+    pivot_root(".", ".").map_err(errno_context("pivoting into the image"))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(errno_context("detaching the host's tree"))?;
+    std::env::set_current_dir("/").map_err(|e| format!("entering /: {e}"))?;
+
+    // Standard streams: stdin empty, stdout and stderr the build log. Nothing else inherited.
+    let null = File::open("/dev/null").map_err(|e| format!("opening /dev/null: {e}"))?;
+    nix::unistd::dup2(null.as_raw_fd(), 0).map_err(errno_context("redirecting stdin"))?;
+    nix::unistd::dup2(2, 1).map_err(errno_context("redirecting stdout"))?;
+    drop(null);
+    // All but the result pipe, which is close-on-exec: the provisioner's programs never get it.
+    close_range(3, keep as u32 - 1);
+    close_range(keep as u32 + 1, u32::MAX);
+
+    std::env::set_current_dir(&spec.build.workspace)
+        .map_err(|e| format!("entering {}: {e}", spec.build.workspace))?;
+    for cap in DROPPED_CAPS {
+        caps::drop(None, caps::CapSet::Bounding, cap)
+            .map_err(|e| format!("dropping {cap} from the bounding set: {e}"))?;
+        caps::drop(None, caps::CapSet::Effective, cap)
+            .map_err(|e| format!("dropping {cap}: {e}"))?;
+        caps::drop(None, caps::CapSet::Permitted, cap)
+            .map_err(|e| format!("dropping {cap}: {e}"))?;
+    }
+    scrub_environment(&spec.build);
+    Ok(())
+}
+
+fn setup_dev(dev: &Path) -> Result<(), String> {
+    mount(
+        Some("tmpfs"),
+        dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=755,size=16m"),
+    )
+    .map_err(errno_context("mounting /dev"))?;
+    for (name, major, minor) in [
+        ("null", 1, 3),
+        ("zero", 1, 5),
+        ("full", 1, 7),
+        ("random", 1, 8),
+        ("urandom", 1, 9),
+        ("tty", 5, 0),
+    ] {
+        let path = dev.join(name);
+        mknod(
+            &path,
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            nix::sys::stat::makedev(major, minor),
+        )
+        .map_err(errno_context(format!("creating /dev/{name}")))?;
+        nix::sys::stat::fchmodat(
+            None,
+            &path,
+            Mode::from_bits_truncate(0o666),
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        )
+        .map_err(errno_context(format!("setting the mode of /dev/{name}")))?;
+    }
+    for dir in ["pts", "shm"] {
+        std::fs::create_dir(dev.join(dir)).map_err(|e| format!("creating /dev/{dir}: {e}"))?;
+    }
+    mount(
+        Some("devpts"),
+        &dev.join("pts"),
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=620,gid=5"),
+    )
+    .map_err(errno_context("mounting /dev/pts"))?;
+    mount(
+        Some("tmpfs"),
+        &dev.join("shm"),
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    )
+    .map_err(errno_context("mounting /dev/shm"))?;
+    for (link, target) in [
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        std::os::unix::fs::symlink(target, dev.join(link))
+            .map_err(|e| format!("creating /dev/{link}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Closes descriptors `first..=last`; nothing in the provisioner process uses them any more
+/// (the plugin library is mapped, not held open).
+fn close_range(first: u32, last: u32) {
+    if first > last {
+        return;
+    }
+    // SAFETY: close_range only closes descriptors, none of which is owned by a live Rust value
+    // in this process (see the caller).
+    let rc = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) };
+    if rc != 0 {
+        // Kernels before 5.9: close one by one.
+        for fd in first..=last.min(4096) {
+            // SAFETY: as above; closing a descriptor that is not open is harmless (EBADF).
+            unsafe { libc::close(fd as RawFd) };
+        }
+    }
+}
+
+fn scrub_environment(build: &BuildInfo) {
+    for (key, _) in std::env::vars_os() {
+        std::env::remove_var(key);
+    }
+    for (key, value) in [
+        (
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        ),
+        ("HOME", "/root"),
+        ("USER", "root"),
+        ("LOGNAME", "root"),
+        ("SHELL", "/bin/sh"),
+        ("LANG", "C.UTF-8"),
+        ("DEBIAN_FRONTEND", "noninteractive"),
+        ("AMIDALA", "1"),
+        ("AMIDALA_BUILD_ID", &build.build_id),
+        ("AMIDALA_SOURCE_SNAPSHOT", &build.source_snapshot),
+        ("AMIDALA_IMAGE_NAME", &build.image_name),
+        ("AMIDALA_WORKSPACE", &build.workspace),
+    ] {
+        std::env::set_var(key, value);
+    }
+}
+
+/// Splits the executor's report stream; used by the daemon.
+pub fn parse_report(line: &[u8]) -> Result<Report, serde_json::Error> {
+    serde_json::from_slice(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_round_trip() {
+        for r in [
+            Report::Phase(Phase::Mount),
+            Report::Provisioned(Outcome::Exited(3)),
+            Report::Failed {
+                phase: Phase::Unmount,
+                message: "x".into(),
+            },
+            Report::Done,
+        ] {
+            let line = serde_json::to_vec(&r).unwrap();
+            assert_eq!(parse_report(&line).unwrap(), r);
+        }
+    }
+}

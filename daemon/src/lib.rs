@@ -1,0 +1,235 @@
+//! `amidalad`: the root-owned daemon of amidala. It alone mounts, chroots and makes images;
+//! unprivileged `amidala` clients ask it over a Unix socket.
+//!
+//! - [`server`]: the socket, peer credentials, the protocol;
+//! - [`build`]: a build's phases and their teardown;
+//! - [`executor`]: the per-build process that owns the build's namespaces and mounts;
+//! - [`provider`]: where snapshots, volumes and images live (local files and loop devices);
+//! - [`import`]: base snapshots from directories, tarballs and disk images;
+//! - [`catalog`], [`store`]: crash-safe records; [`disk`], [`loopdev`]: disks and devices;
+//! - [`plugins`]: provisioner plugins.
+
+pub mod build;
+pub mod catalog;
+pub mod config;
+pub mod disk;
+pub mod error;
+pub mod executor;
+pub mod ids;
+pub mod import;
+pub mod loopdev;
+pub mod plugins;
+pub mod provider;
+pub mod server;
+pub mod store;
+
+use std::collections::HashMap;
+use std::fs;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use amidala::proto::{BuildFailure, BuildState, ErrorCode};
+use anyhow::{bail, Context, Result};
+use chrono::Utc;
+use tokio::net::UnixListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::build::BuildHandle;
+use crate::catalog::Catalog;
+use crate::config::{Config, ProviderKind};
+use crate::plugins::Plugins;
+use crate::provider::{LocalProvider, Provider};
+
+/// The daemon's shared state.
+#[derive(Debug)]
+pub struct Daemon {
+    pub config: Config,
+    pub catalog: Catalog,
+    pub provider: Arc<dyn Provider>,
+    pub plugins: Plugins,
+    /// Builds queued or running, by id.
+    pub builds: Mutex<HashMap<String, Arc<BuildHandle>>>,
+    /// One permit per build allowed to run at once.
+    pub slots: Arc<Semaphore>,
+    /// Cancelled on SIGTERM or SIGINT.
+    pub shutdown: CancellationToken,
+    /// Builds and imports, awaited on shutdown so their teardown completes.
+    pub build_tasks: TaskTracker,
+}
+
+/// Starts the daemon and serves until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("amidalad must run as root: it mounts filesystems and sets up loop devices");
+    }
+    let catalog = Catalog::open(&config.state_dir)
+        .with_context(|| format!("opening the state directory {}", config.state_dir.display()))?;
+    recover(&catalog).context("recovering from the previous run")?;
+    let provider: Arc<dyn Provider> = match config.provider {
+        ProviderKind::Local => Arc::new(LocalProvider::new(catalog.clone())),
+        ProviderKind::Ec2 => bail!("the ec2 provider is not part of this version of amidalad yet; use provider = \"local\""),
+    };
+    let plugins = Plugins::load_dir(&config.plugin_dir);
+    if plugins.names().is_empty() {
+        tracing::warn!(dir = %config.plugin_dir.display(), "no provisioner plugin loaded: builds will be refused");
+    }
+    let listener = bind_socket(&config.socket)?;
+    tracing::info!(
+        socket = %config.socket.display(),
+        state_dir = %config.state_dir.display(),
+        provider = provider.name(),
+        max_builds = config.max_builds,
+        plugins = ?plugins.names(),
+        "amidalad ready"
+    );
+    let daemon = Arc::new(Daemon {
+        slots: Arc::new(Semaphore::new(config.max_builds)),
+        config,
+        catalog,
+        provider,
+        plugins,
+        builds: Mutex::new(HashMap::new()),
+        shutdown: CancellationToken::new(),
+        build_tasks: TaskTracker::new(),
+    });
+
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let shutdown = daemon.shutdown.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        shutdown.cancel();
+    });
+
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    tokio::spawn(server::handle_connection(daemon.clone(), stream));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            },
+            () = daemon.shutdown.cancelled() => break,
+        }
+    }
+
+    // Stop accepting, cancel what runs, let every teardown finish.
+    drop(listener);
+    let _ = fs::remove_file(&daemon.config.socket);
+    let running: Vec<_> = daemon
+        .builds
+        .lock()
+        .expect("builds lock")
+        .values()
+        .cloned()
+        .collect();
+    if !running.is_empty() {
+        tracing::info!(
+            builds = running.len(),
+            "cancelling builds and waiting for their teardown"
+        );
+    }
+    for handle in running {
+        handle.cancel.cancel();
+    }
+    daemon.slots.close();
+    daemon.build_tasks.close();
+    daemon.build_tasks.wait().await;
+    tracing::info!("amidalad stopped");
+    Ok(())
+}
+
+/// Cleans up after a daemon that died: builds it was running are marked failed, their volumes
+/// deleted, their mount points and staging directories removed. Loop devices and mounts need
+/// nothing: they were set to release themselves when their holders died.
+fn recover(catalog: &Catalog) -> io::Result<()> {
+    for mut record in catalog.builds()? {
+        if record.state.is_terminal() {
+            continue;
+        }
+        tracing::warn!(build = %record.id, phase = ?record.phase, "marking a build interrupted by a daemon restart as failed");
+        record.error = Some(BuildFailure {
+            build_id: record.id.clone(),
+            phase: record.phase.unwrap_or(amidala::proto::Phase::Queued),
+            code: ErrorCode::Internal,
+            message: "interrupted by daemon restart".into(),
+            exit_status: None,
+        });
+        record.state = BuildState::Failed;
+        record.finished = Some(Utc::now());
+        record.volume_id = None;
+        record.device = None;
+        catalog.put_build(&record)?;
+    }
+    for entry in fs::read_dir(catalog.volumes_dir())? {
+        let path = entry?.path();
+        tracing::warn!(volume = %path.display(), "deleting a volume left by an interrupted build");
+        fs::remove_file(&path)?;
+    }
+    for entry in fs::read_dir(catalog.root().join("mnt"))? {
+        // Mounted only inside executors' namespaces, which died with them: a plain rmdir.
+        let path = entry?.path();
+        if let Err(e) = fs::remove_dir(&path) {
+            tracing::warn!(dir = %path.display(), error = %e, "cannot remove a stale mount point");
+        }
+    }
+    for entry in fs::read_dir(catalog.tmp_dir())? {
+        // Import staging trees, never mounted.
+        let path = entry?.path();
+        fs::remove_dir_all(&path).or_else(|_| fs::remove_file(&path))?;
+    }
+    Ok(())
+}
+
+/// Binds the socket as `root:amidala 0660` (`root:root` where the group does not exist),
+/// replacing a stale socket but never a live daemon's.
+fn bind_socket(path: &Path) -> Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        if !dir.exists() {
+            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o755))?;
+        }
+    }
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                bail!(
+                    "another amidalad is already listening on {}",
+                    path.display()
+                );
+            }
+            fs::remove_file(path)
+                .with_context(|| format!("removing the stale socket {}", path.display()))?;
+        }
+        Ok(_) => bail!(
+            "{} exists and is not a socket; not replacing it",
+            path.display()
+        ),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("looking at {}", path.display())),
+    }
+    // Created 0660 from the start: no window in which others could connect.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o117));
+    let listener = UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let listener = listener.with_context(|| format!("binding {}", path.display()))?;
+    let group = nix::unistd::Group::from_name("amidala").ok().flatten();
+    if let Some(group) = &group {
+        nix::unistd::chown(path, Some(0.into()), Some(group.gid))
+            .with_context(|| format!("giving {} to group amidala", path.display()))?;
+    } else {
+        tracing::warn!("group amidala does not exist: only root can use the socket");
+    }
+    Ok(listener)
+}

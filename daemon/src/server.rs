@@ -1,0 +1,564 @@
+//! The Unix socket: one task per connection, peer credentials read at accept, frames decoded
+//! with a size cap, descriptors received with `SCM_RIGHTS`. A bad frame closes only its own
+//! connection, after an error frame saying what was wrong.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSliceMut};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use amidala::proto::{
+    self, decode, encode_frame, validate_id, validate_image_name, validate_user_tags, BuildSpec,
+    BuildState, ErrorCode, FrameDecoder, FrameError, ImportSpec, Request, Response, Source,
+    MAX_COMMAND_ARGS, MAX_COMMAND_BYTES, PROTOCOL_VERSION,
+};
+use chrono::Utc;
+use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::net::UnixStream;
+use tokio::sync::watch;
+
+use crate::build::{self, BuildHandle, LogProgress};
+use crate::catalog::BuildRecord;
+use crate::error::Failure;
+use crate::ids::new_id;
+use crate::import::{self, Requester};
+use crate::Daemon;
+
+/// How long a client may take to send a complete request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Most descriptors one request may carry.
+const MAX_FDS: usize = 2;
+/// Most provisioner options, and their sizes.
+const MAX_OPTIONS: usize = 64;
+const MAX_OPTION_VALUE: usize = 64 * 1024;
+
+/// Who is on the other end, from `SO_PEERCRED`.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: Option<i32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("no complete request within {}s", REQUEST_TIMEOUT.as_secs())]
+    Timeout,
+    #[error("a request carried more than {MAX_FDS} descriptors")]
+    TooManyFds,
+}
+
+impl ReadError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            ReadError::Frame(e) => e.code(),
+            ReadError::Io(_) => ErrorCode::Io,
+            ReadError::Timeout | ReadError::TooManyFds => ErrorCode::BadRequest,
+        }
+    }
+}
+
+struct Conn {
+    stream: UnixStream,
+    decoder: FrameDecoder,
+    fds: VecDeque<OwnedFd>,
+}
+
+impl Conn {
+    fn recv_some(&self, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>, bool)> {
+        let mut space = nix::cmsg_space!([RawFd; 4]);
+        let mut iov = [IoSliceMut::new(buf)];
+        let msg = recvmsg::<()>(
+            self.stream.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+        )
+        .map_err(io::Error::from)?;
+        let mut fds = Vec::new();
+        for cmsg in msg.cmsgs().map_err(io::Error::from)? {
+            if let ControlMessageOwned::ScmRights(received) = cmsg {
+                for fd in received {
+                    // SAFETY: the kernel just installed this descriptor in our table for us;
+                    // nothing else owns it.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+            }
+        }
+        let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+        Ok((msg.bytes, fds, truncated))
+    }
+
+    /// The next request and the descriptors that came with it; `None` at a clean end.
+    async fn read_request(&mut self) -> Result<Option<(Request, Vec<OwnedFd>)>, ReadError> {
+        tokio::time::timeout(REQUEST_TIMEOUT, self.read_request_inner())
+            .await
+            .unwrap_or(Err(ReadError::Timeout))
+    }
+
+    async fn read_request_inner(&mut self) -> Result<Option<(Request, Vec<OwnedFd>)>, ReadError> {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            if let Some(body) = self.decoder.next_frame()? {
+                let request = decode::<Request>(&body)?;
+                return Ok(Some((request, self.fds.drain(..).collect())));
+            }
+            let (n, fds, truncated) = self
+                .stream
+                .async_io(Interest::READABLE, || self.recv_some(&mut buf))
+                .await?;
+            self.fds.extend(fds);
+            if truncated || self.fds.len() > MAX_FDS {
+                return Err(ReadError::TooManyFds);
+            }
+            if n == 0 {
+                self.decoder.finish()?;
+                return Ok(None);
+            }
+            self.decoder.push(&buf[..n]);
+        }
+    }
+
+    async fn send(&mut self, response: &Response) -> io::Result<()> {
+        let frame = encode_frame(response).map_err(io::Error::other)?;
+        self.stream.write_all(&frame).await
+    }
+
+    async fn send_error(&mut self, failure: &Failure) -> io::Result<()> {
+        self.send(&Response::Error(failure.reply())).await
+    }
+}
+
+/// Serves one connection until the client closes it or breaks the protocol.
+pub async fn handle_connection(daemon: Arc<Daemon>, stream: UnixStream) {
+    let peer = match stream.peer_cred() {
+        Ok(cred) => Peer {
+            uid: cred.uid(),
+            gid: cred.gid(),
+            pid: cred.pid(),
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read peer credentials; closing");
+            return;
+        }
+    };
+    let mut conn = Conn {
+        stream,
+        decoder: FrameDecoder::new(),
+        fds: VecDeque::new(),
+    };
+    let mut greeted = false;
+    loop {
+        let (request, fds) = match conn.read_request().await {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(uid = peer.uid, pid = ?peer.pid, error = %e, "closing connection");
+                let _ = conn
+                    .send_error(&Failure::new(e.code(), e.to_string()))
+                    .await;
+                return;
+            }
+        };
+        let result = match (greeted, request) {
+            (false, Request::Hello { protocol, client }) if protocol == PROTOCOL_VERSION => {
+                tracing::debug!(uid = peer.uid, pid = ?peer.pid, client, "hello");
+                greeted = true;
+                conn.send(&Response::Hello {
+                    protocol: PROTOCOL_VERSION,
+                    daemon: format!("amidalad {}", env!("CARGO_PKG_VERSION")),
+                })
+                .await
+            }
+            (false, Request::Hello { protocol, .. }) => {
+                let _ = conn
+                    .send_error(&Failure::new(
+                        ErrorCode::ProtocolMismatch,
+                        format!(
+                            "client speaks protocol {protocol}, amidalad speaks {PROTOCOL_VERSION}"
+                        ),
+                    ))
+                    .await;
+                return;
+            }
+            (false, _) => {
+                let _ = conn
+                    .send_error(&Failure::new(
+                        ErrorCode::BadRequest,
+                        "the first request must be hello",
+                    ))
+                    .await;
+                return;
+            }
+            (true, Request::Hello { .. }) => {
+                conn.send_error(&Failure::new(ErrorCode::BadRequest, "hello sent twice"))
+                    .await
+            }
+            (true, request) => dispatch(&daemon, &mut conn, peer, request, fds).await,
+        };
+        if let Err(e) = result {
+            tracing::debug!(uid = peer.uid, error = %e, "client went away");
+            return;
+        }
+    }
+}
+
+fn one_fd(fds: Vec<OwnedFd>, what: &str) -> Result<OwnedFd, Failure> {
+    let mut fds = fds.into_iter();
+    match (fds.next(), fds.next()) {
+        (Some(fd), None) => Ok(fd),
+        _ => Err(Failure::new(
+            ErrorCode::BadRequest,
+            format!("the request must carry exactly one descriptor: {what}"),
+        )),
+    }
+}
+
+async fn dispatch(
+    daemon: &Arc<Daemon>,
+    conn: &mut Conn,
+    peer: Peer,
+    request: Request,
+    fds: Vec<OwnedFd>,
+) -> io::Result<()> {
+    match request {
+        Request::Hello { .. } => unreachable!("handled by the caller"),
+        Request::Build(spec) => match start_build(daemon, peer, spec, fds) {
+            Err(f) => conn.send_error(&f).await,
+            Ok(handle) => {
+                conn.send(&Response::Accepted {
+                    build_id: handle.id.clone(),
+                })
+                .await?;
+                let progress = handle.log.subscribe();
+                stream_log(conn, &daemon.catalog.build_log(&handle.id), Some(progress))
+                    .await
+                    .map(|_| ())
+            }
+        },
+        Request::ImportBase(spec) => import_base(daemon, conn, peer, spec, fds).await,
+        Request::List => {
+            let mut builds = daemon.catalog.builds().map_err(io::Error::other)?;
+            builds.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.id.cmp(&b.id)));
+            conn.send(&Response::Builds(
+                builds.iter().map(BuildRecord::info).collect(),
+            ))
+            .await
+        }
+        Request::Status { id } => match find_build(daemon, &id) {
+            Ok(record) => conn.send(&Response::Build(record.info())).await,
+            Err(f) => conn.send_error(&f).await,
+        },
+        Request::Logs { id, follow } => match find_build(daemon, &id) {
+            Err(f) => conn.send_error(&f).await,
+            Ok(_) => {
+                let progress = if follow {
+                    live(daemon, &id).map(|h| h.log.subscribe())
+                } else {
+                    None
+                };
+                let terminal = stream_log(conn, &daemon.catalog.build_log(&id), progress).await?;
+                if !terminal {
+                    conn.send(&Response::LogEnd).await?;
+                }
+                Ok(())
+            }
+        },
+        Request::Cancel { id } => match cancel(daemon, peer, &id).await {
+            Ok(record) => conn.send(&Response::Build(record.info())).await,
+            Err(f) => conn.send_error(&f).await,
+        },
+        Request::Images => {
+            let mut images = daemon.catalog.images().map_err(io::Error::other)?;
+            images.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.id.cmp(&b.id)));
+            conn.send(&Response::Images(images.iter().map(|i| i.info()).collect()))
+                .await
+        }
+        Request::Snapshots => {
+            let mut snapshots = daemon.catalog.snapshots().map_err(io::Error::other)?;
+            snapshots.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.id.cmp(&b.id)));
+            conn.send(&Response::Snapshots(
+                snapshots
+                    .iter()
+                    .map(|s| daemon.catalog.snapshot_info(s))
+                    .collect(),
+            ))
+            .await
+        }
+        Request::Plugins => conn.send(&Response::Plugins(daemon.plugins.infos())).await,
+        Request::Version => {
+            conn.send(&Response::Version {
+                daemon: env!("CARGO_PKG_VERSION").to_owned(),
+                protocol: PROTOCOL_VERSION,
+                provider: daemon.provider.name().to_owned(),
+            })
+            .await
+        }
+    }
+}
+
+fn live(daemon: &Daemon, id: &str) -> Option<Arc<BuildHandle>> {
+    daemon.builds.lock().expect("builds lock").get(id).cloned()
+}
+
+fn find_build(daemon: &Daemon, id: &str) -> Result<BuildRecord, Failure> {
+    validate_id("bld", id)?;
+    if let Some(handle) = live(daemon, id) {
+        return Ok(handle.record());
+    }
+    daemon
+        .catalog
+        .get_build(id)
+        .map_err(|e| Failure::io("reading the build record", e))?
+        .ok_or_else(|| Failure::new(ErrorCode::NotFound, format!("build {id} does not exist")))
+}
+
+async fn cancel(daemon: &Daemon, peer: Peer, id: &str) -> Result<BuildRecord, Failure> {
+    let record = find_build(daemon, id)?;
+    if peer.uid != 0 && peer.uid != record.owner_uid {
+        tracing::warn!(uid = peer.uid, pid = ?peer.pid, build = id, "cancel refused: not the owner");
+        return Err(Failure::new(
+            ErrorCode::PermissionDenied,
+            format!("build {id} belongs to uid {}, not to you", record.owner_uid),
+        ));
+    }
+    let Some(handle) = live(daemon, id) else {
+        return Err(Failure::invalid(format!(
+            "build {id} has already ended: {}",
+            record.state.as_str()
+        )));
+    };
+    tracing::info!(uid = peer.uid, build = id, "cancel requested");
+    handle.cancel.cancel();
+    let mut progress = handle.log.subscribe();
+    // Wait for the teardown: the log is finished once the build has recorded its end.
+    let _ = progress.wait_for(|p| p.done).await;
+    Ok(handle.record())
+}
+
+/// Checks a build request completely before anything is made.
+fn check_spec(daemon: &Daemon, spec: &BuildSpec) -> Result<(), Failure> {
+    match &spec.source {
+        Source::Tag(tag) => tag.validate()?,
+        Source::Snapshot(id) => validate_id("snap", id)?,
+    }
+    validate_user_tags("image tags", &spec.image_tags)?;
+    validate_user_tags("snapshot tags", &spec.snapshot_tags)?;
+    if let Some(name) = &spec.name {
+        validate_image_name(name)?;
+    }
+    if let Some(n) = spec.partition {
+        if !(1..=128).contains(&n) {
+            return Err(Failure::invalid(format!(
+                "--partition {n} is out of range 1..128"
+            )));
+        }
+    }
+    if spec.command.len() > MAX_COMMAND_ARGS
+        || spec.command.iter().map(String::len).sum::<usize>() > MAX_COMMAND_BYTES
+    {
+        return Err(Failure::invalid(format!(
+            "the command is longer than {MAX_COMMAND_ARGS} arguments or {MAX_COMMAND_BYTES} bytes"
+        )));
+    }
+    if spec.command.iter().any(|a| a.contains('\0')) {
+        return Err(Failure::invalid("the command contains a NUL byte"));
+    }
+    if spec.options.len() > MAX_OPTIONS
+        || spec
+            .options
+            .iter()
+            .any(|(k, v)| k.is_empty() || k.len() > 128 || v.len() > MAX_OPTION_VALUE)
+    {
+        return Err(Failure::invalid(format!("at most {MAX_OPTIONS} options, keys of 1 to 128 bytes, values up to {MAX_OPTION_VALUE} bytes")));
+    }
+    if !daemon.plugins.names().contains(&spec.provisioner.as_str()) {
+        return Err(Failure::new(
+            ErrorCode::UnknownProvisioner,
+            format!(
+                "no provisioner named {:?} is loaded (loaded: {})",
+                spec.provisioner,
+                daemon.plugins.names().join(", ")
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn start_build(
+    daemon: &Arc<Daemon>,
+    peer: Peer,
+    spec: BuildSpec,
+    fds: Vec<OwnedFd>,
+) -> Result<Arc<BuildHandle>, Failure> {
+    if daemon.shutdown.is_cancelled() {
+        return Err(Failure::new(
+            ErrorCode::ShuttingDown,
+            "amidalad is shutting down",
+        ));
+    }
+    let workspace = one_fd(fds, "the workspace directory")?;
+    let meta = std::fs::File::from(
+        workspace
+            .try_clone()
+            .map_err(|e| Failure::io("reading the workspace", e))?,
+    )
+    .metadata()
+    .map_err(|e| Failure::io("reading the workspace", e))?;
+    if !meta.is_dir() {
+        return Err(Failure::invalid(
+            "the workspace descriptor is not a directory",
+        ));
+    }
+    check_spec(daemon, &spec)?;
+    let record = BuildRecord {
+        id: new_id("bld"),
+        owner_uid: peer.uid,
+        owner_pid: peer.pid,
+        state: BuildState::Queued,
+        phase: Some(proto::Phase::Queued),
+        spec,
+        source_snapshot: None,
+        created: Utc::now(),
+        finished: None,
+        image_id: None,
+        snapshot_id: None,
+        error: None,
+        volume_id: None,
+        device: None,
+    };
+    let plugin = daemon
+        .plugins
+        .get(&record.spec.provisioner)
+        .expect("checked above");
+    plugin
+        .validate(&build::plugin_build_info(&record, ""))
+        .map_err(|e| Failure::invalid(format!("provisioner {}: {}", plugin.name, e.message)))?;
+    let handle = Arc::new(BuildHandle::create(&daemon.catalog, record)?);
+    tracing::info!(build = %handle.id, uid = peer.uid, pid = ?peer.pid, provisioner = %plugin.name, "build accepted");
+    daemon
+        .builds
+        .lock()
+        .expect("builds lock")
+        .insert(handle.id.clone(), handle.clone());
+    daemon
+        .build_tasks
+        .spawn(build::run(daemon.clone(), handle.clone(), workspace));
+    Ok(handle)
+}
+
+async fn import_base(
+    daemon: &Arc<Daemon>,
+    conn: &mut Conn,
+    peer: Peer,
+    spec: ImportSpec,
+    fds: Vec<OwnedFd>,
+) -> io::Result<()> {
+    if daemon.shutdown.is_cancelled() {
+        return conn
+            .send_error(&Failure::new(
+                ErrorCode::ShuttingDown,
+                "amidalad is shutting down",
+            ))
+            .await;
+    }
+    let source = match one_fd(fds, "the source") {
+        Ok(fd) => fd,
+        Err(f) => return conn.send_error(&f).await,
+    };
+    tracing::info!(uid = peer.uid, pid = ?peer.pid, source = %spec.source_name, "base import");
+    let (tx, mut notes) = tokio::sync::mpsc::unbounded_channel();
+    let catalog = daemon.catalog.clone();
+    let requester = Requester {
+        uid: peer.uid,
+        gid: peer.gid,
+    };
+    // Runs to its end (and cleans up) even if the client goes away.
+    let task = daemon.build_tasks.spawn(async move {
+        import::import(&catalog, spec, source, requester, move |line| {
+            let _ = tx.send(line);
+        })
+        .await
+    });
+    while let Some(line) = notes.recv().await {
+        conn.send(&Response::Log { line }).await?;
+    }
+    match task.await {
+        Ok(Ok(record)) => {
+            tracing::info!(snapshot = %record.id, "base imported");
+            conn.send(&Response::Imported(daemon.catalog.snapshot_info(&record)))
+                .await
+        }
+        Ok(Err(f)) => {
+            tracing::warn!(error = %f, "base import failed");
+            conn.send_error(&f).await
+        }
+        Err(e) => {
+            conn.send_error(&Failure::new(
+                ErrorCode::Internal,
+                format!("import task failed: {e}"),
+            ))
+            .await
+        }
+    }
+}
+
+/// Sends a build's logged events; with `progress`, follows until the build ends. Returns
+/// whether a terminal event (finished or failed) was sent.
+async fn stream_log(
+    conn: &mut Conn,
+    path: &Path,
+    mut progress: Option<watch::Receiver<LogProgress>>,
+) -> io::Result<bool> {
+    let mut file = tokio::fs::File::open(path).await?;
+    let mut pos: u64 = 0;
+    let mut pending: Vec<u8> = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let (limit, done) = match &mut progress {
+            Some(rx) => {
+                let p = *rx.borrow_and_update();
+                (Some(p.len), p.done)
+            }
+            None => (None, true),
+        };
+        loop {
+            let want = match limit {
+                Some(l) if pos >= l => break,
+                Some(l) => ((l - pos) as usize).min(chunk.len()),
+                None => chunk.len(),
+            };
+            let n = file.read(&mut chunk[..want]).await?;
+            if n == 0 {
+                break;
+            }
+            pos += n as u64;
+            pending.extend_from_slice(&chunk[..n]);
+            while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=nl).collect();
+                let event: Response = serde_json::from_slice(&line[..nl])
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                let terminal = matches!(event, Response::Finished(_) | Response::Failed(_));
+                conn.send(&event).await?;
+                if terminal {
+                    return Ok(true);
+                }
+            }
+        }
+        if done {
+            return Ok(false);
+        }
+        if let Some(rx) = &mut progress {
+            if rx.changed().await.is_err() {
+                progress = None;
+            }
+        }
+    }
+}
