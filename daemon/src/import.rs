@@ -223,6 +223,7 @@ async fn make_image(
                 copy_to_new(&src, &image, 0o644)
                     .map_err(|e| Failure::io("copying the disk image", e))?;
                 let out = OpenOptions::new()
+                    .read(true)
                     .write(true)
                     .open(&image)
                     .map_err(|e| Failure::io("opening the snapshot", e))?;

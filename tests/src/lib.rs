@@ -1,1 +1,434 @@
-//! harness
+//! Harness for amidala's end-to-end tests: the real `amidalad` and `amidala` binaries talking
+//! over the real socket, with real loop devices, mounts and namespaces. Needs root; without
+//! it the tests fail (they are never skipped).
+//!
+//! Each [`Env`] has a private directory holding the daemon's state, socket and plugins, so
+//! tests run in parallel. Dropping an `Env` stops its daemon, and releases any loop device or
+//! mount still pointing into the directory, so a failing test never leaves the host dirty.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where cargo put the binaries of this workspace (the test executable lives in `deps/`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .to_owned()
+}
+
+/// The repository root.
+pub fn repo_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is in the repository")
+        .to_owned()
+}
+
+/// Fails (never skips) when not root.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the end-to-end tests need root (loop devices, mounts, namespaces); run them as root"
+    );
+}
+
+/// A finished command's output, as text.
+#[derive(Debug)]
+pub struct Run {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from(out: Output) -> Run {
+        Run {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Asserts success and returns stdout.
+    #[track_caller]
+    pub fn ok(&self) -> &str {
+        assert_eq!(
+            self.code,
+            Some(0),
+            "command failed\nstdout:\n{}\nstderr:\n{}",
+            self.stdout,
+            self.stderr
+        );
+        &self.stdout
+    }
+
+    /// Asserts failure and returns stderr.
+    #[track_caller]
+    pub fn err(&self) -> &str {
+        assert!(
+            self.code.is_some_and(|c| c != 0),
+            "command should have failed\nstdout:\n{}\nstderr:\n{}",
+            self.stdout,
+            self.stderr
+        );
+        &self.stderr
+    }
+
+    #[track_caller]
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(self.ok())
+            .unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", self.stdout))
+    }
+}
+
+/// Runs a command and collects its output.
+#[track_caller]
+pub fn run(cmd: &mut Command) -> Run {
+    Run::from(
+        cmd.output()
+            .unwrap_or_else(|e| panic!("running {cmd:?}: {e}")),
+    )
+}
+
+/// One daemon with its own state directory, socket and plugin directory.
+#[derive(Debug)]
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub state: PathBuf,
+    pub socket: PathBuf,
+    pub plugins: PathBuf,
+    daemon: Option<Child>,
+}
+
+impl Env {
+    /// Starts a daemon with the shell provisioner.
+    pub fn start() -> Env {
+        require_root();
+        let dir = tempfile::Builder::new()
+            .prefix("amidala-test-")
+            .tempdir()
+            .expect("temporary directory");
+        // The daemon checks that plugin directories are root-owned and not writable by others.
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let plugins = dir.path().join("plugins");
+        fs::create_dir(&plugins).unwrap();
+        fs::set_permissions(&plugins, fs::Permissions::from_mode(0o755)).unwrap();
+        let shell = bin_dir().join("libamidala_shell.so");
+        assert!(
+            shell.exists(),
+            "{} is missing: build the workspace first (cargo build --workspace)",
+            shell.display()
+        );
+        fs::copy(&shell, plugins.join("libamidala_shell.so")).unwrap();
+        fs::set_permissions(
+            plugins.join("libamidala_shell.so"),
+            fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        let mut env = Env {
+            state: dir.path().join("state"),
+            socket: dir.path().join("amidala.sock"),
+            plugins,
+            dir,
+            daemon: None,
+        };
+        env.spawn_daemon();
+        env
+    }
+
+    fn spawn_daemon(&mut self) {
+        let log = fs::File::create(self.dir.path().join("daemon.log")).unwrap();
+        let child = Command::new(bin_dir().join("amidalad"))
+            .arg("--config")
+            .arg("/dev/null")
+            .arg("--state-dir")
+            .arg(&self.state)
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--plugin-dir")
+            .arg(&self.plugins)
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting amidalad");
+        self.daemon = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            if let Some(status) = self.daemon.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "amidalad exited ({status}) at start:\n{}",
+                    self.daemon_log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "amidalad did not listen within 20s:\n{}",
+                self.daemon_log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn daemon_log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(Child::id)
+    }
+
+    /// The client, run in `cwd`.
+    pub fn amidala_in(&self, cwd: &Path, args: &[&str]) -> Run {
+        run(Command::new(bin_dir().join("amidala"))
+            .current_dir(cwd)
+            .env("AMIDALA_SOCKET", &self.socket)
+            .args(args))
+    }
+
+    /// The client, run in the test's directory.
+    pub fn amidala(&self, args: &[&str]) -> Run {
+        self.amidala_in(self.dir.path(), args)
+    }
+
+    /// A command for the client, to run in the background.
+    pub fn amidala_command(&self, cwd: &Path, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin_dir().join("amidala"));
+        cmd.current_dir(cwd)
+            .env("AMIDALA_SOCKET", &self.socket)
+            .args(args);
+        cmd
+    }
+
+    /// A fresh busybox root filesystem tree in the test directory.
+    pub fn busybox_rootfs(&self, name: &str) -> PathBuf {
+        let dest = self.dir.path().join(name);
+        run(Command::new(repo_dir().join("tests/make-busybox-rootfs.sh")).arg(&dest)).ok();
+        dest
+    }
+
+    /// A workspace directory holding `files`.
+    pub fn workspace(&self, name: &str, files: &[(&str, &str)]) -> PathBuf {
+        let dir = self.dir.path().join(name);
+        fs::create_dir_all(&dir).unwrap();
+        for (file, content) in files {
+            fs::write(dir.join(file), content).unwrap();
+        }
+        dir
+    }
+
+    /// Imports `src` and returns the snapshot id.
+    #[track_caller]
+    pub fn import(&self, src: &Path, extra: &[&str]) -> String {
+        let src = src.to_str().unwrap();
+        let mut args = vec!["base", "import", src];
+        args.extend_from_slice(extra);
+        let run = self.amidala(&args);
+        let id = run.ok().trim().to_owned();
+        assert!(
+            id.starts_with("snap-"),
+            "unexpected import output {id:?}\n{}",
+            run.stderr
+        );
+        id
+    }
+
+    /// Runs a build in `workspace` and returns its `--json` result.
+    #[track_caller]
+    pub fn build(&self, workspace: &Path, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["build", "--json"];
+        all.extend_from_slice(args);
+        self.amidala_in(workspace, &all).json()
+    }
+
+    pub fn snapshot_file(&self, id: &str) -> PathBuf {
+        self.state.join("snapshots").join(format!("{id}.img"))
+    }
+
+    /// Stops the daemon with SIGTERM and waits for it.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.daemon.take() else {
+            return;
+        };
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                return;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "amidalad did not stop within 60s of SIGTERM:\n{}",
+                    self.daemon_log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Everything of this environment still held by the kernel or left in the state
+    /// directory: loop devices, mounts (in any namespace), volumes, mount points, staging.
+    pub fn leaks(&self) -> Vec<String> {
+        let root = self.dir.path().to_str().unwrap().to_owned();
+        let mut leaks = Vec::new();
+        for (device, backing) in loop_devices() {
+            if backing.starts_with(&root) {
+                leaks.push(format!("loop device {device} on {backing}"));
+            }
+        }
+        for (pid, line) in mounts_mentioning(&root) {
+            leaks.push(format!("mount seen by pid {pid}: {line}"));
+        }
+        for sub in ["volumes", "mnt", "tmp"] {
+            for entry in fs::read_dir(self.state.join(sub)).into_iter().flatten() {
+                leaks.push(format!(
+                    "left in {sub}/: {}",
+                    entry.unwrap().path().display()
+                ));
+            }
+        }
+        for entry in fs::read_dir(self.state.join("snapshots"))
+            .into_iter()
+            .flatten()
+        {
+            let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+            if name.starts_with(".tmp-") {
+                leaks.push(format!("partial snapshot file {name}"));
+            }
+        }
+        leaks
+    }
+
+    /// Asserts [`leaks`](Self::leaks) is empty, waiting briefly for the kernel to finish
+    /// releasing what a just-ended build let go of.
+    #[track_caller]
+    pub fn assert_no_leaks(&self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let leaks = self.leaks();
+            if leaks.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "leaked:\n{}\ndaemon log:\n{}",
+                leaks.join("\n"),
+                self.daemon_log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let stopped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.stop()));
+        // Whatever happened, give the host back what this test took.
+        let root = self.dir.path().to_str().unwrap().to_owned();
+        for (_, line) in mounts_mentioning(&root) {
+            if let Some(target) = line.split(' ').nth(4) {
+                let _ = Command::new("umount").arg("-l").arg(target).status();
+            }
+        }
+        for (device, backing) in loop_devices() {
+            if backing.starts_with(&root) {
+                let _ = Command::new("losetup").arg("-d").arg(&device).status();
+            }
+        }
+        if !std::thread::panicking() {
+            if let Err(e) = stopped {
+                std::panic::resume_unwind(e);
+            }
+            self.assert_no_leaks();
+        }
+    }
+}
+
+/// Attached loop devices and their backing files.
+pub fn loop_devices() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir("/sys/block").into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        if let Ok(backing) = fs::read_to_string(entry.path().join("loop/backing_file")) {
+            out.push((format!("/dev/{name}"), backing.trim().to_owned()));
+        }
+    }
+    out
+}
+
+/// Mount table lines, of any process's namespace, that mention `path`.
+pub fn mounts_mentioning(path: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(table) = fs::read_to_string(entry.path().join("mountinfo")) else {
+            continue;
+        };
+        for line in table.lines() {
+            if line.contains(path) && seen.insert(line.to_owned()) {
+                out.push((pid.clone(), line.to_owned()));
+            }
+        }
+    }
+    out
+}
+
+/// A disk image mounted read-only for inspection; unmounted (and its loop device released)
+/// on drop.
+#[derive(Debug)]
+pub struct Mounted {
+    pub dir: tempfile::TempDir,
+}
+
+impl Mounted {
+    #[track_caller]
+    pub fn new(image: &Path, offset: u64) -> Mounted {
+        let dir = tempfile::Builder::new()
+            .prefix("amidala-inspect-")
+            .tempdir()
+            .unwrap();
+        run(Command::new("mount")
+            .arg("-o")
+            .arg(format!("loop,ro,offset={offset}"))
+            .arg(image)
+            .arg(dir.path()))
+        .ok();
+        Mounted { dir }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel.trim_start_matches('/'))
+    }
+
+    #[track_caller]
+    pub fn read(&self, rel: &str) -> String {
+        fs::read_to_string(self.path(rel))
+            .unwrap_or_else(|e| panic!("reading {rel} in the image: {e}"))
+    }
+
+    pub fn exists(&self, rel: &str) -> bool {
+        self.path(rel).symlink_metadata().is_ok()
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}

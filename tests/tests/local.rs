@@ -1,0 +1,772 @@
+//! The whole bake on the local provider, through the real daemon and client (root).
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use amidala::proto::{self, FrameDecoder, Response};
+use amidala_tests::{run, Env, Mounted};
+
+/// The content the busybox image ships in /etc/resolv.conf.
+const IMAGE_RESOLV: &str = "# resolv.conf of the busybox test image\nnameserver 192.0.2.53\n";
+
+fn field<'a>(v: &'a serde_json::Value, key: &str) -> &'a str {
+    v[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("no string {key} in {v}"))
+}
+
+#[test]
+fn build_writes_what_the_provisioner_wrote_and_leaves_no_trace() {
+    let env = Env::start();
+    let rootfs = env.busybox_rootfs("rootfs");
+    let base = env.import(&rootfs, &[]);
+    let ws = env.workspace("ws", &[("input.txt", "from the workspace\n")]);
+    let script = "set -e
+        echo built > /root/built.txt
+        cp /workspace/input.txt /root/copied.txt
+        cat /etc/resolv.conf > /root/resolv-during
+        rc=0; /usr/sbin/policy-rc.d || rc=$?; echo $rc > /root/policy-during
+        if touch /workspace/probe 2>/dev/null; then echo rw; else echo ro; fi > /root/workspace-mode
+        pwd > /root/cwd
+        echo \"$AMIDALA_BUILD_ID\" > /root/build-id
+        echo provisioner-says-hello";
+    let run = env.amidala_in(
+        &ws,
+        &[
+            "build",
+            "--json",
+            "--tag",
+            "role=test",
+            "--",
+            "/bin/sh",
+            "-c",
+            script,
+        ],
+    );
+    let result = run.json();
+    assert!(
+        run.stderr.contains("provisioner-says-hello"),
+        "output streamed:\n{}",
+        run.stderr
+    );
+    for phase in [
+        "resolve",
+        "volume",
+        "attach",
+        "mount",
+        "provision",
+        "unmount",
+        "detach",
+        "snapshot",
+        "register",
+        "cleanup",
+    ] {
+        assert!(
+            run.stderr.contains(&format!("==> {phase}\n")),
+            "phase {phase} reported:\n{}",
+            run.stderr
+        );
+    }
+    let (build, image, snapshot) = (
+        field(&result, "build_id"),
+        field(&result, "image_id"),
+        field(&result, "snapshot_id"),
+    );
+    proto::validate_id("ami", image).unwrap();
+    proto::validate_id("snap", snapshot).unwrap();
+    assert_ne!(snapshot, base);
+    assert_eq!(
+        field(&result, "snapshot_path"),
+        env.snapshot_file(snapshot).to_str().unwrap()
+    );
+
+    {
+        let out = Mounted::new(&env.snapshot_file(snapshot), 0);
+        assert_eq!(out.read("/root/built.txt"), "built\n");
+        assert_eq!(out.read("/root/copied.txt"), "from the workspace\n");
+        let host_resolv = fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        assert_eq!(
+            out.read("/root/resolv-during"),
+            host_resolv,
+            "the host's resolv.conf during the build"
+        );
+        assert_eq!(
+            out.read("/root/policy-during"),
+            "101\n",
+            "service starts blocked during the build"
+        );
+        assert_eq!(out.read("/root/workspace-mode"), "ro\n");
+        assert_eq!(out.read("/root/cwd"), "/workspace\n");
+        assert_eq!(out.read("/root/build-id").trim(), build);
+        assert_eq!(
+            out.read("/etc/resolv.conf"),
+            IMAGE_RESOLV,
+            "the image's own resolv.conf is back"
+        );
+        assert!(!out.exists("/usr/sbin/policy-rc.d"), "policy-rc.d removed");
+        assert!(
+            !out.exists("/workspace"),
+            "no /workspace left (the image had none)"
+        );
+        assert!(!out.exists("/etc/.resolv.conf.amidala-saved"));
+        assert!(!out.exists("/usr/sbin/.policy-rc.d.amidala-saved"));
+    }
+    assert!(!ws.join("probe").exists());
+
+    let images = env.amidala(&["images", "--json"]).json();
+    let listed = images
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"] == image)
+        .expect("image listed");
+    assert_eq!(listed["snapshot_id"], snapshot);
+    assert_eq!(listed["tags"]["role"], "test");
+    assert_eq!(listed["tags"]["amidala:build"], build);
+    let snapshots = env.amidala(&["snapshots", "--json"]).json();
+    let listed = snapshots
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == snapshot)
+        .expect("snapshot listed");
+    assert_eq!(listed["tags"]["amidala:source-snapshot"], base);
+    assert!(
+        listed["tags"].get("amidala").is_none(),
+        "the base tag is not inherited: {listed}"
+    );
+    assert_eq!(
+        listed["path"],
+        env.snapshot_file(snapshot).to_str().unwrap()
+    );
+    assert!(listed["created"].as_str().unwrap().ends_with('Z'));
+
+    let status = env.amidala(&["status", "--json", build]).json();
+    assert_eq!(status["state"], "succeeded");
+    assert_eq!(status["image_id"], image);
+    assert_eq!(status["source_snapshot"], base);
+    let list = env.amidala(&["list", "--json"]).json();
+    assert!(list.as_array().unwrap().iter().any(|b| b["id"] == build));
+    let logs = env.amidala(&["logs", build]);
+    assert!(
+        logs.ok().contains("provisioner-says-hello"),
+        "{}",
+        logs.stdout
+    );
+    assert!(logs.stdout.contains(&format!("finished: image {image}")));
+    env.assert_no_leaks();
+}
+
+#[test]
+fn tarballs_of_every_kind_import() {
+    let env = Env::start();
+    let rootfs = env.busybox_rootfs("rootfs");
+    for (name, flag) in [("root.tar", ""), ("root.tar.gz", "z"), ("root.tar.xz", "J")] {
+        let tarball = env.dir.path().join(name);
+        run(Command::new("tar")
+            .arg(format!("-c{flag}f"))
+            .arg(&tarball)
+            .arg("-C")
+            .arg(&rootfs)
+            .arg("."))
+        .ok();
+        let snap = env.import(
+            &tarball,
+            &["--tag", &format!("from={name}"), "--size", "96M"],
+        );
+        let listed = env.amidala(&["snapshots", "--json"]).json();
+        let record = listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"] == snap.as_str())
+            .unwrap()
+            .clone();
+        assert_eq!(record["tags"]["from"], name);
+        assert!(
+            record["tags"].get("amidala").is_none(),
+            "explicit tags replace the default: {record}"
+        );
+        assert_eq!(record["size"], 96 << 20);
+        let image = Mounted::new(&env.snapshot_file(&snap), 0);
+        assert_eq!(image.read("/etc/resolv.conf"), IMAGE_RESOLV);
+        let busybox = fs::metadata(image.path("/bin/busybox")).unwrap();
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        assert_eq!(
+            (busybox.uid(), busybox.permissions().mode() & 0o777),
+            (0, 0o755),
+            "ownership and mode kept"
+        );
+        assert_eq!(
+            fs::read_link(image.path("/bin/sh")).unwrap(),
+            Path::new("/bin/busybox")
+        );
+    }
+    // One build from the last of them, picked by its tag.
+    let ws = env.workspace("ws", &[]);
+    let result = env.build(
+        &ws,
+        &[
+            "--from",
+            "from=root.tar.xz",
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo xz > /root/from",
+        ],
+    );
+    let out = Mounted::new(&env.snapshot_file(field(&result, "snapshot_id")), 0);
+    assert_eq!(out.read("/root/from"), "xz\n");
+    drop(out);
+    env.assert_no_leaks();
+}
+
+/// A GPT disk: partition 1 a small unformatted one (like BIOS boot), partition 2 the root.
+fn partitioned_disk(env: &Env, rootfs: &Path) -> (std::path::PathBuf, u64) {
+    let part = env.dir.path().join("part.img");
+    let disk = env.dir.path().join("disk.img");
+    run(Command::new("truncate").arg("-s").arg("80M").arg(&part)).ok();
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-E", "root_owner=0:0", "-d"])
+        .arg(rootfs)
+        .arg(&part))
+    .ok();
+    run(Command::new("truncate").arg("-s").arg("96M").arg(&disk)).ok();
+    let layout = "label: gpt\nstart=2048, size=2048, type=21686148-6449-6E6F-744E-656564454649\nstart=4096, size=163840, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n";
+    let mut sfdisk = Command::new("sfdisk")
+        .arg("-q")
+        .arg(&disk)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    sfdisk
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(layout.as_bytes())
+        .unwrap();
+    assert!(sfdisk.wait().unwrap().success());
+    let offset = 4096 * 512;
+    run(Command::new("dd")
+        .arg(format!("if={}", part.display()))
+        .arg(format!("of={}", disk.display()))
+        .args(["bs=1M", "conv=notrunc,sparse", "status=none"])
+        .arg(format!("seek={}", offset >> 20)))
+    .ok();
+    (disk, offset)
+}
+
+#[test]
+fn partitioned_raw_image_builds_on_its_root_partition() {
+    let env = Env::start();
+    let rootfs = env.busybox_rootfs("rootfs");
+    let (disk, offset) = partitioned_disk(&env, &rootfs);
+    let base = env.import(&disk, &["--tag", "kind=gpt"]);
+    let table = |path: &Path| {
+        let out = run(Command::new("sfdisk").arg("-d").arg(path));
+        out.ok()
+            .lines()
+            .filter(|l| !l.starts_with("device:"))
+            .map(|l| l.replace(path.to_str().unwrap(), "DISK"))
+            .collect::<Vec<_>>()
+    };
+    let ws = env.workspace("ws", &[]);
+
+    // Partition 1 holds no filesystem: refused at attach, nothing left behind.
+    let refused = env.amidala_in(
+        &ws,
+        &[
+            "build",
+            "--source",
+            &base,
+            "--partition",
+            "1",
+            "--",
+            "/bin/true",
+        ],
+    );
+    let err = refused.err();
+    assert!(
+        err.contains("failed in phase attach") && err.contains("partition 1 holds no"),
+        "{err}"
+    );
+    env.assert_no_leaks();
+
+    let result = env.build(
+        &ws,
+        &[
+            "--from",
+            "kind=gpt",
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo on-partition-2 > /root/p.txt",
+        ],
+    );
+    let snap = field(&result, "snapshot_id");
+    assert_eq!(
+        table(&env.snapshot_file(snap)),
+        table(&disk),
+        "the partition table is kept"
+    );
+    let out = Mounted::new(&env.snapshot_file(snap), offset);
+    assert_eq!(out.read("/root/p.txt"), "on-partition-2\n");
+    assert_eq!(out.read("/etc/resolv.conf"), IMAGE_RESOLV);
+    drop(out);
+    let explicit = env.build(
+        &ws,
+        &[
+            "--source",
+            snap,
+            "--partition",
+            "2",
+            "--",
+            "/bin/sh",
+            "-c",
+            "test -f /root/p.txt",
+        ],
+    );
+    assert!(explicit["image_id"].is_string());
+    env.assert_no_leaks();
+}
+
+#[test]
+fn failing_provisioner_fails_the_build_with_its_status() {
+    let env = Env::start();
+    let rootfs = env.busybox_rootfs("rootfs");
+    env.import(&rootfs, &[]);
+    let ws = env.workspace("ws", &[]);
+    let run = env.amidala_in(
+        &ws,
+        &["build", "--", "/bin/sh", "-c", "echo about-to-fail; exit 3"],
+    );
+    let err = run.err();
+    assert!(run.stdout.is_empty(), "no image id printed: {}", run.stdout);
+    let last = err.lines().last().unwrap();
+    assert!(
+        last.contains("failed in phase provision") && last.contains("exited with status 3"),
+        "one-line error naming phase and cause: {last}"
+    );
+    assert!(err.contains("about-to-fail"));
+    let build = err
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("amidala: build ")
+                .and_then(|r| r.strip_suffix(" accepted"))
+        })
+        .unwrap();
+    let status = env.amidala(&["status", "--json", build]).json();
+    assert_eq!(status["state"], "failed");
+    assert_eq!(status["error"]["phase"], "provision");
+    assert_eq!(status["error"]["code"], "provisioner_failed");
+    assert_eq!(status["error"]["exit_status"], 3);
+    assert_eq!(
+        env.amidala(&["images", "--json"]).json(),
+        serde_json::json!([]),
+        "no image registered"
+    );
+    assert_eq!(
+        env.amidala(&["snapshots", "--json"])
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        1,
+        "no snapshot made"
+    );
+
+    let missing = env.amidala_in(&ws, &["build", "--", "/no/such/program"]);
+    assert!(
+        missing.err().contains("failed in phase provision"),
+        "{}",
+        missing.stderr
+    );
+    env.assert_no_leaks();
+}
+
+#[test]
+fn layers_chain_base_system_app_by_tags() {
+    let env = Env::start();
+    let rootfs = env.busybox_rootfs("rootfs");
+    let base = env.import(&rootfs, &[]);
+    let ws = env.workspace("ws", &[]);
+    let system = env.build(
+        &ws,
+        &[
+            "--snapshot-tag",
+            "amidala=system",
+            "--name",
+            "system image",
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo system > /etc/layer-system",
+        ],
+    );
+    let system_snap = field(&system, "snapshot_id").to_owned();
+    // A newer system build: the app build must start from this one, the newest.
+    let system2 = env.build(
+        &ws,
+        &[
+            "--snapshot-tag",
+            "amidala=system",
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo system2 > /etc/layer-system",
+        ],
+    );
+    let system2_snap = field(&system2, "snapshot_id").to_owned();
+    let app = env.build(
+        &ws,
+        &[
+            "--from",
+            "amidala=system",
+            "--snapshot-tag",
+            "amidala=app",
+            "--",
+            "/bin/sh",
+            "-c",
+            "test -f /etc/layer-system && echo app > /etc/layer-app",
+        ],
+    );
+    let app_snap = field(&app, "snapshot_id");
+
+    let snapshots = env.amidala(&["snapshots", "--json"]).json();
+    let by_id = |id: &str| {
+        snapshots
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"] == id)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(
+        by_id(&system_snap)["tags"]["amidala:source-snapshot"],
+        base.as_str()
+    );
+    assert_eq!(
+        by_id(app_snap)["tags"]["amidala:source-snapshot"],
+        system2_snap.as_str()
+    );
+    assert_eq!(by_id(app_snap)["tags"]["amidala"], "app");
+    let images = env.amidala(&["images", "--json"]).json();
+    assert!(images
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|i| i["name"] == "system image"));
+
+    let out = Mounted::new(&env.snapshot_file(app_snap), 0);
+    assert_eq!(out.read("/etc/layer-system"), "system2\n");
+    assert_eq!(out.read("/etc/layer-app"), "app\n");
+    drop(out);
+    let base_image = Mounted::new(&env.snapshot_file(&base), 0);
+    assert!(
+        !base_image.exists("/etc/layer-system"),
+        "the base snapshot is untouched"
+    );
+    drop(base_image);
+    env.assert_no_leaks();
+}
+
+#[test]
+fn four_builds_at_once_have_distinct_results() {
+    let env = Env::start();
+    let rootfs = env.busybox_rootfs("rootfs");
+    env.import(&rootfs, &[]);
+    let children: Vec<_> = (0..4)
+        .map(|i| {
+            let ws = env.workspace(&format!("ws{i}"), &[("id", &format!("build-{i}\n"))]);
+            let script =
+                format!("cp /workspace/id /root/mark-{i}; sleep 1; ls /root > /root/listing");
+            env.amidala_command(&ws, &["build", "--json", "--", "/bin/sh", "-c", &script])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let results: Vec<serde_json::Value> = children
+        .into_iter()
+        .map(|c| {
+            let out = c.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            serde_json::from_slice(&out.stdout).unwrap()
+        })
+        .collect();
+    let mut ids: Vec<&str> = results.iter().map(|r| field(r, "image_id")).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 4, "four distinct images");
+    for result in &results {
+        let out = Mounted::new(&env.snapshot_file(field(result, "snapshot_id")), 0);
+        let listing = out.read("/root/listing");
+        let marks: Vec<&str> = listing.lines().filter(|l| l.starts_with("mark-")).collect();
+        assert_eq!(
+            marks.len(),
+            1,
+            "each image holds only its own build's file: {listing}"
+        );
+        let i = marks[0].trim_start_matches("mark-");
+        assert_eq!(out.read(&format!("/root/mark-{i}")), format!("build-{i}\n"));
+    }
+    env.assert_no_leaks();
+}
+
+fn raw_exchange(socket: &Path, bytes: &[u8]) -> Option<Response> {
+    let mut stream = UnixStream::connect(socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(bytes).unwrap();
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let mut received = Vec::new();
+    let _ = stream.read_to_end(&mut received);
+    let mut decoder = FrameDecoder::new();
+    decoder.push(&received);
+    decoder
+        .next_frame()
+        .unwrap()
+        .map(|body| proto::decode(&body).unwrap())
+}
+
+fn error_code(response: Option<Response>) -> proto::ErrorCode {
+    match response {
+        Some(Response::Error(e)) => e.code,
+        other => panic!("expected an error frame, got {other:?}"),
+    }
+}
+
+#[test]
+fn bad_input_is_refused_clearly_and_the_daemon_keeps_serving() {
+    let env = Env::start();
+    let rootfs = env.busybox_rootfs("rootfs");
+    env.import(&rootfs, &[]);
+    let ws = env.workspace("ws", &[]);
+
+    let no_tag = env.amidala_in(&ws, &["build", "--from", "nosuch=tag", "--", "/bin/true"]);
+    let err = no_tag.err();
+    assert!(
+        err.contains("failed in phase resolve") && err.contains("no snapshot is tagged nosuch=tag"),
+        "{err}"
+    );
+    let missing = env.amidala_in(
+        &ws,
+        &[
+            "build",
+            "--source",
+            "snap-00000000000000000",
+            "--",
+            "/bin/true",
+        ],
+    );
+    assert!(
+        missing
+            .err()
+            .contains("snapshot snap-00000000000000000 does not exist"),
+        "{}",
+        missing.stderr
+    );
+    let malformed_id = env.amidala_in(
+        &ws,
+        &["build", "--source", "../../etc/passwd", "--", "/bin/true"],
+    );
+    assert!(
+        malformed_id.err().contains("is not a valid id"),
+        "{}",
+        malformed_id.stderr
+    );
+    let provisioner = env.amidala_in(
+        &ws,
+        &["build", "--provisioner", "nosuch", "--", "/bin/true"],
+    );
+    assert!(
+        provisioner
+            .err()
+            .contains("no provisioner named \"nosuch\""),
+        "{}",
+        provisioner.stderr
+    );
+    let no_command = env.amidala_in(&ws, &["build"]);
+    assert!(
+        no_command.err().contains("needs a command"),
+        "{}",
+        no_command.stderr
+    );
+    let bad_tag = env.amidala_in(
+        &ws,
+        &["build", "--tag", "amidala:build=x", "--", "/bin/true"],
+    );
+    assert!(bad_tag.err().contains("reserves"), "{}", bad_tag.stderr);
+    let bad_name = env.amidala_in(&ws, &["build", "--name", "a;b", "--", "/bin/true"]);
+    assert!(bad_name.err().contains("image name"), "{}", bad_name.stderr);
+    let not_an_image = env.dir.path().join("notes.txt");
+    fs::write(&not_an_image, "just text\n").unwrap();
+    let import = env.amidala(&["base", "import", not_an_image.to_str().unwrap()]);
+    assert!(
+        import
+            .err()
+            .contains("is neither a directory, a tar archive"),
+        "{}",
+        import.stderr
+    );
+    let too_small = env.amidala(&["base", "import", rootfs.to_str().unwrap(), "--size", "1M"]);
+    assert!(
+        too_small.err().contains("too small"),
+        "{}",
+        too_small.stderr
+    );
+    env.assert_no_leaks();
+
+    // Malformed, oversized and truncated frames: an error, then that connection closes.
+    let mut garbage = 9u32.to_be_bytes().to_vec();
+    garbage.extend_from_slice(b"not json!");
+    assert_eq!(
+        error_code(raw_exchange(&env.socket, &garbage)),
+        proto::ErrorCode::BadFrame
+    );
+    let unknown = proto::encode_frame(
+        &serde_json::json!({"hello": {"protocol": 1, "client": "x", "evil": true}}),
+    )
+    .unwrap();
+    assert_eq!(
+        error_code(raw_exchange(&env.socket, &unknown)),
+        proto::ErrorCode::BadFrame
+    );
+    let oversized = ((proto::MAX_FRAME + 1) as u32).to_be_bytes();
+    assert_eq!(
+        error_code(raw_exchange(&env.socket, &oversized)),
+        proto::ErrorCode::FrameTooLarge
+    );
+    let mut truncated = proto::encode_frame(&proto::Request::List).unwrap();
+    truncated.truncate(truncated.len() - 2);
+    assert_eq!(
+        error_code(raw_exchange(&env.socket, &truncated)),
+        proto::ErrorCode::BadFrame
+    );
+    let skipped_hello = proto::encode_frame(&proto::Request::List).unwrap();
+    assert_eq!(
+        error_code(raw_exchange(&env.socket, &skipped_hello)),
+        proto::ErrorCode::BadRequest
+    );
+    let wrong_version = proto::encode_frame(&proto::Request::Hello {
+        protocol: 99,
+        client: "x".into(),
+    })
+    .unwrap();
+    assert_eq!(
+        error_code(raw_exchange(&env.socket, &wrong_version)),
+        proto::ErrorCode::ProtocolMismatch
+    );
+
+    // The daemon is still serving, and still builds.
+    env.amidala(&["list"]).ok();
+    let result = env.build(&ws, &["--", "/bin/true"]);
+    assert!(result["image_id"].is_string());
+    env.assert_no_leaks();
+}
+
+#[test]
+fn an_unreachable_daemon_is_reported_with_the_socket_path() {
+    let missing = std::env::temp_dir().join("amidala-no-such-daemon.sock");
+    let out = run(Command::new(amidala_tests::bin_dir().join("amidala"))
+        .arg("--socket")
+        .arg(&missing)
+        .arg("list"));
+    let err = out.err();
+    assert!(
+        err.contains(missing.to_str().unwrap()) && err.contains("is amidalad running?"),
+        "{err}"
+    );
+}
+
+fn wait_for_phase(env: &Env, phase: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let list = env.amidala(&["list", "--json"]).json();
+        if let Some(b) = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["phase"] == phase && b["state"] == "running")
+        {
+            return b["id"].as_str().unwrap().to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no build reached {phase}: {list}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn cancel_and_sigterm_tear_builds_down() {
+    let mut env = Env::start();
+    let rootfs = env.busybox_rootfs("rootfs");
+    env.import(&rootfs, &[]);
+    let ws = env.workspace("ws", &[]);
+
+    // amidala cancel: the build stops in provision, the client reports it, nothing is left.
+    let client = env
+        .amidala_command(
+            &ws,
+            &["build", "--", "/bin/sh", "-c", "sleep 300 & sleep 300"],
+        )
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let id = wait_for_phase(&env, "provision");
+    let cancelled = env.amidala(&["cancel", &id]);
+    assert!(
+        cancelled.ok().is_empty() && cancelled.stderr.contains("is cancelled"),
+        "{}",
+        cancelled.stderr
+    );
+    let out = client.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("cancelled"), "{err}");
+    assert_eq!(
+        env.amidala(&["status", "--json", &id]).json()["state"],
+        "cancelled"
+    );
+    env.assert_no_leaks();
+
+    // SIGTERM: the daemon stops taking work, tears the running build down and exits.
+    let client = env
+        .amidala_command(&ws, &["build", "--", "/bin/sh", "-c", "sleep 300"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let id = wait_for_phase(&env, "provision");
+    let started = Instant::now();
+    env.stop();
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "stopped promptly"
+    );
+    let out = client.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let record: serde_json::Value = serde_json::from_slice(
+        &fs::read(env.state.join("builds").join(format!("{id}.json"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(record["state"], "cancelled");
+    assert!(record["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("shutting down"));
+    assert!(!env.socket.exists(), "socket removed on exit");
+    env.assert_no_leaks();
+}
