@@ -114,6 +114,9 @@ struct BuildArgs {
     /// Mount the workspace read-write (default read-only).
     #[arg(long)]
     workspace_rw: bool,
+    /// An option for the provisioner (repeatable).
+    #[arg(long = "opt", value_name = "KEY=VALUE", value_parser = parse_option)]
+    options: Vec<(String, String)>,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -357,7 +360,7 @@ fn build(socket: &Path, args: BuildArgs) -> Result<ExitCode> {
         source,
         provisioner: args.provisioner,
         command: args.command,
-        options: BTreeMap::new(),
+        options: args.options.into_iter().collect(),
         name: args.name,
         image_tags: args.tags,
         snapshot_tags: args.snapshot_tags,
@@ -407,6 +410,13 @@ fn build(socket: &Path, args: BuildArgs) -> Result<ExitCode> {
             }
             Err(err) => return Err(err.into()),
         }
+    }
+}
+
+fn parse_option(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("option {s:?} is not of the form KEY=VALUE")),
     }
 }
 

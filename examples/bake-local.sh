@@ -1,0 +1,59 @@
+#!/bin/sh
+# The whole bake on this machine with the local provider: builds amidala, starts amidalad on a
+# scratch state directory, imports a busybox base, bakes an image from examples/hello, prints
+# the image id and its disk image, and stops the daemon. Needs root (for the daemon).
+set -eu
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+if [ "$(id -u)" != 0 ]; then
+    echo "$0: amidalad needs root: run it with sudo" >&2
+    exit 1
+fi
+tests/install-deps.sh
+cargo build --workspace
+bin=${CARGO_TARGET_DIR:-$repo/target}/debug
+
+scratch=$(mktemp -d /tmp/amidala-demo.XXXXXX)
+chmod 755 "$scratch"
+mkdir -m 755 "$scratch/plugins"
+install -m 644 "$bin/libamidala_shell.so" "$scratch/plugins/"
+export AMIDALA_SOCKET="$scratch/amidala.sock"
+
+"$bin/amidalad" --config /dev/null --state-dir "$scratch/state" --socket "$AMIDALA_SOCKET" \
+    --plugin-dir "$scratch/plugins" 2>"$scratch/amidalad.log" &
+daemon=$!
+stop_daemon() {
+    if kill -0 "$daemon" 2>/dev/null; then
+        kill -TERM "$daemon"
+        wait "$daemon" || true
+    fi
+}
+trap stop_daemon EXIT
+i=0
+until [ -S "$AMIDALA_SOCKET" ]; do
+    i=$((i + 1))
+    if [ $i -gt 100 ] || ! kill -0 "$daemon" 2>/dev/null; then
+        echo "$0: amidalad did not start:" >&2
+        cat "$scratch/amidalad.log" >&2
+        exit 1
+    fi
+    sleep 0.1
+done
+
+echo "==> importing a busybox base snapshot"
+tests/make-busybox-rootfs.sh "$scratch/rootfs"
+"$bin/amidala" base import "$scratch/rootfs"
+
+echo "==> baking examples/hello"
+cd examples/hello
+result=$("$bin/amidala" build --json --name "hello world" --tag example=hello -- ./build.sh)
+image=$(printf '%s\n' "$result" | sed -n 's/.*"image_id": "\(.*\)".*/\1/p')
+disk=$(printf '%s\n' "$result" | sed -n 's/.*"snapshot_path": "\(.*\)".*/\1/p')
+stop_daemon
+trap - EXIT
+
+echo
+echo "image:      $image"
+echo "disk image: $disk"
+echo "look inside: mount -o loop,ro $disk /mnt && cat /mnt/etc/motd; umount /mnt"
+echo "daemon log: $scratch/amidalad.log (remove $scratch when done)"

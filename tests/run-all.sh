@@ -1,0 +1,14 @@
+#!/bin/sh
+# Runs every test of amidala: unit tests, and the end-to-end tests that drive the real daemon
+# and client over the socket with loop devices, mounts and namespaces. Needs root (the
+# end-to-end tests fail, never skip, without it). Installs missing packages first.
+set -eu
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" != 0 ]; then
+    echo "$0: the tests need root (loop devices, mounts, namespaces): run it with sudo" >&2
+    exit 1
+fi
+tests/install-deps.sh
+# The end-to-end tests run the binaries and the plugin, so build them all first.
+cargo build --workspace --all-targets
+cargo test --workspace
