@@ -182,6 +182,29 @@ impl Catalog {
         self.root.join(kind).join(format!("{id}.json"))
     }
 
+    /// A temporary name in the snapshots directory for the disk image of snapshot `id`, to be
+    /// filled and then stored with [`commit_snapshot`](Self::commit_snapshot).
+    pub fn snapshot_staging_file(&self, id: &str) -> PathBuf {
+        self.snapshots_dir()
+            .join(format!("{}{id}.img", store::TMP_PREFIX))
+    }
+
+    /// Stores a snapshot: its complete disk image `staged` moves to its final name, durably,
+    /// and only then is its record written. On failure neither is left behind.
+    pub fn commit_snapshot(&self, staged: &Path, record: &SnapshotRecord) -> io::Result<()> {
+        let dst = self.snapshot_file(&record.id);
+        if let Err(e) =
+            fs::rename(staged, &dst).and_then(|()| store::sync_dir(&self.snapshots_dir()))
+        {
+            let _ = fs::remove_file(staged);
+            let _ = fs::remove_file(&dst);
+            return Err(e);
+        }
+        self.put_snapshot(record).inspect_err(|_| {
+            let _ = fs::remove_file(&dst);
+        })
+    }
+
     pub fn put_snapshot(&self, record: &SnapshotRecord) -> io::Result<()> {
         store::write_json(&self.record("catalog/snapshots", &record.id), record)
     }

@@ -543,9 +543,97 @@ fn errno_context(what: impl std::fmt::Display) -> impl FnOnce(Errno) -> String {
 }
 
 /// Runs in the provisioner process (PID 1 of the build's PID namespace) before the plugin.
+/// One step of setting up the provisioner's view of the image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum SetupStep {
+    /// `mount(source, <image>/target, fstype, flags, data)`; `source` "." is the workspace
+    /// (our working directory), `None` a remount.
+    Mount {
+        source: Option<&'static str>,
+        target: &'static str,
+        fstype: Option<&'static str>,
+        flags: MsFlags,
+        data: Option<&'static str>,
+        what: &'static str,
+    },
+    /// Device nodes, directories and links in the fresh /dev.
+    PopulateDev,
+}
+
+/// What the provisioner sees, in the order it is set up: a plan rather than code, so the
+/// flags are checked by unit tests without root.
+fn provisioner_mounts(workspace_rw: bool) -> Vec<SetupStep> {
+    use SetupStep::{Mount, PopulateDev};
+    let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let mut workspace =
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    if !workspace_rw {
+        workspace |= MsFlags::MS_RDONLY;
+    }
+    vec![
+        Mount {
+            source: Some("."),
+            target: "workspace",
+            fstype: None,
+            flags: MsFlags::MS_BIND,
+            data: None,
+            what: "bind-mounting the workspace",
+        },
+        Mount {
+            source: None,
+            target: "workspace",
+            fstype: None,
+            flags: workspace,
+            data: None,
+            what: "setting the workspace's mount flags",
+        },
+        Mount {
+            source: Some("proc"),
+            target: "proc",
+            fstype: Some("proc"),
+            flags: nosuid_nodev_noexec,
+            data: None,
+            what: "mounting /proc",
+        },
+        Mount {
+            source: Some("sysfs"),
+            target: "sys",
+            fstype: Some("sysfs"),
+            flags: nosuid_nodev_noexec | MsFlags::MS_RDONLY,
+            data: None,
+            what: "mounting /sys",
+        },
+        Mount {
+            source: Some("tmpfs"),
+            target: "dev",
+            fstype: Some("tmpfs"),
+            flags: MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            data: Some("mode=755,size=16m"),
+            what: "mounting /dev",
+        },
+        PopulateDev,
+        Mount {
+            source: Some("devpts"),
+            target: "dev/pts",
+            fstype: Some("devpts"),
+            flags: MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            data: Some("newinstance,ptmxmode=0666,mode=620,gid=5"),
+            what: "mounting /dev/pts",
+        },
+        Mount {
+            source: Some("tmpfs"),
+            target: "dev/shm",
+            fstype: Some("tmpfs"),
+            flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            data: Some("mode=1777"),
+            what: "mounting /dev/shm",
+        },
+    ]
+}
+
+/// Runs in the provisioner process (PID 1 of the build's PID namespace) before the plugin.
 fn child_setup(spec: &ExecutorSpec, keep: RawFd) -> Result<(), String> {
     let root = &spec.mount_dir;
-    let at = |p: &str| root.join(p);
     unshare(CloneFlags::CLONE_NEWNS)
         .map_err(errno_context("creating the provisioner's mount namespace"))?;
     mount(
@@ -556,48 +644,20 @@ fn child_setup(spec: &ExecutorSpec, keep: RawFd) -> Result<(), String> {
         None::<&str>,
     )
     .map_err(errno_context("making mounts private"))?;
-
-    // The workspace: the directory the client opened (our working directory), never a path.
-    mount(
-        Some("."),
-        &at("workspace"),
-        None::<&str>,
-        MsFlags::MS_BIND,
-        None::<&str>,
-    )
-    .map_err(errno_context("bind-mounting the workspace"))?;
-    let mut ws_flags =
-        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    if !spec.workspace_rw {
-        ws_flags |= MsFlags::MS_RDONLY;
+    for step in provisioner_mounts(spec.workspace_rw) {
+        match step {
+            SetupStep::Mount {
+                source,
+                target,
+                fstype,
+                flags,
+                data,
+                what,
+            } => mount(source, &root.join(target), fstype, flags, data)
+                .map_err(errno_context(what))?,
+            SetupStep::PopulateDev => populate_dev(&root.join("dev"))?,
+        }
     }
-    mount(
-        None::<&str>,
-        &at("workspace"),
-        None::<&str>,
-        ws_flags,
-        None::<&str>,
-    )
-    .map_err(errno_context("making the workspace read-only"))?;
-
-    let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    mount(
-        Some("proc"),
-        &at("proc"),
-        Some("proc"),
-        nosuid_nodev_noexec,
-        None::<&str>,
-    )
-    .map_err(errno_context("mounting /proc"))?;
-    mount(
-        Some("sysfs"),
-        &at("sys"),
-        Some("sysfs"),
-        nosuid_nodev_noexec | MsFlags::MS_RDONLY,
-        None::<&str>,
-    )
-    .map_err(errno_context("mounting /sys"))?;
-    setup_dev(&at("dev"))?;
 
     // Into the image; the host's tree is detached and unreachable from here on.
     std::env::set_current_dir(root).map_err(|e| format!("entering the image: {e}"))?;
@@ -628,15 +688,7 @@ fn child_setup(spec: &ExecutorSpec, keep: RawFd) -> Result<(), String> {
     Ok(())
 }
 
-fn setup_dev(dev: &Path) -> Result<(), String> {
-    mount(
-        Some("tmpfs"),
-        dev,
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        Some("mode=755,size=16m"),
-    )
-    .map_err(errno_context("mounting /dev"))?;
+fn populate_dev(dev: &Path) -> Result<(), String> {
     for (name, major, minor) in [
         ("null", 1, 3),
         ("zero", 1, 5),
@@ -664,22 +716,6 @@ fn setup_dev(dev: &Path) -> Result<(), String> {
     for dir in ["pts", "shm"] {
         std::fs::create_dir(dev.join(dir)).map_err(|e| format!("creating /dev/{dir}: {e}"))?;
     }
-    mount(
-        Some("devpts"),
-        &dev.join("pts"),
-        Some("devpts"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        Some("newinstance,ptmxmode=0666,mode=620,gid=5"),
-    )
-    .map_err(errno_context("mounting /dev/pts"))?;
-    mount(
-        Some("tmpfs"),
-        &dev.join("shm"),
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some("mode=1777"),
-    )
-    .map_err(errno_context("mounting /dev/shm"))?;
     for (link, target) in [
         ("ptmx", "pts/ptmx"),
         ("fd", "/proc/self/fd"),
@@ -744,6 +780,53 @@ pub fn parse_report(line: &[u8]) -> Result<Report, serde_json::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_provisioner_sees_a_read_only_workspace_and_sys() {
+        let plan = provisioner_mounts(false);
+        let flags_of = |target: &str| -> Vec<MsFlags> {
+            plan.iter()
+                .filter_map(|s| match s {
+                    SetupStep::Mount {
+                        target: t, flags, ..
+                    } if *t == target => Some(*flags),
+                    _ => None,
+                })
+                .collect()
+        };
+        let workspace = flags_of("workspace");
+        assert_eq!(workspace[0], MsFlags::MS_BIND, "bound first");
+        assert!(workspace[1].contains(
+            MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV
+        ));
+        assert!(!provisioner_mounts(true)
+            .iter()
+            .any(|s| matches!(s, SetupStep::Mount { target: "workspace", flags, .. } if flags.contains(MsFlags::MS_RDONLY))));
+        assert!(flags_of("sys")[0]
+            .contains(MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV));
+        assert!(flags_of("proc")[0]
+            .contains(MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC));
+        assert!(flags_of("dev")[0].contains(MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC));
+        // /dev is populated after its tmpfs is mounted and before devpts and shm go on it.
+        let position = |step: &SetupStep| plan.iter().position(|s| s == step).unwrap();
+        let dev = plan
+            .iter()
+            .position(|s| matches!(s, SetupStep::Mount { target: "dev", .. }))
+            .unwrap();
+        let pts = plan
+            .iter()
+            .position(|s| {
+                matches!(
+                    s,
+                    SetupStep::Mount {
+                        target: "dev/pts",
+                        ..
+                    }
+                )
+            })
+            .unwrap();
+        assert!(dev < position(&SetupStep::PopulateDev) && position(&SetupStep::PopulateDev) < pts);
+    }
 
     #[test]
     fn reports_round_trip() {

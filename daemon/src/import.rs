@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -138,9 +138,7 @@ pub async fn import(
 
     let id = new_id("snap");
     let work = catalog.tmp_dir().join(format!("import-{id}"));
-    let image = catalog
-        .snapshots_dir()
-        .join(format!("{}{id}.img", crate::store::TMP_PREFIX));
+    let image = catalog.snapshot_staging_file(&id);
     let result = make_image(kind, &source, &spec, requester, &work, &image, &note).await;
     if work.exists() {
         // A staging tree: never mounted, so a recursive removal cannot reach anything else.
@@ -175,20 +173,12 @@ pub async fn import(
         build_id: None,
         source_snapshot: None,
     };
-    let catalog2 = catalog.clone();
-    let record2 = record.clone();
+    let catalog = catalog.clone();
+    let stored = record.clone();
     blocking(move || {
-        let dst = catalog2.snapshot_file(&record2.id);
-        fs::rename(&image, &dst)
-            .and_then(|()| crate::store::sync_dir(&catalog2.snapshots_dir()))
-            .map_err(|e| {
-                let _ = fs::remove_file(&image);
-                Failure::io("storing the snapshot", e)
-            })?;
-        catalog2.put_snapshot(&record2).map_err(|e| {
-            let _ = fs::remove_file(&dst);
-            Failure::io("writing the snapshot record", e)
-        })
+        catalog
+            .commit_snapshot(&image, &stored)
+            .map_err(|e| Failure::io("storing the snapshot", e))
     })
     .await?;
     Ok(record)
@@ -322,8 +312,6 @@ async fn make_image(
         }
     }
 }
-
-use std::os::unix::fs::DirBuilderExt;
 
 /// Space a tree takes: bytes rounded to blocks, and inodes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

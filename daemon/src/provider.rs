@@ -218,18 +218,9 @@ impl Provider for LocalProvider {
                 .metadata()
                 .map_err(|e| Failure::io("reading the volume size", e))?
                 .len();
-            let dst = catalog.snapshot_file(&id);
-            let tmp = catalog
-                .snapshots_dir()
-                .join(format!("{}{id}.img", crate::store::TMP_PREFIX));
-            copy_to_new(&file, &tmp, 0o644)
+            let staged = catalog.snapshot_staging_file(&id);
+            copy_to_new(&file, &staged, 0o644)
                 .map_err(|e| Failure::io(format!("copying {} to a snapshot", src.display()), e))?;
-            std::fs::rename(&tmp, &dst)
-                .and_then(|()| crate::store::sync_dir(&catalog.snapshots_dir()))
-                .map_err(|e| {
-                    let _ = std::fs::remove_file(&tmp);
-                    Failure::io("storing the snapshot", e)
-                })?;
             let record = SnapshotRecord {
                 id,
                 created: Utc::now(),
@@ -239,10 +230,9 @@ impl Provider for LocalProvider {
                 build_id: meta.build_id,
                 source_snapshot: meta.source_snapshot,
             };
-            catalog.put_snapshot(&record).map_err(|e| {
-                let _ = std::fs::remove_file(&dst);
-                Failure::io("writing the snapshot record", e)
-            })?;
+            catalog
+                .commit_snapshot(&staged, &record)
+                .map_err(|e| Failure::io("storing the snapshot", e))?;
             Ok(record)
         })
         .await
