@@ -10,6 +10,7 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 tests/install-deps.sh
+. tests/find-cargo.sh
 cargo build --workspace
 bin=${CARGO_TARGET_DIR:-$repo/target}/debug
 

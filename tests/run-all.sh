@@ -9,6 +9,7 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 tests/install-deps.sh
+. tests/find-cargo.sh
 # The end-to-end tests run the binaries and the plugin, so build them all first.
 cargo build --workspace --all-targets
 cargo test --workspace
