@@ -35,7 +35,7 @@ enum Command {
     },
     /// Bake an image: run CMD in a chroot on a volume made from a snapshot, with the current
     /// directory at /workspace, then snapshot the volume and register an image.
-    Build(BuildArgs),
+    Build(Box<BuildArgs>),
     /// List builds.
     List(JsonFlag),
     /// Show one build.
@@ -99,7 +99,7 @@ struct BuildArgs {
     /// The provisioner plugin.
     #[arg(long, default_value = "shell")]
     provisioner: String,
-    /// The image name (default amidala-<build id>).
+    /// The image name; {date}, {time} and {build} are replaced (default amidala-{build}).
     #[arg(long)]
     name: Option<String>,
     /// Tag the image.
@@ -114,6 +114,21 @@ struct BuildArgs {
     /// Mount the workspace read-write (default read-only).
     #[arg(long)]
     workspace_rw: bool,
+    /// Volume size, e.g. 20G: the volume is the larger of this and the snapshot.
+    #[arg(long, value_parser = parse_size)]
+    size: Option<u64>,
+    /// Image architecture: i386, x86_64 or arm64 (default: read from the image's /bin/sh).
+    #[arg(long)]
+    arch: Option<String>,
+    /// Boot mode: legacy-bios, uefi or uefi-preferred (ec2; default: EC2's default).
+    #[arg(long)]
+    boot_mode: Option<String>,
+    /// Copy the image to these regions (ec2), e.g. eu-west-1,us-east-2.
+    #[arg(long, value_name = "REGION,...", value_delimiter = ',')]
+    copy_to: Vec<String>,
+    /// Let these accounts launch the image (ec2), e.g. 123456789012.
+    #[arg(long, value_name = "ACCOUNT,...", value_delimiter = ',')]
+    share_with: Vec<String>,
     /// An option for the provisioner (repeatable).
     #[arg(long = "opt", value_name = "KEY=VALUE", value_parser = parse_option)]
     options: Vec<(String, String)>,
@@ -152,7 +167,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     json,
                 },
         } => import(&socket, &src, tags, size, json.json),
-        Command::Build(args) => build(&socket, args),
+        Command::Build(args) => build(&socket, *args),
         Command::List(json) => {
             let builds = match connect(&socket)?.call(&Request::List)? {
                 Response::Builds(builds) => builds,
@@ -366,6 +381,11 @@ fn build(socket: &Path, args: BuildArgs) -> Result<ExitCode> {
         snapshot_tags: args.snapshot_tags,
         partition: args.partition,
         workspace_rw: args.workspace_rw,
+        size: args.size,
+        arch: args.arch,
+        boot_mode: args.boot_mode,
+        copy_to: args.copy_to,
+        share_with: args.share_with,
     };
     // The workspace is the directory we are in, opened by us and handed over as a descriptor.
     let workspace = File::open(".").context("opening the current directory as the workspace")?;

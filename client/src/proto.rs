@@ -36,6 +36,8 @@ pub const MAX_COMMAND_ARGS: usize = 4096;
 pub const MAX_COMMAND_BYTES: usize = 256 * 1024;
 
 /// A request from the client.
+// Requests are decoded, handled and dropped one at a time; boxing variants would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
@@ -107,6 +109,113 @@ pub struct BuildSpec {
     /// Mount the workspace read-write instead of read-only.
     #[serde(default)]
     pub workspace_rw: bool,
+    /// Volume size in bytes; the volume is the larger of this and the snapshot.
+    #[serde(default)]
+    pub size: Option<u64>,
+    /// Image architecture (`i386`, `x86_64`, `arm64`); read from the image's /bin/sh if absent.
+    #[serde(default)]
+    pub arch: Option<String>,
+    /// Boot mode of the image (`legacy-bios`, `uefi`, `uefi-preferred`).
+    #[serde(default)]
+    pub boot_mode: Option<String>,
+    /// Regions to copy the image to (ec2).
+    #[serde(default)]
+    pub copy_to: Vec<String>,
+    /// Accounts to share the image with (ec2).
+    #[serde(default)]
+    pub share_with: Vec<String>,
+}
+
+/// Architectures an image may have, as EC2 names them.
+pub const ARCHITECTURES: [&str; 3] = ["i386", "x86_64", "arm64"];
+/// Boot modes an image may have, as EC2 names them.
+pub const BOOT_MODES: [&str; 3] = ["legacy-bios", "uefi", "uefi-preferred"];
+
+/// Checks the parts of a build spec that need no daemon state.
+pub fn validate_build_options(spec: &BuildSpec) -> Result<(), ValidationError> {
+    if let Some(arch) = &spec.arch {
+        if !ARCHITECTURES.contains(&arch.as_str()) {
+            return Err(ValidationError(format!(
+                "--arch {arch:?} is not one of {}",
+                ARCHITECTURES.join(", ")
+            )));
+        }
+    }
+    if let Some(mode) = &spec.boot_mode {
+        if !BOOT_MODES.contains(&mode.as_str()) {
+            return Err(ValidationError(format!(
+                "--boot-mode {mode:?} is not one of {}",
+                BOOT_MODES.join(", ")
+            )));
+        }
+    }
+    for region in &spec.copy_to {
+        validate_region(region)?;
+    }
+    for account in &spec.share_with {
+        if account.len() != 12 || !account.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(ValidationError(format!(
+                "--share-with {account:?} is not a 12-digit AWS account id"
+            )));
+        }
+    }
+    if spec.copy_to.len() > 32 || spec.share_with.len() > 100 {
+        return Err(ValidationError(
+            "at most 32 --copy-to regions and 100 --share-with accounts".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that `region` looks like an AWS region name (`eu-west-1`, `us-gov-east-1`).
+pub fn validate_region(region: &str) -> Result<(), ValidationError> {
+    let parts: Vec<&str> = region.split('-').collect();
+    let ok = parts.len() >= 3
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        })
+        && parts
+            .last()
+            .is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit()));
+    if ok {
+        Ok(())
+    } else {
+        Err(ValidationError(format!(
+            "{region:?} is not an AWS region name"
+        )))
+    }
+}
+
+/// Expands an image name template: `{date}` (YYYY-MM-DD), `{time}` (HHMMSS, UTC) and
+/// `{build}` (the build id). Other braces are an error.
+pub fn expand_image_name(
+    template: &str,
+    build_id: &str,
+    date: &str,
+    time: &str,
+) -> Result<String, ValidationError> {
+    let mut out = String::new();
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let close = rest[open..].find('}').ok_or_else(|| {
+            ValidationError(format!("image name {template:?} has an unclosed {{"))
+        })?;
+        match &rest[open + 1..open + close] {
+            "date" => out.push_str(date),
+            "time" => out.push_str(time),
+            "build" => out.push_str(build_id),
+            other => return Err(ValidationError(format!(
+                "image name {template:?} uses {{{other}}}; known are {{date}}, {{time}}, {{build}}"
+            ))),
+        }
+        rest = &rest[open + close + 1..];
+    }
+    out.push_str(rest);
+    validate_image_name(&out)?;
+    Ok(out)
 }
 
 /// What `amidala base import` should do.
@@ -664,6 +773,11 @@ mod tests {
             snapshot_tags: vec![tag("amidala", "system")],
             partition: Some(2),
             workspace_rw: false,
+            size: None,
+            arch: None,
+            boot_mode: None,
+            copy_to: vec![],
+            share_with: vec![],
         });
         let mut bytes = encode_frame(&req).unwrap();
         bytes.extend(encode_frame(&Request::List).unwrap());
@@ -739,6 +853,58 @@ mod tests {
         assert!(validate_image_name("ab").is_err());
         assert!(validate_image_name(&"a".repeat(129)).is_err());
         assert!(validate_image_name("semi;colon").is_err());
+    }
+
+    #[test]
+    fn name_templates_expand_and_are_checked() {
+        let id = "bld-0123456789abcdef0";
+        assert_eq!(
+            expand_image_name("app {date} {time} ({build})", id, "2026-11-25", "031500").unwrap(),
+            "app 2026-11-25 031500 (bld-0123456789abcdef0)"
+        );
+        assert!(expand_image_name("app {nope}", id, "d", "t")
+            .unwrap_err()
+            .0
+            .contains("{nope}"));
+        assert!(expand_image_name("app {date", id, "d", "t").is_err());
+        assert!(
+            expand_image_name("{date};", id, "2026-11-25", "t").is_err(),
+            "expanded name checked"
+        );
+    }
+
+    #[test]
+    fn build_options_are_checked() {
+        let spec = |f: &dyn Fn(&mut BuildSpec)| {
+            let mut s = BuildSpec {
+                source: Source::Snapshot("snap-0".into()),
+                provisioner: "shell".into(),
+                command: vec![],
+                options: BTreeMap::new(),
+                name: None,
+                image_tags: vec![],
+                snapshot_tags: vec![],
+                partition: None,
+                workspace_rw: false,
+                size: None,
+                arch: None,
+                boot_mode: None,
+                copy_to: vec![],
+                share_with: vec![],
+            };
+            f(&mut s);
+            validate_build_options(&s)
+        };
+        assert!(spec(&|_| {}).is_ok());
+        assert!(spec(&|s| s.arch = Some("arm64".into())).is_ok());
+        assert!(spec(&|s| s.arch = Some("sparc".into())).is_err());
+        assert!(spec(&|s| s.boot_mode = Some("uefi-preferred".into())).is_ok());
+        assert!(spec(&|s| s.boot_mode = Some("bios".into())).is_err());
+        assert!(spec(&|s| s.copy_to = vec!["eu-west-1".into(), "us-gov-east-1".into()]).is_ok());
+        assert!(spec(&|s| s.copy_to = vec!["eu-west".into()]).is_err());
+        assert!(spec(&|s| s.copy_to = vec!["EU-west-1".into()]).is_err());
+        assert!(spec(&|s| s.share_with = vec!["123456789012".into()]).is_ok());
+        assert!(spec(&|s| s.share_with = vec!["12345".into()]).is_err());
     }
 
     #[test]

@@ -245,7 +245,15 @@ async fn execute(
     handle.update(|r| r.source_snapshot = Some(source.id.clone()));
 
     handle.enter(Phase::Volume)?;
-    let volume = provider.create_volume(&source).await.at(Phase::Volume)?;
+    let volume = provider
+        .create_volume(
+            &source,
+            spec.size,
+            &handle.id,
+            &owner_name(handle.owner_uid),
+        )
+        .await
+        .at(Phase::Volume)?;
     handle.update(|r| r.volume_id = Some(volume.id.clone()));
 
     let result = with_volume(daemon, handle, &source.id, &volume, workspace).await;
@@ -283,9 +291,9 @@ async fn with_volume(
     let provisioned = provision(daemon, handle, &attachment, source, workspace).await;
 
     handle.enter_teardown(Phase::Detach);
-    let detached = provider.detach(attachment).await.at(Phase::Detach);
+    let detached = provider.detach(volume, attachment).await.at(Phase::Detach);
     handle.update(|r| r.device = None);
-    provisioned?;
+    let detected_arch = provisioned?;
     detached?;
 
     let owner = owner_name(handle.owner_uid);
@@ -307,6 +315,7 @@ async fn with_volume(
                 owner_uid: handle.owner_uid,
                 build_id: Some(handle.id.clone()),
                 source_snapshot: Some(source.to_owned()),
+                description: format!("amidala build {} from {source}", handle.id),
             },
         )
         .await
@@ -327,10 +336,16 @@ async fn with_volume(
         .register(
             &snapshot,
             ImageMeta {
-                name: image_name(spec.name.as_deref(), &handle.id),
+                name: image_name(spec.name.as_deref(), &handle.id, &record.created)
+                    .map_err(|e| (Phase::Register, Failure::from(e)))?,
+                description: format!("amidala build {} from {source}", handle.id),
                 tags: image_tags,
                 owner_uid: handle.owner_uid,
                 build_id: Some(handle.id.clone()),
+                architecture: spec.arch.clone().or(detected_arch),
+                boot_mode: spec.boot_mode.clone(),
+                copy_to: spec.copy_to.clone(),
+                share_with: spec.share_with.clone(),
             },
         )
         .await
@@ -354,8 +369,21 @@ fn kept_snapshot(mut failure: Failure, snapshot: &str) -> Failure {
     failure
 }
 
-pub fn image_name(requested: Option<&str>, build_id: &str) -> String {
-    requested.map_or_else(|| format!("amidala-{build_id}"), str::to_owned)
+/// The image name: `requested` (a template, see [`expand_image_name`]) or `amidala-{build}`,
+/// with dates and times of `created`, the build's creation.
+pub fn image_name(
+    requested: Option<&str>,
+    build_id: &str,
+    created: &chrono::DateTime<Utc>,
+) -> Result<String, amidala::proto::ValidationError> {
+    let date = created.format("%Y-%m-%d").to_string();
+    let time = created.format("%H%M%S").to_string();
+    amidala::proto::expand_image_name(
+        requested.unwrap_or("amidala-{build}"),
+        build_id,
+        &date,
+        &time,
+    )
 }
 
 /// The user name of `uid`, or the number if it has none.
@@ -371,21 +399,23 @@ pub fn plugin_build_info(record: &BuildRecord, source_snapshot: &str) -> PluginB
     PluginBuildInfo {
         build_id: record.id.clone(),
         source_snapshot: source_snapshot.to_owned(),
-        image_name: image_name(record.spec.name.as_deref(), &record.id),
+        image_name: image_name(record.spec.name.as_deref(), &record.id, &record.created)
+            .unwrap_or_else(|_| format!("amidala-{}", record.id)),
         workspace: WORKSPACE.to_owned(),
         command: record.spec.command.clone(),
         options: record.spec.options.clone(),
     }
 }
 
-/// The mount, provision and unmount phases, carried out by an executor process.
+/// The mount, provision and unmount phases, carried out by an executor process. Returns the
+/// architecture of the image's /bin/sh, if it could be read.
 async fn provision(
     daemon: &Daemon,
     handle: &BuildHandle,
     attachment: &Attachment,
     source: &str,
     workspace: OwnedFd,
-) -> PhaseResult<()> {
+) -> PhaseResult<Option<String>> {
     let record = handle.record();
     let plugin = daemon
         .plugins
@@ -433,7 +463,7 @@ async fn run_executor(
     handle: &BuildHandle,
     spec: &ExecutorSpec,
     workspace: OwnedFd,
-) -> PhaseResult<()> {
+) -> PhaseResult<Option<String>> {
     let mut phase = Phase::Mount;
     let ws = workspace.as_raw_fd();
     let mut cmd = tokio::process::Command::new("/proc/self/exe");
@@ -482,6 +512,7 @@ async fn run_executor(
     let reports = async {
         let mut reader = BufReader::new(child.stdout.take().expect("piped")).lines();
         let mut outcome = None;
+        let mut architecture = None;
         let mut failed = None;
         let mut done = false;
         let mut killed = false;
@@ -499,6 +530,7 @@ async fn run_executor(
                             failed.get_or_insert((p, message));
                         }
                         Ok(Report::Done) => done = true,
+                        Ok(Report::Inspected { architecture: arch }) => architecture = arch,
                         Err(e) => tracing::error!(build = %handle.id, error = %e, line, "unreadable executor report"),
                     },
                     Ok(None) | Err(_) => break,
@@ -512,9 +544,9 @@ async fn run_executor(
                 }
             }
         }
-        (outcome, failed, done)
+        (outcome, architecture, failed, done)
     };
-    let ((outcome, failed, done), ()) = tokio::join!(reports, output);
+    let ((outcome, architecture, failed, done), ()) = tokio::join!(reports, output);
     let status = child
         .wait()
         .await
@@ -537,7 +569,7 @@ async fn run_executor(
         Err((Phase::Provision, f))
     };
     match (outcome, done) {
-        (Some(Outcome::Exited(0)), true) if status.success() => Ok(()),
+        (Some(Outcome::Exited(0)), true) if status.success() => Ok(architecture),
         (Some(Outcome::Exited(code)), _) if code != 0 => {
             provision_failure(format!("provisioner exited with status {code}"), Some(code))
         }
@@ -598,8 +630,9 @@ mod tests {
 
     #[test]
     fn default_image_name_is_valid() {
-        let name = image_name(None, &crate::ids::new_id("bld"));
+        let now = Utc::now();
+        let name = image_name(None, &crate::ids::new_id("bld"), &now).unwrap();
         amidala::proto::validate_image_name(&name).unwrap();
-        assert_eq!(image_name(Some("web"), "bld-x"), "web");
+        assert_eq!(image_name(Some("web"), "bld-x", &now).unwrap(), "web");
     }
 }

@@ -216,10 +216,7 @@ pub struct RootLocation {
 /// filesystem; else, on a partitioned disk, the GPT "Linux root" partition, or failing that
 /// the largest partition that holds a filesystem. Errors say what was found instead.
 pub fn locate_root(file: &File, wanted: Option<u32>) -> Result<RootLocation, String> {
-    let disk_size = file
-        .metadata()
-        .map_err(|e| format!("reading the disk size: {e}"))?
-        .len();
+    let disk_size = disk_size(file).map_err(|e| format!("reading the disk size: {e}"))?;
     let table = read_partitions(file, disk_size)
         .map_err(|e| format!("reading the partition table: {e}"))?;
     let fs_at = |offset| detect_fs(file, offset).map_err(|e| format!("reading the disk: {e}"));
@@ -281,6 +278,33 @@ pub fn locate_root(file: &File, wanted: Option<u32>) -> Result<RootLocation, Str
         size: chosen.0.size,
         fs: chosen.1,
     })
+}
+
+/// The size of a disk: a file's length, or a block device's (whose metadata says 0).
+pub fn disk_size(file: &File) -> io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    let mut handle = file;
+    let size = handle.seek(SeekFrom::End(0))?;
+    handle.seek(SeekFrom::Start(0))?;
+    Ok(size)
+}
+
+/// The EC2 architecture name of an ELF executable, from its header.
+pub fn elf_arch(header: &[u8]) -> Option<&'static str> {
+    if header.get(..4) != Some(b"\x7fELF".as_slice()) {
+        return None;
+    }
+    let machine = match header.get(5)? {
+        1 => u16::from_le_bytes(header.get(18..20)?.try_into().ok()?),
+        2 => u16::from_be_bytes(header.get(18..20)?.try_into().ok()?),
+        _ => return None,
+    };
+    match machine {
+        0x03 => Some("i386"),
+        0x3E => Some("x86_64"),
+        0xB7 => Some("arm64"),
+        _ => None,
+    }
 }
 
 /// How a file was copied.
@@ -412,6 +436,30 @@ mod tests {
             e[40..48].copy_from_slice(&last.to_le_bytes());
             f.write_all_at(&e, 1024 + 128 * i as u64).unwrap();
         }
+    }
+
+    #[test]
+    fn elf_headers_name_the_architecture() {
+        let mut h = [0u8; 64];
+        h[..4].copy_from_slice(b"\x7fELF");
+        h[4] = 2;
+        h[5] = 1;
+        for (machine, arch) in [(0x3Eu16, "x86_64"), (0xB7, "arm64"), (0x03, "i386")] {
+            h[18..20].copy_from_slice(&machine.to_le_bytes());
+            assert_eq!(elf_arch(&h), Some(arch));
+        }
+        h[18..20].copy_from_slice(&0x28u16.to_le_bytes());
+        assert_eq!(elf_arch(&h), None, "32-bit ARM is not an EC2 architecture");
+        assert_eq!(elf_arch(b"#!/bin/sh\n"), None);
+        let own = std::fs::read("/proc/self/exe").unwrap();
+        assert_eq!(
+            elf_arch(&own[..64]),
+            Some(if cfg!(target_arch = "x86_64") {
+                "x86_64"
+            } else {
+                "arm64"
+            })
+        );
     }
 
     #[test]

@@ -79,6 +79,8 @@ pub enum Report {
     Phase(Phase),
     /// A note for the build log.
     Note(String),
+    /// What was read from the image before provisioning.
+    Inspected { architecture: Option<String> },
     /// The provisioner finished.
     Provisioned(Outcome),
     /// A step failed; teardown follows (and is reported) if anything was set up.
@@ -304,6 +306,47 @@ fn create_at(dir: BorrowedFd<'_>, name: &str, mode: u32, content: &[u8]) -> io::
     Ok(())
 }
 
+/// `RESOLVE_IN_ROOT` of openat2(2): resolve the path, symlinks included, as if the directory
+/// were the root.
+const RESOLVE_IN_ROOT: u64 = 0x10;
+
+/// `struct open_how` of `<linux/openat2.h>`.
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+/// The architecture of the image's `/bin/sh`, following its symlinks inside the image only.
+fn image_architecture(root: BorrowedFd<'_>) -> Option<String> {
+    let how = OpenHow {
+        flags: (libc::O_RDONLY | libc::O_CLOEXEC) as u64,
+        mode: 0,
+        resolve: RESOLVE_IN_ROOT,
+    };
+    let path = c"bin/sh";
+    // SAFETY: openat2 reads the path and `how` (of the size passed) during the call only;
+    // `root` is an open directory descriptor.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root.as_raw_fd(),
+            path.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: openat2 just returned this descriptor, and nothing else owns it.
+    let mut file = unsafe { File::from_raw_fd(fd as RawFd) };
+    let mut header = [0u8; 64];
+    file.read_exact(&mut header).ok()?;
+    crate::disk::elf_arch(&header).map(str::to_owned)
+}
+
 /// A file of the image replaced for the duration of the build.
 struct Replaced {
     dir: OwnedFd,
@@ -394,6 +437,9 @@ impl Prepared {
     }
 
     fn fill(&mut self, spec: &ExecutorSpec) -> Result<(), Failure> {
+        report(&Report::Inspected {
+            architecture: image_architecture(self.root.as_fd()),
+        });
         for name in MOUNT_POINTS {
             match open_dir_at(self.root.as_fd(), name) {
                 Ok(_) => {}

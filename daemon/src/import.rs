@@ -24,13 +24,12 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use amidala::proto::{validate_user_tags, ErrorCode, ImportSpec, Tag};
-use chrono::Utc;
 
-use crate::catalog::{Catalog, SnapshotRecord};
+use crate::catalog::SnapshotRecord;
 use crate::disk;
 use crate::error::{blocking, Failure};
 use crate::ids::new_id;
-use crate::provider::copy_to_new;
+use crate::provider::{copy_to_new, Provider, SnapshotMeta};
 
 /// Largest snapshot size accepted (EBS's own limit is 64 TiB; a local file this large is a typo).
 pub const MAX_SIZE: u64 = 16 << 40;
@@ -95,7 +94,8 @@ fn read_at_most(file: &File, buf: &mut [u8]) -> io::Result<usize> {
 
 /// Imports `source` as a new snapshot. `note` receives progress lines for the client.
 pub async fn import(
-    catalog: &Catalog,
+    provider: &dyn Provider,
+    staging_dir: &Path,
     spec: ImportSpec,
     source: OwnedFd,
     requester: Requester,
@@ -136,21 +136,18 @@ pub async fn import(
         )));
     };
 
-    let id = new_id("snap");
-    let work = catalog.tmp_dir().join(format!("import-{id}"));
-    let image = catalog.snapshot_staging_file(&id);
+    let job = new_id("import");
+    let work = staging_dir.join(&job);
+    let image = staging_dir.join(format!("{job}.img"));
     let result = make_image(kind, &source, &spec, requester, &work, &image, &note).await;
     if work.exists() {
         // A staging tree: never mounted, so a recursive removal cannot reach anything else.
         let _ = fs::remove_dir_all(&work);
     }
-    let size = match result {
-        Ok(size) => size,
-        Err(e) => {
-            let _ = fs::remove_file(&image);
-            return Err(e);
-        }
-    };
+    if let Err(e) = result {
+        let _ = fs::remove_file(&image);
+        return Err(e);
+    }
 
     let mut tags: BTreeMap<String, String> = if spec.tags.is_empty() {
         [("amidala".to_owned(), "base".to_owned())].into()
@@ -160,28 +157,24 @@ pub async fn import(
             .map(|Tag { key, value }| (key.clone(), value.clone()))
             .collect()
     };
-    tags.insert(
-        "amidala:owner".into(),
-        crate::build::owner_name(requester.uid),
-    );
-    let record = SnapshotRecord {
-        id: id.clone(),
-        created: Utc::now(),
-        tags,
-        size,
-        owner_uid: requester.uid,
-        build_id: None,
-        source_snapshot: None,
-    };
-    let catalog = catalog.clone();
-    let stored = record.clone();
-    blocking(move || {
-        catalog
-            .commit_snapshot(&image, &stored)
-            .map_err(|e| Failure::io("storing the snapshot", e))
-    })
-    .await?;
-    Ok(record)
+    let owner = crate::build::owner_name(requester.uid);
+    tags.insert("amidala:owner".into(), owner.clone());
+    note(format!(
+        "amidala: storing the image as a {} snapshot",
+        provider.name()
+    ));
+    provider
+        .import_image(
+            image,
+            SnapshotMeta {
+                tags,
+                owner_uid: requester.uid,
+                build_id: None,
+                source_snapshot: None,
+                description: format!("amidala base import of {} by {owner}", spec.source_name),
+            },
+        )
+        .await
 }
 
 async fn make_image(

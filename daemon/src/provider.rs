@@ -2,14 +2,15 @@
 //! on this host. Every provider goes through the same phases; the build runner
 //! ([`crate::build`]) drives them and tears down in reverse on failure.
 
+use std::any::Any;
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use amidala::proto::{validate_id, ErrorCode, Source};
+use amidala::proto::{validate_id, BuildSpec, ErrorCode, ImageInfo, SnapshotInfo, Source};
 use async_trait::async_trait;
 use chrono::Utc;
 
@@ -19,19 +20,59 @@ use crate::error::{blocking, Failure};
 use crate::ids::new_id;
 use crate::loopdev::LoopDevice;
 
+/// How long a detached device may take to be released by the kernel.
+pub const RELEASE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// A writable volume made from a snapshot.
 #[derive(Debug, Clone)]
 pub struct Volume {
     pub id: String,
 }
 
-/// A volume attached to this host as a block device holding the root filesystem.
+/// A volume attached to this host, with its root filesystem on a block device.
 #[derive(Debug)]
 pub struct Attachment {
+    /// The loop device holding the root filesystem (the whole volume, or one partition).
     pub device: PathBuf,
     pub fs: FsType,
     pub partition: Option<u32>,
     loop_device: Option<LoopDevice>,
+    /// What the provider holds until the volume is detached (ec2: the device name).
+    pub extra: Option<Box<dyn Any + Send + Sync>>,
+}
+
+impl Attachment {
+    /// Finds the root filesystem on `disk` (a file or a block device) and attaches it, or the
+    /// partition holding it, as a loop device with an offset.
+    pub fn root_of(disk: &Path, partition: Option<u32>) -> Result<Attachment, Failure> {
+        let file =
+            File::open(disk).map_err(|e| Failure::io(format!("opening {}", disk.display()), e))?;
+        let root = disk::locate_root(&file, partition).map_err(Failure::invalid)?;
+        drop(file);
+        let device = LoopDevice::attach(disk, root.offset, root.size, false)
+            .map_err(|e| Failure::io("attaching a loop device", e))?;
+        Ok(Attachment {
+            device: device.path().to_owned(),
+            fs: root.fs,
+            partition: root.partition,
+            loop_device: Some(device),
+            extra: None,
+        })
+    }
+
+    /// Waits until nothing has the root filesystem mounted, then releases the loop device.
+    /// Returns what the provider still holds.
+    pub fn release_loop(mut self) -> Result<Option<Box<dyn Any + Send + Sync>>, Failure> {
+        if let Some(device) = self.loop_device.take() {
+            device
+                .wait_unused(RELEASE_TIMEOUT)
+                .map_err(|e| Failure::io("detaching", e))?;
+            device
+                .detach(RELEASE_TIMEOUT)
+                .map_err(|e| Failure::io("detaching", e))?;
+        }
+        Ok(self.extra.take())
+    }
 }
 
 /// What a new snapshot records about where it came from.
@@ -41,35 +82,50 @@ pub struct SnapshotMeta {
     pub owner_uid: u32,
     pub build_id: Option<String>,
     pub source_snapshot: Option<String>,
+    pub description: String,
 }
 
 /// What a new image records.
 #[derive(Debug, Clone)]
 pub struct ImageMeta {
     pub name: String,
+    pub description: String,
     pub tags: BTreeMap<String, String>,
     pub owner_uid: u32,
     pub build_id: Option<String>,
+    /// `i386`, `x86_64` or `arm64`, if known.
+    pub architecture: Option<String>,
+    pub boot_mode: Option<String>,
+    pub copy_to: Vec<String>,
+    pub share_with: Vec<String>,
 }
 
 #[async_trait]
 pub trait Provider: Send + Sync + Debug {
     fn name(&self) -> &'static str;
+    /// Refuses build options this provider cannot honour, before anything is made.
+    fn check_options(&self, spec: &BuildSpec) -> Result<(), Failure>;
     /// The snapshot a build starts from.
     async fn resolve(&self, source: &Source) -> Result<SnapshotRecord, Failure>;
-    /// A new volume with the snapshot's content.
-    async fn create_volume(&self, snapshot: &SnapshotRecord) -> Result<Volume, Failure>;
+    /// A new volume with the snapshot's content, of at least `size` bytes.
+    async fn create_volume(
+        &self,
+        snapshot: &SnapshotRecord,
+        size: Option<u64>,
+        build_id: &str,
+        owner: &str,
+    ) -> Result<Volume, Failure>;
     /// Attaches the volume and finds its root filesystem (`partition`, or found automatically).
     async fn attach(&self, volume: &Volume, partition: Option<u32>) -> Result<Attachment, Failure>;
-    /// Detaches, once nothing has the device mounted.
-    async fn detach(&self, attachment: Attachment) -> Result<(), Failure>;
+    /// Detaches, once nothing has the root filesystem mounted.
+    async fn detach(&self, volume: &Volume, attachment: Attachment) -> Result<(), Failure>;
     /// A snapshot of the (detached) volume.
     async fn snapshot(
         &self,
         volume: &Volume,
         meta: SnapshotMeta,
     ) -> Result<SnapshotRecord, Failure>;
-    /// Registers an image of the snapshot.
+    /// Registers an image of the snapshot (and copies and shares it, where the provider can).
     async fn register(
         &self,
         snapshot: &SnapshotRecord,
@@ -77,12 +133,55 @@ pub trait Provider: Send + Sync + Debug {
     ) -> Result<ImageRecord, Failure>;
     /// Deletes the volume.
     async fn delete_volume(&self, volume: Volume) -> Result<(), Failure>;
+    /// Stores a complete raw disk image made by `base import` as a new snapshot; the file at
+    /// `staged` is consumed, whatever the outcome.
+    async fn import_image(
+        &self,
+        staged: PathBuf,
+        meta: SnapshotMeta,
+    ) -> Result<SnapshotRecord, Failure>;
+    async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>, Failure>;
+    async fn list_images(&self) -> Result<Vec<ImageInfo>, Failure>;
     /// Where the snapshot's disk image can be read on this host, if it is a file.
     fn snapshot_path(&self, snapshot_id: &str) -> Option<PathBuf>;
 }
 
-/// How long a detached device may take to be released by the kernel.
-const RELEASE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Copies `src` into a new file at `dst` (created exclusively, mode `mode`); on failure
+/// nothing is left at `dst`.
+pub fn copy_to_new(src: &File, dst: &Path, mode: u32) -> std::io::Result<disk::CopyMethod> {
+    let out = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(dst)?;
+    let result = disk::copy_file(src, &out);
+    if result.is_err() {
+        let _ = std::fs::remove_file(dst);
+    }
+    result
+}
+
+/// Grows the file at `path` to `size` bytes if it is smaller (a bigger disk, not a bigger
+/// filesystem).
+pub fn grow(path: &Path, size: Option<u64>) -> Result<(), Failure> {
+    let Some(size) = size else {
+        return Ok(());
+    };
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| Failure::io(format!("opening {}", path.display()), e))?;
+    let len = file
+        .metadata()
+        .map_err(|e| Failure::io("reading the volume size", e))?
+        .len();
+    if size > len {
+        file.set_len(size)
+            .map_err(|e| Failure::io("growing the volume", e))?;
+    }
+    Ok(())
+}
 
 /// The local provider: snapshots and volumes are raw image files under the state directory,
 /// attached as loop devices.
@@ -97,30 +196,25 @@ impl LocalProvider {
     }
 }
 
-/// Copies `src` into a new file at `dst` (created exclusively, mode `mode`); on failure
-/// nothing is left at `dst`.
-pub fn copy_to_new(
-    src: &File,
-    dst: &std::path::Path,
-    mode: u32,
-) -> std::io::Result<disk::CopyMethod> {
-    let out = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(dst)?;
-    let result = disk::copy_file(src, &out);
-    if result.is_err() {
-        let _ = std::fs::remove_file(dst);
-    }
-    result
-}
-
 #[async_trait]
 impl Provider for LocalProvider {
     fn name(&self) -> &'static str {
         "local"
+    }
+
+    fn check_options(&self, spec: &BuildSpec) -> Result<(), Failure> {
+        for (flag, given) in [
+            ("--copy-to", !spec.copy_to.is_empty()),
+            ("--share-with", !spec.share_with.is_empty()),
+            ("--boot-mode", spec.boot_mode.is_some()),
+        ] {
+            if given {
+                return Err(Failure::invalid(format!(
+                    "{flag} needs the ec2 provider; this daemon runs the local one"
+                )));
+            }
+        }
+        Ok(())
     }
 
     async fn resolve(&self, source: &Source) -> Result<SnapshotRecord, Failure> {
@@ -153,7 +247,13 @@ impl Provider for LocalProvider {
         .await
     }
 
-    async fn create_volume(&self, snapshot: &SnapshotRecord) -> Result<Volume, Failure> {
+    async fn create_volume(
+        &self,
+        snapshot: &SnapshotRecord,
+        size: Option<u64>,
+        _build_id: &str,
+        _owner: &str,
+    ) -> Result<Volume, Failure> {
         let id = new_id("vol");
         let src = self.catalog.snapshot_file(&snapshot.id);
         let dst = self.catalog.volume_file(&id);
@@ -163,6 +263,10 @@ impl Provider for LocalProvider {
             let method = copy_to_new(&src_file, &dst, 0o600).map_err(|e| {
                 Failure::io(format!("copying {} to {}", src.display(), dst.display()), e)
             })?;
+            if let Err(e) = grow(&dst, size) {
+                let _ = std::fs::remove_file(&dst);
+                return Err(e);
+            }
             tracing::debug!(volume = %id, ?method, "volume created");
             Ok(Volume { id })
         })
@@ -171,36 +275,11 @@ impl Provider for LocalProvider {
 
     async fn attach(&self, volume: &Volume, partition: Option<u32>) -> Result<Attachment, Failure> {
         let path = self.catalog.volume_file(&volume.id);
-        blocking(move || {
-            let file = File::open(&path)
-                .map_err(|e| Failure::io(format!("opening {}", path.display()), e))?;
-            let root = disk::locate_root(&file, partition).map_err(Failure::invalid)?;
-            drop(file);
-            let device = LoopDevice::attach(&path, root.offset, root.size, false)
-                .map_err(|e| Failure::io("attaching a loop device", e))?;
-            Ok(Attachment {
-                device: device.path().to_owned(),
-                fs: root.fs,
-                partition: root.partition,
-                loop_device: Some(device),
-            })
-        })
-        .await
+        blocking(move || Attachment::root_of(&path, partition)).await
     }
 
-    async fn detach(&self, mut attachment: Attachment) -> Result<(), Failure> {
-        let Some(device) = attachment.loop_device.take() else {
-            return Ok(());
-        };
-        blocking(move || {
-            device
-                .wait_unused(RELEASE_TIMEOUT)
-                .map_err(|e| Failure::io("detaching", e))?;
-            device
-                .detach(RELEASE_TIMEOUT)
-                .map_err(|e| Failure::io("detaching", e))
-        })
-        .await
+    async fn detach(&self, _volume: &Volume, attachment: Attachment) -> Result<(), Failure> {
+        blocking(move || attachment.release_loop().map(drop)).await
     }
 
     async fn snapshot(
@@ -214,26 +293,10 @@ impl Provider for LocalProvider {
             let id = new_id("snap");
             let file = File::open(&src)
                 .map_err(|e| Failure::io(format!("opening {}", src.display()), e))?;
-            let size = file
-                .metadata()
-                .map_err(|e| Failure::io("reading the volume size", e))?
-                .len();
             let staged = catalog.snapshot_staging_file(&id);
             copy_to_new(&file, &staged, 0o644)
                 .map_err(|e| Failure::io(format!("copying {} to a snapshot", src.display()), e))?;
-            let record = SnapshotRecord {
-                id,
-                created: Utc::now(),
-                tags: meta.tags,
-                size,
-                owner_uid: meta.owner_uid,
-                build_id: meta.build_id,
-                source_snapshot: meta.source_snapshot,
-            };
-            catalog
-                .commit_snapshot(&staged, &record)
-                .map_err(|e| Failure::io("storing the snapshot", e))?;
-            Ok(record)
+            store_snapshot(&catalog, id, &staged, meta)
         })
         .await
     }
@@ -265,15 +328,87 @@ impl Provider for LocalProvider {
 
     async fn delete_volume(&self, volume: Volume) -> Result<(), Failure> {
         let path = self.catalog.volume_file(&volume.id);
-        blocking(move || match std::fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Failure::io(format!("deleting {}", path.display()), e)),
+        blocking(move || remove_if_present(&path)).await
+    }
+
+    async fn import_image(
+        &self,
+        staged: PathBuf,
+        meta: SnapshotMeta,
+    ) -> Result<SnapshotRecord, Failure> {
+        let catalog = self.catalog.clone();
+        blocking(move || {
+            let id = new_id("snap");
+            // Staged in the state directory's tmp/, on the same filesystem: a rename.
+            let in_place = catalog.snapshot_staging_file(&id);
+            std::fs::rename(&staged, &in_place).map_err(|e| {
+                let _ = std::fs::remove_file(&staged);
+                Failure::io("moving the imported image into place", e)
+            })?;
+            store_snapshot(&catalog, id, &in_place, meta)
+        })
+        .await
+    }
+
+    async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>, Failure> {
+        let catalog = self.catalog.clone();
+        blocking(move || {
+            let mut snapshots = catalog
+                .snapshots()
+                .map_err(|e| Failure::io("reading the catalog", e))?;
+            snapshots.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.id.cmp(&b.id)));
+            Ok(snapshots.iter().map(|s| catalog.snapshot_info(s)).collect())
+        })
+        .await
+    }
+
+    async fn list_images(&self) -> Result<Vec<ImageInfo>, Failure> {
+        let catalog = self.catalog.clone();
+        blocking(move || {
+            let mut images = catalog
+                .images()
+                .map_err(|e| Failure::io("reading the catalog", e))?;
+            images.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.id.cmp(&b.id)));
+            Ok(images.iter().map(ImageRecord::info).collect())
         })
         .await
     }
 
     fn snapshot_path(&self, snapshot_id: &str) -> Option<PathBuf> {
         Some(self.catalog.snapshot_file(snapshot_id))
+    }
+}
+
+/// Records the complete disk image at `staged` as snapshot `id`.
+fn store_snapshot(
+    catalog: &Catalog,
+    id: String,
+    staged: &Path,
+    meta: SnapshotMeta,
+) -> Result<SnapshotRecord, Failure> {
+    let size = std::fs::metadata(staged)
+        .map_err(|e| Failure::io("reading the snapshot size", e))?
+        .len();
+    let record = SnapshotRecord {
+        id,
+        created: Utc::now(),
+        tags: meta.tags,
+        size,
+        owner_uid: meta.owner_uid,
+        build_id: meta.build_id,
+        source_snapshot: meta.source_snapshot,
+    };
+    catalog
+        .commit_snapshot(staged, &record)
+        .map_err(|e| Failure::io("storing the snapshot", e))?;
+    Ok(record)
+}
+
+/// Removes a file; one already gone is fine.
+pub fn remove_if_present(path: &Path) -> Result<(), Failure> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Failure::io(format!("deleting {}", path.display()), e)),
     }
 }

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use amidala::proto::{
-    self, decode, encode_frame, validate_id, validate_image_name, validate_user_tags, BuildSpec,
-    BuildState, ErrorCode, FrameDecoder, FrameError, ImportSpec, Request, Response, Source,
-    MAX_COMMAND_ARGS, MAX_COMMAND_BYTES, PROTOCOL_VERSION,
+    self, decode, encode_frame, validate_id, validate_user_tags, BuildSpec, BuildState, ErrorCode,
+    FrameDecoder, FrameError, ImportSpec, Request, Response, Source, MAX_COMMAND_ARGS,
+    MAX_COMMAND_BYTES, PROTOCOL_VERSION,
 };
 use chrono::Utc;
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
@@ -275,23 +275,14 @@ async fn dispatch(
             Ok(record) => conn.send(&Response::Build(record.info())).await,
             Err(f) => conn.send_error(&f).await,
         },
-        Request::Images => {
-            let mut images = daemon.catalog.images().map_err(io::Error::other)?;
-            images.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.id.cmp(&b.id)));
-            conn.send(&Response::Images(images.iter().map(|i| i.info()).collect()))
-                .await
-        }
-        Request::Snapshots => {
-            let mut snapshots = daemon.catalog.snapshots().map_err(io::Error::other)?;
-            snapshots.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.id.cmp(&b.id)));
-            conn.send(&Response::Snapshots(
-                snapshots
-                    .iter()
-                    .map(|s| daemon.catalog.snapshot_info(s))
-                    .collect(),
-            ))
-            .await
-        }
+        Request::Images => match daemon.provider.list_images().await {
+            Ok(images) => conn.send(&Response::Images(images)).await,
+            Err(f) => conn.send_error(&f).await,
+        },
+        Request::Snapshots => match daemon.provider.list_snapshots().await {
+            Ok(snapshots) => conn.send(&Response::Snapshots(snapshots)).await,
+            Err(f) => conn.send_error(&f).await,
+        },
         Request::Plugins => conn.send(&Response::Plugins(daemon.plugins.infos())).await,
         Request::Version => {
             conn.send(&Response::Version {
@@ -351,9 +342,10 @@ fn check_spec(daemon: &Daemon, spec: &BuildSpec) -> Result<(), Failure> {
     }
     validate_user_tags("image tags", &spec.image_tags)?;
     validate_user_tags("snapshot tags", &spec.snapshot_tags)?;
-    if let Some(name) = &spec.name {
-        validate_image_name(name)?;
-    }
+    proto::validate_build_options(spec)?;
+    daemon.provider.check_options(spec)?;
+    // The name template must give a valid name whatever the build id and date.
+    build::image_name(spec.name.as_deref(), &new_id("bld"), &Utc::now())?;
     if let Some(n) = spec.partition {
         if !(1..=128).contains(&n) {
             return Err(Failure::invalid(format!(
@@ -475,16 +467,24 @@ async fn import_base(
     };
     tracing::info!(uid = peer.uid, pid = ?peer.pid, source = %spec.source_name, "base import");
     let (tx, mut notes) = tokio::sync::mpsc::unbounded_channel();
-    let catalog = daemon.catalog.clone();
+    let provider = daemon.provider.clone();
+    let staging = daemon.catalog.tmp_dir();
     let requester = Requester {
         uid: peer.uid,
         gid: peer.gid,
     };
     // Runs to its end (and cleans up) even if the client goes away.
     let task = daemon.build_tasks.spawn(async move {
-        import::import(&catalog, spec, source, requester, move |line| {
-            let _ = tx.send(line);
-        })
+        import::import(
+            provider.as_ref(),
+            &staging,
+            spec,
+            source,
+            requester,
+            move |line| {
+                let _ = tx.send(line);
+            },
+        )
         .await
     });
     while let Some(line) = notes.recv().await {
@@ -493,8 +493,14 @@ async fn import_base(
     match task.await {
         Ok(Ok(record)) => {
             tracing::info!(snapshot = %record.id, "base imported");
-            conn.send(&Response::Imported(daemon.catalog.snapshot_info(&record)))
-                .await
+            let info = amidala::proto::SnapshotInfo {
+                path: daemon
+                    .provider
+                    .snapshot_path(&record.id)
+                    .map(|p| p.display().to_string()),
+                ..daemon.catalog.snapshot_info(&record)
+            };
+            conn.send(&Response::Imported(info)).await
         }
         Ok(Err(f)) => {
             tracing::warn!(error = %f, "base import failed");
