@@ -207,9 +207,11 @@ pub fn expand_image_name(
             "date" => out.push_str(date),
             "time" => out.push_str(time),
             "build" => out.push_str(build_id),
-            other => return Err(ValidationError(format!(
+            other => {
+                return Err(ValidationError(format!(
                 "image name {template:?} uses {{{other}}}; known are {{date}}, {{time}}, {{build}}"
-            ))),
+            )))
+            }
         }
         rest = &rest[open + close + 1..];
     }
@@ -466,6 +468,10 @@ pub enum ErrorCode {
     Cancelled,
     /// A system call, a tool or a file operation failed.
     Io,
+    /// A wait passed its deadline.
+    Timeout,
+    /// The cloud API refused or failed a call.
+    Cloud,
     /// A bug in amidala.
     Internal,
 }
@@ -486,6 +492,8 @@ impl ErrorCode {
             ErrorCode::ProvisionerFailed => "provisioner_failed",
             ErrorCode::Cancelled => "cancelled",
             ErrorCode::Io => "io",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::Cloud => "cloud",
             ErrorCode::Internal => "internal",
         }
     }

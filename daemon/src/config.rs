@@ -44,6 +44,80 @@ pub struct Cli {
     /// Builds that run at once; more wait in a queue (default 4).
     #[arg(long, value_name = "N")]
     pub max_builds: Option<usize>,
+    /// ec2: the region (default: from the environment, the profile or the instance metadata).
+    #[arg(long, value_name = "REGION")]
+    pub region: Option<String>,
+    /// ec2: the EC2 API endpoint, for emulators and private endpoints.
+    #[arg(long, value_name = "URL")]
+    pub endpoint_url: Option<String>,
+    /// ec2: this builder's instance id (default: from the instance metadata).
+    #[arg(long, value_name = "ID")]
+    pub instance_id: Option<String>,
+    /// ec2: this builder's availability zone (default: from the instance metadata).
+    #[arg(long, value_name = "AZ")]
+    pub availability_zone: Option<String>,
+    /// ec2: how volumes reach this host: ebs (attached devices) or loop (files, for tests).
+    #[arg(long, value_enum)]
+    pub data_plane: Option<DataPlane>,
+}
+
+/// How the ec2 provider's volumes become block devices on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DataPlane {
+    /// Real EBS volumes attached to this instance.
+    Ebs,
+    /// Files under the state directory keyed by EC2 ids, attached as loop devices: every EC2
+    /// call is made for real (against an emulator) without EBS. For tests.
+    Loop,
+}
+
+/// Deadlines of the ec2 provider's waits, in seconds.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Ec2Timeouts {
+    pub volume_available: u64,
+    pub attach: u64,
+    pub device: u64,
+    pub detach: u64,
+    pub snapshot: u64,
+    pub image: u64,
+}
+
+impl Default for Ec2Timeouts {
+    fn default() -> Self {
+        Ec2Timeouts {
+            volume_available: 300,
+            attach: 120,
+            device: 60,
+            detach: 300,
+            snapshot: 3600,
+            image: 600,
+        }
+    }
+}
+
+/// The `[ec2]` section.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ec2Config {
+    pub region: Option<String>,
+    pub endpoint_url: Option<String>,
+    pub instance_id: Option<String>,
+    pub availability_zone: Option<String>,
+    /// Volume type of build volumes and image mappings (default gp3).
+    pub volume_type: Option<String>,
+    /// Device names to attach volumes at (default /dev/sdf to /dev/sdp).
+    pub device_names: Option<Vec<String>>,
+    pub data_plane: Option<DataPlane>,
+    /// Root device name of registered images (default /dev/xvda).
+    pub root_device_name: Option<String>,
+    /// ENA support on registered images (default true).
+    pub ena_support: Option<bool>,
+    /// Require IMDSv2 on instances of registered images (default true).
+    pub require_imdsv2: Option<bool>,
+    #[serde(default)]
+    pub timeouts: Ec2Timeouts,
 }
 
 /// The keys of the configuration file.
@@ -55,6 +129,8 @@ pub struct FileConfig {
     pub state_dir: Option<PathBuf>,
     pub plugin_dir: Option<PathBuf>,
     pub max_builds: Option<usize>,
+    #[serde(default)]
+    pub ec2: Ec2Config,
 }
 
 /// The configuration in force.
@@ -65,6 +141,7 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub plugin_dir: PathBuf,
     pub max_builds: usize,
+    pub ec2: Ec2Config,
 }
 
 impl Config {
@@ -80,6 +157,12 @@ impl Config {
     }
 
     pub fn merge(cli: &Cli, file: FileConfig) -> Result<Config> {
+        let mut ec2 = file.ec2;
+        ec2.region = cli.region.clone().or(ec2.region);
+        ec2.endpoint_url = cli.endpoint_url.clone().or(ec2.endpoint_url);
+        ec2.instance_id = cli.instance_id.clone().or(ec2.instance_id);
+        ec2.availability_zone = cli.availability_zone.clone().or(ec2.availability_zone);
+        ec2.data_plane = cli.data_plane.or(ec2.data_plane);
         let config = Config {
             provider: cli
                 .provider
@@ -104,6 +187,7 @@ impl Config {
                 .max_builds
                 .or(file.max_builds)
                 .unwrap_or(DEFAULT_MAX_BUILDS),
+            ec2,
         };
         if config.max_builds == 0 {
             bail!("max_builds must be at least 1");
@@ -157,6 +241,24 @@ mod tests {
         assert_eq!(merged.socket, Path::new("/flag/sock"), "flag wins");
         assert_eq!(merged.state_dir, Path::new("/f/state"), "file over default");
         assert_eq!(merged.max_builds, 2);
+    }
+
+    #[test]
+    fn the_ec2_section_reads_with_defaults_and_flags_win() {
+        let file: FileConfig = toml::from_str(
+            "provider = \"ec2\"\n[ec2]\nregion = \"eu-west-1\"\ndata_plane = \"loop\"\ndevice_names = [\"/dev/sdg\"]\n[ec2.timeouts]\nattach = 5\n",
+        )
+        .unwrap();
+        let merged = Config::merge(&cli(&["--region", "us-east-2"]), file).unwrap();
+        assert_eq!(merged.ec2.region.as_deref(), Some("us-east-2"));
+        assert_eq!(merged.ec2.data_plane, Some(DataPlane::Loop));
+        assert_eq!(merged.ec2.device_names, Some(vec!["/dev/sdg".to_owned()]));
+        assert_eq!(merged.ec2.timeouts.attach, 5);
+        assert_eq!(
+            merged.ec2.timeouts.snapshot,
+            Ec2Timeouts::default().snapshot
+        );
+        assert!(toml::from_str::<FileConfig>("[ec2]\nregoin = \"x\"").is_err());
     }
 
     #[test]

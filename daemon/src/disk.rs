@@ -337,8 +337,19 @@ pub fn copy_file(src: &File, dst: &File) -> io::Result<CopyMethod> {
     Ok(method)
 }
 
+/// Writes the data regions of `src` onto `dst` (a zeroed block device, say) at the same
+/// offsets, skipping holes, and syncs `dst`.
+pub fn copy_data(src: &File, dst: &File) -> io::Result<()> {
+    copy_regions(src, dst, src.metadata()?.len())?;
+    dst.sync_all()
+}
+
 fn copy_sparse(src: &File, dst: &File, len: u64) -> io::Result<()> {
     dst.set_len(len)?;
+    copy_regions(src, dst, len)
+}
+
+fn copy_regions(src: &File, dst: &File, len: u64) -> io::Result<()> {
     let mut pos: i64 = 0;
     let end = len as i64;
     while pos < end {

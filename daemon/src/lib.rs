@@ -13,6 +13,7 @@ pub mod build;
 pub mod catalog;
 pub mod config;
 pub mod disk;
+pub mod ec2;
 pub mod error;
 pub mod executor;
 pub mod ids;
@@ -72,7 +73,11 @@ pub async fn run(config: Config) -> Result<()> {
     recover(&catalog).context("recovering from the previous run")?;
     let provider: Arc<dyn Provider> = match config.provider {
         ProviderKind::Local => Arc::new(LocalProvider::new(catalog.clone())),
-        ProviderKind::Ec2 => bail!("the ec2 provider is not part of this version of amidalad yet; use provider = \"local\""),
+        ProviderKind::Ec2 => Arc::new(
+            ec2::Ec2Provider::new(&config.ec2, &config.state_dir)
+                .await
+                .context("starting the ec2 provider")?,
+        ),
     };
     let plugins = Plugins::load_dir(&config.plugin_dir);
     if plugins.names().is_empty() {

@@ -1,0 +1,983 @@
+//! The ec2 provider: EBS snapshots in, AMIs out, through the EC2 API (aws-sdk-ec2).
+//!
+//! Its control plane is the EC2 API; its data plane, how a volume becomes a block device on
+//! this host, is either `ebs` (AttachVolume, then the NVMe, Xen or SCSI node) or `loop`: files
+//! under the state directory keyed by EC2 ids, attached as loop devices, so that every EC2 call
+//! of a build is made for real (against an emulator such as moto) on a host without EBS.
+//!
+//! Every resource is tagged when it is made (`amidala:build`, `amidala:owner`, `amidala:host`),
+//! every state change is awaited with [`wait::wait_for`], and a phase that fails part way
+//! undoes what it made before returning.
+
+pub mod devices;
+pub mod wait;
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use amidala::proto::{validate_id, BuildSpec, ErrorCode, ImageInfo, SnapshotInfo, Source};
+use anyhow::{anyhow, Context};
+use async_trait::async_trait;
+use aws_config::{retry::RetryConfig, BehaviorVersion, Region};
+use aws_sdk_ec2::error::ProvideErrorMetadata;
+use aws_sdk_ec2::types::{
+    ArchitectureValues, BlockDeviceMapping, BootModeValues, EbsBlockDevice, Filter,
+    ImdsSupportValues, LaunchPermission, LaunchPermissionModifications, ResourceType,
+    SnapshotState, Tag, TagSpecification, VolumeAttachmentState, VolumeState, VolumeType,
+};
+use chrono::{DateTime, Utc};
+
+use crate::catalog::{rfc3339, ImageRecord, SnapshotRecord};
+use crate::config::{DataPlane, Ec2Config, Ec2Timeouts};
+use crate::disk;
+use crate::error::{blocking, Failure};
+use crate::provider::{
+    copy_to_new, grow, remove_if_present, Attachment, ImageMeta, Provider, SnapshotMeta, Volume,
+};
+use devices::{DeviceAllocator, DeviceLease};
+use wait::wait_for;
+
+const GIB: u64 = 1 << 30;
+
+/// Turns an SDK error into a failure naming the call, with EC2's code and message.
+fn cloud<E>(call: &'static str) -> impl FnOnce(aws_sdk_ec2::error::SdkError<E>) -> Failure
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    move |e| {
+        let detail = match (e.code(), e.message()) {
+            (Some(code), Some(message)) => format!("{code}: {message}"),
+            (Some(code), None) => code.to_owned(),
+            _ => aws_sdk_ec2::error::DisplayErrorContext(&e).to_string(),
+        };
+        let code = if e.code() == Some("InvalidSnapshot.NotFound") {
+            ErrorCode::NotFound
+        } else {
+            ErrorCode::Cloud
+        };
+        Failure::new(code, format!("{call}: {detail}"))
+    }
+}
+
+fn tags_of(tags: &[Tag]) -> BTreeMap<String, String> {
+    tags.iter()
+        .filter_map(|t| {
+            Some((
+                t.key()?.to_owned(),
+                t.value().unwrap_or_default().to_owned(),
+            ))
+        })
+        .collect()
+}
+
+fn tag_spec(kind: ResourceType, tags: &BTreeMap<String, String>) -> TagSpecification {
+    let mut spec = TagSpecification::builder().resource_type(kind);
+    for (k, v) in tags {
+        spec = spec.tags(Tag::builder().key(k).value(v).build());
+    }
+    spec.build()
+}
+
+fn to_chrono(t: Option<&aws_sdk_ec2::primitives::DateTime>) -> DateTime<Utc> {
+    t.and_then(|t| DateTime::from_timestamp(t.secs(), t.subsec_nanos()))
+        .unwrap_or_default()
+}
+
+/// The newest of `snapshots`: latest StartTime, ties broken by the larger id.
+pub fn newest(snapshots: &[aws_sdk_ec2::types::Snapshot]) -> Option<&aws_sdk_ec2::types::Snapshot> {
+    snapshots.iter().max_by(|a, b| {
+        let key = |s: &aws_sdk_ec2::types::Snapshot| {
+            (
+                s.start_time().map(|t| (t.secs(), t.subsec_nanos())),
+                s.snapshot_id().map(str::to_owned),
+            )
+        };
+        key(a).cmp(&key(b))
+    })
+}
+
+/// The ec2 provider.
+#[derive(Debug)]
+pub struct Ec2Provider {
+    client: aws_sdk_ec2::Client,
+    sdk_config: aws_config::SdkConfig,
+    region: String,
+    instance_id: String,
+    availability_zone: String,
+    volume_type: String,
+    root_device_name: String,
+    ena_support: bool,
+    require_imdsv2: bool,
+    data_plane: DataPlane,
+    /// Content of the loop data plane: `snapshots/` and `volumes/`, files named by EC2 ids.
+    loop_dir: PathBuf,
+    devices: Arc<DeviceAllocator>,
+    timeouts: Ec2Timeouts,
+    host: String,
+}
+
+/// What an ec2 attachment holds until its detach has finished.
+#[derive(Debug)]
+struct Held {
+    lease: DeviceLease,
+    node: Option<PathBuf>,
+}
+
+impl Ec2Provider {
+    /// Connects: region, credentials (the SDK's default chain: environment, profile, instance
+    /// profile through IMDSv2), and this builder's instance id and availability zone.
+    pub async fn new(config: &Ec2Config, state_dir: &Path) -> anyhow::Result<Ec2Provider> {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest()).retry_config(
+            RetryConfig::adaptive()
+                .with_max_attempts(10)
+                .with_initial_backoff(Duration::from_millis(100))
+                .with_max_backoff(Duration::from_secs(5)),
+        );
+        if let Some(region) = &config.region {
+            loader = loader.region(Region::new(region.clone()));
+        }
+        if let Some(url) = &config.endpoint_url {
+            loader = loader.endpoint_url(url);
+        }
+        let sdk_config = loader.load().await;
+        let region = sdk_config.region().map(|r| r.to_string()).ok_or_else(|| {
+            anyhow!(
+                "no AWS region: set region in the [ec2] section of amidalad.toml (or AWS_REGION)"
+            )
+        })?;
+        let (instance_id, availability_zone) = match (
+            &config.instance_id,
+            &config.availability_zone,
+        ) {
+            (Some(id), Some(az)) => (id.clone(), az.clone()),
+            (id, az) => {
+                let imds = aws_config::imds::Client::builder()
+                    .max_attempts(1)
+                    .connect_timeout(Duration::from_secs(1))
+                    .read_timeout(Duration::from_secs(1))
+                    .build();
+                let read = |path: &'static str| {
+                    let imds = imds.clone();
+                    async move {
+                        imds.get(path).await.map(|v| v.as_ref().to_owned()).map_err(|e| {
+                            anyhow!(
+                                "cannot read {path} from the instance metadata service ({e}); this does not look like an EC2 instance: set instance_id and availability_zone in the [ec2] section of amidalad.toml"
+                            )
+                        })
+                    }
+                };
+                let id = match id {
+                    Some(id) => id.clone(),
+                    None => read("/latest/meta-data/instance-id").await?,
+                };
+                let az = match az {
+                    Some(az) => az.clone(),
+                    None => read("/latest/meta-data/placement/availability-zone").await?,
+                };
+                (id, az)
+            }
+        };
+        let data_plane = config.data_plane.unwrap_or(DataPlane::Ebs);
+        let loop_dir = state_dir.join("ec2-loop");
+        if data_plane == DataPlane::Loop {
+            for sub in ["snapshots", "volumes"] {
+                std::fs::create_dir_all(loop_dir.join(sub))
+                    .with_context(|| format!("creating {}", loop_dir.join(sub).display()))?;
+            }
+        }
+        let provider = Ec2Provider {
+            client: aws_sdk_ec2::Client::new(&sdk_config),
+            sdk_config,
+            region,
+            instance_id,
+            availability_zone,
+            volume_type: config.volume_type.clone().unwrap_or_else(|| "gp3".into()),
+            root_device_name: config
+                .root_device_name
+                .clone()
+                .unwrap_or_else(|| "/dev/xvda".into()),
+            ena_support: config.ena_support.unwrap_or(true),
+            require_imdsv2: config.require_imdsv2.unwrap_or(true),
+            data_plane,
+            loop_dir,
+            devices: Arc::new(DeviceAllocator::new(
+                config
+                    .device_names
+                    .clone()
+                    .unwrap_or_else(devices::default_device_names),
+            )),
+            timeouts: config.timeouts.clone(),
+            host: nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        };
+        // Fail at start, not in the first build, if the API or the instance is not reachable.
+        provider
+            .instance_mappings()
+            .await
+            .map_err(|e| anyhow!("checking instance {}: {}", provider.instance_id, e.message))?;
+        tracing::info!(region = %provider.region, instance = %provider.instance_id, az = %provider.availability_zone, data_plane = ?provider.data_plane, "ec2 provider ready");
+        Ok(provider)
+    }
+
+    fn loop_file(&self, kind: &str, id: &str) -> PathBuf {
+        self.loop_dir.join(kind).join(format!("{id}.img"))
+    }
+
+    fn timeout(secs: u64) -> Duration {
+        Duration::from_secs(secs)
+    }
+
+    /// Device names the instance's block device mappings use.
+    async fn instance_mappings(&self) -> Result<Vec<String>, Failure> {
+        let out = self
+            .client
+            .describe_instances()
+            .instance_ids(&self.instance_id)
+            .send()
+            .await
+            .map_err(cloud("DescribeInstances"))?;
+        let instance = out
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .find(|i| i.instance_id() == Some(self.instance_id.as_str()))
+            .ok_or_else(|| {
+                Failure::new(
+                    ErrorCode::Cloud,
+                    format!("instance {} not found", self.instance_id),
+                )
+            })?;
+        Ok(instance
+            .block_device_mappings()
+            .iter()
+            .filter_map(|m| m.device_name().map(str::to_owned))
+            .collect())
+    }
+
+    async fn volume_state(
+        &self,
+        volume_id: &str,
+    ) -> Result<(Option<VolumeState>, Option<VolumeAttachmentState>), Failure> {
+        let out = self
+            .client
+            .describe_volumes()
+            .volume_ids(volume_id)
+            .send()
+            .await
+            .map_err(cloud("DescribeVolumes"))?;
+        let volume = out.volumes().first().ok_or_else(|| {
+            Failure::new(
+                ErrorCode::Cloud,
+                format!("volume {volume_id} has disappeared"),
+            )
+        })?;
+        let attachment = volume
+            .attachments()
+            .iter()
+            .find(|a| a.instance_id() == Some(self.instance_id.as_str()))
+            .and_then(|a| a.state().cloned());
+        Ok((volume.state().cloned(), attachment))
+    }
+
+    async fn wait_volume_available(&self, volume_id: &str) -> Result<(), Failure> {
+        wait_for(
+            &format!("volume {volume_id} to become available"),
+            Self::timeout(self.timeouts.volume_available),
+            || async {
+                match self.volume_state(volume_id).await? {
+                    (Some(VolumeState::Available), None) => Ok(Some(())),
+                    (Some(VolumeState::Error), _) => Err(Failure::new(
+                        ErrorCode::Cloud,
+                        format!("volume {volume_id} is in state error"),
+                    )),
+                    _ => Ok(None),
+                }
+            },
+        )
+        .await
+    }
+
+    async fn wait_snapshot_completed(
+        &self,
+        snapshot_id: &str,
+    ) -> Result<aws_sdk_ec2::types::Snapshot, Failure> {
+        wait_for(
+            &format!("snapshot {snapshot_id} to complete"),
+            Self::timeout(self.timeouts.snapshot),
+            || async {
+                let out = self
+                    .client
+                    .describe_snapshots()
+                    .snapshot_ids(snapshot_id)
+                    .send()
+                    .await
+                    .map_err(cloud("DescribeSnapshots"))?;
+                let snapshot = out.snapshots().first().cloned().ok_or_else(|| {
+                    Failure::new(
+                        ErrorCode::Cloud,
+                        format!("snapshot {snapshot_id} has disappeared"),
+                    )
+                })?;
+                match snapshot.state() {
+                    Some(SnapshotState::Completed) => Ok(Some(snapshot)),
+                    Some(SnapshotState::Error) => Err(Failure::new(
+                        ErrorCode::Cloud,
+                        format!(
+                            "snapshot {snapshot_id} failed: {}",
+                            snapshot.state_message().unwrap_or("state error")
+                        ),
+                    )),
+                    _ => Ok(None),
+                }
+            },
+        )
+        .await
+    }
+
+    /// CreateVolume, tagged, and waits until it is available; a volume that does not become
+    /// available is deleted.
+    async fn new_volume(
+        &self,
+        snapshot: Option<&str>,
+        size_gib: i32,
+        tags: &BTreeMap<String, String>,
+    ) -> Result<String, Failure> {
+        let mut call = self
+            .client
+            .create_volume()
+            .availability_zone(&self.availability_zone)
+            .volume_type(VolumeType::from(self.volume_type.as_str()))
+            .size(size_gib)
+            .tag_specifications(tag_spec(ResourceType::Volume, tags));
+        if let Some(snapshot) = snapshot {
+            call = call.snapshot_id(snapshot);
+        }
+        let volume_id = call
+            .send()
+            .await
+            .map_err(cloud("CreateVolume"))?
+            .volume_id()
+            .unwrap_or_default()
+            .to_owned();
+        if volume_id.is_empty() {
+            return Err(Failure::new(
+                ErrorCode::Cloud,
+                "CreateVolume answered without a volume id",
+            ));
+        }
+        if let Err(e) = self.wait_volume_available(&volume_id).await {
+            self.delete_volume_id(&volume_id).await;
+            return Err(e);
+        }
+        Ok(volume_id)
+    }
+
+    /// DeleteVolume, logging rather than failing: used while undoing.
+    async fn delete_volume_id(&self, volume_id: &str) {
+        if let Err(e) = self
+            .client
+            .delete_volume()
+            .volume_id(volume_id)
+            .send()
+            .await
+        {
+            tracing::error!(volume = volume_id, error = %cloud("DeleteVolume")(e), "could not delete a volume; amidala gc will find it by its tags");
+        }
+        if self.data_plane == DataPlane::Loop {
+            let _ = remove_if_present(&self.loop_file("volumes", volume_id));
+        }
+    }
+
+    /// Attaches `volume_id` at a free device name and waits for it: the block device node
+    /// (`ebs`) or the volume's file (`loop`). Undoes itself on failure.
+    async fn attach_volume(&self, volume_id: &str) -> Result<(PathBuf, Held), Failure> {
+        let mapped = self.instance_mappings().await?;
+        let lease = self
+            .devices
+            .allocate(&mapped, |n| Path::new(n).exists())
+            .ok_or_else(|| Failure::new(ErrorCode::Cloud, "no free device name to attach a volume at (all of ec2.device_names are in use)"))?;
+        self.client
+            .attach_volume()
+            .volume_id(volume_id)
+            .instance_id(&self.instance_id)
+            .device(&lease.name)
+            .send()
+            .await
+            .map_err(cloud("AttachVolume"))?;
+        let held = Held { lease, node: None };
+        match self.finish_attach(volume_id, &held.lease.name).await {
+            Ok(path) => Ok((
+                path.clone(),
+                Held {
+                    node: (self.data_plane == DataPlane::Ebs).then_some(path),
+                    ..held
+                },
+            )),
+            Err(e) => {
+                if let Err(undo) = self.detach_volume(volume_id, None).await {
+                    tracing::error!(volume = volume_id, error = %undo, "undoing a failed attach");
+                }
+                drop(held);
+                Err(e)
+            }
+        }
+    }
+
+    async fn finish_attach(&self, volume_id: &str, device_name: &str) -> Result<PathBuf, Failure> {
+        wait_for(
+            &format!("volume {volume_id} to attach"),
+            Self::timeout(self.timeouts.attach),
+            || async {
+                Ok(matches!(
+                    self.volume_state(volume_id).await?.1,
+                    Some(VolumeAttachmentState::Attached)
+                )
+                .then_some(()))
+            },
+        )
+        .await?;
+        match self.data_plane {
+            DataPlane::Loop => Ok(self.loop_file("volumes", volume_id)),
+            DataPlane::Ebs => {
+                wait_for(
+                    &format!("the block device of volume {volume_id} ({device_name}) to appear"),
+                    Self::timeout(self.timeouts.device),
+                    || async {
+                        Ok(devices::find_device(
+                            Path::new("/sys/block"),
+                            Path::new("/dev"),
+                            volume_id,
+                            device_name,
+                        ))
+                    },
+                )
+                .await
+            }
+        }
+    }
+
+    /// DetachVolume (always naming the instance: never a forced or ambiguous detach) and waits
+    /// until the volume is available and its node is gone.
+    async fn detach_volume(&self, volume_id: &str, node: Option<&Path>) -> Result<(), Failure> {
+        self.client
+            .detach_volume()
+            .volume_id(volume_id)
+            .instance_id(&self.instance_id)
+            .send()
+            .await
+            .map_err(cloud("DetachVolume"))?;
+        self.wait_volume_available(volume_id)
+            .await
+            .map_err(|mut f| {
+                if f.code == ErrorCode::Timeout {
+                    f.message = format!("{} (detaching)", f.message);
+                }
+                f
+            })?;
+        if let Some(node) = node {
+            let node = node.to_owned();
+            wait_for(
+                &format!("{} to go away", node.display()),
+                Self::timeout(self.timeouts.device),
+                || {
+                    let gone = !node.exists();
+                    async move { Ok(gone.then_some(())) }
+                },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// CreateSnapshot with tags on create, waits for it, and (loop plane) stores the volume's
+    /// content under the snapshot's id.
+    async fn snapshot_volume(
+        &self,
+        volume_id: &str,
+        meta: &SnapshotMeta,
+    ) -> Result<SnapshotRecord, Failure> {
+        let out = self
+            .client
+            .create_snapshot()
+            .volume_id(volume_id)
+            .description(&meta.description)
+            .tag_specifications(tag_spec(ResourceType::Snapshot, &meta.tags))
+            .send()
+            .await
+            .map_err(cloud("CreateSnapshot"))?;
+        let snapshot_id = out.snapshot_id().unwrap_or_default().to_owned();
+        if self.data_plane == DataPlane::Loop {
+            // EBS takes the point-in-time copy at CreateSnapshot; so does the loop plane.
+            let (src, dst) = (
+                self.loop_file("volumes", volume_id),
+                self.loop_file("snapshots", &snapshot_id),
+            );
+            blocking(move || {
+                let file = File::open(&src)
+                    .map_err(|e| Failure::io(format!("opening {}", src.display()), e))?;
+                copy_to_new(&file, &dst, 0o644)
+                    .map_err(|e| Failure::io("storing the snapshot's content", e))?;
+                Ok(())
+            })
+            .await?;
+        }
+        let snapshot = self
+            .wait_snapshot_completed(&snapshot_id)
+            .await
+            .map_err(|mut f| {
+                f.message = format!(
+                    "{} (snapshot {snapshot_id} was started and carries the build's tags)",
+                    f.message
+                );
+                f
+            })?;
+        Ok(self.record_of(&snapshot))
+    }
+
+    fn record_of(&self, s: &aws_sdk_ec2::types::Snapshot) -> SnapshotRecord {
+        let tags = tags_of(s.tags());
+        SnapshotRecord {
+            id: s.snapshot_id().unwrap_or_default().to_owned(),
+            created: to_chrono(s.start_time()),
+            size: s.volume_size().map_or(0, |g| g as u64 * GIB),
+            owner_uid: tags
+                .get("amidala:owner-uid")
+                .and_then(|u| u.parse().ok())
+                .unwrap_or(0),
+            build_id: tags.get("amidala:build").cloned(),
+            source_snapshot: tags.get("amidala:source-snapshot").cloned(),
+            tags,
+        }
+    }
+
+    fn resource_tags(&self, build_or_job: &str, owner: &str) -> BTreeMap<String, String> {
+        [
+            ("amidala:build".to_owned(), build_or_job.to_owned()),
+            ("amidala:owner".to_owned(), owner.to_owned()),
+            ("amidala:host".to_owned(), self.host.clone()),
+        ]
+        .into()
+    }
+
+    /// Copies the image to `region` and tags the copy.
+    async fn copy_image(
+        &self,
+        image_id: &str,
+        name: &str,
+        description: &str,
+        region: &str,
+        tags: &BTreeMap<String, String>,
+    ) -> Result<String, Failure> {
+        let config = self
+            .sdk_config
+            .to_builder()
+            .region(Region::new(region.to_owned()))
+            .build();
+        let client = aws_sdk_ec2::Client::new(&config);
+        let copy = client
+            .copy_image()
+            .source_image_id(image_id)
+            .source_region(&self.region)
+            .name(name)
+            .description(description)
+            .send()
+            .await
+            .map_err(cloud("CopyImage"))?;
+        let copy_id = copy.image_id().unwrap_or_default().to_owned();
+        let mut call = client.create_tags().resources(&copy_id);
+        for (k, v) in tags {
+            call = call.tags(Tag::builder().key(k).value(v).build());
+        }
+        call.send().await.map_err(cloud("CreateTags"))?;
+        Ok(copy_id)
+    }
+}
+
+#[async_trait]
+impl Provider for Ec2Provider {
+    fn name(&self) -> &'static str {
+        "ec2"
+    }
+
+    fn check_options(&self, _spec: &BuildSpec) -> Result<(), Failure> {
+        Ok(())
+    }
+
+    async fn resolve(&self, source: &Source) -> Result<SnapshotRecord, Failure> {
+        match source {
+            Source::Snapshot(id) => {
+                validate_id("snap", id)?;
+                let out = self
+                    .client
+                    .describe_snapshots()
+                    .snapshot_ids(id)
+                    .send()
+                    .await
+                    .map_err(cloud("DescribeSnapshots"))?;
+                let snapshot = out.snapshots().first().ok_or_else(|| {
+                    Failure::new(ErrorCode::NotFound, format!("snapshot {id} does not exist"))
+                })?;
+                if snapshot.state() != Some(&SnapshotState::Completed) {
+                    return Err(Failure::invalid(format!(
+                        "snapshot {id} is {}, not completed",
+                        snapshot
+                            .state()
+                            .map_or("in an unknown state", |s| s.as_str())
+                    )));
+                }
+                Ok(self.record_of(snapshot))
+            }
+            Source::Tag(tag) => {
+                let mut found = Vec::new();
+                let mut pages = self
+                    .client
+                    .describe_snapshots()
+                    .owner_ids("self")
+                    .filters(
+                        Filter::builder()
+                            .name(format!("tag:{}", tag.key))
+                            .values(&tag.value)
+                            .build(),
+                    )
+                    .filters(Filter::builder().name("status").values("completed").build())
+                    .into_paginator()
+                    .send();
+                while let Some(page) = pages.next().await {
+                    let page = page.map_err(cloud("DescribeSnapshots"))?;
+                    found.extend(
+                        page.snapshots()
+                            .iter()
+                            .filter(|s| s.state() == Some(&SnapshotState::Completed))
+                            .cloned(),
+                    );
+                }
+                newest(&found).map(|s| self.record_of(s)).ok_or_else(|| {
+                    Failure::new(
+                        ErrorCode::NoSnapshot,
+                        format!("no completed snapshot of this account in {} is tagged {tag} (make one with `amidala base import`)", self.region),
+                    )
+                })
+            }
+        }
+    }
+
+    async fn create_volume(
+        &self,
+        snapshot: &SnapshotRecord,
+        size: Option<u64>,
+        build_id: &str,
+        owner: &str,
+    ) -> Result<Volume, Failure> {
+        let snapshot_gib = snapshot.size.div_ceil(GIB).max(1);
+        let size_gib = size.map_or(snapshot_gib, |s| s.div_ceil(GIB).max(snapshot_gib));
+        let size_gib = i32::try_from(size_gib)
+            .map_err(|_| Failure::invalid(format!("volume size {size_gib} GiB is too large")))?;
+        if self.data_plane == DataPlane::Loop && !self.loop_file("snapshots", &snapshot.id).exists()
+        {
+            return Err(Failure::invalid(format!(
+                "snapshot {} has no content in the loop data plane (only snapshots made by this daemon with data_plane = \"loop\" do)",
+                snapshot.id
+            )));
+        }
+        let volume_id = self
+            .new_volume(
+                Some(&snapshot.id),
+                size_gib,
+                &self.resource_tags(build_id, owner),
+            )
+            .await?;
+        if self.data_plane == DataPlane::Loop {
+            let (src, dst) = (
+                self.loop_file("snapshots", &snapshot.id),
+                self.loop_file("volumes", &volume_id),
+            );
+            let copied = blocking(move || {
+                let file = File::open(&src)
+                    .map_err(|e| Failure::io(format!("opening {}", src.display()), e))?;
+                copy_to_new(&file, &dst, 0o600)
+                    .map_err(|e| Failure::io("making the volume's content", e))?;
+                grow(&dst, Some(size_gib as u64 * GIB))
+            })
+            .await;
+            if let Err(e) = copied {
+                self.delete_volume_id(&volume_id).await;
+                return Err(e);
+            }
+        }
+        Ok(Volume { id: volume_id })
+    }
+
+    async fn attach(&self, volume: &Volume, partition: Option<u32>) -> Result<Attachment, Failure> {
+        let (path, held) = self.attach_volume(&volume.id).await?;
+        let node = held.node.clone();
+        match blocking(move || Attachment::root_of(&path, partition)).await {
+            Ok(mut attachment) => {
+                attachment.extra = Some(Box::new(held));
+                Ok(attachment)
+            }
+            Err(e) => {
+                if let Err(undo) = self.detach_volume(&volume.id, node.as_deref()).await {
+                    tracing::error!(volume = %volume.id, error = %undo, "undoing a failed attach");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn detach(&self, volume: &Volume, attachment: Attachment) -> Result<(), Failure> {
+        let extra = blocking(move || attachment.release_loop()).await?;
+        let held = extra.and_then(|e| e.downcast::<Held>().ok());
+        let node = held.as_ref().and_then(|h| h.node.clone());
+        let result = self.detach_volume(&volume.id, node.as_deref()).await;
+        // The device name is free again only now that the detach has finished.
+        drop(held);
+        result
+    }
+
+    async fn snapshot(
+        &self,
+        volume: &Volume,
+        meta: SnapshotMeta,
+    ) -> Result<SnapshotRecord, Failure> {
+        let mut meta = meta;
+        meta.tags
+            .insert("amidala:owner-uid".into(), meta.owner_uid.to_string());
+        self.snapshot_volume(&volume.id, &meta).await
+    }
+
+    async fn register(
+        &self,
+        snapshot: &SnapshotRecord,
+        meta: ImageMeta,
+    ) -> Result<ImageRecord, Failure> {
+        let arch = meta.architecture.as_deref().unwrap_or("x86_64");
+        let mut call = self
+            .client
+            .register_image()
+            .name(&meta.name)
+            .description(&meta.description)
+            .architecture(ArchitectureValues::from(arch))
+            .root_device_name(&self.root_device_name)
+            .block_device_mappings(
+                BlockDeviceMapping::builder()
+                    .device_name(&self.root_device_name)
+                    .ebs(
+                        EbsBlockDevice::builder()
+                            .snapshot_id(&snapshot.id)
+                            .volume_type(VolumeType::from(self.volume_type.as_str()))
+                            .delete_on_termination(true)
+                            .build(),
+                    )
+                    .build(),
+            )
+            .virtualization_type("hvm")
+            .ena_support(self.ena_support);
+        if let Some(mode) = &meta.boot_mode {
+            call = call.boot_mode(BootModeValues::from(mode.as_str()));
+        }
+        if self.require_imdsv2 {
+            call = call.imds_support(ImdsSupportValues::V20);
+        }
+        let image_id = call
+            .send()
+            .await
+            .map_err(cloud("RegisterImage"))?
+            .image_id()
+            .unwrap_or_default()
+            .to_owned();
+        let mut tags = meta.tags.clone();
+        tags.insert("amidala:snapshot".into(), snapshot.id.clone());
+        tags.insert("amidala:owner-uid".into(), meta.owner_uid.to_string());
+        // Tags after registering: EC2 takes them on RegisterImage too, emulators often do not.
+        let mut tag_call = self.client.create_tags().resources(&image_id);
+        for (k, v) in &tags {
+            tag_call = tag_call.tags(Tag::builder().key(k).value(v).build());
+        }
+        tag_call.send().await.map_err(cloud("CreateTags"))?;
+        if !meta.share_with.is_empty() {
+            let mut permissions = LaunchPermissionModifications::builder();
+            for account in &meta.share_with {
+                permissions = permissions.add(LaunchPermission::builder().user_id(account).build());
+            }
+            self.client
+                .modify_image_attribute()
+                .image_id(&image_id)
+                .launch_permission(permissions.build())
+                .send()
+                .await
+                .map_err(cloud("ModifyImageAttribute"))?;
+        }
+        let copies = futures::future::join_all(meta.copy_to.iter().map(|region| {
+            self.copy_image(&image_id, &meta.name, &meta.description, region, &tags)
+        }))
+        .await;
+        for (region, copy) in meta.copy_to.iter().zip(copies) {
+            let copy = copy.map_err(|mut f| {
+                f.message = format!("copying {image_id} to {region}: {}", f.message);
+                f
+            })?;
+            tracing::info!(image = %image_id, %region, copy = %copy, "image copied");
+        }
+        Ok(ImageRecord {
+            id: image_id,
+            name: meta.name,
+            created: Utc::now(),
+            tags,
+            snapshot_id: snapshot.id.clone(),
+            build_id: meta.build_id,
+            owner_uid: meta.owner_uid,
+        })
+    }
+
+    async fn delete_volume(&self, volume: Volume) -> Result<(), Failure> {
+        self.client
+            .delete_volume()
+            .volume_id(&volume.id)
+            .send()
+            .await
+            .map_err(cloud("DeleteVolume"))?;
+        if self.data_plane == DataPlane::Loop {
+            let path = self.loop_file("volumes", &volume.id);
+            blocking(move || remove_if_present(&path)).await?;
+        }
+        Ok(())
+    }
+
+    async fn import_image(
+        &self,
+        staged: PathBuf,
+        meta: SnapshotMeta,
+    ) -> Result<SnapshotRecord, Failure> {
+        let result = self.import_staged(&staged, meta).await;
+        let _ = std::fs::remove_file(&staged);
+        result
+    }
+
+    async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>, Failure> {
+        let mut out = Vec::new();
+        let mut pages = self
+            .client
+            .describe_snapshots()
+            .owner_ids("self")
+            .filters(
+                Filter::builder()
+                    .name("tag-key")
+                    .values("amidala:owner")
+                    .build(),
+            )
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            for s in page.map_err(cloud("DescribeSnapshots"))?.snapshots() {
+                let record = self.record_of(s);
+                out.push(SnapshotInfo {
+                    path: self
+                        .snapshot_path(&record.id)
+                        .map(|p| p.display().to_string()),
+                    id: record.id,
+                    created: rfc3339(&record.created),
+                    size: record.size,
+                    tags: record.tags,
+                });
+            }
+        }
+        out.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    async fn list_images(&self) -> Result<Vec<ImageInfo>, Failure> {
+        let out = self
+            .client
+            .describe_images()
+            .owners("self")
+            .filters(
+                Filter::builder()
+                    .name("tag-key")
+                    .values("amidala:build")
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(cloud("DescribeImages"))?;
+        let mut images: Vec<ImageInfo> = out
+            .images()
+            .iter()
+            .map(|i| {
+                let tags = tags_of(i.tags());
+                ImageInfo {
+                    id: i.image_id().unwrap_or_default().to_owned(),
+                    name: i.name().unwrap_or_default().to_owned(),
+                    created: i.creation_date().unwrap_or_default().to_owned(),
+                    snapshot_id: tags.get("amidala:snapshot").cloned().unwrap_or_default(),
+                    build_id: tags.get("amidala:build").cloned(),
+                    tags,
+                }
+            })
+            .collect();
+        images.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.id.cmp(&b.id)));
+        Ok(images)
+    }
+
+    fn snapshot_path(&self, snapshot_id: &str) -> Option<PathBuf> {
+        (self.data_plane == DataPlane::Loop).then(|| self.loop_file("snapshots", snapshot_id))
+    }
+}
+
+impl Ec2Provider {
+    /// `base import` on EC2: an empty volume of the image's size, attached, the image written
+    /// to it, detached, snapshotted, deleted.
+    async fn import_staged(
+        &self,
+        staged: &Path,
+        meta: SnapshotMeta,
+    ) -> Result<SnapshotRecord, Failure> {
+        let len = std::fs::metadata(staged)
+            .map_err(|e| Failure::io("reading the staged image", e))?
+            .len();
+        let size_gib = i32::try_from(len.div_ceil(GIB).max(1))
+            .map_err(|_| Failure::invalid("the image is too large"))?;
+        let job = crate::ids::new_id("import");
+        let owner = meta.tags.get("amidala:owner").cloned().unwrap_or_default();
+        let volume_id = self
+            .new_volume(None, size_gib, &self.resource_tags(&job, &owner))
+            .await?;
+        let result = async {
+            let (target, held) = self.attach_volume(&volume_id).await?;
+            let (src, dst) = (staged.to_owned(), target.clone());
+            let loop_plane = self.data_plane == DataPlane::Loop;
+            let written = blocking(move || {
+                let file =
+                    File::open(&src).map_err(|e| Failure::io("opening the staged image", e))?;
+                if loop_plane {
+                    copy_to_new(&file, &dst, 0o600)
+                        .map_err(|e| Failure::io("writing the volume", e))?;
+                    grow(&dst, Some(size_gib as u64 * GIB))
+                } else {
+                    // A new EBS volume reads as zeros: only the data regions need writing.
+                    let out = OpenOptions::new()
+                        .write(true)
+                        .open(&dst)
+                        .map_err(|e| Failure::io(format!("opening {}", dst.display()), e))?;
+                    disk::copy_data(&file, &out)
+                        .map_err(|e| Failure::io(format!("writing {}", dst.display()), e))
+                }
+            })
+            .await;
+            let detached = self.detach_volume(&volume_id, held.node.as_deref()).await;
+            drop(held);
+            written?;
+            detached?;
+            let mut meta = meta;
+            meta.tags
+                .insert("amidala:owner-uid".into(), meta.owner_uid.to_string());
+            self.snapshot_volume(&volume_id, &meta).await
+        }
+        .await;
+        self.delete_volume_id(&volume_id).await;
+        result
+    }
+}
