@@ -1,7 +1,9 @@
 #!/bin/sh
 # Installs what amidala's tests and demo need on a Debian machine that has Rust: the tools the
 # daemon calls (mkfs.ext4, from e2fsprogs), the ones the tests use (sfdisk, mount, losetup,
-# tar, xz), and busybox-static for the test root filesystem. Needs root; installs only what is
+# tar, xz), busybox-static for the test root filesystem, and a Python venv with moto server
+# (the EC2 API emulator of the ec2 tests) in $AMIDALA_MOTO_VENV, by default
+# /var/cache/amidala-tests/moto-venv, outside the checkout. Needs root; installs only what is
 # missing.
 set -eu
 missing=
@@ -27,4 +29,19 @@ if [ -n "$missing" ]; then
     apt-get update -qq
     # shellcheck disable=SC2086
     apt-get install -y -qq --no-install-recommends $missing >/dev/null
+fi
+
+# The EC2 API emulator, pinned: the ec2 tests are written against its behaviour.
+moto_version=5.2.5
+venv=${AMIDALA_MOTO_VENV:-/var/cache/amidala-tests/moto-venv}
+if ! "$venv/bin/python" -c "import moto, sys; sys.exit(moto.__version__ != '$moto_version')" 2>/dev/null; then
+    echo "making $venv with moto[server]==$moto_version" >&2
+    if ! python3 -m venv --help >/dev/null 2>&1; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+    fi
+    rm -rf "$venv"
+    mkdir -p "$(dirname "$venv")"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check "moto[server]==$moto_version"
 fi

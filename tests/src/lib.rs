@@ -106,8 +106,14 @@ pub struct Env {
 }
 
 impl Env {
-    /// Starts a daemon with the shell provisioner.
+    /// Starts a daemon with the shell provisioner and the local provider.
     pub fn start() -> Env {
+        Env::start_with("", &[])
+    }
+
+    /// Starts a daemon with the shell provisioner, `config` as its configuration file and
+    /// `env` added to its environment.
+    pub fn start_with(config: &str, vars: &[(&str, &str)]) -> Env {
         require_root();
         let dir = tempfile::Builder::new()
             .prefix("amidala-test-")
@@ -137,15 +143,17 @@ impl Env {
             dir,
             daemon: None,
         };
-        env.spawn_daemon();
+        fs::write(env.dir.path().join("amidalad.toml"), config).unwrap();
+        env.spawn_daemon(env_vars(vars));
         env
     }
 
-    fn spawn_daemon(&mut self) {
+    fn spawn_daemon(&mut self, vars: Vec<(String, String)>) {
         let log = fs::File::create(self.dir.path().join("daemon.log")).unwrap();
         let child = Command::new(bin_dir().join("amidalad"))
             .arg("--config")
-            .arg("/dev/null")
+            .arg(self.dir.path().join("amidalad.toml"))
+            .envs(vars)
             .arg("--state-dir")
             .arg(&self.state)
             .arg("--socket")
@@ -288,7 +296,7 @@ impl Env {
         for (pid, line) in mounts_mentioning(&root) {
             leaks.push(format!("mount seen by pid {pid}: {line}"));
         }
-        for sub in ["volumes", "mnt", "tmp"] {
+        for sub in ["volumes", "mnt", "tmp", "ec2-loop/volumes"] {
             for entry in fs::read_dir(self.state.join(sub)).into_iter().flatten() {
                 leaks.push(format!(
                     "left in {sub}/: {}",
@@ -351,6 +359,10 @@ impl Drop for Env {
             self.assert_no_leaks();
         }
     }
+}
+
+fn env_vars(env: &[(&str, &str)]) -> Vec<(String, String)> {
+    env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
 /// Attached loop devices and their backing files.
@@ -430,5 +442,180 @@ impl Mounted {
 impl Drop for Mounted {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+/// The moto server venv (made by tests/install-deps.sh).
+pub fn moto_venv() -> PathBuf {
+    std::env::var_os("AMIDALA_MOTO_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/amidala-tests/moto-venv"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_for_port(port: u16, child: &mut Child, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("{what} exited at start ({status})");
+        }
+        assert!(Instant::now() < deadline, "{what} did not listen on {port} within 30s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The credentials the tests give the daemon and the SDK: moto accepts any.
+pub const AWS_ENV: [(&str, &str); 3] = [
+    ("AWS_ACCESS_KEY_ID", "testing"),
+    ("AWS_SECRET_ACCESS_KEY", "testing"),
+    ("AWS_EC2_METADATA_DISABLED", "true"),
+];
+
+/// A moto server (a real EC2 API emulator) on 127.0.0.1, behind tests/ec2_proxy.py, which adds
+/// EC2's state delays, throttling and injected errors on request. One per test, so every test
+/// starts from an empty account.
+#[derive(Debug)]
+pub struct Ec2Emulator {
+    moto: Child,
+    proxy: Child,
+    pub endpoint: String,
+    pub runtime: tokio::runtime::Runtime,
+    pub instance_id: String,
+}
+
+pub const REGION: &str = "us-east-1";
+pub const ZONE: &str = "us-east-1a";
+
+impl Ec2Emulator {
+    pub fn start() -> Ec2Emulator {
+        let venv = moto_venv();
+        let moto_bin = venv.join("bin/moto_server");
+        assert!(moto_bin.exists(), "{} is missing: run tests/install-deps.sh", moto_bin.display());
+        let (moto_port, proxy_port) = (free_port(), free_port());
+        let mut moto = Command::new(&moto_bin)
+            .args(["-H", "127.0.0.1", "-p", &moto_port.to_string()])
+            .env("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting moto_server");
+        wait_for_port(moto_port, &mut moto, "moto_server");
+        let mut proxy = Command::new(venv.join("bin/python"))
+            .arg(repo_dir().join("tests/ec2_proxy.py"))
+            .arg(proxy_port.to_string())
+            .arg(format!("http://127.0.0.1:{moto_port}"))
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("starting the EC2 proxy");
+        wait_for_port(proxy_port, &mut proxy, "ec2_proxy.py");
+        let mut emulator = Ec2Emulator {
+            moto,
+            proxy,
+            endpoint: format!("http://127.0.0.1:{proxy_port}"),
+            runtime: tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap(),
+            instance_id: String::new(),
+        };
+        // The builder instance that the daemon attaches volumes to.
+        let client = emulator.client(REGION);
+        let run = emulator
+            .runtime
+            .block_on(
+                client
+                    .run_instances()
+                    .image_id("ami-12345678")
+                    .min_count(1)
+                    .max_count(1)
+                    .placement(aws_sdk_ec2::types::Placement::builder().availability_zone(ZONE).build())
+                    .send(),
+            )
+            .expect("RunInstances");
+        emulator.instance_id = run.instances()[0].instance_id().unwrap().to_owned();
+        emulator
+    }
+
+    /// An SDK client for `region`, through the proxy.
+    pub fn client(&self, region: &str) -> aws_sdk_ec2::Client {
+        let config = aws_sdk_ec2::Config::builder()
+            .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
+            .region(aws_sdk_ec2::config::Region::new(region.to_owned()))
+            .endpoint_url(&self.endpoint)
+            .credentials_provider(aws_sdk_ec2::config::Credentials::new("testing", "testing", None, None, "tests"))
+            .build();
+        aws_sdk_ec2::Client::from_conf(config)
+    }
+
+    /// The daemon configuration for this emulator, with `extra` appended to the [ec2] section.
+    pub fn daemon_config(&self, data_plane: &str, extra: &str) -> String {
+        format!(
+            "provider = \"ec2\"\n[ec2]\nregion = \"{REGION}\"\nendpoint_url = \"{}\"\ninstance_id = \"{}\"\navailability_zone = \"{ZONE}\"\ndata_plane = \"{data_plane}\"\n{extra}\n",
+            self.endpoint, self.instance_id
+        )
+    }
+
+    fn control(&self, method: &str, path: &str, body: &str) -> String {
+        use std::io::{Read, Write};
+        let port: u16 = self.endpoint.rsplit(':').next().unwrap().parse().unwrap();
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(stream, "{method} {path} HTTP/1.1\r\nHost: proxy\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        answer.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()
+    }
+
+    /// Sets emulation knobs; see tests/ec2_proxy.py.
+    pub fn configure(&self, config: serde_json::Value) {
+        self.control("POST", "/_proxy/config", &config.to_string());
+    }
+
+    /// Calls of each EC2 action so far.
+    pub fn calls(&self, action: &str) -> u64 {
+        let stats: serde_json::Value = serde_json::from_str(&self.control("GET", "/_proxy/stats", "")).unwrap();
+        stats["calls"][action].as_u64().unwrap_or(0)
+    }
+
+    /// Volumes that carry amidala's tags, with their states.
+    pub fn amidala_volumes(&self) -> Vec<(String, String)> {
+        let out = self.runtime.block_on(self.client(REGION).describe_volumes().send()).unwrap();
+        out.volumes()
+            .iter()
+            .filter(|v| v.tags().iter().any(|t| t.key().is_some_and(|k| k.starts_with("amidala:"))))
+            .map(|v| (v.volume_id().unwrap().to_owned(), v.state().map(|s| s.as_str().to_owned()).unwrap_or_default()))
+            .collect()
+    }
+
+    /// The device names the builder instance maps.
+    pub fn instance_mappings(&self) -> Vec<String> {
+        let out = self.runtime.block_on(self.client(REGION).describe_instances().instance_ids(&self.instance_id).send()).unwrap();
+        out.reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .flat_map(|i| i.block_device_mappings())
+            .filter_map(|m| m.device_name().map(str::to_owned))
+            .collect()
+    }
+
+    /// Asserts the EC2 side holds nothing of a build: no amidala volume, no attachment.
+    #[track_caller]
+    pub fn assert_no_leaks(&self) {
+        assert_eq!(self.amidala_volumes(), vec![], "volumes left");
+        assert_eq!(self.instance_mappings(), vec!["/dev/sda1".to_owned()], "attachments left");
+    }
+
+    /// Tags of a snapshot.
+    pub fn snapshot_tags(&self, id: &str) -> std::collections::BTreeMap<String, String> {
+        let out = self.runtime.block_on(self.client(REGION).describe_snapshots().snapshot_ids(id).send()).unwrap();
+        out.snapshots()[0].tags().iter().map(|t| (t.key().unwrap().to_owned(), t.value().unwrap().to_owned())).collect()
+    }
+}
+
+impl Drop for Ec2Emulator {
+    fn drop(&mut self) {
+        for child in [&mut self.proxy, &mut self.moto] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
