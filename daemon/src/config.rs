@@ -262,6 +262,33 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_documents_real_keys() {
+        // Every commented-out setting of the shipped example, switched on, must parse.
+        let example = include_str!("../../systemd/amidalad.toml");
+        let on: String = example
+            .lines()
+            .map(|l| match l.strip_prefix('#') {
+                Some(rest) if !rest.starts_with(' ') && rest.contains(" = ") => rest,
+                _ => l,
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(
+            on.lines().filter(|l| l.contains(" = ")).count() >= 20,
+            "{on}"
+        );
+        let file: FileConfig = toml::from_str(&on).unwrap();
+        let config = Config::merge(&cli(&[]), file).unwrap();
+        assert_eq!(config.provider, ProviderKind::Local);
+        assert_eq!(config.ec2.data_plane, Some(DataPlane::Ebs));
+        assert_eq!(
+            config.ec2.timeouts,
+            Ec2Timeouts::default(),
+            "the example shows the defaults"
+        );
+    }
+
+    #[test]
     fn bad_files_and_values_are_refused() {
         assert!(toml::from_str::<FileConfig>("sockett = \"/x\"").is_err());
         assert!(toml::from_str::<FileConfig>("provider = \"gcp\"").is_err());

@@ -362,7 +362,9 @@ impl Drop for Env {
 }
 
 fn env_vars(env: &[(&str, &str)]) -> Vec<(String, String)> {
-    env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    env.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 /// Attached loop devices and their backing files.
@@ -453,7 +455,11 @@ pub fn moto_venv() -> PathBuf {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn wait_for_port(port: u16, child: &mut Child, what: &str) {
@@ -462,7 +468,10 @@ fn wait_for_port(port: u16, child: &mut Child, what: &str) {
         if let Some(status) = child.try_wait().unwrap() {
             panic!("{what} exited at start ({status})");
         }
-        assert!(Instant::now() < deadline, "{what} did not listen on {port} within 30s");
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not listen on {port} within 30s"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -493,7 +502,11 @@ impl Ec2Emulator {
     pub fn start() -> Ec2Emulator {
         let venv = moto_venv();
         let moto_bin = venv.join("bin/moto_server");
-        assert!(moto_bin.exists(), "{} is missing: run tests/install-deps.sh", moto_bin.display());
+        assert!(
+            moto_bin.exists(),
+            "{} is missing: run tests/install-deps.sh",
+            moto_bin.display()
+        );
         let (moto_port, proxy_port) = (free_port(), free_port());
         let mut moto = Command::new(&moto_bin)
             .args(["-H", "127.0.0.1", "-p", &moto_port.to_string()])
@@ -515,7 +528,10 @@ impl Ec2Emulator {
             moto,
             proxy,
             endpoint: format!("http://127.0.0.1:{proxy_port}"),
-            runtime: tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap(),
+            runtime: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
             instance_id: String::new(),
         };
         // The builder instance that the daemon attaches volumes to.
@@ -528,7 +544,11 @@ impl Ec2Emulator {
                     .image_id("ami-12345678")
                     .min_count(1)
                     .max_count(1)
-                    .placement(aws_sdk_ec2::types::Placement::builder().availability_zone(ZONE).build())
+                    .placement(
+                        aws_sdk_ec2::types::Placement::builder()
+                            .availability_zone(ZONE)
+                            .build(),
+                    )
                     .send(),
             )
             .expect("RunInstances");
@@ -542,7 +562,9 @@ impl Ec2Emulator {
             .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
             .region(aws_sdk_ec2::config::Region::new(region.to_owned()))
             .endpoint_url(&self.endpoint)
-            .credentials_provider(aws_sdk_ec2::config::Credentials::new("testing", "testing", None, None, "tests"))
+            .credentials_provider(aws_sdk_ec2::config::Credentials::new(
+                "testing", "testing", None, None, "tests",
+            ))
             .build();
         aws_sdk_ec2::Client::from_conf(config)
     }
@@ -562,7 +584,10 @@ impl Ec2Emulator {
         write!(stream, "{method} {path} HTTP/1.1\r\nHost: proxy\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
         let mut answer = String::new();
         stream.read_to_string(&mut answer).unwrap();
-        answer.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()
+        answer
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default()
     }
 
     /// Sets emulation knobs; see tests/ec2_proxy.py.
@@ -572,23 +597,44 @@ impl Ec2Emulator {
 
     /// Calls of each EC2 action so far.
     pub fn calls(&self, action: &str) -> u64 {
-        let stats: serde_json::Value = serde_json::from_str(&self.control("GET", "/_proxy/stats", "")).unwrap();
+        let stats: serde_json::Value =
+            serde_json::from_str(&self.control("GET", "/_proxy/stats", "")).unwrap();
         stats["calls"][action].as_u64().unwrap_or(0)
     }
 
     /// Volumes that carry amidala's tags, with their states.
     pub fn amidala_volumes(&self) -> Vec<(String, String)> {
-        let out = self.runtime.block_on(self.client(REGION).describe_volumes().send()).unwrap();
+        let out = self
+            .runtime
+            .block_on(self.client(REGION).describe_volumes().send())
+            .unwrap();
         out.volumes()
             .iter()
-            .filter(|v| v.tags().iter().any(|t| t.key().is_some_and(|k| k.starts_with("amidala:"))))
-            .map(|v| (v.volume_id().unwrap().to_owned(), v.state().map(|s| s.as_str().to_owned()).unwrap_or_default()))
+            .filter(|v| {
+                v.tags()
+                    .iter()
+                    .any(|t| t.key().is_some_and(|k| k.starts_with("amidala:")))
+            })
+            .map(|v| {
+                (
+                    v.volume_id().unwrap().to_owned(),
+                    v.state().map(|s| s.as_str().to_owned()).unwrap_or_default(),
+                )
+            })
             .collect()
     }
 
     /// The device names the builder instance maps.
     pub fn instance_mappings(&self) -> Vec<String> {
-        let out = self.runtime.block_on(self.client(REGION).describe_instances().instance_ids(&self.instance_id).send()).unwrap();
+        let out = self
+            .runtime
+            .block_on(
+                self.client(REGION)
+                    .describe_instances()
+                    .instance_ids(&self.instance_id)
+                    .send(),
+            )
+            .unwrap();
         out.reservations()
             .iter()
             .flat_map(|r| r.instances())
@@ -601,13 +647,29 @@ impl Ec2Emulator {
     #[track_caller]
     pub fn assert_no_leaks(&self) {
         assert_eq!(self.amidala_volumes(), vec![], "volumes left");
-        assert_eq!(self.instance_mappings(), vec!["/dev/sda1".to_owned()], "attachments left");
+        assert_eq!(
+            self.instance_mappings(),
+            vec!["/dev/sda1".to_owned()],
+            "attachments left"
+        );
     }
 
     /// Tags of a snapshot.
     pub fn snapshot_tags(&self, id: &str) -> std::collections::BTreeMap<String, String> {
-        let out = self.runtime.block_on(self.client(REGION).describe_snapshots().snapshot_ids(id).send()).unwrap();
-        out.snapshots()[0].tags().iter().map(|t| (t.key().unwrap().to_owned(), t.value().unwrap().to_owned())).collect()
+        let out = self
+            .runtime
+            .block_on(
+                self.client(REGION)
+                    .describe_snapshots()
+                    .snapshot_ids(id)
+                    .send(),
+            )
+            .unwrap();
+        out.snapshots()[0]
+            .tags()
+            .iter()
+            .map(|t| (t.key().unwrap().to_owned(), t.value().unwrap().to_owned()))
+            .collect()
     }
 }
 

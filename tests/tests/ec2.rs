@@ -6,7 +6,9 @@ use amidala_tests::{Ec2Emulator, Env, Mounted, AWS_ENV, REGION};
 use serde_json::json;
 
 fn field<'a>(v: &'a serde_json::Value, key: &str) -> &'a str {
-    v[key].as_str().unwrap_or_else(|| panic!("no string {key} in {v}"))
+    v[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("no string {key} in {v}"))
 }
 
 fn start(emulator: &Ec2Emulator, data_plane: &str, extra: &str) -> Env {
@@ -26,36 +28,83 @@ fn ec2_build_registers_an_image_holding_what_the_provisioner_wrote() {
     let result = env.build(
         &ws,
         &[
-            "--name", "system {date} {build}",
-            "--tag", "role=system",
-            "--snapshot-tag", "amidala=system",
-            "--copy-to", "us-west-2,eu-west-1",
-            "--share-with", "123456789012",
-            "--", "/bin/sh", "-c", "cp /workspace/input.txt /root/copied.txt; echo ec2 > /root/built.txt",
+            "--name",
+            "system {date} {build}",
+            "--tag",
+            "role=system",
+            "--snapshot-tag",
+            "amidala=system",
+            "--copy-to",
+            "us-west-2,eu-west-1",
+            "--share-with",
+            "123456789012",
+            "--",
+            "/bin/sh",
+            "-c",
+            "cp /workspace/input.txt /root/copied.txt; echo ec2 > /root/built.txt",
         ],
     );
-    let (build, image, snapshot) = (field(&result, "build_id"), field(&result, "image_id"), field(&result, "snapshot_id"));
+    let (build, image, snapshot) = (
+        field(&result, "build_id"),
+        field(&result, "image_id"),
+        field(&result, "snapshot_id"),
+    );
     ec2.assert_no_leaks();
 
     // The EC2 side: the image, its tags, its launch permission, its copies; the snapshot's tags.
     let client = ec2.client(REGION);
-    let images = ec2.runtime.block_on(client.describe_images().image_ids(image).send()).unwrap();
+    let images = ec2
+        .runtime
+        .block_on(client.describe_images().image_ids(image).send())
+        .unwrap();
     let ami = &images.images()[0];
-    assert!(ami.name().unwrap().starts_with("system ") && ami.name().unwrap().ends_with(build), "{:?}", ami.name());
-    let tags: std::collections::BTreeMap<_, _> = ami.tags().iter().map(|t| (t.key().unwrap(), t.value().unwrap())).collect();
+    assert!(
+        ami.name().unwrap().starts_with("system ") && ami.name().unwrap().ends_with(build),
+        "{:?}",
+        ami.name()
+    );
+    let tags: std::collections::BTreeMap<_, _> = ami
+        .tags()
+        .iter()
+        .map(|t| (t.key().unwrap(), t.value().unwrap()))
+        .collect();
     assert_eq!(tags["role"], "system");
     assert_eq!(tags["amidala:build"], build);
     assert_eq!(tags["amidala:snapshot"], snapshot);
     assert_eq!(tags["amidala:owner"], "root");
     let permission = ec2
         .runtime
-        .block_on(client.describe_image_attribute().image_id(image).attribute(aws_sdk_ec2::types::ImageAttributeName::LaunchPermission).send())
+        .block_on(
+            client
+                .describe_image_attribute()
+                .image_id(image)
+                .attribute(aws_sdk_ec2::types::ImageAttributeName::LaunchPermission)
+                .send(),
+        )
         .unwrap();
-    assert!(permission.launch_permissions().iter().any(|p| p.user_id() == Some("123456789012")), "{permission:?}");
+    assert!(
+        permission
+            .launch_permissions()
+            .iter()
+            .any(|p| p.user_id() == Some("123456789012")),
+        "{permission:?}"
+    );
     for region in ["us-west-2", "eu-west-1"] {
-        let copies = ec2.runtime.block_on(ec2.client(region).describe_images().owners("self").send()).unwrap();
-        let copy = copies.images().iter().find(|i| i.name() == ami.name()).unwrap_or_else(|| panic!("no copy in {region}"));
-        assert!(copy.tags().iter().any(|t| t.key() == Some("amidala:build") && t.value() == Some(build)), "tags copied to {region}");
+        let copies = ec2
+            .runtime
+            .block_on(ec2.client(region).describe_images().owners("self").send())
+            .unwrap();
+        let copy = copies
+            .images()
+            .iter()
+            .find(|i| i.name() == ami.name())
+            .unwrap_or_else(|| panic!("no copy in {region}"));
+        assert!(
+            copy.tags()
+                .iter()
+                .any(|t| t.key() == Some("amidala:build") && t.value() == Some(build)),
+            "tags copied to {region}"
+        );
     }
     let snap_tags = ec2.snapshot_tags(snapshot);
     assert_eq!(snap_tags["amidala"], "system");
@@ -65,7 +114,12 @@ fn ec2_build_registers_an_image_holding_what_the_provisioner_wrote() {
     assert_eq!(snap_tags["amidala:owner"], "root");
 
     // The content, through the loop data plane's copy of the snapshot.
-    let out = Mounted::new(&env.state.join("ec2-loop/snapshots").join(format!("{snapshot}.img")), 0);
+    let out = Mounted::new(
+        &env.state
+            .join("ec2-loop/snapshots")
+            .join(format!("{snapshot}.img")),
+        0,
+    );
     assert_eq!(out.read("/root/copied.txt"), "from the workspace\n");
     assert_eq!(out.read("/root/built.txt"), "ec2\n");
     assert!(!out.exists("/usr/sbin/policy-rc.d") && !out.exists("/workspace"));
@@ -73,11 +127,31 @@ fn ec2_build_registers_an_image_holding_what_the_provisioner_wrote() {
 
     // Listings come from EC2; layering picks the output up by its tag.
     let listed = env.amidala(&["images", "--json"]).json();
-    assert!(listed.as_array().unwrap().iter().any(|i| i["id"] == image && i["snapshot_id"] == snapshot), "{listed}");
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["id"] == image && i["snapshot_id"] == snapshot),
+        "{listed}"
+    );
     let listed = env.amidala(&["snapshots", "--json"]).json();
     assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
-    let app = env.build(&ws, &["--from", "amidala=system", "--", "/bin/sh", "-c", "test -f /root/built.txt"]);
-    assert_eq!(ec2.snapshot_tags(field(&app, "snapshot_id"))["amidala:source-snapshot"], snapshot);
+    let app = env.build(
+        &ws,
+        &[
+            "--from",
+            "amidala=system",
+            "--",
+            "/bin/sh",
+            "-c",
+            "test -f /root/built.txt",
+        ],
+    );
+    assert_eq!(
+        ec2.snapshot_tags(field(&app, "snapshot_id"))["amidala:source-snapshot"],
+        snapshot
+    );
     ec2.assert_no_leaks();
     env.assert_no_leaks();
 }
@@ -97,8 +171,15 @@ fn ec2_waits_through_state_delays_and_throttling() {
     let (creates, polls) = (ec2.calls("CreateVolume"), ec2.calls("DescribeVolumes"));
     let result = env.build(&ws, &["--", "/bin/true"]);
     assert!(result["image_id"].is_string());
-    assert_eq!(ec2.calls("CreateVolume") - creates, 3, "two throttled CreateVolume calls were retried");
-    assert!(ec2.calls("DescribeVolumes") - polls > 3, "the creating volume was polled until available");
+    assert_eq!(
+        ec2.calls("CreateVolume") - creates,
+        3,
+        "two throttled CreateVolume calls were retried"
+    );
+    assert!(
+        ec2.calls("DescribeVolumes") - polls > 3,
+        "the creating volume was polled until available"
+    );
     ec2.configure(json!({"volume_creating_secs": 0, "snapshot_pending_secs": 0}));
     ec2.assert_no_leaks();
     env.assert_no_leaks();
@@ -107,30 +188,64 @@ fn ec2_waits_through_state_delays_and_throttling() {
 #[test]
 fn ec2_failures_clean_up_after_themselves() {
     let ec2 = Ec2Emulator::start();
-    let env = start(&ec2, "loop", "[ec2.timeouts]\nvolume_available = 2\nsnapshot = 2\n");
+    let env = start(
+        &ec2,
+        "loop",
+        "[ec2.timeouts]\nvolume_available = 2\nsnapshot = 2\n",
+    );
     let rootfs = env.busybox_rootfs("rootfs");
     let base = env.import(&rootfs, &[]);
     let ws = env.workspace("ws", &[]);
 
     // No snapshot with the tag.
     let err = env.amidala_in(&ws, &["build", "--from", "nosuch=tag", "--", "/bin/true"]);
-    assert!(err.err().contains("failed in phase resolve") && err.stderr.contains("tagged nosuch=tag"), "{}", err.stderr);
+    assert!(
+        err.err().contains("failed in phase resolve") && err.stderr.contains("tagged nosuch=tag"),
+        "{}",
+        err.stderr
+    );
     ec2.assert_no_leaks();
 
     // A snapshot that is not completed yet.
     ec2.configure(json!({"snapshot_pending_secs": -1}));
     let client = ec2.client(REGION);
-    let volume = ec2.runtime.block_on(client.create_volume().availability_zone(amidala_tests::ZONE).size(1).send()).unwrap();
+    let volume = ec2
+        .runtime
+        .block_on(
+            client
+                .create_volume()
+                .availability_zone(amidala_tests::ZONE)
+                .size(1)
+                .send(),
+        )
+        .unwrap();
     let pending = ec2
         .runtime
-        .block_on(client.create_snapshot().volume_id(volume.volume_id().unwrap()).send())
+        .block_on(
+            client
+                .create_snapshot()
+                .volume_id(volume.volume_id().unwrap())
+                .send(),
+        )
         .unwrap()
         .snapshot_id()
         .unwrap()
         .to_owned();
-    ec2.runtime.block_on(client.delete_volume().volume_id(volume.volume_id().unwrap()).send()).unwrap();
+    ec2.runtime
+        .block_on(
+            client
+                .delete_volume()
+                .volume_id(volume.volume_id().unwrap())
+                .send(),
+        )
+        .unwrap();
     let err = env.amidala_in(&ws, &["build", "--source", &pending, "--", "/bin/true"]);
-    assert!(err.err().contains(&format!("snapshot {pending} is pending, not completed")), "{}", err.stderr);
+    assert!(
+        err.err()
+            .contains(&format!("snapshot {pending} is pending, not completed")),
+        "{}",
+        err.stderr
+    );
     ec2.configure(json!({"snapshot_pending_secs": 0}));
     ec2.assert_no_leaks();
 
@@ -138,7 +253,12 @@ fn ec2_failures_clean_up_after_themselves() {
     ec2.configure(json!({"volume_creating_secs": -1}));
     let err = env.amidala_in(&ws, &["build", "--source", &base, "--", "/bin/true"]);
     let stderr = err.err();
-    assert!(stderr.contains("failed in phase volume") && stderr.contains("timed out after 2s waiting for volume vol-") && stderr.contains("to become available"), "{stderr}");
+    assert!(
+        stderr.contains("failed in phase volume")
+            && stderr.contains("timed out after 2s waiting for volume vol-")
+            && stderr.contains("to become available"),
+        "{stderr}"
+    );
     ec2.configure(json!({"volume_creating_secs": 0}));
     ec2.assert_no_leaks();
 
@@ -146,9 +266,24 @@ fn ec2_failures_clean_up_after_themselves() {
     ec2.configure(json!({"fail": {"RegisterImage": {"code": "InvalidParameterValue", "message": "emulated failure"}}}));
     let err = env.amidala_in(&ws, &["build", "--source", &base, "--", "/bin/true"]);
     let stderr = err.err();
-    assert!(stderr.contains("failed in phase register") && stderr.contains("InvalidParameterValue: emulated failure"), "{stderr}");
-    let kept = stderr.split("snapshot ").nth(1).and_then(|r| r.split(' ').next()).filter(|s| s.starts_with("snap-")).unwrap_or_else(|| panic!("{stderr}"));
-    let build = stderr.lines().find_map(|l| l.strip_prefix("amidala: build ").and_then(|r| r.strip_suffix(" accepted"))).unwrap();
+    assert!(
+        stderr.contains("failed in phase register")
+            && stderr.contains("InvalidParameterValue: emulated failure"),
+        "{stderr}"
+    );
+    let kept = stderr
+        .split("snapshot ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .filter(|s| s.starts_with("snap-"))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    let build = stderr
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("amidala: build ")
+                .and_then(|r| r.strip_suffix(" accepted"))
+        })
+        .unwrap();
     assert_eq!(ec2.snapshot_tags(kept)["amidala:build"], build);
     ec2.configure(json!({"fail": {}}));
     ec2.assert_no_leaks();
@@ -163,9 +298,22 @@ fn ec2_failures_clean_up_after_themselves() {
 fn ec2_device_that_never_appears_is_detached_and_deleted() {
     let ec2 = Ec2Emulator::start();
     // The ebs data plane against an emulator: AttachVolume succeeds, no device ever appears.
-    let env = start(&ec2, "ebs", "device_names = [\"/dev/sdw\"]\n[ec2.timeouts]\ndevice = 2\n");
+    let env = start(
+        &ec2,
+        "ebs",
+        "device_names = [\"/dev/sdw\"]\n[ec2.timeouts]\ndevice = 2\n",
+    );
     let client = ec2.client(REGION);
-    let volume = ec2.runtime.block_on(client.create_volume().availability_zone(amidala_tests::ZONE).size(1).send()).unwrap();
+    let volume = ec2
+        .runtime
+        .block_on(
+            client
+                .create_volume()
+                .availability_zone(amidala_tests::ZONE)
+                .size(1)
+                .send(),
+        )
+        .unwrap();
     let snapshot = ec2
         .runtime
         .block_on(
@@ -175,21 +323,38 @@ fn ec2_device_that_never_appears_is_detached_and_deleted() {
                 .tag_specifications(
                     aws_sdk_ec2::types::TagSpecification::builder()
                         .resource_type(aws_sdk_ec2::types::ResourceType::Snapshot)
-                        .tags(aws_sdk_ec2::types::Tag::builder().key("amidala").value("base").build())
+                        .tags(
+                            aws_sdk_ec2::types::Tag::builder()
+                                .key("amidala")
+                                .value("base")
+                                .build(),
+                        )
                         .build(),
                 )
                 .send(),
         )
         .unwrap();
-    ec2.runtime.block_on(client.delete_volume().volume_id(volume.volume_id().unwrap()).send()).unwrap();
+    ec2.runtime
+        .block_on(
+            client
+                .delete_volume()
+                .volume_id(volume.volume_id().unwrap())
+                .send(),
+        )
+        .unwrap();
     let ws = env.workspace("ws", &[]);
     let err = env.amidala_in(&ws, &["build", "--", "/bin/true"]);
     let stderr = err.err();
     assert!(
-        stderr.contains("failed in phase attach") && stderr.contains("waiting for the block device of volume vol-") && stderr.contains("(/dev/sdw) to appear"),
+        stderr.contains("failed in phase attach")
+            && stderr.contains("waiting for the block device of volume vol-")
+            && stderr.contains("(/dev/sdw) to appear"),
         "{stderr}"
     );
-    assert!(stderr.contains(snapshot.snapshot_id().unwrap()), "started from the tagged snapshot: {stderr}");
+    assert!(
+        stderr.contains(snapshot.snapshot_id().unwrap()),
+        "started from the tagged snapshot: {stderr}"
+    );
     ec2.assert_no_leaks();
     env.assert_no_leaks();
 }
@@ -199,7 +364,14 @@ fn ec2_off_ec2_without_settings_says_which_to_set() {
     let ec2 = Ec2Emulator::start();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("amidalad.toml");
-    std::fs::write(&config, format!("provider = \"ec2\"\n[ec2]\nregion = \"{REGION}\"\nendpoint_url = \"{}\"\n", ec2.endpoint)).unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "provider = \"ec2\"\n[ec2]\nregion = \"{REGION}\"\nendpoint_url = \"{}\"\n",
+            ec2.endpoint
+        ),
+    )
+    .unwrap();
     let out = amidala_tests::run(
         std::process::Command::new(amidala_tests::bin_dir().join("amidalad"))
             .arg("--config")
@@ -212,5 +384,9 @@ fn ec2_off_ec2_without_settings_says_which_to_set() {
             .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://127.0.0.1:9"),
     );
     let err = out.err();
-    assert!(err.contains("instance metadata") && err.contains("set instance_id and availability_zone in the [ec2] section"), "{err}");
+    assert!(
+        err.contains("instance metadata")
+            && err.contains("set instance_id and availability_zone in the [ec2] section"),
+        "{err}"
+    );
 }

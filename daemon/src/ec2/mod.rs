@@ -24,7 +24,7 @@ use async_trait::async_trait;
 use aws_config::{retry::RetryConfig, BehaviorVersion, Region};
 use aws_sdk_ec2::error::ProvideErrorMetadata;
 use aws_sdk_ec2::types::{
-    ArchitectureValues, BlockDeviceMapping, BootModeValues, EbsBlockDevice, Filter,
+    ArchitectureValues, BlockDeviceMapping, BootModeValues, EbsBlockDevice, Filter, ImageState,
     ImdsSupportValues, LaunchPermission, LaunchPermissionModifications, ResourceType,
     SnapshotState, Tag, TagSpecification, VolumeAttachmentState, VolumeState, VolumeType,
 };
@@ -789,6 +789,34 @@ impl Provider for Ec2Provider {
             .image_id()
             .unwrap_or_default()
             .to_owned();
+        wait_for(
+            &format!("image {image_id} to become available"),
+            Self::timeout(self.timeouts.image),
+            || async {
+                let out = self
+                    .client
+                    .describe_images()
+                    .image_ids(&image_id)
+                    .send()
+                    .await;
+                match out
+                    .map_err(cloud("DescribeImages"))?
+                    .images()
+                    .first()
+                    .and_then(|i| i.state())
+                {
+                    Some(ImageState::Available) => Ok(Some(())),
+                    Some(ImageState::Failed | ImageState::Invalid | ImageState::Error) => {
+                        Err(Failure::new(
+                            ErrorCode::Cloud,
+                            format!("image {image_id} failed to register"),
+                        ))
+                    }
+                    _ => Ok(None),
+                }
+            },
+        )
+        .await?;
         let mut tags = meta.tags.clone();
         tags.insert("amidala:snapshot".into(), snapshot.id.clone());
         tags.insert("amidala:owner-uid".into(), meta.owner_uid.to_string());
