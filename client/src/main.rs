@@ -96,9 +96,15 @@ struct BuildArgs {
     /// Start from this snapshot.
     #[arg(long, value_name = "SNAPSHOT_ID")]
     source: Option<String>,
-    /// The provisioner plugin.
-    #[arg(long, default_value = "shell")]
-    provisioner: String,
+    /// The provisioner plugin (default: the spec file's, else shell).
+    #[arg(long)]
+    provisioner: Option<String>,
+    /// A build spec file (TOML) with a [provisioner] section: name, and options.
+    #[arg(long, value_name = "FILE")]
+    spec: Option<PathBuf>,
+    /// Print the options the provisioner takes, and build nothing.
+    #[arg(long)]
+    help_options: bool,
     /// The image name; {date}, {time} and {build} are replaced (default amidala-{build}).
     #[arg(long)]
     name: Option<String>,
@@ -299,12 +305,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 print_json(&plugins)?;
             } else {
                 print_table(
-                    &["NAME", "VERSION", "DESCRIPTION", "PATH"],
+                    &["NAME", "VERSION", "DESCRIPTION", "OPTIONS", "PATH"],
                     plugins.iter().map(|p| {
+                        let options: Vec<String> = p
+                            .options
+                            .iter()
+                            .map(|o| {
+                                format!("{}{}", o.name, if o.required { " (required)" } else { "" })
+                            })
+                            .collect();
                         vec![
                             p.name.clone(),
                             p.version.clone(),
                             p.description.clone(),
+                            options.join(", "),
                             p.path.clone(),
                         ]
                     }),
@@ -362,7 +376,65 @@ fn import(
     }
 }
 
+/// The `[provisioner]` section of a build spec file.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SpecFile {
+    #[serde(default)]
+    provisioner: SpecProvisioner,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SpecProvisioner {
+    name: Option<String>,
+    #[serde(default)]
+    options: BTreeMap<String, String>,
+}
+
+fn read_spec(path: &Path) -> Result<SpecFile> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    toml::from_str(&text).map_err(|e| anyhow!("{}: {}", path.display(), e.to_string().trim_end()))
+}
+
+fn help_options(socket: &Path, name: &str) -> Result<ExitCode> {
+    let plugins = match connect(socket)?.call(&Request::Plugins)? {
+        Response::Plugins(plugins) => plugins,
+        other => return Err(unexpected(other).into()),
+    };
+    let plugin = plugins
+        .iter()
+        .find(|p| p.name == name)
+        .ok_or_else(|| anyhow!("no provisioner named {name:?} is loaded"))?;
+    println!("{} {}: {}", plugin.name, plugin.version, plugin.description);
+    if plugin.options.is_empty() {
+        println!("options: none");
+    }
+    for option in &plugin.options {
+        let required = if option.required { " (required)" } else { "" };
+        println!(
+            "  --opt {}=...{required}\n      {}",
+            option.name, option.description
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn build(socket: &Path, args: BuildArgs) -> Result<ExitCode> {
+    let spec_file = match &args.spec {
+        Some(path) => read_spec(path)?,
+        None => SpecFile::default(),
+    };
+    let provisioner = args
+        .provisioner
+        .or(spec_file.provisioner.name)
+        .unwrap_or_else(|| "shell".to_owned());
+    if args.help_options {
+        return help_options(socket, &provisioner);
+    }
+    let mut options = spec_file.provisioner.options;
+    options.extend(args.options);
     let source = match (args.from, args.source) {
         (_, Some(id)) => Source::Snapshot(id),
         (Some(tag), None) => Source::Tag(tag),
@@ -373,9 +445,9 @@ fn build(socket: &Path, args: BuildArgs) -> Result<ExitCode> {
     };
     let spec = BuildSpec {
         source,
-        provisioner: args.provisioner,
+        provisioner,
         command: args.command,
-        options: args.options.into_iter().collect(),
+        options,
         name: args.name,
         image_tags: args.tags,
         snapshot_tags: args.snapshot_tags,

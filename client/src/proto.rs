@@ -623,6 +623,19 @@ pub struct PluginInfo {
     pub version: String,
     pub description: String,
     pub path: String,
+    /// The options it takes (`--opt KEY=VALUE`).
+    #[serde(default)]
+    pub options: Vec<PluginOption>,
+}
+
+/// One option of a provisioner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginOption {
+    /// The key; a name ending in `*` is a prefix (`env.*`).
+    pub name: String,
+    pub description: String,
+    pub required: bool,
 }
 
 /// A frame from the daemon.

@@ -6,10 +6,13 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    if std::env::args_os().nth(1).as_deref()
-        == Some(std::ffi::OsStr::new(amidalad::executor::EXECUTOR_ARG))
-    {
-        amidalad::executor::main();
+    let mut args = std::env::args_os().skip(1);
+    match (args.next(), args.next()) {
+        (Some(a), _) if a == amidalad::executor::EXECUTOR_ARG => amidalad::executor::main(),
+        (Some(a), Some(plugin)) if a == amidalad::plugins::VALIDATOR_ARG => {
+            amidalad::plugins::validator_main(std::path::Path::new(&plugin))
+        }
+        _ => {}
     }
     let cli = amidalad::config::Cli::parse();
     tracing_subscriber::fmt()

@@ -10,7 +10,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use amidala::proto::PluginInfo;
+use amidala::proto::{PluginInfo, PluginOption};
 use amidala_plugin::{
     host, BuildInfo, EntryFn, PluginError, Vtable, ABI_VERSION, ENTRY_ABI_MISMATCH, ENTRY_OK,
     ENTRY_SYMBOL,
@@ -47,6 +47,7 @@ pub struct Plugin {
     pub name: String,
     pub version: String,
     pub description: String,
+    pub options: Vec<PluginOption>,
     pub path: PathBuf,
     vtable: Vtable,
     // Declared last: dropped after everything that may point into it.
@@ -139,10 +140,20 @@ impl Plugin {
                 host::vtable_str(vtable.description),
             )
         };
+        // SAFETY: the vtable was filled by the plugin, whose library is loaded.
+        let options = unsafe { host::vtable_options(&vtable) }
+            .into_iter()
+            .map(|(name, description, required)| PluginOption {
+                name,
+                description,
+                required,
+            })
+            .collect();
         Ok(Plugin {
             name,
             version,
             description,
+            options,
             path: path.to_owned(),
             vtable,
             _library: library,
@@ -165,6 +176,109 @@ impl Plugin {
             version: self.version.clone(),
             description: self.description.clone(),
             path: self.path.display().to_string(),
+            options: self.options.clone(),
+        }
+    }
+}
+
+/// The argument that makes `amidalad` a validator: `amidalad __validate PLUGIN`.
+pub const VALIDATOR_ARG: &str = "__validate";
+/// How long a plugin may take to validate a build.
+pub const VALIDATE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// What a validator process answers on stdout.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Verdict {
+    error: Option<String>,
+}
+
+/// Entry point of `amidalad __validate PLUGIN`: reads the build's [`BuildInfo`] as JSON on
+/// stdin, loads the plugin, validates, and answers a verdict on stdout. It runs in a process of
+/// its own so that a plugin that crashes while validating takes nothing else down.
+pub fn validator_main(plugin: &Path) -> ! {
+    use std::io::{Read, Write};
+    let verdict = (|| {
+        let mut input = String::new();
+        std::io::stdin()
+            .read_to_string(&mut input)
+            .map_err(|e| format!("reading the request: {e}"))?;
+        let build: BuildInfo =
+            serde_json::from_str(&input).map_err(|e| format!("decoding the request: {e}"))?;
+        let plugin = Plugin::load(plugin).map_err(|e| e.to_string())?;
+        plugin.validate(&build).map_err(|e| e.message)
+    })();
+    let answer = serde_json::to_string(&Verdict {
+        error: verdict.err(),
+    })
+    .expect("verdicts serialize");
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(answer.as_bytes());
+    let _ = out.flush();
+    std::process::exit(0)
+}
+
+impl Plugin {
+    /// Validates `build` in a validator process; a crash, a hang or a refusal is an error.
+    pub async fn validate_isolated(&self, build: &BuildInfo) -> Result<(), crate::error::Failure> {
+        use crate::error::Failure;
+        use amidala::proto::ErrorCode;
+        use tokio::io::AsyncWriteExt;
+        let mut child = tokio::process::Command::new("/proc/self/exe")
+            .arg0("amidalad-validate")
+            .arg(VALIDATOR_ARG)
+            .arg(&self.path)
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| Failure::io("starting the validator", e))?;
+        let input = serde_json::to_vec(build).expect("build info serializes");
+        let mut stdin = child.stdin.take().expect("piped");
+        // A plugin that exits before reading is judged by its answer below.
+        let _ = stdin.write_all(&input).await;
+        drop(stdin);
+        let output = tokio::time::timeout(VALIDATE_TIMEOUT, child.wait_with_output())
+            .await
+            .map_err(|_| {
+                Failure::new(
+                    ErrorCode::ProvisionerFailed,
+                    format!(
+                        "provisioner {} did not validate the build within {}s",
+                        self.name,
+                        VALIDATE_TIMEOUT.as_secs()
+                    ),
+                )
+            })?
+            .map_err(|e| Failure::io("waiting for the validator", e))?;
+        match serde_json::from_slice::<Verdict>(&output.stdout) {
+            Ok(Verdict { error: None }) if output.status.success() => Ok(()),
+            Ok(Verdict {
+                error: Some(message),
+            }) => Err(Failure::invalid(format!(
+                "provisioner {}: {message}",
+                self.name
+            ))),
+            _ => {
+                let stderr = String::from_utf8_lossy(&output.stderr);
+                let last = stderr.lines().last().unwrap_or("").trim();
+                Err(Failure::new(
+                    ErrorCode::ProvisionerFailed,
+                    format!(
+                        "provisioner {} crashed while validating the build ({}){}",
+                        self.name,
+                        output.status,
+                        if last.is_empty() {
+                            String::new()
+                        } else {
+                            format!(": {last}")
+                        }
+                    ),
+                ))
+            }
         }
     }
 }

@@ -230,7 +230,7 @@ async fn dispatch(
 ) -> io::Result<()> {
     match request {
         Request::Hello { .. } => unreachable!("handled by the caller"),
-        Request::Build(spec) => match start_build(daemon, peer, spec, fds) {
+        Request::Build(spec) => match start_build(daemon, peer, spec, fds).await {
             Err(f) => conn.send_error(&f).await,
             Ok(handle) => {
                 conn.send(&Response::Accepted {
@@ -384,7 +384,7 @@ fn check_spec(daemon: &Daemon, spec: &BuildSpec) -> Result<(), Failure> {
     Ok(())
 }
 
-fn start_build(
+async fn start_build(
     daemon: &Arc<Daemon>,
     peer: Peer,
     spec: BuildSpec,
@@ -431,8 +431,8 @@ fn start_build(
         .get(&record.spec.provisioner)
         .expect("checked above");
     plugin
-        .validate(&build::plugin_build_info(&record, ""))
-        .map_err(|e| Failure::invalid(format!("provisioner {}: {}", plugin.name, e.message)))?;
+        .validate_isolated(&build::plugin_build_info(&record, ""))
+        .await?;
     let handle = Arc::new(BuildHandle::create(&daemon.catalog, record)?);
     tracing::info!(build = %handle.id, uid = peer.uid, pid = ?peer.pid, provisioner = %plugin.name, "build accepted");
     daemon

@@ -86,6 +86,78 @@ pub struct ErrorSink {
     pub set: unsafe extern "C" fn(ctx: *mut c_void, code: u32, message: AbiStr),
 }
 
+/// One option a provisioner takes, as the vtable describes it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct AbiOption {
+    /// The key of `--opt KEY=VALUE`; a name ending in `*` is a prefix (`env.*`).
+    pub name: AbiStr,
+    pub description: AbiStr,
+    pub required: bool,
+}
+
+/// One option a provisioner takes, as its author declares it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionDecl {
+    /// The key of `--opt KEY=VALUE`; a name ending in `*` is a prefix (`env.*`).
+    pub name: &'static str,
+    pub description: &'static str,
+    pub required: bool,
+}
+
+impl OptionDecl {
+    /// An optional option.
+    pub const fn optional(name: &'static str, description: &'static str) -> OptionDecl {
+        OptionDecl {
+            name,
+            description,
+            required: false,
+        }
+    }
+
+    /// A required option.
+    pub const fn required(name: &'static str, description: &'static str) -> OptionDecl {
+        OptionDecl {
+            name,
+            description,
+            required: true,
+        }
+    }
+
+    /// Whether `key` is this option.
+    pub fn matches(&self, key: &str) -> bool {
+        match self.name.strip_suffix('*') {
+            Some(prefix) => key.starts_with(prefix) && key.len() > prefix.len(),
+            None => key == self.name,
+        }
+    }
+}
+
+/// Checks `options` against `decls`: no unknown key, every required one present.
+pub fn check_options(
+    decls: &[OptionDecl],
+    options: &BTreeMap<String, String>,
+) -> Result<(), PluginError> {
+    if let Some(unknown) = options.keys().find(|k| !decls.iter().any(|d| d.matches(k))) {
+        let known: Vec<&str> = decls.iter().map(|d| d.name).collect();
+        return Err(PluginError::invalid(if known.is_empty() {
+            format!("unknown option {unknown:?}: this provisioner takes none")
+        } else {
+            format!("unknown option {unknown:?} (known: {})", known.join(", "))
+        }));
+    }
+    if let Some(missing) = decls
+        .iter()
+        .find(|d| d.required && !options.keys().any(|k| d.matches(k)))
+    {
+        return Err(PluginError::invalid(format!(
+            "option {:?} is required: {}",
+            missing.name, missing.description
+        )));
+    }
+    Ok(())
+}
+
 /// The plugin's functions and metadata. `abi_version` stays the first field in every version.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -94,6 +166,9 @@ pub struct Vtable {
     pub name: AbiStr,
     pub version: AbiStr,
     pub description: AbiStr,
+    /// The options the provisioner takes: `options_len` entries, valid while loaded.
+    pub options: *const AbiOption,
+    pub options_len: usize,
     /// `validate(build_info_json, sink)`: 0 when acceptable, -1 after reporting an error.
     pub validate: unsafe extern "C" fn(request: AbiStr, sink: *const ErrorSink) -> i32,
     /// `provision(build_info_json, sink)`: the exit status (>= 0), or -1 after reporting an error.
@@ -155,8 +230,12 @@ pub trait Provisioner {
     const NAME: &'static str;
     const VERSION: &'static str;
     const DESCRIPTION: &'static str;
+    /// The options it takes. Unknown and missing required options are refused by the SDK
+    /// before [`validate`](Self::validate) is called.
+    const OPTIONS: &'static [OptionDecl] = &[];
 
-    /// Checks options and command before any resource of the build exists. Runs in the daemon.
+    /// Checks options and command before any resource of the build exists (in a process of
+    /// its own, before the build starts).
     fn validate(build: &BuildInfo) -> Result<(), PluginError>;
 
     /// Does the work. Runs in the build's executor process, rooted in the image, with
@@ -201,11 +280,25 @@ pub mod __private {
             unsafe { out.cast::<u32>().write(ABI_VERSION) };
             return ENTRY_ABI_MISMATCH;
         }
+        // Made once per load and never freed: it must live as long as the library.
+        let options: &'static [AbiOption] = Box::leak(
+            T::OPTIONS
+                .iter()
+                .map(|o| AbiOption {
+                    name: AbiStr::new(o.name),
+                    description: AbiStr::new(o.description),
+                    required: o.required,
+                })
+                .collect::<Vec<_>>()
+                .into_boxed_slice(),
+        );
         let vtable = Vtable {
             abi_version: ABI_VERSION,
             name: AbiStr::new(T::NAME),
             version: AbiStr::new(T::VERSION),
             description: AbiStr::new(T::DESCRIPTION),
+            options: options.as_ptr(),
+            options_len: options.len(),
             validate: validate::<T>,
             provision: provision::<T>,
         };
@@ -216,7 +309,12 @@ pub mod __private {
 
     unsafe extern "C" fn validate<T: Provisioner>(request: AbiStr, sink: *const ErrorSink) -> i32 {
         // SAFETY: the host keeps `request` and `sink` valid for the duration of this call.
-        unsafe { call(request, sink, |build| T::validate(build).map(|()| 0)) }
+        unsafe {
+            call(request, sink, |build| {
+                check_options(T::OPTIONS, &build.options)?;
+                T::validate(build).map(|()| 0)
+            })
+        }
     }
 
     unsafe extern "C" fn provision<T: Provisioner>(request: AbiStr, sink: *const ErrorSink) -> i32 {
@@ -320,6 +418,23 @@ pub mod host {
         }
     }
 
+    /// Reads a vtable's option list.
+    ///
+    /// # Safety
+    /// `vtable` must have been filled by a plugin whose library is still loaded.
+    pub unsafe fn vtable_options(vtable: &Vtable) -> Vec<(String, String, bool)> {
+        if vtable.options.is_null() || vtable.options_len == 0 {
+            return Vec::new();
+        }
+        // SAFETY: the plugin filled `options_len` entries at `options`, valid while loaded.
+        let options = unsafe { std::slice::from_raw_parts(vtable.options, vtable.options_len) };
+        options
+            .iter()
+            // SAFETY: the strings point into the loaded library.
+            .map(|o| unsafe { (vtable_str(o.name), vtable_str(o.description), o.required) })
+            .collect()
+    }
+
     /// Reads a vtable string.
     ///
     /// # Safety
@@ -342,6 +457,11 @@ mod tests {
         const NAME: &'static str = "echo";
         const VERSION: &'static str = "1.2.3";
         const DESCRIPTION: &'static str = "test provisioner";
+        const OPTIONS: &'static [OptionDecl] = &[
+            OptionDecl::required("level", "how much"),
+            OptionDecl::optional("bad", "fails validation"),
+            OptionDecl::optional("env.*", "environment"),
+        ];
 
         fn validate(build: &BuildInfo) -> Result<(), PluginError> {
             if build.options.contains_key("bad") {
@@ -391,9 +511,45 @@ mod tests {
         }
         // SAFETY: the functions come from a vtable of code linked into this test.
         unsafe {
-            assert_eq!(host::call(vt.validate, &info(&["x"], &[])), Ok(0));
-            let err = host::call(vt.validate, &info(&["x"], &[("bad", "1")])).unwrap_err();
+            assert_eq!(
+                host::call(
+                    vt.validate,
+                    &info(&["x"], &[("level", "1"), ("env.A", "b")])
+                ),
+                Ok(0)
+            );
+            let err = host::call(vt.validate, &info(&["x"], &[("level", "1"), ("bad", "1")]))
+                .unwrap_err();
             assert_eq!(err.code, codes::INVALID);
+            let err = host::call(vt.validate, &info(&["x"], &[])).unwrap_err();
+            assert!(
+                err.message.contains("\"level\" is required"),
+                "{}",
+                err.message
+            );
+            let err = host::call(
+                vt.validate,
+                &info(&["x"], &[("level", "1"), ("colour", "red")]),
+            )
+            .unwrap_err();
+            assert!(
+                err.message.contains("unknown option \"colour\""),
+                "{}",
+                err.message
+            );
+            let err = host::call(vt.validate, &info(&["x"], &[("level", "1"), ("env.", "x")]))
+                .unwrap_err();
+            assert!(
+                err.message.contains("unknown option"),
+                "a prefix alone is no option: {}",
+                err.message
+            );
+            let options = host::vtable_options(&vt);
+            assert_eq!(
+                options[0],
+                ("level".to_owned(), "how much".to_owned(), true)
+            );
+            assert_eq!(options.len(), 3);
             assert_eq!(host::call(vt.provision, &info(&["a", "b"], &[])), Ok(2));
             let err = host::call(vt.provision, &info(&[], &[])).unwrap_err();
             assert_eq!(err.code, codes::PANIC);
