@@ -103,9 +103,75 @@ pub enum Outcome {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum ChildResult {
+    /// The plugin process exited with this status.
     Status(i32),
+    /// The plugin process was killed by this signal.
+    Signalled(i32),
     SetupFailed(String),
     PluginError(String),
+}
+
+fn send_result(pipe: RawFd, result: &ChildResult) {
+    let mut line = serde_json::to_vec(result).expect("results serialize");
+    line.push(b'\n');
+    // SAFETY: `pipe` is the result pipe's write end, open in this process; a short or failed
+    // write leaves the parent without a result, which it reports.
+    unsafe { libc::write(pipe, line.as_ptr().cast(), line.len()) };
+}
+
+/// PID 1 of the build's PID namespace: sets up the provisioner's view of the image, forks the
+/// plugin process, reaps every orphan until the plugin process ends, and reports how it ended.
+/// When PID 1 exits, the kernel kills whatever the provisioner left running in the namespace.
+/// (The plugin does not run as PID 1 itself: the kernel drops the signals PID 1 sends itself
+/// without a handler, so a plugin that aborts would not die as it should.)
+fn init_process(spec: &ExecutorSpec, plugin: &Plugin, pipe: RawFd) -> i32 {
+    if let Err(message) = child_setup(spec, pipe) {
+        send_result(pipe, &ChildResult::SetupFailed(message));
+        return 125;
+    }
+    // SAFETY: this process is single-threaded (it was forked from the single-threaded
+    // executor and started no thread), so the child may run arbitrary code.
+    match unsafe { fork() } {
+        Err(e) => {
+            send_result(
+                pipe,
+                &ChildResult::SetupFailed(format!("forking the plugin process: {e}")),
+            );
+            125
+        }
+        Ok(ForkResult::Child) => {
+            let code = match plugin.provision(&spec.build) {
+                Ok(status) => status,
+                Err(e) => {
+                    send_result(pipe, &ChildResult::PluginError(e.message));
+                    125
+                }
+            };
+            let _ = io::stdout().flush();
+            code
+        }
+        Ok(ForkResult::Parent { child }) => loop {
+            match waitpid(None, None) {
+                Ok(WaitStatus::Exited(pid, code)) if pid == child => {
+                    send_result(pipe, &ChildResult::Status(code));
+                    break code;
+                }
+                Ok(WaitStatus::Signaled(pid, sig, _)) if pid == child => {
+                    send_result(pipe, &ChildResult::Signalled(sig as i32));
+                    break 128 + sig as i32;
+                }
+                // An orphan reparented to us, reaped; or an interrupted wait.
+                Ok(_) | Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    send_result(
+                        pipe,
+                        &ChildResult::SetupFailed(format!("waiting for the plugin process: {e}")),
+                    );
+                    break 125;
+                }
+            }
+        },
+    }
 }
 
 const RESOLV_SAVED: &str = ".resolv.conf.amidala-saved";
@@ -528,22 +594,9 @@ fn provision(spec: &ExecutorSpec, plugin: &Plugin) -> Result<Outcome, Failure> {
     match unsafe { fork() }.map_err(fail(Phase::Provision, "forking the provisioner"))? {
         ForkResult::Child => {
             drop(result_read);
-            let result = match child_setup(spec, result_write.as_raw_fd()) {
-                Err(message) => ChildResult::SetupFailed(message),
-                Ok(()) => match plugin.provision(&spec.build) {
-                    Ok(status) => ChildResult::Status(status),
-                    Err(e) => ChildResult::PluginError(e.message),
-                },
-            };
-            let mut pipe = File::from(result_write);
-            let _ = pipe.write_all(&serde_json::to_vec(&result).expect("results serialize"));
-            drop(pipe);
-            let code = match result {
-                ChildResult::Status(s) => s,
-                _ => 125,
-            };
-            let _ = io::stdout().flush();
-            // SAFETY: _exit ends the child without running the parent's atexit handlers.
+            let code = init_process(spec, plugin, result_write.as_raw_fd());
+            // SAFETY: _exit ends the process without running the executor's exit handlers
+            // (both the plugin process and PID 1 end here).
             unsafe { libc::_exit(code & 0xff) }
         }
         ForkResult::Parent { child } => {
@@ -567,14 +620,19 @@ fn provision(spec: &ExecutorSpec, plugin: &Plugin) -> Result<Outcome, Failure> {
             CHILD.store(0, Ordering::SeqCst);
             let mut text = String::new();
             let _ = File::from(result_read).read_to_string(&mut text);
-            match (serde_json::from_str::<ChildResult>(&text), status) {
-                (Ok(ChildResult::SetupFailed(message)), _) => Err(Failure {
+            // The first line is the plugin process's error, if it reported one; else PID 1's
+            // account of how the plugin process ended.
+            let first = text.lines().next().map(serde_json::from_str::<ChildResult>);
+            match (first, status) {
+                (Some(Ok(ChildResult::SetupFailed(message))), _) => Err(Failure {
                     phase: Phase::Provision,
                     message: format!("setting up the provisioner: {message}"),
                 }),
-                (Ok(ChildResult::PluginError(message)), _) => Ok(Outcome::Error(message)),
+                (Some(Ok(ChildResult::PluginError(message))), _) => Ok(Outcome::Error(message)),
+                (Some(Ok(ChildResult::Signalled(sig))), _) => Ok(Outcome::Signalled(sig)),
+                (Some(Ok(ChildResult::Status(code))), _) => Ok(Outcome::Exited(code)),
+                // PID 1 itself was killed (a cancel kills it with SIGKILL).
                 (_, WaitStatus::Signaled(_, sig, _)) => Ok(Outcome::Signalled(sig as i32)),
-                (_, WaitStatus::Exited(_, code)) => Ok(Outcome::Exited(code)),
                 (_, other) => Err(Failure {
                     phase: Phase::Provision,
                     message: format!("provisioner ended unexpectedly: {other:?}"),

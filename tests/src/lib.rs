@@ -114,6 +114,16 @@ impl Env {
     /// Starts a daemon with the shell provisioner, `config` as its configuration file and
     /// `env` added to its environment.
     pub fn start_with(config: &str, vars: &[(&str, &str)]) -> Env {
+        Env::start_full(config, vars, &[])
+    }
+
+    /// Like [`start_with`](Self::start_with), with more plugin files in the plugin directory:
+    /// (library file name in the target directory, name to install it as, mode).
+    pub fn start_full(
+        config: &str,
+        vars: &[(&str, &str)],
+        extra_plugins: &[(&str, &str, u32)],
+    ) -> Env {
         require_root();
         let dir = tempfile::Builder::new()
             .prefix("amidala-test-")
@@ -136,6 +146,11 @@ impl Env {
             fs::Permissions::from_mode(0o644),
         )
         .unwrap();
+        for (library, name, mode) in extra_plugins {
+            let dest = plugins.join(name);
+            fs::copy(bin_dir().join(library), &dest).unwrap();
+            fs::set_permissions(&dest, fs::Permissions::from_mode(*mode)).unwrap();
+        }
         let mut env = Env {
             state: dir.path().join("state"),
             socket: dir.path().join("amidala.sock"),
