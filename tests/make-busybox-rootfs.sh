@@ -18,7 +18,9 @@ tmp="$dest.tmp.$$"
 trap 'rm -rf "$tmp"' EXIT
 mkdir -p "$tmp"
 cd "$tmp"
-mkdir -p bin sbin usr/bin usr/sbin etc root tmp var/tmp proc sys dev
+mkdir -p bin sbin usr/bin usr/sbin etc root tmp var/tmp proc sys dev var/lib/dpkg/info
+# An empty package database: busybox's dpkg applet installs .deb files into it.
+: > var/lib/dpkg/status
 chmod 1777 tmp var/tmp
 chmod 700 root
 cp "$busybox" bin/busybox
