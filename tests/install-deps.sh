@@ -3,7 +3,9 @@
 # daemon calls (mkfs.ext4, from e2fsprogs), the ones the tests use (sfdisk, mount, losetup,
 # tar, xz), busybox-static for the test root filesystem, and a Python venv with moto server
 # (the EC2 API emulator of the ec2 tests) in $AMIDALA_MOTO_VENV, by default
-# /var/cache/amidala-tests/moto-venv, outside the checkout. Needs root; installs only what is
+# /var/cache/amidala-tests/moto-venv, and a Debian rootfs with ansible-core for the ansible
+# tests in $AMIDALA_DEBIAN_ROOTFS, by default /var/cache/amidala-tests/debian-bookworm-ansible,
+# both outside the checkout and kept between runs. Needs root; installs only what is
 # missing.
 set -eu
 missing=
@@ -15,6 +17,8 @@ need losetup mount
 need mount mount
 need tar tar
 need xz xz-utils
+need dpkg-deb dpkg
+need debootstrap debootstrap
 # The test root filesystem needs a statically linked busybox.
 if ! command -v busybox >/dev/null 2>&1 || ldd "$(command -v busybox)" >/dev/null 2>&1; then
     missing="$missing busybox-static"
@@ -44,4 +48,13 @@ if ! "$venv/bin/python" -c "import moto, sys; sys.exit(moto.__version__ != '$mot
     mkdir -p "$(dirname "$venv")"
     python3 -m venv "$venv"
     "$venv/bin/pip" install -q --disable-pip-version-check "moto[server]==$moto_version"
+fi
+
+# A Debian minbase root filesystem with ansible-core, for the ansible provisioner's tests.
+debian=${AMIDALA_DEBIAN_ROOTFS:-/var/cache/amidala-tests/debian-bookworm-ansible}
+if [ ! -x "$debian/usr/bin/ansible-playbook" ]; then
+    echo "making $debian with debootstrap (about a minute)" >&2
+    rm -rf "$debian"
+    mkdir -p "$(dirname "$debian")"
+    "$(dirname "$0")/make-debian-rootfs.sh" "$debian"
 fi

@@ -696,3 +696,16 @@ impl Drop for Ec2Emulator {
         }
     }
 }
+
+/// The Debian root filesystem with ansible-core (made by tests/install-deps.sh).
+pub fn debian_rootfs() -> PathBuf {
+    let path = std::env::var_os("AMIDALA_DEBIAN_ROOTFS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/amidala-tests/debian-bookworm-ansible"));
+    assert!(
+        path.join("usr/bin/ansible-playbook").exists(),
+        "{} has no ansible-playbook: run tests/install-deps.sh",
+        path.display()
+    );
+    path
+}

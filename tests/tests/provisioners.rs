@@ -135,3 +135,130 @@ fn chef_contract_with_a_stand_in_chef_solo_installed_from_the_workspace() {
     drop(out);
     env.assert_no_leaks();
 }
+
+const PLAYBOOK: &str = r#"- hosts: localhost
+  gather_facts: true
+  vars:
+    greeting: default greeting
+  roles:
+    - role: motd
+      tags: [setup]
+  tasks:
+    - name: a user
+      ansible.builtin.user:
+        name: deploy
+        uid: 1500
+        shell: /bin/sh
+        create_home: true
+      tags: [setup]
+    - name: a package-free configuration
+      ansible.builtin.copy:
+        dest: /etc/default/amidala-tuning
+        content: "vm.swappiness = 10\n"
+        mode: "0644"
+      tags: [setup]
+    - name: a task the tags leave out
+      ansible.builtin.copy:
+        dest: /etc/left-out
+        content: "should not exist\n"
+      tags: [extra]
+"#;
+
+#[test]
+fn ansible_provisions_a_real_debian_image() {
+    let env = Env::start_full("", &[], &[("libamidala_ansible.so", "ansible.so", 0o644)]);
+    let base = env.import(&amidala_tests::debian_rootfs(), &[]);
+    let ws = env.workspace("ws", &[("site.yml", PLAYBOOK)]);
+    fs::create_dir_all(ws.join("roles/motd/tasks")).unwrap();
+    fs::create_dir_all(ws.join("roles/motd/templates")).unwrap();
+    fs::write(
+        ws.join("roles/motd/tasks/main.yml"),
+        "- name: the motd\n  ansible.builtin.template:\n    src: motd.j2\n    dest: /etc/motd\n    mode: \"0644\"\n",
+    )
+    .unwrap();
+    fs::write(
+        ws.join("roles/motd/templates/motd.j2"),
+        "{{ greeting }} on {{ ansible_facts['distribution'] }} {{ ansible_facts['distribution_major_version'] }}, build {{ lookup('env', 'AMIDALA_BUILD_ID') }}\n",
+    )
+    .unwrap();
+    let run = env.amidala_in(
+        &ws,
+        &[
+            "build",
+            "--json",
+            "--source",
+            &base,
+            "--provisioner",
+            "ansible",
+            "--opt",
+            "playbook=site.yml",
+            "--opt",
+            "extra_vars=greeting='hello from amidala'",
+            "--opt",
+            "tags=setup",
+        ],
+    );
+    let result = run.json();
+    assert!(run.stderr.contains("PLAY RECAP"), "{}", run.stderr);
+    let build = field(&result, "build_id");
+    let out = Mounted::new(&env.snapshot_file(field(&result, "snapshot_id")), 0);
+    assert_eq!(
+        out.read("/etc/motd"),
+        format!("hello from amidala on Debian 12, build {build}\n")
+    );
+    let passwd = out.read("/etc/passwd");
+    assert!(
+        passwd
+            .lines()
+            .any(|l| l.starts_with("deploy:x:1500:") && l.ends_with(":/home/deploy:/bin/sh")),
+        "{passwd}"
+    );
+    assert!(out.path("/home/deploy").is_dir());
+    assert_eq!(
+        out.read("/etc/default/amidala-tuning"),
+        "vm.swappiness = 10\n"
+    );
+    assert!(
+        !out.exists("/etc/left-out"),
+        "--tags setup skipped the extra task"
+    );
+    assert!(
+        !out.exists("/root/.ansible"),
+        "ansible's home was private to the build"
+    );
+    let leftovers: Vec<_> = fs::read_dir(out.path("/tmp"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().contains("amidala"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert_eq!(
+        out.read("/etc/resolv.conf"),
+        "# resolv.conf of the debian test image\nnameserver 192.0.2.53\n"
+    );
+    assert!(!out.exists("/usr/sbin/policy-rc.d"));
+    drop(out);
+
+    // A failing playbook fails the build with ansible's status.
+    fs::write(ws.join("fail.yml"), "- hosts: localhost\n  gather_facts: false\n  tasks:\n    - ansible.builtin.fail:\n        msg: failing on purpose\n").unwrap();
+    let failed = env.amidala_in(
+        &ws,
+        &[
+            "build",
+            "--source",
+            &base,
+            "--provisioner",
+            "ansible",
+            "--opt",
+            "playbook=fail.yml",
+        ],
+    );
+    let err = failed.err();
+    assert!(
+        err.contains("failing on purpose")
+            && err.contains("failed in phase provision")
+            && err.contains("exited with status 2"),
+        "{err}"
+    );
+    env.assert_no_leaks();
+}
