@@ -17,7 +17,7 @@ bin=${CARGO_TARGET_DIR:-$repo/target}/debug
 scratch=$(mktemp -d /tmp/amidala-demo.XXXXXX)
 chmod 755 "$scratch"
 mkdir -m 755 "$scratch/plugins"
-install -m 644 "$bin/libamidala_shell.so" "$scratch/plugins/"
+install -m 644 "$bin/libamidala_shell.so" "$bin/libamidala_chef.so" "$bin/libamidala_ansible.so" "$scratch/plugins/"
 export AMIDALA_SOCKET="$scratch/amidala.sock"
 
 "$bin/amidalad" --config /dev/null --state-dir "$scratch/state" --socket "$AMIDALA_SOCKET" \
