@@ -37,6 +37,14 @@ pub fn require_root() {
     );
 }
 
+/// The string `key` of a JSON object, or a panic naming what is missing.
+#[track_caller]
+pub fn field<'a>(v: &'a serde_json::Value, key: &str) -> &'a str {
+    v[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("no string {key} in {v}"))
+}
+
 /// A finished command's output, as text.
 #[derive(Debug)]
 pub struct Run {
@@ -667,6 +675,36 @@ impl Ec2Emulator {
             vec!["/dev/sda1".to_owned()],
             "attachments left"
         );
+    }
+
+    /// A completed snapshot made outside amidala (a volume, snapshotted, deleted), with `tags`.
+    pub fn make_snapshot(&self, tags: &[(&str, &str)]) -> String {
+        use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
+        let client = self.client(REGION);
+        let volume = self
+            .runtime
+            .block_on(
+                client
+                    .create_volume()
+                    .availability_zone(ZONE)
+                    .size(1)
+                    .send(),
+            )
+            .unwrap();
+        let volume_id = volume.volume_id().unwrap();
+        let mut call = client.create_snapshot().volume_id(volume_id);
+        if !tags.is_empty() {
+            let mut spec = TagSpecification::builder().resource_type(ResourceType::Snapshot);
+            for (k, v) in tags {
+                spec = spec.tags(Tag::builder().key(*k).value(*v).build());
+            }
+            call = call.tag_specifications(spec.build());
+        }
+        let snapshot = self.runtime.block_on(call.send()).unwrap();
+        self.runtime
+            .block_on(client.delete_volume().volume_id(volume_id).send())
+            .unwrap();
+        snapshot.snapshot_id().unwrap().to_owned()
     }
 
     /// Tags of a snapshot.

@@ -2,14 +2,8 @@
 //! against moto server, with the loop data plane keyed by EC2 ids so image contents can be
 //! checked. tests/ec2_proxy.py adds what moto does not model: state delays, throttling, errors.
 
-use amidala_tests::{Ec2Emulator, Env, Mounted, AWS_ENV, REGION};
+use amidala_tests::{field, Ec2Emulator, Env, Mounted, AWS_ENV, REGION};
 use serde_json::json;
-
-fn field<'a>(v: &'a serde_json::Value, key: &str) -> &'a str {
-    v[key]
-        .as_str()
-        .unwrap_or_else(|| panic!("no string {key} in {v}"))
-}
 
 fn start(emulator: &Ec2Emulator, data_plane: &str, extra: &str) -> Env {
     Env::start_with(&emulator.daemon_config(data_plane, extra), &AWS_ENV)
@@ -208,37 +202,7 @@ fn ec2_failures_clean_up_after_themselves() {
 
     // A snapshot that is not completed yet.
     ec2.configure(json!({"snapshot_pending_secs": -1}));
-    let client = ec2.client(REGION);
-    let volume = ec2
-        .runtime
-        .block_on(
-            client
-                .create_volume()
-                .availability_zone(amidala_tests::ZONE)
-                .size(1)
-                .send(),
-        )
-        .unwrap();
-    let pending = ec2
-        .runtime
-        .block_on(
-            client
-                .create_snapshot()
-                .volume_id(volume.volume_id().unwrap())
-                .send(),
-        )
-        .unwrap()
-        .snapshot_id()
-        .unwrap()
-        .to_owned();
-    ec2.runtime
-        .block_on(
-            client
-                .delete_volume()
-                .volume_id(volume.volume_id().unwrap())
-                .send(),
-        )
-        .unwrap();
+    let pending = ec2.make_snapshot(&[]);
     let err = env.amidala_in(&ws, &["build", "--source", &pending, "--", "/bin/true"]);
     assert!(
         err.err()
@@ -303,45 +267,7 @@ fn ec2_device_that_never_appears_is_detached_and_deleted() {
         "ebs",
         "device_names = [\"/dev/sdw\"]\n[ec2.timeouts]\ndevice = 2\n",
     );
-    let client = ec2.client(REGION);
-    let volume = ec2
-        .runtime
-        .block_on(
-            client
-                .create_volume()
-                .availability_zone(amidala_tests::ZONE)
-                .size(1)
-                .send(),
-        )
-        .unwrap();
-    let snapshot = ec2
-        .runtime
-        .block_on(
-            client
-                .create_snapshot()
-                .volume_id(volume.volume_id().unwrap())
-                .tag_specifications(
-                    aws_sdk_ec2::types::TagSpecification::builder()
-                        .resource_type(aws_sdk_ec2::types::ResourceType::Snapshot)
-                        .tags(
-                            aws_sdk_ec2::types::Tag::builder()
-                                .key("amidala")
-                                .value("base")
-                                .build(),
-                        )
-                        .build(),
-                )
-                .send(),
-        )
-        .unwrap();
-    ec2.runtime
-        .block_on(
-            client
-                .delete_volume()
-                .volume_id(volume.volume_id().unwrap())
-                .send(),
-        )
-        .unwrap();
+    let snapshot = ec2.make_snapshot(&[("amidala", "base")]);
     let ws = env.workspace("ws", &[]);
     let err = env.amidala_in(&ws, &["build", "--", "/bin/true"]);
     let stderr = err.err();
@@ -352,7 +278,7 @@ fn ec2_device_that_never_appears_is_detached_and_deleted() {
         "{stderr}"
     );
     assert!(
-        stderr.contains(snapshot.snapshot_id().unwrap()),
+        stderr.contains(&snapshot),
         "started from the tagged snapshot: {stderr}"
     );
     ec2.assert_no_leaks();

@@ -8,16 +8,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use amidala::proto::{self, FrameDecoder, Response};
-use amidala_tests::{run, Env, Mounted};
+use amidala_tests::{field, run, Env, Mounted};
 
 /// The content the busybox image ships in /etc/resolv.conf.
 const IMAGE_RESOLV: &str = "# resolv.conf of the busybox test image\nnameserver 192.0.2.53\n";
-
-fn field<'a>(v: &'a serde_json::Value, key: &str) -> &'a str {
-    v[key]
-        .as_str()
-        .unwrap_or_else(|| panic!("no string {key} in {v}"))
-}
 
 #[test]
 fn build_writes_what_the_provisioner_wrote_and_leaves_no_trace() {

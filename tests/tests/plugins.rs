@@ -3,15 +3,9 @@
 
 use std::process::Stdio;
 
-use amidala_tests::{Env, Mounted};
+use amidala_tests::{field, Env, Mounted};
 
 const PROBE: &str = "libamidala_test_probe.so";
-
-fn field<'a>(v: &'a serde_json::Value, key: &str) -> &'a str {
-    v[key]
-        .as_str()
-        .unwrap_or_else(|| panic!("no string {key} in {v}"))
-}
 
 #[test]
 fn an_out_of_tree_plugin_is_listed_and_runs_in_a_build() {

@@ -5,13 +5,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
-use amidala_tests::{run, Env, Mounted};
-
-fn field<'a>(v: &'a serde_json::Value, key: &str) -> &'a str {
-    v[key]
-        .as_str()
-        .unwrap_or_else(|| panic!("no string {key} in {v}"))
-}
+use amidala_tests::{field, run, Env, Mounted};
 
 /// The contract a chef-solo must meet, checked by a stand-in: chef itself cannot be installed
 /// from the package registries this project may use. The stand-in fails (exit 64 to 66) unless

@@ -258,6 +258,21 @@ impl Ec2Provider {
             .collect())
     }
 
+    /// One snapshot, if it exists.
+    async fn describe_snapshot(
+        &self,
+        snapshot_id: &str,
+    ) -> Result<Option<aws_sdk_ec2::types::Snapshot>, Failure> {
+        let out = self
+            .client
+            .describe_snapshots()
+            .snapshot_ids(snapshot_id)
+            .send()
+            .await
+            .map_err(cloud("DescribeSnapshots"))?;
+        Ok(out.snapshots().first().cloned())
+    }
+
     async fn volume_state(
         &self,
         volume_id: &str,
@@ -309,14 +324,7 @@ impl Ec2Provider {
             &format!("snapshot {snapshot_id} to complete"),
             Self::timeout(self.timeouts.snapshot),
             || async {
-                let out = self
-                    .client
-                    .describe_snapshots()
-                    .snapshot_ids(snapshot_id)
-                    .send()
-                    .await
-                    .map_err(cloud("DescribeSnapshots"))?;
-                let snapshot = out.snapshots().first().cloned().ok_or_else(|| {
+                let snapshot = self.describe_snapshot(snapshot_id).await?.ok_or_else(|| {
                     Failure::new(
                         ErrorCode::Cloud,
                         format!("snapshot {snapshot_id} has disappeared"),
@@ -611,14 +619,7 @@ impl Provider for Ec2Provider {
         match source {
             Source::Snapshot(id) => {
                 validate_id("snap", id)?;
-                let out = self
-                    .client
-                    .describe_snapshots()
-                    .snapshot_ids(id)
-                    .send()
-                    .await
-                    .map_err(cloud("DescribeSnapshots"))?;
-                let snapshot = out.snapshots().first().ok_or_else(|| {
+                let snapshot = self.describe_snapshot(id).await?.ok_or_else(|| {
                     Failure::new(ErrorCode::NotFound, format!("snapshot {id} does not exist"))
                 })?;
                 if snapshot.state() != Some(&SnapshotState::Completed) {
@@ -629,7 +630,7 @@ impl Provider for Ec2Provider {
                             .map_or("in an unknown state", |s| s.as_str())
                     )));
                 }
-                Ok(self.record_of(snapshot))
+                Ok(self.record_of(&snapshot))
             }
             Source::Tag(tag) => {
                 let mut found = Vec::new();

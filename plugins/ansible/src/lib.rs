@@ -6,36 +6,16 @@
 //! the workspace's `roles/` and, with `--opt requirements=FILE`, in the roles `ansible-galaxy`
 //! installs from that file; collections in the workspace's `collections/`.
 
-use std::os::unix::process::ExitStatusExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use amidala_plugin::{export_provisioner, BuildInfo, OptionDecl, PluginError, Provisioner};
+use amidala_plugin::{
+    exit_code, export_provisioner, workspace_path, BuildInfo, OptionDecl, PluginError, Provisioner,
+};
 
 /// See the crate documentation.
 #[derive(Debug)]
 pub struct Ansible;
-
-fn relative(option: &str, value: &str) -> Result<(), PluginError> {
-    let path = Path::new(value);
-    if value.is_empty()
-        || path.is_absolute()
-        || path.components().any(|c| c == Component::ParentDir)
-    {
-        return Err(PluginError::invalid(format!(
-            "{option} {value:?} must be a relative path inside the workspace"
-        )));
-    }
-    Ok(())
-}
-
-fn exit_code(status: std::process::ExitStatus) -> i32 {
-    match (status.code(), status.signal()) {
-        (Some(code), _) => code,
-        (None, Some(signal)) => 128 + signal,
-        (None, None) => 1,
-    }
-}
 
 /// The `ansible-playbook` arguments for a build.
 pub fn playbook_args(build: &BuildInfo) -> Vec<String> {
@@ -79,7 +59,7 @@ impl Provisioner for Ansible {
     fn validate(build: &BuildInfo) -> Result<(), PluginError> {
         for option in ["playbook", "requirements"] {
             if let Some(value) = build.options.get(option) {
-                relative(option, value)?;
+                workspace_path(option, value)?;
             }
         }
         if !build.command.is_empty() {

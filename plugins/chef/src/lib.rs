@@ -7,11 +7,12 @@
 //! `--opt install=chef.deb` it first installs chef from a package file in the workspace with
 //! `dpkg -i` (the omnibus package flow).
 
-use std::os::unix::process::ExitStatusExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use amidala_plugin::{export_provisioner, BuildInfo, OptionDecl, PluginError, Provisioner};
+use amidala_plugin::{
+    exit_code, export_provisioner, workspace_path, BuildInfo, OptionDecl, PluginError, Provisioner,
+};
 
 /// See the crate documentation.
 #[derive(Debug)]
@@ -19,19 +20,6 @@ pub struct Chef;
 
 /// The programs tried, in order.
 pub const CHEF_PROGRAMS: [&str; 2] = ["chef-solo", "cinc-solo"];
-
-fn relative(option: &str, value: &str) -> Result<(), PluginError> {
-    let path = Path::new(value);
-    if value.is_empty()
-        || path.is_absolute()
-        || path.components().any(|c| c == Component::ParentDir)
-    {
-        return Err(PluginError::invalid(format!(
-            "{option} {value:?} must be a relative path inside the workspace"
-        )));
-    }
-    Ok(())
-}
 
 /// A run list as chef takes it: comma-separated `recipe[...]` and `role[...]` items.
 fn check_run_list(run_list: &str) -> Result<(), PluginError> {
@@ -86,14 +74,6 @@ fn find_program() -> Option<PathBuf> {
     })
 }
 
-fn exit_code(status: std::process::ExitStatus) -> i32 {
-    match (status.code(), status.signal()) {
-        (Some(code), _) => code,
-        (None, Some(signal)) => 128 + signal,
-        (None, None) => 1,
-    }
-}
-
 impl Provisioner for Chef {
     const NAME: &'static str = "chef";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
@@ -122,7 +102,7 @@ impl Provisioner for Chef {
         check_run_list(&build.options["run_list"])?;
         for option in ["cookbooks", "attributes", "install"] {
             if let Some(value) = build.options.get(option) {
-                relative(option, value)?;
+                workspace_path(option, value)?;
             }
         }
         if let Some(install) = build.options.get("install") {

@@ -158,6 +158,34 @@ pub fn check_options(
     Ok(())
 }
 
+/// Checks that `value`, given as option `option`, is a relative path that stays inside the
+/// workspace (no leading `/`, no `..`).
+pub fn workspace_path(option: &str, value: &str) -> Result<(), PluginError> {
+    let path = std::path::Path::new(value);
+    if value.is_empty()
+        || path.is_absolute()
+        || path
+            .components()
+            .any(|c| c == std::path::Component::ParentDir)
+    {
+        return Err(PluginError::invalid(format!(
+            "{option} {value:?} must be a relative path inside the workspace"
+        )));
+    }
+    Ok(())
+}
+
+/// The exit status a provisioner reports for a finished program: its exit code, or 128 plus
+/// the signal that killed it, as shells do.
+pub fn exit_code(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => code,
+        (None, Some(signal)) => 128 + signal,
+        (None, None) => 1,
+    }
+}
+
 /// The plugin's functions and metadata. `abi_version` stays the first field in every version.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]

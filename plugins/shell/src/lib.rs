@@ -2,11 +2,12 @@
 //! commands, inside the image with `/workspace` as working directory. Its exit status is the
 //! build's: anything but 0 fails the build.
 
-use std::os::unix::process::ExitStatusExt;
-use std::path::{Component, Path};
+use std::path::Path;
 use std::process::Command;
 
-use amidala_plugin::{export_provisioner, BuildInfo, OptionDecl, PluginError, Provisioner};
+use amidala_plugin::{
+    exit_code, export_provisioner, workspace_path, BuildInfo, OptionDecl, PluginError, Provisioner,
+};
 
 /// See the crate documentation.
 #[derive(Debug)]
@@ -93,18 +94,7 @@ impl Provisioner for Shell {
             Work::Command(cmd) if cmd[0].is_empty() => {
                 Err(PluginError::invalid("the command is empty"))
             }
-            Work::Script(script) => {
-                let path = Path::new(script);
-                if script.is_empty()
-                    || path.is_absolute()
-                    || path.components().any(|c| c == Component::ParentDir)
-                {
-                    return Err(PluginError::invalid(format!(
-                        "script {script:?} must be a relative path inside the workspace"
-                    )));
-                }
-                Ok(())
-            }
+            Work::Script(script) => workspace_path("script", script),
             _ => Ok(()),
         }
     }
@@ -143,11 +133,7 @@ impl Provisioner for Shell {
             .current_dir(&build.workspace)
             .status()
             .map_err(|e| PluginError::failed(format!("cannot run {:?}: {e}", cmd.get_program())))?;
-        Ok(match (status.code(), status.signal()) {
-            (Some(code), _) => code,
-            (None, Some(signal)) => 128 + signal,
-            (None, None) => 1,
-        })
+        Ok(exit_code(status))
     }
 }
 
