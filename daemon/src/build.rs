@@ -305,6 +305,7 @@ async fn with_volume(
     snapshot_tags.insert("amidala:build".into(), handle.id.clone());
     snapshot_tags.insert("amidala:source-snapshot".into(), source.to_owned());
     snapshot_tags.insert("amidala:owner".into(), owner.clone());
+    snapshot_tags.insert("amidala:owner-uid".into(), handle.owner_uid.to_string());
     snapshot_tags.insert("amidala:provisioner".into(), spec.provisioner.clone());
     handle.enter(Phase::Snapshot)?;
     let snapshot = provider
@@ -329,6 +330,7 @@ async fn with_volume(
         .collect();
     image_tags.insert("amidala:build".into(), handle.id.clone());
     image_tags.insert("amidala:owner".into(), owner);
+    image_tags.insert("amidala:owner-uid".into(), handle.owner_uid.to_string());
     handle
         .enter(Phase::Register)
         .map_err(|(phase, f)| (phase, kept_snapshot(f, &snapshot.id)))?;

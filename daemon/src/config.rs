@@ -131,6 +131,8 @@ pub struct FileConfig {
     pub max_builds: Option<usize>,
     #[serde(default)]
     pub ec2: Ec2Config,
+    #[serde(default)]
+    pub policy: crate::policy::PolicyConfig,
 }
 
 /// The configuration in force.
@@ -142,6 +144,7 @@ pub struct Config {
     pub plugin_dir: PathBuf,
     pub max_builds: usize,
     pub ec2: Ec2Config,
+    pub policy: crate::policy::PolicyConfig,
 }
 
 impl Config {
@@ -188,6 +191,7 @@ impl Config {
                 .or(file.max_builds)
                 .unwrap_or(DEFAULT_MAX_BUILDS),
             ec2,
+            policy: file.policy,
         };
         if config.max_builds == 0 {
             bail!("max_builds must be at least 1");

@@ -159,6 +159,7 @@ pub async fn import(
     };
     let owner = crate::build::owner_name(requester.uid);
     tags.insert("amidala:owner".into(), owner.clone());
+    tags.insert("amidala:owner-uid".into(), requester.uid.to_string());
     note(format!(
         "amidala: storing the image as a {} snapshot",
         provider.name()

@@ -20,6 +20,7 @@ pub mod ids;
 pub mod import;
 pub mod loopdev;
 pub mod plugins;
+pub mod policy;
 pub mod provider;
 pub mod server;
 pub mod store;
@@ -53,6 +54,8 @@ pub struct Daemon {
     pub catalog: Catalog,
     pub provider: Arc<dyn Provider>,
     pub plugins: Plugins,
+    /// Who may do what.
+    pub policy: policy::Policy,
     /// Builds queued or running, by id.
     pub builds: Mutex<HashMap<String, Arc<BuildHandle>>>,
     /// One permit per build allowed to run at once.
@@ -92,12 +95,14 @@ pub async fn run(config: Config) -> Result<()> {
         plugins = ?plugins.names(),
         "amidalad ready"
     );
+    let policy = policy::Policy::new(config.policy.clone());
     let daemon = Arc::new(Daemon {
         slots: Arc::new(Semaphore::new(config.max_builds)),
         config,
         catalog,
         provider,
         plugins,
+        policy,
         builds: Mutex::new(HashMap::new()),
         shutdown: CancellationToken::new(),
         build_tasks: TaskTracker::new(),

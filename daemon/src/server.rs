@@ -35,13 +35,8 @@ const MAX_FDS: usize = 2;
 const MAX_OPTIONS: usize = 64;
 const MAX_OPTION_VALUE: usize = 64 * 1024;
 
-/// Who is on the other end, from `SO_PEERCRED`.
-#[derive(Debug, Clone, Copy)]
-pub struct Peer {
-    pub uid: u32,
-    pub gid: u32,
-    pub pid: Option<i32>,
-}
+use crate::policy::Action;
+pub use crate::policy::Peer;
 
 #[derive(Debug, thiserror::Error)]
 enum ReadError {
@@ -138,12 +133,17 @@ impl Conn {
 
 /// Serves one connection until the client closes it or breaks the protocol.
 pub async fn handle_connection(daemon: Arc<Daemon>, stream: UnixStream) {
-    let peer = match stream.peer_cred() {
-        Ok(cred) => Peer {
+    use std::os::fd::AsFd;
+    let credentials = stream.peer_cred().and_then(|cred| {
+        Ok(Peer {
             uid: cred.uid(),
             gid: cred.gid(),
             pid: cred.pid(),
-        },
+            groups: crate::policy::peer_groups(stream.as_fd())?,
+        })
+    });
+    let peer = match credentials {
+        Ok(peer) => peer,
         Err(e) => {
             tracing::warn!(error = %e, "cannot read peer credentials; closing");
             return;
@@ -201,7 +201,7 @@ pub async fn handle_connection(daemon: Arc<Daemon>, stream: UnixStream) {
                 conn.send_error(&Failure::new(ErrorCode::BadRequest, "hello sent twice"))
                     .await
             }
-            (true, request) => dispatch(&daemon, &mut conn, peer, request, fds).await,
+            (true, request) => dispatch(&daemon, &mut conn, &peer, request, fds).await,
         };
         if let Err(e) = result {
             tracing::debug!(uid = peer.uid, error = %e, "client went away");
@@ -221,13 +221,31 @@ fn one_fd(fds: Vec<OwnedFd>, what: &str) -> Result<OwnedFd, Failure> {
     }
 }
 
+/// The action a request asks for, as the policy judges it (for a build: once its owner is known).
+fn action_of(request: &Request) -> Action {
+    match request {
+        Request::Build(_) => Action::Build,
+        Request::ImportBase(_) => Action::Import,
+        Request::List => Action::ListBuilds,
+        Request::Images | Request::Snapshots => Action::ListImages,
+        Request::Hello { .. } | Request::Plugins | Request::Version => Action::Describe,
+        // Judged against the build's owner once it is found; builders at least.
+        Request::Status { .. } | Request::Logs { .. } | Request::Cancel { .. } => {
+            Action::ListBuilds
+        }
+    }
+}
+
 async fn dispatch(
     daemon: &Arc<Daemon>,
     conn: &mut Conn,
-    peer: Peer,
+    peer: &Peer,
     request: Request,
     fds: Vec<OwnedFd>,
 ) -> io::Result<()> {
+    if let Err(refused) = daemon.policy.authorize(peer, action_of(&request)) {
+        return conn.send_error(&refused).await;
+    }
     match request {
         Request::Hello { .. } => unreachable!("handled by the caller"),
         Request::Build(spec) => match start_build(daemon, peer, spec, fds).await {
@@ -246,17 +264,18 @@ async fn dispatch(
         Request::ImportBase(spec) => import_base(daemon, conn, peer, spec, fds).await,
         Request::List => {
             let mut builds = daemon.catalog.builds().map_err(io::Error::other)?;
+            builds.retain(|b| daemon.policy.sees(peer, b.owner_uid));
             builds.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.id.cmp(&b.id)));
             conn.send(&Response::Builds(
                 builds.iter().map(BuildRecord::info).collect(),
             ))
             .await
         }
-        Request::Status { id } => match find_build(daemon, &id) {
+        Request::Status { id } => match readable_build(daemon, peer, &id) {
             Ok(record) => conn.send(&Response::Build(record.info())).await,
             Err(f) => conn.send_error(&f).await,
         },
-        Request::Logs { id, follow } => match find_build(daemon, &id) {
+        Request::Logs { id, follow } => match readable_build(daemon, peer, &id) {
             Err(f) => conn.send_error(&f).await,
             Ok(_) => {
                 let progress = if follow {
@@ -295,6 +314,18 @@ async fn dispatch(
     }
 }
 
+/// A build `peer` may read: their own, or any for an admin.
+fn readable_build(daemon: &Daemon, peer: &Peer, id: &str) -> Result<BuildRecord, Failure> {
+    let record = find_build(daemon, id)?;
+    daemon.policy.authorize(
+        peer,
+        Action::ReadBuild {
+            owner: record.owner_uid,
+        },
+    )?;
+    Ok(record)
+}
+
 fn live(daemon: &Daemon, id: &str) -> Option<Arc<BuildHandle>> {
     daemon.builds.lock().expect("builds lock").get(id).cloned()
 }
@@ -311,15 +342,14 @@ fn find_build(daemon: &Daemon, id: &str) -> Result<BuildRecord, Failure> {
         .ok_or_else(|| Failure::new(ErrorCode::NotFound, format!("build {id} does not exist")))
 }
 
-async fn cancel(daemon: &Daemon, peer: Peer, id: &str) -> Result<BuildRecord, Failure> {
+async fn cancel(daemon: &Daemon, peer: &Peer, id: &str) -> Result<BuildRecord, Failure> {
     let record = find_build(daemon, id)?;
-    if peer.uid != 0 && peer.uid != record.owner_uid {
-        tracing::warn!(uid = peer.uid, pid = ?peer.pid, build = id, "cancel refused: not the owner");
-        return Err(Failure::new(
-            ErrorCode::PermissionDenied,
-            format!("build {id} belongs to uid {}, not to you", record.owner_uid),
-        ));
-    }
+    daemon.policy.authorize(
+        peer,
+        Action::CancelBuild {
+            owner: record.owner_uid,
+        },
+    )?;
     let Some(handle) = live(daemon, id) else {
         return Err(Failure::invalid(format!(
             "build {id} has already ended: {}",
@@ -386,7 +416,7 @@ fn check_spec(daemon: &Daemon, spec: &BuildSpec) -> Result<(), Failure> {
 
 async fn start_build(
     daemon: &Arc<Daemon>,
-    peer: Peer,
+    peer: &Peer,
     spec: BuildSpec,
     fds: Vec<OwnedFd>,
 ) -> Result<Arc<BuildHandle>, Failure> {
@@ -449,7 +479,7 @@ async fn start_build(
 async fn import_base(
     daemon: &Arc<Daemon>,
     conn: &mut Conn,
-    peer: Peer,
+    peer: &Peer,
     spec: ImportSpec,
     fds: Vec<OwnedFd>,
 ) -> io::Result<()> {

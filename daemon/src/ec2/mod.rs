@@ -744,9 +744,6 @@ impl Provider for Ec2Provider {
         volume: &Volume,
         meta: SnapshotMeta,
     ) -> Result<SnapshotRecord, Failure> {
-        let mut meta = meta;
-        meta.tags
-            .insert("amidala:owner-uid".into(), meta.owner_uid.to_string());
         self.snapshot_volume(&volume.id, &meta).await
     }
 
@@ -820,7 +817,6 @@ impl Provider for Ec2Provider {
         .await?;
         let mut tags = meta.tags.clone();
         tags.insert("amidala:snapshot".into(), snapshot.id.clone());
-        tags.insert("amidala:owner-uid".into(), meta.owner_uid.to_string());
         // Tags after registering: EC2 takes them on RegisterImage too, emulators often do not.
         let mut tag_call = self.client.create_tags().resources(&image_id);
         for (k, v) in &tags {
@@ -1000,9 +996,6 @@ impl Ec2Provider {
             drop(held);
             written?;
             detached?;
-            let mut meta = meta;
-            meta.tags
-                .insert("amidala:owner-uid".into(), meta.owner_uid.to_string());
             self.snapshot_volume(&volume_id, &meta).await
         }
         .await;

@@ -1,0 +1,290 @@
+//! Shared builder hosts: real unprivileged users, made by the test, run the real client as
+//! themselves against the real daemon: who may build, list, read, follow and cancel what.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use amidala_tests::{bin_dir, field, run, Env, Run};
+
+const MEMBER: &str = "amidala-t-alice";
+const OTHER_MEMBER: &str = "amidala-t-bob";
+const ADMIN: &str = "amidala-t-admin";
+const OUTSIDER: &str = "amidala-t-eve";
+
+/// Groups and users made for the test, removed again when it ends, whatever happened.
+struct Accounts {
+    groups: Vec<&'static str>,
+    users: Vec<&'static str>,
+}
+
+impl Accounts {
+    fn create() -> Accounts {
+        let mut accounts = Accounts {
+            groups: vec![],
+            users: vec![],
+        };
+        for group in ["amidala", "amidala-admin"] {
+            let exists = Command::new("getent")
+                .args(["group", group])
+                .stdout(Stdio::null())
+                .status()
+                .unwrap()
+                .success();
+            if !exists {
+                run(Command::new("groupadd").arg(group)).ok();
+                accounts.groups.push(group);
+            }
+        }
+        for (user, groups) in [
+            (MEMBER, "amidala"),
+            (OTHER_MEMBER, "amidala"),
+            (ADMIN, "amidala,amidala-admin"),
+            (OUTSIDER, ""),
+        ] {
+            let _ = Command::new("userdel")
+                .arg(user)
+                .stderr(Stdio::null())
+                .status();
+            let mut add = Command::new("useradd");
+            add.args(["-M", "-U", "-s", "/bin/sh"]);
+            if !groups.is_empty() {
+                add.args(["-G", groups]);
+            }
+            run(add.arg(user)).ok();
+            accounts.users.push(user);
+        }
+        accounts
+    }
+}
+
+impl Drop for Accounts {
+    fn drop(&mut self) {
+        for user in &self.users {
+            let _ = Command::new("userdel").arg(user).status();
+        }
+        for group in &self.groups {
+            let _ = Command::new("groupdel").arg(group).status();
+        }
+    }
+}
+
+fn uid_of(user: &str) -> u32 {
+    run(Command::new("id").args(["-u", user]))
+        .ok()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+struct Host {
+    env: Env,
+    client: PathBuf,
+}
+
+impl Host {
+    /// The client run as `user` (with that user's groups), in `cwd`.
+    fn command(&self, user: &str, cwd: &Path, args: &[&str]) -> Command {
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--reuid", user, "--regid", user, "--init-groups", "--"])
+            .arg(&self.client)
+            .args(args)
+            .current_dir(cwd)
+            .env("AMIDALA_SOCKET", &self.env.socket);
+        cmd
+    }
+
+    fn run_as(&self, user: &str, cwd: &Path, args: &[&str]) -> Run {
+        run(&mut self.command(user, cwd, args))
+    }
+
+    fn as_user(&self, user: &str, args: &[&str]) -> Run {
+        self.run_as(user, self.env.dir.path(), args)
+    }
+
+    /// A workspace owned by `user`.
+    fn workspace(&self, user: &str) -> PathBuf {
+        let dir = self.env.workspace(&format!("ws-{user}"), &[("who", user)]);
+        run(Command::new("chown")
+            .args(["-R", &format!("{user}:{user}")])
+            .arg(&dir))
+        .ok();
+        dir
+    }
+
+    fn spawn_build(&self, user: &str, script: &str) -> Child {
+        let ws = self.workspace(user);
+        self.command(
+            user,
+            &ws,
+            &["build", "--json", "--", "/bin/sh", "-c", script],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+    }
+
+    /// The id of `user`'s build once it is provisioning.
+    fn running_build_of(&self, user: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let list = self.as_user(user, &["list", "--json"]).json();
+            if let Some(b) = list
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|b| b["state"] == "running" && b["phase"] == "provision")
+            {
+                return b["id"].as_str().unwrap().to_owned();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{user} has no running build: {list}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn denied(run: &Run, what: &str) {
+    let err = run.err();
+    assert!(
+        err.contains("permission_denied") && err.contains(what),
+        "expected a refusal of {what}: {err}"
+    );
+}
+
+#[test]
+fn the_permission_matrix_with_real_users() {
+    let _accounts = Accounts::create();
+    let env = Env::start();
+    let client = env.dir.path().join("amidala");
+    fs::copy(bin_dir().join("amidala"), &client).unwrap();
+    fs::set_permissions(&client, fs::Permissions::from_mode(0o755)).unwrap();
+    let host = Host { env, client };
+    let rootfs = host.env.busybox_rootfs("rootfs");
+    host.env.import(&rootfs, &[]);
+    let socket_mode = fs::metadata(&host.env.socket).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(socket_mode.mode() & 0o777, 0o660);
+    assert_eq!(
+        socket_mode.gid(),
+        run(Command::new("getent").args(["group", "amidala"]))
+            .ok()
+            .split(':')
+            .nth(2)
+            .unwrap()
+            .parse::<u32>()
+            .unwrap()
+    );
+
+    // A non-member cannot reach the daemon at all: the socket is the first gate.
+    let outsider = host.as_user(OUTSIDER, &["list"]);
+    let err = outsider.err();
+    assert!(
+        err.contains(host.env.socket.to_str().unwrap()) && err.contains("Permission denied"),
+        "{err}"
+    );
+
+    // Two members build at once; each sees and touches only their own build.
+    let alice = host.spawn_build(MEMBER, "sleep 3; cp /workspace/who /root/built-by");
+    let bob = host.spawn_build(OTHER_MEMBER, "sleep 3; cp /workspace/who /root/built-by");
+    let alice_build = host.running_build_of(MEMBER);
+    let bob_build = host.running_build_of(OTHER_MEMBER);
+    for (user, own, other) in [
+        (MEMBER, &alice_build, &bob_build),
+        (OTHER_MEMBER, &bob_build, &alice_build),
+    ] {
+        let list = host.as_user(user, &["list", "--json"]).json();
+        let ids: Vec<&str> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, vec![own.as_str()], "{user} lists only their own build");
+        host.as_user(user, &["status", own]).ok();
+        denied(
+            &host.as_user(user, &["status", other]),
+            "reading another user's build",
+        );
+        denied(
+            &host.as_user(user, &["logs", other]),
+            "reading another user's build",
+        );
+        denied(
+            &host.as_user(user, &["logs", "-f", other]),
+            "reading another user's build",
+        );
+        denied(
+            &host.as_user(user, &["cancel", other]),
+            "cancelling another user's build",
+        );
+    }
+    // Admins and root see everything.
+    for user in [ADMIN, "root"] {
+        let list = host.as_user(user, &["list", "--json"]).json();
+        assert_eq!(list.as_array().unwrap().len(), 2, "{user}: {list}");
+        host.as_user(user, &["status", &alice_build]).ok();
+        host.as_user(user, &["logs", &bob_build]).ok();
+    }
+    for (child, user) in [(alice, MEMBER), (bob, OTHER_MEMBER)] {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{user}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let images = host.as_user(user, &["images", "--json"]).json();
+        let image = images
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["id"] == field(&result, "image_id"))
+            .unwrap();
+        assert_eq!(image["tags"]["amidala:owner"], user);
+        assert_eq!(image["tags"]["amidala:owner-uid"], uid_of(user).to_string());
+        let snapshots = host.as_user(user, &["snapshots", "--json"]).json();
+        let snapshot = snapshots
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"] == field(&result, "snapshot_id"))
+            .unwrap();
+        assert_eq!(snapshot["tags"]["amidala:owner"], user);
+    }
+
+    // Cancelling: not another member's build; your own, and an admin any.
+    let alice = host.spawn_build(MEMBER, "sleep 300");
+    let alice_build = host.running_build_of(MEMBER);
+    denied(
+        &host.as_user(OTHER_MEMBER, &["cancel", &alice_build]),
+        "cancelling another user's build",
+    );
+    let cancelled = host.as_user(ADMIN, &["cancel", &alice_build]);
+    assert!(
+        cancelled.ok().is_empty() && cancelled.stderr.contains("is cancelled"),
+        "{}",
+        cancelled.stderr
+    );
+    assert!(!alice.wait_with_output().unwrap().status.success());
+    let bob = host.spawn_build(OTHER_MEMBER, "sleep 300");
+    let bob_build = host.running_build_of(OTHER_MEMBER);
+    host.as_user(OTHER_MEMBER, &["cancel", &bob_build]).ok();
+    assert!(!bob.wait_with_output().unwrap().status.success());
+
+    // Refusals are in the daemon's log with who asked.
+    let log = host.env.daemon_log();
+    let bob_uid = uid_of(OTHER_MEMBER);
+    assert!(
+        log.lines().any(|l| l.contains("refused")
+            && l.contains(&format!("uid={bob_uid}"))
+            && l.contains("cancelling another user's build")),
+        "{log}"
+    );
+    host.env.assert_no_leaks();
+}
