@@ -180,7 +180,9 @@ const POLICY_RC_D: &str =
     "#!/bin/sh\n# Written by amidala for the duration of a build: no service starts.\nexit 101\n";
 const MOUNT_POINTS: [&str; 4] = ["proc", "sys", "dev", "workspace"];
 /// Capabilities the provisioner never has: they reach beyond the image.
-const DROPPED_CAPS: [caps::Capability; 9] = [
+/// (MKNOD: a device node of the host's disk would be a way out; NET_ADMIN: the network
+/// namespace is the host's.)
+const DROPPED_CAPS: [caps::Capability; 17] = [
     caps::Capability::CAP_SYS_ADMIN,
     caps::Capability::CAP_SYS_MODULE,
     caps::Capability::CAP_SYS_RAWIO,
@@ -190,6 +192,14 @@ const DROPPED_CAPS: [caps::Capability; 9] = [
     caps::Capability::CAP_MAC_ADMIN,
     caps::Capability::CAP_MAC_OVERRIDE,
     caps::Capability::CAP_SYSLOG,
+    caps::Capability::CAP_MKNOD,
+    caps::Capability::CAP_NET_ADMIN,
+    caps::Capability::CAP_SYS_PACCT,
+    caps::Capability::CAP_AUDIT_CONTROL,
+    caps::Capability::CAP_BPF,
+    caps::Capability::CAP_PERFMON,
+    caps::Capability::CAP_WAKE_ALARM,
+    caps::Capability::CAP_BLOCK_SUSPEND,
 ];
 
 static CHILD: AtomicI32 = AtomicI32::new(0);
@@ -265,8 +275,14 @@ fn run() -> Result<(), Failure> {
     // into each new mount namespace. So the workspace becomes our working directory here and
     // the provisioner process bind-mounts ".".
     nix::unistd::fchdir(WORKSPACE_FD).map_err(fail(Phase::Mount, "entering the workspace"))?;
-    unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID)
-        .map_err(fail(Phase::Mount, "creating namespaces"))?;
+    // Mounts, processes, host name and System V IPC of the build are its own.
+    unshare(
+        CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWPID
+            | CloneFlags::CLONE_NEWUTS
+            | CloneFlags::CLONE_NEWIPC,
+    )
+    .map_err(fail(Phase::Mount, "creating namespaces"))?;
     mount(
         None::<&str>,
         "/",
@@ -279,7 +295,8 @@ fn run() -> Result<(), Failure> {
         Some(&spec.device),
         &spec.mount_dir,
         Some(spec.fs_type.as_str()),
-        MsFlags::empty(),
+        // Device nodes in the image stay inert while building: no way to the host's disks.
+        MsFlags::MS_NODEV,
         None::<&str>,
     )
     .map_err(fail(
@@ -662,12 +679,16 @@ enum SetupStep {
     },
     /// Device nodes, directories and links in the fresh /dev.
     PopulateDev,
+    /// `<image>/target` bound onto itself read-only.
+    ReadOnly(&'static str),
+    /// `<image>/target`, if it exists, hidden under a read-only /dev/null.
+    Mask(&'static str),
 }
 
 /// What the provisioner sees, in the order it is set up: a plan rather than code, so the
 /// flags are checked by unit tests without root.
 fn provisioner_mounts(workspace_rw: bool) -> Vec<SetupStep> {
-    use SetupStep::{Mount, PopulateDev};
+    use SetupStep::{Mask, Mount, PopulateDev, ReadOnly};
     let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     let mut workspace =
         MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
@@ -716,6 +737,11 @@ fn provisioner_mounts(workspace_rw: bool) -> Vec<SetupStep> {
             what: "mounting /dev",
         },
         PopulateDev,
+        // Kernel settings are the host's: readable, not writable. And no sysrq, kcore, kmsg.
+        ReadOnly("proc/sys"),
+        Mask("proc/sysrq-trigger"),
+        Mask("proc/kcore"),
+        Mask("proc/kmsg"),
         Mount {
             source: Some("devpts"),
             target: "dev/pts",
@@ -760,6 +786,12 @@ fn child_setup(spec: &ExecutorSpec, keep: RawFd) -> Result<(), String> {
             } => mount(source, &root.join(target), fstype, flags, data)
                 .map_err(errno_context(what))?,
             SetupStep::PopulateDev => populate_dev(&root.join("dev"))?,
+            SetupStep::ReadOnly(target) => read_only_bind(&root.join(target), &root.join(target))?,
+            SetupStep::Mask(target) => {
+                if root.join(target).exists() {
+                    read_only_bind(&root.join("dev/null"), &root.join(target))?;
+                }
+            }
         }
     }
 
@@ -790,6 +822,28 @@ fn child_setup(spec: &ExecutorSpec, keep: RawFd) -> Result<(), String> {
     }
     scrub_environment(&spec.build);
     Ok(())
+}
+
+/// Binds `source` onto `target` and makes that mount read-only, nosuid, nodev and noexec.
+fn read_only_bind(source: &Path, target: &Path) -> Result<(), String> {
+    mount(
+        Some(source),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(errno_context(format!("binding {}", target.display())))?;
+    let flags = MsFlags::MS_BIND
+        | MsFlags::MS_REMOUNT
+        | MsFlags::MS_RDONLY
+        | MsFlags::MS_NOSUID
+        | MsFlags::MS_NODEV
+        | MsFlags::MS_NOEXEC;
+    mount(None::<&str>, target, None::<&str>, flags, None::<&str>).map_err(errno_context(format!(
+        "making {} read-only",
+        target.display()
+    )))
 }
 
 fn populate_dev(dev: &Path) -> Result<(), String> {
@@ -930,6 +984,18 @@ mod tests {
             })
             .unwrap();
         assert!(dev < position(&SetupStep::PopulateDev) && position(&SetupStep::PopulateDev) < pts);
+        // /proc is mounted before it is locked down, and the masks need /dev/null.
+        let proc = plan
+            .iter()
+            .position(|s| matches!(s, SetupStep::Mount { target: "proc", .. }))
+            .unwrap();
+        assert!(proc < position(&SetupStep::ReadOnly("proc/sys")));
+        assert!(
+            position(&SetupStep::PopulateDev) < position(&SetupStep::Mask("proc/sysrq-trigger"))
+        );
+        for masked in ["proc/sysrq-trigger", "proc/kcore", "proc/kmsg"] {
+            assert!(plan.contains(&SetupStep::Mask(masked)), "{masked}");
+        }
     }
 
     #[test]

@@ -1,0 +1,112 @@
+//! A provisioner is root in its image and must not reach the host or other builds: the
+//! classic escapes, tried from inside a real build, each recorded and asserted blocked.
+
+use std::fs;
+
+use amidala_tests::{field, Env, Mounted};
+
+/// Each line: NAME and a command that succeeds only if the escape worked.
+const ATTEMPTS: &str = r#"
+mount-tmpfs        mount -t tmpfs none /tmp
+mount-proc-again   mount -t proc proc /tmp
+remount-root-rw    mount -o remount,rw /workspace
+mknod-host-disk    mknod /tmp/disk b 254 0
+sysrq              echo h > /proc/sysrq-trigger
+sysctl             cat /proc/sys/vm/swappiness > /proc/sys/vm/swappiness
+kcore              head -c 1 /proc/kcore | grep -q .
+host-marker        test -e "$HOST_MARKER"
+proc1-root         test -e "/proc/1/root$HOST_MARKER"
+dotdot-walk        cd /workspace/../../../../../.. && test -e ".$HOST_MARKER"
+chroot-walk        mkdir -p /tmp/jail/bin && cp /bin/busybox /tmp/jail/bin/ && chroot /tmp/jail /bin/busybox test -e "../../../..$HOST_MARKER"
+signal-daemon      kill -0 "$DAEMON_PID"
+see-host-pids      test "$(ls /proc | grep -c '^[0-9][0-9]*$')" -gt 20
+loop-devices       ls /dev | grep -q loop
+other-workspace    test -e "$OTHER_WORKSPACE/secret"
+write-workspace    touch /workspace/written
+"#;
+
+fn script() -> String {
+    let mut s = String::from("report=/root/escapes\n: > $report\n");
+    for line in ATTEMPTS.lines().filter(|l| !l.trim().is_empty()) {
+        let (name, command) = line.split_once(' ').unwrap();
+        s.push_str(&format!(
+            "if ( {} ) >/dev/null 2>&1; then echo '{name} ESCAPED'; else echo '{name} blocked'; fi >> $report\n",
+            command.trim()
+        ));
+    }
+    s.push_str("grep CapBnd /proc/self/status >> $report\nhostname amidala-build-hostname 2>/dev/null || true; echo \"hostname $(hostname)\" >> $report\n");
+    s
+}
+
+#[test]
+fn classic_escapes_fail_from_inside_a_provisioner() {
+    let env = Env::start();
+    let rootfs = env.busybox_rootfs("rootfs");
+    env.import(&rootfs, &[]);
+    let marker = env.dir.path().join("host-marker");
+    fs::write(&marker, "the host's\n").unwrap();
+    let other = env.workspace("other", &[("secret", "another user's\n")]);
+    let ws = env.workspace("ws", &[]);
+    let host_name = nix::unistd::gethostname().unwrap();
+    let script = script();
+    let args = [
+        "build",
+        "--json",
+        "--opt",
+        &format!("env.HOST_MARKER={}", marker.display()),
+        "--opt",
+        &format!("env.DAEMON_PID={}", env.daemon_pid().unwrap()),
+        "--opt",
+        &format!("env.OTHER_WORKSPACE={}", other.display()),
+        "--opt",
+        &format!("inline={script}"),
+    ];
+    let result = env.amidala_in(&ws, &args).json();
+    let out = Mounted::new(&env.snapshot_file(field(&result, "snapshot_id")), 0);
+    let report = out.read("/root/escapes");
+    let attempts = ATTEMPTS.lines().filter(|l| !l.trim().is_empty()).count();
+    let blocked = report.lines().filter(|l| l.ends_with(" blocked")).count();
+    assert_eq!(blocked, attempts, "every escape blocked:\n{report}");
+    assert!(!report.contains("ESCAPED"), "{report}");
+
+    // The bounding set lacks what reaches beyond the image.
+    let bounding = report
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .unwrap()
+        .trim();
+    let bounding = u64::from_str_radix(bounding, 16).unwrap();
+    for (name, bit) in [
+        ("CAP_NET_ADMIN", 12),
+        ("CAP_SYS_MODULE", 16),
+        ("CAP_SYS_RAWIO", 17),
+        ("CAP_SYS_PTRACE", 19),
+        ("CAP_SYS_ADMIN", 21),
+        ("CAP_SYS_BOOT", 22),
+        ("CAP_SYS_TIME", 25),
+        ("CAP_MKNOD", 27),
+        ("CAP_MAC_ADMIN", 33),
+    ] {
+        assert_eq!(
+            bounding & (1 << bit),
+            0,
+            "{name} in the bounding set {bounding:x}"
+        );
+    }
+    assert!(
+        bounding & (1 << 0) != 0,
+        "CAP_CHOWN kept: installing packages needs it"
+    );
+    // The host name is not the build's to change (no CAP_SYS_ADMIN), and it has its own
+    // UTS namespace besides: the host's name is untouched either way.
+    assert!(report.contains("\nhostname "), "{report}");
+    assert_eq!(
+        nix::unistd::gethostname().unwrap(),
+        host_name,
+        "the host's name is untouched"
+    );
+    assert_eq!(fs::read_to_string(&marker).unwrap(), "the host's\n");
+    assert!(!ws.join("written").exists());
+    drop(out);
+    env.assert_no_leaks();
+}
