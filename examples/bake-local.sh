@@ -9,7 +9,7 @@ if [ "$(id -u)" != 0 ]; then
     echo "$0: amidalad needs root: run it with sudo" >&2
     exit 1
 fi
-tests/install-deps.sh
+tests/install-deps.sh --demo
 . tests/find-cargo.sh
 cargo build --workspace
 bin=${CARGO_TARGET_DIR:-$repo/target}/debug

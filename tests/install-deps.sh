@@ -5,8 +5,8 @@
 # (the EC2 API emulator of the ec2 tests) in $AMIDALA_MOTO_VENV, by default
 # /var/cache/amidala-tests/moto-venv, and a Debian rootfs with ansible-core for the ansible
 # tests in $AMIDALA_DEBIAN_ROOTFS, by default /var/cache/amidala-tests/debian-bookworm-ansible,
-# both outside the checkout and kept between runs. Needs root; installs only what is
-# missing.
+# both outside the checkout and kept between runs. With --demo, only what
+# examples/bake-local.sh needs. Needs root; installs only what is missing.
 set -eu
 missing=
 need() { command -v "$1" >/dev/null 2>&1 || missing="$missing $2"; }
@@ -34,6 +34,9 @@ if [ -n "$missing" ]; then
     # shellcheck disable=SC2086
     apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
+
+# The demo (examples/bake-local.sh --demo) needs nothing more; the tests need what follows.
+[ "${1:-}" = --demo ] && exit 0
 
 # The EC2 API emulator, pinned: the ec2 tests are written against its behaviour.
 moto_version=5.2.5
