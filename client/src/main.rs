@@ -370,7 +370,9 @@ fn import(
                 return Ok(ExitCode::SUCCESS);
             }
             Ok(other) => return Err(unexpected(other).into()),
-            Err(ClientError::Daemon(err)) => bail!("base import: {}", err.message),
+            Err(ClientError::Daemon(err)) => {
+                bail!("base import refused ({}): {}", err.code, err.message)
+            }
             Err(err) => return Err(err.into()),
         }
     }
@@ -493,7 +495,7 @@ fn build(socket: &Path, args: BuildArgs) -> Result<ExitCode> {
                 );
             }
             Ok(other) => return Err(unexpected(other).into()),
-            Err(ClientError::Daemon(err)) => bail!("build refused: {}", err.message),
+            Err(ClientError::Daemon(err)) => bail!("build refused ({}): {}", err.code, err.message),
             Err(ClientError::Closed) => {
                 return Err(anyhow!(
                     "amidalad closed the connection before build {} ended",

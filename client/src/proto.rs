@@ -470,6 +470,8 @@ pub enum ErrorCode {
     Io,
     /// A wait passed its deadline.
     Timeout,
+    /// A bound on builds, connections or the queue was reached.
+    LimitExceeded,
     /// The cloud API refused or failed a call.
     Cloud,
     /// A bug in amidala.
@@ -493,6 +495,7 @@ impl ErrorCode {
             ErrorCode::Cancelled => "cancelled",
             ErrorCode::Io => "io",
             ErrorCode::Timeout => "timeout",
+            ErrorCode::LimitExceeded => "limit_exceeded",
             ErrorCode::Cloud => "cloud",
             ErrorCode::Internal => "internal",
         }

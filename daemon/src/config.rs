@@ -133,6 +133,33 @@ pub struct FileConfig {
     pub ec2: Ec2Config,
     #[serde(default)]
     pub policy: crate::policy::PolicyConfig,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// The `[limits]` section: bounds on what one client or user may hold.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Seconds a client may take to send a complete request; then it is dropped.
+    pub request_timeout: u64,
+    /// Builds one user may have queued or running at once.
+    pub max_builds_per_user: usize,
+    /// Connections one user may have open at once.
+    pub max_connections_per_user: usize,
+    /// Builds that may wait in the queue, over all users, beyond those running.
+    pub max_queued_builds: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            request_timeout: 60,
+            max_builds_per_user: 8,
+            max_connections_per_user: 32,
+            max_queued_builds: 64,
+        }
+    }
 }
 
 /// The configuration in force.
@@ -145,6 +172,7 @@ pub struct Config {
     pub max_builds: usize,
     pub ec2: Ec2Config,
     pub policy: crate::policy::PolicyConfig,
+    pub limits: Limits,
 }
 
 impl Config {
@@ -192,6 +220,7 @@ impl Config {
                 .unwrap_or(DEFAULT_MAX_BUILDS),
             ec2,
             policy: file.policy,
+            limits: file.limits,
         };
         if config.max_builds == 0 {
             bail!("max_builds must be at least 1");
@@ -288,6 +317,11 @@ mod tests {
         assert_eq!(
             config.ec2.timeouts,
             Ec2Timeouts::default(),
+            "the example shows the defaults"
+        );
+        assert_eq!(
+            config.limits,
+            Limits::default(),
             "the example shows the defaults"
         );
     }

@@ -56,6 +56,8 @@ pub struct Daemon {
     pub plugins: Plugins,
     /// Who may do what.
     pub policy: policy::Policy,
+    /// Open connections, by uid.
+    pub connections: Mutex<HashMap<u32, usize>>,
     /// Builds queued or running, by id.
     pub builds: Mutex<HashMap<String, Arc<BuildHandle>>>,
     /// One permit per build allowed to run at once.
@@ -104,6 +106,7 @@ pub async fn run(config: Config) -> Result<()> {
         plugins,
         policy,
         builds: Mutex::new(HashMap::new()),
+        connections: Mutex::new(HashMap::new()),
         shutdown: CancellationToken::new(),
         build_tasks: TaskTracker::new(),
     });

@@ -27,8 +27,6 @@ use crate::ids::new_id;
 use crate::import::{self, Requester};
 use crate::Daemon;
 
-/// How long a client may take to send a complete request.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most descriptors one request may carry.
 const MAX_FDS: usize = 2;
 /// Most provisioner options, and their sizes.
@@ -44,8 +42,8 @@ enum ReadError {
     Frame(#[from] FrameError),
     #[error("{0}")]
     Io(#[from] io::Error),
-    #[error("no complete request within {}s", REQUEST_TIMEOUT.as_secs())]
-    Timeout,
+    #[error("no complete request within {}s", .0.as_secs())]
+    Timeout(Duration),
     #[error("a request carried more than {MAX_FDS} descriptors")]
     TooManyFds,
 }
@@ -55,13 +53,14 @@ impl ReadError {
         match self {
             ReadError::Frame(e) => e.code(),
             ReadError::Io(_) => ErrorCode::Io,
-            ReadError::Timeout | ReadError::TooManyFds => ErrorCode::BadRequest,
+            ReadError::Timeout(_) | ReadError::TooManyFds => ErrorCode::BadRequest,
         }
     }
 }
 
 struct Conn {
     stream: UnixStream,
+    timeout: Duration,
     decoder: FrameDecoder,
     fds: VecDeque<OwnedFd>,
 }
@@ -93,9 +92,10 @@ impl Conn {
 
     /// The next request and the descriptors that came with it; `None` at a clean end.
     async fn read_request(&mut self) -> Result<Option<(Request, Vec<OwnedFd>)>, ReadError> {
-        tokio::time::timeout(REQUEST_TIMEOUT, self.read_request_inner())
+        let timeout = self.timeout;
+        tokio::time::timeout(timeout, self.read_request_inner())
             .await
-            .unwrap_or(Err(ReadError::Timeout))
+            .unwrap_or(Err(ReadError::Timeout(timeout)))
     }
 
     async fn read_request_inner(&mut self) -> Result<Option<(Request, Vec<OwnedFd>)>, ReadError> {
@@ -131,6 +131,40 @@ impl Conn {
     }
 }
 
+/// One of a user's open connections; released when dropped.
+struct ConnectionSlot<'a> {
+    daemon: &'a Daemon,
+    uid: u32,
+}
+
+impl<'a> ConnectionSlot<'a> {
+    fn take(daemon: &'a Daemon, uid: u32) -> Result<ConnectionSlot<'a>, Failure> {
+        let max = daemon.config.limits.max_connections_per_user;
+        let mut open = daemon.connections.lock().expect("connections lock");
+        let count = open.entry(uid).or_insert(0);
+        if *count >= max {
+            return Err(Failure::new(
+                ErrorCode::LimitExceeded,
+                format!("uid {uid} has {count} connections open; the limit is {max}"),
+            ));
+        }
+        *count += 1;
+        Ok(ConnectionSlot { daemon, uid })
+    }
+}
+
+impl Drop for ConnectionSlot<'_> {
+    fn drop(&mut self) {
+        let mut open = self.daemon.connections.lock().expect("connections lock");
+        if let Some(count) = open.get_mut(&self.uid) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.uid);
+            }
+        }
+    }
+}
+
 /// Serves one connection until the client closes it or breaks the protocol.
 pub async fn handle_connection(daemon: Arc<Daemon>, stream: UnixStream) {
     use std::os::fd::AsFd;
@@ -151,8 +185,20 @@ pub async fn handle_connection(daemon: Arc<Daemon>, stream: UnixStream) {
     };
     let mut conn = Conn {
         stream,
+        timeout: Duration::from_secs(daemon.config.limits.request_timeout),
         decoder: FrameDecoder::new(),
         fds: VecDeque::new(),
+    };
+    let _slot = match ConnectionSlot::take(&daemon, peer.uid) {
+        Ok(slot) => slot,
+        Err(refused) => {
+            tracing::warn!(uid = peer.uid, pid = ?peer.pid, "refused: {}", refused.message);
+            // The refusal answers the client's first request, so that it reads it rather than
+            // a closed connection.
+            let _ = conn.read_request().await;
+            let _ = conn.send_error(&refused).await;
+            return;
+        }
     };
     let mut greeted = false;
     loop {
@@ -364,6 +410,35 @@ async fn cancel(daemon: &Daemon, peer: &Peer, id: &str) -> Result<BuildRecord, F
     Ok(handle.record())
 }
 
+/// Refuses a build beyond the user's share or a full queue.
+fn check_build_limits(
+    daemon: &Daemon,
+    builds: &std::collections::HashMap<String, Arc<BuildHandle>>,
+    peer: &Peer,
+) -> Result<(), Failure> {
+    let limits = &daemon.config.limits;
+    let mine = builds.values().filter(|b| b.owner_uid == peer.uid).count();
+    if mine >= limits.max_builds_per_user {
+        return Err(Failure::new(
+            ErrorCode::LimitExceeded,
+            format!(
+                "you have {mine} builds queued or running; the limit is {}",
+                limits.max_builds_per_user
+            ),
+        ));
+    }
+    if builds.len() >= daemon.config.max_builds + limits.max_queued_builds {
+        return Err(Failure::new(
+            ErrorCode::LimitExceeded,
+            format!(
+                "the build queue is full ({} builds queued or running)",
+                builds.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a build request completely before anything is made.
 fn check_spec(daemon: &Daemon, spec: &BuildSpec) -> Result<(), Failure> {
     match &spec.source {
@@ -440,6 +515,8 @@ async fn start_build(
         ));
     }
     check_spec(daemon, &spec)?;
+    // A cheap early refusal; the binding check is made again when the build is registered.
+    check_build_limits(daemon, &daemon.builds.lock().expect("builds lock"), peer)?;
     let record = BuildRecord {
         id: new_id("bld"),
         owner_uid: peer.uid,
@@ -463,13 +540,15 @@ async fn start_build(
     plugin
         .validate_isolated(&build::plugin_build_info(&record, ""))
         .await?;
-    let handle = Arc::new(BuildHandle::create(&daemon.catalog, record)?);
+    let handle = {
+        // Checked and registered under one lock: concurrent requests cannot both slip in.
+        let mut builds = daemon.builds.lock().expect("builds lock");
+        check_build_limits(daemon, &builds, peer)?;
+        let handle = Arc::new(BuildHandle::create(&daemon.catalog, record)?);
+        builds.insert(handle.id.clone(), handle.clone());
+        handle
+    };
     tracing::info!(build = %handle.id, uid = peer.uid, pid = ?peer.pid, provisioner = %plugin.name, "build accepted");
-    daemon
-        .builds
-        .lock()
-        .expect("builds lock")
-        .insert(handle.id.clone(), handle.clone());
     daemon
         .build_tasks
         .spawn(build::run(daemon.clone(), handle.clone(), workspace));
