@@ -182,7 +182,7 @@ const MOUNT_POINTS: [&str; 4] = ["proc", "sys", "dev", "workspace"];
 /// Capabilities the provisioner never has: they reach beyond the image.
 /// (MKNOD: a device node of the host's disk would be a way out; NET_ADMIN: the network
 /// namespace is the host's.)
-const DROPPED_CAPS: [caps::Capability; 17] = [
+pub const DROPPED_CAPS: [caps::Capability; 17] = [
     caps::Capability::CAP_SYS_ADMIN,
     caps::Capability::CAP_SYS_MODULE,
     caps::Capability::CAP_SYS_RAWIO,

@@ -68,6 +68,30 @@ pub struct Daemon {
     pub build_tasks: TaskTracker,
 }
 
+/// Drops, from every set of this (still single-threaded) process, the capabilities neither the
+/// daemon nor any build needs: those the provisioner never has, except `CAP_SYS_ADMIN` (mounts,
+/// namespaces, loop devices) and `CAP_MKNOD` (device nodes of a build's /dev), which the daemon
+/// and its executors use. Threads and processes started afterwards inherit the reduced sets.
+/// Returns what is kept.
+pub fn drop_capabilities() -> Result<caps::CapsHashSet> {
+    use caps::{CapSet, Capability};
+    for cap in executor::DROPPED_CAPS {
+        if matches!(cap, Capability::CAP_SYS_ADMIN | Capability::CAP_MKNOD) {
+            continue;
+        }
+        for set in [
+            CapSet::Bounding,
+            CapSet::Inheritable,
+            CapSet::Effective,
+            CapSet::Permitted,
+        ] {
+            caps::drop(None, set, cap)
+                .with_context(|| format!("dropping {cap} from the {set:?} set"))?;
+        }
+    }
+    caps::read(None, CapSet::Effective).context("reading capabilities")
+}
+
 /// Starts the daemon and serves until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {

@@ -30,6 +30,20 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Before the runtime starts its threads: capabilities are per thread, and inherited.
+    if nix::unistd::geteuid().is_root() {
+        match amidalad::drop_capabilities() {
+            Ok(kept) => {
+                let mut kept: Vec<String> = kept.iter().map(|c| c.to_string()).collect();
+                kept.sort();
+                tracing::info!(kept = %kept.join(","), "capabilities dropped but for those kept");
+            }
+            Err(e) => {
+                eprintln!("amidalad: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

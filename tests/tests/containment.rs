@@ -110,3 +110,73 @@ fn classic_escapes_fail_from_inside_a_provisioner() {
     drop(out);
     env.assert_no_leaks();
 }
+
+/// Capability sets of a task, from /proc: (effective, bounding).
+fn capabilities(status: &str) -> (u64, u64) {
+    let field = |name: &str| {
+        let hex = status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap()
+            .trim();
+        u64::from_str_radix(hex, 16).unwrap()
+    };
+    (field("CapEff:"), field("CapBnd:"))
+}
+
+#[test]
+fn the_daemon_keeps_only_the_capabilities_its_work_needs() {
+    let env = Env::start();
+    let pid = env.daemon_pid().unwrap();
+    let tasks: Vec<_> = fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|t| t.unwrap().path())
+        .collect();
+    assert!(tasks.len() > 1, "the runtime's threads are there too");
+    for task in tasks {
+        let (effective, bounding) = capabilities(&fs::read_to_string(task.join("status")).unwrap());
+        for (name, bit) in [
+            ("CAP_NET_ADMIN", 12),
+            ("CAP_SYS_MODULE", 16),
+            ("CAP_SYS_RAWIO", 17),
+            ("CAP_SYS_PTRACE", 19),
+            ("CAP_SYS_BOOT", 22),
+            ("CAP_SYS_TIME", 25),
+            ("CAP_MAC_ADMIN", 33),
+            ("CAP_PERFMON", 38),
+            ("CAP_BPF", 39),
+        ] {
+            assert_eq!(
+                effective & (1 << bit),
+                0,
+                "{}: {name} effective",
+                task.display()
+            );
+            assert_eq!(
+                bounding & (1 << bit),
+                0,
+                "{}: {name} in the bounding set",
+                task.display()
+            );
+        }
+        for (name, bit) in [
+            ("CAP_SYS_ADMIN", 21),
+            ("CAP_MKNOD", 27),
+            ("CAP_CHOWN", 0),
+            ("CAP_SETUID", 7),
+        ] {
+            assert_ne!(
+                effective & (1 << bit),
+                0,
+                "{}: {name} is needed",
+                task.display()
+            );
+        }
+    }
+    assert!(
+        env.daemon_log()
+            .contains("capabilities dropped but for those kept"),
+        "{}",
+        env.daemon_log()
+    );
+}
