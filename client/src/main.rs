@@ -135,6 +135,10 @@ struct BuildArgs {
     /// Let these accounts launch the image (ec2), e.g. 123456789012.
     #[arg(long, value_name = "ACCOUNT,...", value_delimiter = ',')]
     share_with: Vec<String>,
+    /// The provisioner's network: host (default) or none (loopback only: no network, no
+    /// instance metadata).
+    #[arg(long, value_name = "host|none")]
+    network: Option<String>,
     /// An option for the provisioner (repeatable).
     #[arg(long = "opt", value_name = "KEY=VALUE", value_parser = parse_option)]
     options: Vec<(String, String)>,
@@ -460,6 +464,7 @@ fn build(socket: &Path, args: BuildArgs) -> Result<ExitCode> {
         boot_mode: args.boot_mode,
         copy_to: args.copy_to,
         share_with: args.share_with,
+        network: args.network,
     };
     // The workspace is the directory we are in, opened by us and handed over as a descriptor.
     let workspace = File::open(".").context("opening the current directory as the workspace")?;

@@ -124,7 +124,13 @@ pub struct BuildSpec {
     /// Accounts to share the image with (ec2).
     #[serde(default)]
     pub share_with: Vec<String>,
+    /// The provisioner's network: `host` (the default) or `none` (loopback only).
+    #[serde(default)]
+    pub network: Option<String>,
 }
+
+/// The networks a provisioner may be given.
+pub const NETWORKS: [&str; 2] = ["host", "none"];
 
 /// Architectures an image may have, as EC2 names them.
 pub const ARCHITECTURES: [&str; 3] = ["i386", "x86_64", "arm64"];
@@ -138,6 +144,14 @@ pub fn validate_build_options(spec: &BuildSpec) -> Result<(), ValidationError> {
             return Err(ValidationError(format!(
                 "--arch {arch:?} is not one of {}",
                 ARCHITECTURES.join(", ")
+            )));
+        }
+    }
+    if let Some(network) = &spec.network {
+        if !NETWORKS.contains(&network.as_str()) {
+            return Err(ValidationError(format!(
+                "--network {network:?} is not one of {}",
+                NETWORKS.join(", ")
             )));
         }
     }
@@ -802,6 +816,7 @@ mod tests {
             boot_mode: None,
             copy_to: vec![],
             share_with: vec![],
+            network: None,
         });
         let mut bytes = encode_frame(&req).unwrap();
         bytes.extend(encode_frame(&Request::List).unwrap());
@@ -915,6 +930,7 @@ mod tests {
                 boot_mode: None,
                 copy_to: vec![],
                 share_with: vec![],
+                network: None,
             };
             f(&mut s);
             validate_build_options(&s)
@@ -929,6 +945,8 @@ mod tests {
         assert!(spec(&|s| s.copy_to = vec!["EU-west-1".into()]).is_err());
         assert!(spec(&|s| s.share_with = vec!["123456789012".into()]).is_ok());
         assert!(spec(&|s| s.share_with = vec!["12345".into()]).is_err());
+        assert!(spec(&|s| s.network = Some("none".into())).is_ok());
+        assert!(spec(&|s| s.network = Some("bridge".into())).is_err());
     }
 
     #[test]

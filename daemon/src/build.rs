@@ -446,6 +446,7 @@ async fn provision(
         fs_type: attachment.fs.kernel_name().to_owned(),
         mount_dir: mount_dir.clone(),
         workspace_rw: record.spec.workspace_rw,
+        isolate_network: record.spec.network.as_deref() == Some("none"),
         plugin_path: plugin.path.clone(),
         build: plugin_build_info(&record, source),
         resolv_conf: std::fs::read("/etc/resolv.conf")

@@ -65,6 +65,9 @@ pub struct ExecutorSpec {
     /// An empty directory to mount it on (visible only inside this executor's namespace).
     pub mount_dir: PathBuf,
     pub workspace_rw: bool,
+    /// Give the provisioner a network namespace of its own with only a loopback interface.
+    #[serde(default)]
+    pub isolate_network: bool,
     pub plugin_path: PathBuf,
     pub build: BuildInfo,
     /// The host's resolv.conf, to put in the image while provisioning.
@@ -276,13 +279,17 @@ fn run() -> Result<(), Failure> {
     // the provisioner process bind-mounts ".".
     nix::unistd::fchdir(WORKSPACE_FD).map_err(fail(Phase::Mount, "entering the workspace"))?;
     // Mounts, processes, host name and System V IPC of the build are its own.
-    unshare(
-        CloneFlags::CLONE_NEWNS
-            | CloneFlags::CLONE_NEWPID
-            | CloneFlags::CLONE_NEWUTS
-            | CloneFlags::CLONE_NEWIPC,
-    )
-    .map_err(fail(Phase::Mount, "creating namespaces"))?;
+    let mut namespaces = CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWIPC;
+    if spec.isolate_network {
+        namespaces |= CloneFlags::CLONE_NEWNET;
+    }
+    unshare(namespaces).map_err(fail(Phase::Mount, "creating namespaces"))?;
+    if spec.isolate_network {
+        loopback_up().map_err(fail(Phase::Mount, "bringing up the loopback interface"))?;
+    }
     mount(
         None::<&str>,
         "/",
@@ -386,6 +393,34 @@ fn create_at(dir: BorrowedFd<'_>, name: &str, mode: u32, content: &[u8]) -> io::
     file.write_all(content)?;
     // The mode given to openat is filtered by the umask; set it exactly.
     nix::sys::stat::fchmod(file.as_raw_fd(), Mode::from_bits_truncate(mode))?;
+    Ok(())
+}
+
+/// Brings up `lo` in this (new) network namespace.
+fn loopback_up() -> io::Result<()> {
+    // SAFETY: socket(2) with constant arguments; the descriptor is owned right after.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: socket just returned this descriptor, and nothing else owns it.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain data; all zeroes is a valid value.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in request.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads the interface named in `request` and writes its flags into it;
+    // `request` is a valid ifreq for the duration of the call.
+    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut request) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the flags member of the union is the one SIOCGIFFLAGS just filled.
+    unsafe { request.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    // SAFETY: as above, SIOCSIFFLAGS reads `request` during the call.
+    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &request) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
     Ok(())
 }
 

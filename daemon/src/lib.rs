@@ -70,13 +70,16 @@ pub struct Daemon {
 
 /// Drops, from every set of this (still single-threaded) process, the capabilities neither the
 /// daemon nor any build needs: those the provisioner never has, except `CAP_SYS_ADMIN` (mounts,
-/// namespaces, loop devices) and `CAP_MKNOD` (device nodes of a build's /dev), which the daemon
-/// and its executors use. Threads and processes started afterwards inherit the reduced sets.
+/// namespaces, loop devices), `CAP_MKNOD` (device nodes of a build's /dev) and `CAP_NET_ADMIN`
+/// (the loopback of a build without network), which the daemon and its executors use. Threads and processes started afterwards inherit the reduced sets.
 /// Returns what is kept.
 pub fn drop_capabilities() -> Result<caps::CapsHashSet> {
     use caps::{CapSet, Capability};
     for cap in executor::DROPPED_CAPS {
-        if matches!(cap, Capability::CAP_SYS_ADMIN | Capability::CAP_MKNOD) {
+        if matches!(
+            cap,
+            Capability::CAP_SYS_ADMIN | Capability::CAP_MKNOD | Capability::CAP_NET_ADMIN
+        ) {
             continue;
         }
         for set in [

@@ -136,7 +136,6 @@ fn the_daemon_keeps_only_the_capabilities_its_work_needs() {
     for task in tasks {
         let (effective, bounding) = capabilities(&fs::read_to_string(task.join("status")).unwrap());
         for (name, bit) in [
-            ("CAP_NET_ADMIN", 12),
             ("CAP_SYS_MODULE", 16),
             ("CAP_SYS_RAWIO", 17),
             ("CAP_SYS_PTRACE", 19),
@@ -162,6 +161,7 @@ fn the_daemon_keeps_only_the_capabilities_its_work_needs() {
         for (name, bit) in [
             ("CAP_SYS_ADMIN", 21),
             ("CAP_MKNOD", 27),
+            ("CAP_NET_ADMIN", 12),
             ("CAP_CHOWN", 0),
             ("CAP_SETUID", 7),
         ] {
@@ -179,4 +179,35 @@ fn the_daemon_keeps_only_the_capabilities_its_work_needs() {
         "{}",
         env.daemon_log()
     );
+}
+
+#[test]
+fn a_build_without_network_has_only_its_own_loopback() {
+    let env = Env::start();
+    let rootfs = env.busybox_rootfs("rootfs");
+    env.import(&rootfs, &[]);
+    let ws = env.workspace("ws", &[]);
+    let script = "grep : /proc/net/dev | cut -d: -f1 | tr -d ' ' | sort > /root/interfaces; \
+                  ip link show lo | grep -q UP && echo up > /root/lo";
+    let isolated = env.build(&ws, &["--network", "none", "--", "/bin/sh", "-c", script]);
+    let out = Mounted::new(&env.snapshot_file(field(&isolated, "snapshot_id")), 0);
+    assert_eq!(out.read("/root/interfaces"), "lo\n", "nothing but loopback");
+    assert_eq!(out.read("/root/lo"), "up\n");
+    drop(out);
+    let host = env.build(&ws, &["--", "/bin/sh", "-c", script]);
+    let out = Mounted::new(&env.snapshot_file(field(&host, "snapshot_id")), 0);
+    assert!(
+        out.read("/root/interfaces").lines().count() > 1,
+        "the host's network by default"
+    );
+    drop(out);
+    let refused = env.amidala_in(&ws, &["build", "--network", "bridge", "--", "true"]);
+    assert!(
+        refused
+            .err()
+            .contains("--network \"bridge\" is not one of host, none"),
+        "{}",
+        refused.stderr
+    );
+    env.assert_no_leaks();
 }
