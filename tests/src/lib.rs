@@ -45,6 +45,25 @@ pub fn field<'a>(v: &'a serde_json::Value, key: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no string {key} in {v}"))
 }
 
+/// The first frame the daemon sends on `stream` before closing it (read for at most 20 s;
+/// whatever arrived by then counts).
+pub fn first_answer(
+    stream: &mut std::os::unix::net::UnixStream,
+) -> Option<amidala::proto::Response> {
+    use std::io::Read;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut received = Vec::new();
+    let _ = stream.read_to_end(&mut received);
+    let mut decoder = amidala::proto::FrameDecoder::new();
+    decoder.push(&received);
+    decoder
+        .next_frame()
+        .unwrap()
+        .map(|body| amidala::proto::decode(&body).unwrap())
+}
+
 /// A finished command's output, as text.
 #[derive(Debug)]
 pub struct Run {

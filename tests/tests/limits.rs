@@ -1,13 +1,13 @@
 //! Bounds and hostile clients: silent and half-frame clients are dropped and block nobody;
 //! connections and builds per user are capped, with typed errors (root, real daemon).
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use amidala::proto::{self, FrameDecoder, Request, Response};
-use amidala_tests::Env;
+use amidala::proto::{self, Request, Response};
+use amidala_tests::{first_answer, Env};
 
 const LIMITS: &str =
     "[limits]\nrequest_timeout = 1\nmax_builds_per_user = 1\nmax_connections_per_user = 3\n";
@@ -15,20 +15,8 @@ const LIMITS: &str =
 /// What the daemon says before closing a connection that sent `bytes` and then nothing.
 fn answer_to(socket: &std::path::Path, bytes: &[u8]) -> Option<Response> {
     let mut stream = UnixStream::connect(socket).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
     stream.write_all(bytes).unwrap();
-    let mut received = Vec::new();
-    stream
-        .read_to_end(&mut received)
-        .expect("the daemon closes the connection");
-    let mut decoder = FrameDecoder::new();
-    decoder.push(&received);
-    decoder
-        .next_frame()
-        .unwrap()
-        .map(|body| proto::decode(&body).unwrap())
+    first_answer(&mut stream)
 }
 
 fn greeted(socket: &std::path::Path) -> UnixStream {
@@ -54,20 +42,7 @@ fn silent_and_half_frame_clients_are_dropped_and_block_nobody() {
     half.write_all(&[0, 0]).unwrap();
     env.amidala(&["list"]).ok();
     for (name, mut stream) in [("silent", silent), ("half a frame", half)] {
-        stream
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
-        let mut received = Vec::new();
-        stream
-            .read_to_end(&mut received)
-            .unwrap_or_else(|e| panic!("{name}: not dropped: {e}"));
-        let mut decoder = FrameDecoder::new();
-        decoder.push(&received);
-        match decoder
-            .next_frame()
-            .unwrap()
-            .map(|b| proto::decode::<Response>(&b).unwrap())
-        {
+        match first_answer(&mut stream) {
             Some(Response::Error(e)) => assert!(
                 e.message.contains("no complete request within 1s"),
                 "{name}: {e:?}"

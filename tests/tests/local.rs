@@ -1,13 +1,13 @@
 //! The whole bake on the local provider, through the real daemon and client (root).
 
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use amidala::proto::{self, FrameDecoder, Response};
+use amidala::proto::{self, Response};
 use amidala_tests::{field, run, Env, Mounted};
 
 /// The content the busybox image ships in /etc/resolv.conf.
@@ -520,19 +520,9 @@ fn four_builds_at_once_have_distinct_results() {
 
 fn raw_exchange(socket: &Path, bytes: &[u8]) -> Option<Response> {
     let mut stream = UnixStream::connect(socket).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
     stream.write_all(bytes).unwrap();
     let _ = stream.shutdown(std::net::Shutdown::Write);
-    let mut received = Vec::new();
-    let _ = stream.read_to_end(&mut received);
-    let mut decoder = FrameDecoder::new();
-    decoder.push(&received);
-    decoder
-        .next_frame()
-        .unwrap()
-        .map(|body| proto::decode(&body).unwrap())
+    amidala_tests::first_answer(&mut stream)
 }
 
 fn error_code(response: Option<Response>) -> proto::ErrorCode {
