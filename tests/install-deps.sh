@@ -19,6 +19,7 @@ need tar tar
 need xz xz-utils
 need dpkg-deb dpkg
 need debootstrap debootstrap
+need ip iproute2
 # The test root filesystem needs a statically linked busybox.
 if ! command -v busybox >/dev/null 2>&1 || ldd "$(command -v busybox)" >/dev/null 2>&1; then
     missing="$missing busybox-static"

@@ -135,9 +135,9 @@ struct BuildArgs {
     /// Let these accounts launch the image (ec2), e.g. 123456789012.
     #[arg(long, value_name = "ACCOUNT,...", value_delimiter = ',')]
     share_with: Vec<String>,
-    /// The provisioner's network: host (default) or none (loopback only: no network, no
-    /// instance metadata).
-    #[arg(long, value_name = "host|none")]
+    /// The provisioner's network: host (default), no-metadata (the host's network without
+    /// the instance metadata service) or none (loopback only: no network, no metadata).
+    #[arg(long, value_name = "host|no-metadata|none")]
     network: Option<String>,
     /// An option for the provisioner (repeatable).
     #[arg(long = "opt", value_name = "KEY=VALUE", value_parser = parse_option)]

@@ -124,13 +124,14 @@ pub struct BuildSpec {
     /// Accounts to share the image with (ec2).
     #[serde(default)]
     pub share_with: Vec<String>,
-    /// The provisioner's network: `host` (the default) or `none` (loopback only).
+    /// The provisioner's network: `host` (the default), `no-metadata` (the host's, without
+    /// the instance metadata service) or `none` (loopback only).
     #[serde(default)]
     pub network: Option<String>,
 }
 
 /// The networks a provisioner may be given.
-pub const NETWORKS: [&str; 2] = ["host", "none"];
+pub const NETWORKS: [&str; 3] = ["host", "no-metadata", "none"];
 
 /// Architectures an image may have, as EC2 names them.
 pub const ARCHITECTURES: [&str; 3] = ["i386", "x86_64", "arm64"];
@@ -946,6 +947,7 @@ mod tests {
         assert!(spec(&|s| s.share_with = vec!["123456789012".into()]).is_ok());
         assert!(spec(&|s| s.share_with = vec!["12345".into()]).is_err());
         assert!(spec(&|s| s.network = Some("none".into())).is_ok());
+        assert!(spec(&|s| s.network = Some("no-metadata".into())).is_ok());
         assert!(spec(&|s| s.network = Some("bridge".into())).is_err());
     }
 

@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{BuildRecord, Catalog};
-use crate::error::Failure;
+use crate::error::{blocking, Failure};
 use crate::executor::{ExecutorSpec, Outcome, Report, EXECUTOR_ARG, WORKSPACE_FD};
 use crate::provider::{Attachment, ImageMeta, SnapshotMeta, Volume};
 use crate::Daemon;
@@ -447,13 +447,14 @@ async fn provision(
         mount_dir: mount_dir.clone(),
         workspace_rw: record.spec.workspace_rw,
         isolate_network: record.spec.network.as_deref() == Some("none"),
+        drop_net_raw: record.spec.network.as_deref() == Some("no-metadata"),
         plugin_path: plugin.path.clone(),
         build: plugin_build_info(&record, source),
         resolv_conf: std::fs::read("/etc/resolv.conf")
             .ok()
             .map(|b| String::from_utf8_lossy(&b).into_owned()),
     };
-    let result = run_executor(handle, &spec, workspace).await;
+    let result = in_cgroup(daemon, handle, &spec, workspace).await;
     // Only ever mounted inside the executor's namespace, which is gone: a plain rmdir, never
     // a recursive removal.
     if let Err(e) = std::fs::remove_dir(&mount_dir) {
@@ -462,13 +463,49 @@ async fn provision(
     result
 }
 
-async fn run_executor(
+/// Runs the executor in a cgroup of the build's own, where the host has cgroup v2, with the
+/// metadata service filtered out for `--network no-metadata`; removes the cgroup afterwards,
+/// killing whatever the provisioner left running in it.
+async fn in_cgroup(
+    daemon: &Daemon,
     handle: &BuildHandle,
     spec: &ExecutorSpec,
     workspace: OwnedFd,
 ) -> PhaseResult<Option<String>> {
+    let Some(hierarchy) = &daemon.cgroups else {
+        return run_executor(handle, spec, workspace, None).await;
+    };
+    let cgroup = crate::cgroup::BuildCgroup::create(hierarchy, &handle.id)
+        .map_err(|e| (Phase::Mount, Failure::io("making the build's cgroup", e)))?;
+    let setup = (|| {
+        if handle.record().spec.network.as_deref() == Some("no-metadata") {
+            cgroup.deny_egress(&crate::cgroup::METADATA_V4, &crate::cgroup::METADATA_V6)?;
+        }
+        cgroup.procs_file()
+    })();
+    let result = match setup {
+        Ok(procs) => run_executor(handle, spec, workspace, Some(procs)).await,
+        Err(e) => Err((
+            Phase::Mount,
+            Failure::io("setting up the build's cgroup", e),
+        )),
+    };
+    let dir = cgroup.dir().to_owned();
+    if let Err(e) = blocking(move || cgroup.remove().map_err(|e| Failure::io("cleanup", e))).await {
+        tracing::warn!(build = %handle.id, cgroup = %dir.display(), error = %e.message, "removing the build's cgroup");
+    }
+    result
+}
+
+async fn run_executor(
+    handle: &BuildHandle,
+    spec: &ExecutorSpec,
+    workspace: OwnedFd,
+    cgroup_procs: Option<File>,
+) -> PhaseResult<Option<String>> {
     let mut phase = Phase::Mount;
     let ws = workspace.as_raw_fd();
+    let procs = cgroup_procs.as_ref().map_or(-1, |f| f.as_raw_fd());
     let mut cmd = tokio::process::Command::new("/proc/self/exe");
     cmd.arg0("amidalad-executor")
         .arg(EXECUTOR_ARG)
@@ -479,10 +516,14 @@ async fn run_executor(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    // SAFETY: between fork and exec the closure calls only dup2 and fcntl, which are
-    // async-signal-safe, on a descriptor that stays open until spawn returns.
+    // SAFETY: between fork and exec the closure calls only write, dup2 and fcntl, which are
+    // async-signal-safe, on descriptors that stay open until spawn returns.
     unsafe {
         cmd.pre_exec(move || {
+            // Into the build's cgroup before anything of the build runs: "0" is the writer.
+            if procs >= 0 && libc::write(procs, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
             if ws == WORKSPACE_FD {
                 if libc::fcntl(ws, libc::F_SETFD, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
@@ -497,6 +538,7 @@ async fn run_executor(
         .spawn()
         .map_err(|e| (phase, Failure::io("starting the executor", e)))?;
     drop(workspace);
+    drop(cgroup_procs);
     let input = serde_json::to_vec(spec).expect("executor spec serializes");
     let mut stdin = child.stdin.take().expect("piped");
     if let Err(e) = stdin.write_all(&input).await {

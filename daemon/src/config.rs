@@ -225,6 +225,9 @@ impl Config {
         if config.max_builds == 0 {
             bail!("max_builds must be at least 1");
         }
+        if let Err(e) = config.policy.validate() {
+            bail!("{e}");
+        }
         for (name, path) in [
             ("socket", &config.socket),
             ("state_dir", &config.state_dir),

@@ -68,6 +68,10 @@ pub struct ExecutorSpec {
     /// Give the provisioner a network namespace of its own with only a loopback interface.
     #[serde(default)]
     pub isolate_network: bool,
+    /// Take CAP_NET_RAW from the provisioner too: with `--network no-metadata`, a packet
+    /// socket would send frames past the build's cgroup filter.
+    #[serde(default)]
+    pub drop_net_raw: bool,
     pub plugin_path: PathBuf,
     pub build: BuildInfo,
     /// The host's resolv.conf, to put in the image while provisioning.
@@ -847,7 +851,8 @@ fn child_setup(spec: &ExecutorSpec, keep: RawFd) -> Result<(), String> {
 
     std::env::set_current_dir(&spec.build.workspace)
         .map_err(|e| format!("entering {}: {e}", spec.build.workspace))?;
-    for cap in DROPPED_CAPS {
+    let net_raw = spec.drop_net_raw.then_some(caps::Capability::CAP_NET_RAW);
+    for cap in DROPPED_CAPS.into_iter().chain(net_raw) {
         caps::drop(None, caps::CapSet::Bounding, cap)
             .map_err(|e| format!("dropping {cap} from the bounding set: {e}"))?;
         caps::drop(None, caps::CapSet::Effective, cap)

@@ -11,6 +11,7 @@
 
 pub mod build;
 pub mod catalog;
+pub mod cgroup;
 pub mod config;
 pub mod disk;
 pub mod ec2;
@@ -66,13 +67,17 @@ pub struct Daemon {
     pub shutdown: CancellationToken,
     /// Builds and imports, awaited on shutdown so their teardown completes.
     pub build_tasks: TaskTracker,
+    /// Where builds' cgroups are made; `None` without a cgroup v2 hierarchy, where builds run
+    /// without one and `--network no-metadata` is refused.
+    pub cgroups: Option<cgroup::Hierarchy>,
 }
 
 /// Drops, from every set of this (still single-threaded) process, the capabilities neither the
 /// daemon nor any build needs: those the provisioner never has, except `CAP_SYS_ADMIN` (mounts,
-/// namespaces, loop devices), `CAP_MKNOD` (device nodes of a build's /dev) and `CAP_NET_ADMIN`
-/// (the loopback of a build without network), which the daemon and its executors use. Threads and processes started afterwards inherit the reduced sets.
-/// Returns what is kept.
+/// namespaces, loop devices, loading BPF programs), `CAP_MKNOD` (device nodes of a build's
+/// /dev) and `CAP_NET_ADMIN` (the loopback of a build without network, attaching network
+/// filters to a build's cgroup), which the daemon and its executors use. Threads and
+/// processes started afterwards inherit the reduced sets. Returns what is kept.
 pub fn drop_capabilities() -> Result<caps::CapsHashSet> {
     use caps::{CapSet, Capability};
     for cap in executor::DROPPED_CAPS {
@@ -102,7 +107,14 @@ pub async fn run(config: Config) -> Result<()> {
     }
     let catalog = Catalog::open(&config.state_dir)
         .with_context(|| format!("opening the state directory {}", config.state_dir.display()))?;
-    recover(&catalog).context("recovering from the previous run")?;
+    let cgroups = match cgroup::Hierarchy::discover() {
+        Ok(h) => Some(h),
+        Err(e) => {
+            tracing::warn!(error = %e, "no cgroup v2 hierarchy: builds run without a cgroup of their own, and --network no-metadata is refused");
+            None
+        }
+    };
+    recover(&catalog, cgroups.as_ref()).context("recovering from the previous run")?;
     let provider: Arc<dyn Provider> = match config.provider {
         ProviderKind::Local => Arc::new(LocalProvider::new(catalog.clone())),
         ProviderKind::Ec2 => Arc::new(
@@ -136,6 +148,7 @@ pub async fn run(config: Config) -> Result<()> {
         connections: Mutex::new(HashMap::new()),
         shutdown: CancellationToken::new(),
         build_tasks: TaskTracker::new(),
+        cgroups,
     });
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -193,8 +206,20 @@ pub async fn run(config: Config) -> Result<()> {
 /// Cleans up after a daemon that died: builds it was running are marked failed, their volumes
 /// deleted, their mount points and staging directories removed. Loop devices and mounts need
 /// nothing: they were set to release themselves when their holders died.
-fn recover(catalog: &Catalog) -> io::Result<()> {
-    for mut record in catalog.builds()? {
+fn recover(catalog: &Catalog, cgroups: Option<&cgroup::Hierarchy>) -> io::Result<()> {
+    let records = catalog.builds()?;
+    if let Some(cgroups) = cgroups {
+        // Whatever still runs of a build of this daemon's (the executor dies with the daemon,
+        // but a provisioner's process could outlive it) is killed, and its cgroup removed.
+        let ours: std::collections::HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
+        for id in cgroups.build_ids()? {
+            if ours.contains(id.as_str()) {
+                tracing::warn!(build = %id, "removing the cgroup of an interrupted build");
+                cgroup::remove(&cgroups.build_dir(&id))?;
+            }
+        }
+    }
+    for mut record in records {
         if record.state.is_terminal() {
             continue;
         }

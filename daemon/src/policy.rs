@@ -10,7 +10,7 @@
 use std::collections::BTreeSet;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-use amidala::proto::ErrorCode;
+use amidala::proto::{ErrorCode, NETWORKS};
 use serde::Deserialize;
 
 use crate::error::Failure;
@@ -23,6 +23,10 @@ pub struct PolicyConfig {
     pub build_groups: Vec<String>,
     /// Groups whose members may see and cancel every build (root always may).
     pub admin_groups: Vec<String>,
+    /// The network of a build that asks for none.
+    pub default_network: String,
+    /// The networks members of the build groups may ask for (admins may use any).
+    pub networks: Vec<String>,
 }
 
 impl Default for PolicyConfig {
@@ -30,7 +34,24 @@ impl Default for PolicyConfig {
         PolicyConfig {
             build_groups: vec!["amidala".into()],
             admin_groups: vec!["amidala-admin".into()],
+            default_network: "host".into(),
+            networks: NETWORKS.iter().map(|&n| n.to_owned()).collect(),
         }
+    }
+}
+
+impl PolicyConfig {
+    /// Checks the network keys name networks that exist.
+    pub fn validate(&self) -> Result<(), String> {
+        for network in self.networks.iter().chain([&self.default_network]) {
+            if !NETWORKS.contains(&network.as_str()) {
+                return Err(format!(
+                    "policy: network {network:?} is not one of {}",
+                    NETWORKS.join(", ")
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -213,6 +234,25 @@ impl Policy {
         ))
     }
 
+    /// The network a build of `peer` gets when it asks for `requested`: the default if it
+    /// asks for none; refused if the policy does not let the peer use it.
+    pub fn network(&self, peer: &Peer, requested: Option<&str>) -> Result<String, Failure> {
+        let network = requested.unwrap_or(&self.config.default_network);
+        if self.role(peer) == Role::Admin || self.config.networks.iter().any(|n| n == network) {
+            return Ok(network.to_owned());
+        }
+        let why = format!(
+            "builds may use only {} here (policy.networks); admins ({}) may use any",
+            self.config.networks.join(", "),
+            self.admins()
+        );
+        tracing::warn!(uid = peer.uid, pid = ?peer.pid, network, "refused: {why}");
+        Err(Failure::new(
+            ErrorCode::PermissionDenied,
+            format!("--network {network} refused: {why}"),
+        ))
+    }
+
     fn admins(&self) -> String {
         let mut names = vec!["root".to_owned()];
         names.extend(self.config.admin_groups.iter().cloned());
@@ -231,6 +271,29 @@ mod tests {
             pid: Some(1),
             groups: groups.to_vec(),
         }
+    }
+
+    #[test]
+    fn networks_follow_the_policy() {
+        let mut policy = Policy::with_gids(&[100], &[200]);
+        let member = peer(1003, 1003, &[100]);
+        let admin = peer(1001, 1001, &[200]);
+        assert_eq!(policy.network(&member, None).unwrap(), "host");
+        policy.config.default_network = "no-metadata".into();
+        policy.config.networks = vec!["no-metadata".into(), "none".into()];
+        assert_eq!(policy.network(&member, None).unwrap(), "no-metadata");
+        assert_eq!(policy.network(&member, Some("none")).unwrap(), "none");
+        let refused = policy.network(&member, Some("host")).unwrap_err();
+        assert_eq!(refused.code, ErrorCode::PermissionDenied);
+        assert!(
+            refused.message.contains("only no-metadata, none"),
+            "{}",
+            refused.message
+        );
+        assert_eq!(policy.network(&admin, Some("host")).unwrap(), "host");
+        assert!(policy.config.validate().is_ok());
+        policy.config.networks.push("bridge".into());
+        assert!(policy.config.validate().unwrap_err().contains("\"bridge\""));
     }
 
     #[test]
@@ -289,6 +352,7 @@ mod tests {
         let policy = Policy::new(PolicyConfig {
             build_groups: vec!["amidala-no-such-group-for-tests".into()],
             admin_groups: vec![],
+            ..PolicyConfig::default()
         });
         assert_eq!(policy.role(&peer(1002, 1002, &[1002])), Role::Outsider);
         assert_eq!(policy.role(&peer(0, 0, &[])), Role::Admin, "root always");

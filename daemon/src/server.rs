@@ -449,6 +449,12 @@ fn check_spec(daemon: &Daemon, spec: &BuildSpec) -> Result<(), Failure> {
     validate_user_tags("snapshot tags", &spec.snapshot_tags)?;
     proto::validate_build_options(spec)?;
     daemon.provider.check_options(spec)?;
+    if spec.network.as_deref() == Some("no-metadata") && daemon.cgroups.is_none() {
+        return Err(Failure::invalid(
+            "--network no-metadata needs a cgroup v2 hierarchy to filter the build's traffic, and \
+             this host has none (amidalad's log says why); use --network none",
+        ));
+    }
     // The name template must give a valid name whatever the build id and date.
     build::image_name(spec.name.as_deref(), &new_id("bld"), &Utc::now())?;
     if let Some(n) = spec.partition {
@@ -492,7 +498,7 @@ fn check_spec(daemon: &Daemon, spec: &BuildSpec) -> Result<(), Failure> {
 async fn start_build(
     daemon: &Arc<Daemon>,
     peer: &Peer,
-    spec: BuildSpec,
+    mut spec: BuildSpec,
     fds: Vec<OwnedFd>,
 ) -> Result<Arc<BuildHandle>, Failure> {
     if daemon.shutdown.is_cancelled() {
@@ -514,6 +520,8 @@ async fn start_build(
             "the workspace descriptor is not a directory",
         ));
     }
+    proto::validate_build_options(&spec)?;
+    spec.network = Some(daemon.policy.network(peer, spec.network.as_deref())?);
     check_spec(daemon, &spec)?;
     // A cheap early refusal; the binding check is made again when the build is registered.
     check_build_limits(daemon, &daemon.builds.lock().expect("builds lock"), peer)?;

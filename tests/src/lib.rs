@@ -8,6 +8,7 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -130,6 +131,8 @@ pub struct Env {
     pub socket: PathBuf,
     pub plugins: PathBuf,
     daemon: Option<Child>,
+    /// A network namespace to run the daemon in, instead of the host's.
+    netns: Option<PathBuf>,
 }
 
 impl Env {
@@ -184,15 +187,36 @@ impl Env {
             plugins,
             dir,
             daemon: None,
+            netns: None,
         };
         fs::write(env.dir.path().join("amidalad.toml"), config).unwrap();
         env.spawn_daemon(env_vars(vars));
         env
     }
 
+    /// Starts a daemon like [`start`](Self::start), in the network namespace `netns`.
+    pub fn start_in(netns: &Netns) -> Env {
+        let mut env = Env::start();
+        env.stop();
+        env.netns = Some(netns.path.clone());
+        env.spawn_daemon(Vec::new());
+        env
+    }
+
     fn spawn_daemon(&mut self, vars: Vec<(String, String)>) {
         let log = fs::File::create(self.dir.path().join("daemon.log")).unwrap();
-        let child = Command::new(bin_dir().join("amidalad"))
+        let mut cmd = Command::new(bin_dir().join("amidalad"));
+        if let Some(netns) = &self.netns {
+            let ns = fs::File::open(netns).unwrap();
+            // SAFETY: setns(2) is async-signal-safe; the descriptor is open until spawn returns.
+            unsafe {
+                cmd.pre_exec(move || {
+                    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                        .map_err(std::io::Error::from)
+                });
+            }
+        }
+        let child = cmd
             .arg("--config")
             .arg(self.dir.path().join("amidalad.toml"))
             .envs(vars)
@@ -346,6 +370,16 @@ impl Env {
                 ));
             }
         }
+        for id in build_cgroups() {
+            if self
+                .state
+                .join("builds")
+                .join(format!("{id}.json"))
+                .exists()
+            {
+                leaks.push(format!("the cgroup of build {id}"));
+            }
+        }
         for entry in fs::read_dir(self.state.join("snapshots"))
             .into_iter()
             .flatten()
@@ -407,6 +441,84 @@ fn env_vars(env: &[(&str, &str)]) -> Vec<(String, String)> {
     env.iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
+}
+
+/// Ids of the build cgroups under this process's own cgroup, where the daemons the tests
+/// start make them.
+pub fn build_cgroups() -> Vec<String> {
+    static HIERARCHY: std::sync::OnceLock<Option<amidalad::cgroup::Hierarchy>> =
+        std::sync::OnceLock::new();
+    HIERARCHY
+        .get_or_init(|| amidalad::cgroup::Hierarchy::discover().ok())
+        .as_ref()
+        .map(|h| h.build_ids().expect("listing build cgroups"))
+        .unwrap_or_default()
+}
+
+/// A network namespace made for one test with `ip netns add`, its loopback up; deleted on drop.
+#[derive(Debug)]
+pub struct Netns {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Netns {
+        require_root();
+        let name = format!("amidala-{tag}-{}", std::process::id());
+        run(Command::new("ip").args(["netns", "add", &name])).ok();
+        let ns = Netns {
+            path: PathBuf::from("/run/netns").join(&name),
+            name,
+        };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// `ip -n NAME ARGS...`, which must succeed.
+    pub fn ip(&self, args: &[&str]) {
+        run(Command::new("ip").args(["-n", &self.name]).args(args)).ok();
+    }
+
+    /// Answers every HTTP request to port 80 of `addrs`, in this namespace, with `body`, for
+    /// as long as the test process lives.
+    pub fn serve_http(&self, addrs: &[std::net::IpAddr], body: &'static str) {
+        let ns = fs::File::open(&self.path).unwrap();
+        let addrs = addrs.to_vec();
+        let (ready, bound) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // A thread's network namespace is its own: this one moves, the test stays.
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            let listeners: Vec<_> = addrs
+                .iter()
+                .map(|a| std::net::TcpListener::bind((*a, 80)).expect("binding port 80"))
+                .collect();
+            ready.send(()).unwrap();
+            for listener in listeners {
+                std::thread::spawn(move || {
+                    use std::io::{Read, Write};
+                    for mut stream in listener.incoming().flatten() {
+                        let mut request = [0u8; 1024];
+                        let _ = stream.read(&mut request);
+                        let _ = write!(
+                            stream,
+                            "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                    }
+                });
+            }
+        });
+        bound.recv().expect("the server thread binds");
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
 }
 
 /// Attached loop devices and their backing files.

@@ -3,7 +3,7 @@
 
 use std::fs;
 
-use amidala_tests::{field, Env, Mounted};
+use amidala_tests::{field, Env, Mounted, Netns};
 
 /// Each line: NAME and a command that succeeds only if the escape worked.
 const ATTEMPTS: &str = r#"
@@ -205,9 +205,90 @@ fn a_build_without_network_has_only_its_own_loopback() {
     assert!(
         refused
             .err()
-            .contains("--network \"bridge\" is not one of host, none"),
+            .contains("--network \"bridge\" is not one of host, no-metadata, none"),
         "{}",
         refused.stderr
     );
+    env.assert_no_leaks();
+}
+
+#[test]
+fn no_metadata_keeps_the_network_but_not_the_metadata_service() {
+    // A network of the test's own in which the metadata addresses exist and answer, next to
+    // an address that is not the metadata service's.
+    let ns = Netns::new("imds");
+    ns.ip(&["addr", "add", "169.254.169.254/32", "dev", "lo"]);
+    ns.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "fd00:ec2::254/128",
+        "dev",
+        "lo",
+        "nodad",
+    ]);
+    ns.ip(&["addr", "add", "10.254.0.1/32", "dev", "lo"]);
+    let addrs = ["169.254.169.254", "fd00:ec2::254", "10.254.0.1"].map(|a| a.parse().unwrap());
+    ns.serve_http(&addrs, "role-credentials");
+    let env = Env::start_in(&ns);
+    let rootfs = env.busybox_rootfs("rootfs");
+    env.import(&rootfs, &[]);
+    let ws = env.workspace("ws", &[]);
+    // busybox's static wget crashes looking up "http" without NSS libraries: plain nc.
+    let script = "for addr in 169.254.169.254 fd00:ec2::254 10.254.0.1; do \
+                    reply=$(printf 'GET /latest/meta-data/ HTTP/1.0\\r\\n\\r\\n' \
+                            | nc -w 5 $addr 80 2>>/root/errors); rc=$?; \
+                    case \"$reply\" in \
+                      *role-credentials) echo \"role-credentials $rc\" >> /root/fetched;; \
+                      *) echo \"nothing $rc\" >> /root/fetched;; \
+                    esac; \
+                  done; \
+                  grep CapBnd /proc/self/status | cut -f2 > /root/capbnd";
+    let fetched = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--", "/bin/sh", "-c", script]);
+        let result = env.build(&ws, &all);
+        let out = Mounted::new(&env.snapshot_file(field(&result, "snapshot_id")), 0);
+        let bounding = u64::from_str_radix(out.read("/root/capbnd").trim(), 16).unwrap();
+        let errors = fs::read_to_string(out.path("/root/errors")).unwrap_or_default();
+        (out.read("/root/fetched"), bounding, errors)
+    };
+
+    // The test can fail: with the host's network, all three answer.
+    let (host, host_caps, _) = fetched(&[]);
+    assert_eq!(
+        host,
+        "role-credentials 0\nrole-credentials 0\nrole-credentials 0\n"
+    );
+    const NET_RAW: u64 = 1 << 13;
+    assert_ne!(host_caps & NET_RAW, 0, "CAP_NET_RAW is kept by default");
+
+    let (filtered, filtered_caps, errors) = fetched(&["--network", "no-metadata"]);
+    let lines: Vec<&str> = filtered.lines().collect();
+    assert_eq!(lines.len(), 3, "{filtered}");
+    assert!(
+        !lines[0].contains("role-credentials") && !lines[0].ends_with(" 0"),
+        "169.254.169.254 is out of reach: {filtered}"
+    );
+    assert!(
+        !lines[1].contains("role-credentials") && !lines[1].ends_with(" 0"),
+        "fd00:ec2::254 is out of reach: {filtered}"
+    );
+    assert_eq!(
+        errors.matches("Operation not permitted").count(),
+        2,
+        "refused at once, not left to time out: {errors}"
+    );
+    assert_eq!(
+        lines[2], "role-credentials 0",
+        "the rest of the network is not"
+    );
+    assert_eq!(
+        filtered_caps & NET_RAW,
+        0,
+        "no packet sockets to go around the filter"
+    );
+    // The filter went with the build: the next build with the host's network reaches it all.
+    assert_eq!(fetched(&[]).0, host);
     env.assert_no_leaks();
 }

@@ -160,7 +160,11 @@ fn denied(run: &Run, what: &str) {
 #[test]
 fn the_permission_matrix_with_real_users() {
     let _accounts = Accounts::create();
-    let env = Env::start();
+    // A shared builder's policy: members' recipes never get the instance metadata service.
+    let env = Env::start_with(
+        "[policy]\ndefault_network = \"no-metadata\"\nnetworks = [\"no-metadata\", \"none\"]\n",
+        &[],
+    );
     let client = env.dir.path().join("amidala");
     fs::copy(bin_dir().join("amidala"), &client).unwrap();
     fs::set_permissions(&client, fs::Permissions::from_mode(0o755)).unwrap();
@@ -187,6 +191,13 @@ fn the_permission_matrix_with_real_users() {
     assert!(
         err.contains(host.env.socket.to_str().unwrap()) && err.contains("Permission denied"),
         "{err}"
+    );
+
+    // The network policy: members may not ask for the host's network; admins may.
+    let ws = host.workspace(MEMBER);
+    denied(
+        &host.run_as(MEMBER, &ws, &["build", "--network", "host", "--", "true"]),
+        "--network host refused: builds may use only no-metadata, none",
     );
 
     // Two members build at once; each sees and touches only their own build.
@@ -286,5 +297,9 @@ fn the_permission_matrix_with_real_users() {
             && l.contains("cancelling another user's build")),
         "{log}"
     );
+    // Admins may use any network.
+    let ws = host.workspace(ADMIN);
+    host.run_as(ADMIN, &ws, &["build", "--network", "host", "--", "true"])
+        .ok();
     host.env.assert_no_leaks();
 }
