@@ -61,6 +61,15 @@ enum Command {
     Plugins(JsonFlag),
     /// Print the client's and the daemon's versions.
     Version,
+    /// Find what builds left behind and no live build holds (cgroups, mounts, loop devices,
+    /// volumes, snapshots of failed builds, partial files) and remove it (admins only).
+    Gc {
+        /// List only; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -253,6 +262,40 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 other => return Err(unexpected(other).into()),
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Gc { dry_run, json } => {
+            let items = match connect(&socket)?.call(&Request::Gc { dry_run })? {
+                Response::Collected { items, .. } => items,
+                other => return Err(unexpected(other).into()),
+            };
+            if json.json {
+                print_json(&items)?;
+            } else if items.is_empty() {
+                eprintln!("nothing to collect");
+            } else {
+                print_table(
+                    &["KIND", "ID", "BUILD", "DETAIL", "RESULT"],
+                    items.iter().map(|i| {
+                        vec![
+                            i.kind.clone(),
+                            i.id.clone(),
+                            i.build.clone().unwrap_or_default(),
+                            i.detail.clone(),
+                            match (&i.error, i.removed) {
+                                (Some(e), _) => format!("failed: {e}"),
+                                (None, true) => "removed".into(),
+                                (None, false) => "found".into(),
+                            },
+                        ]
+                    }),
+                );
+            }
+            let failed = items.iter().filter(|i| i.error.is_some()).count();
+            Ok(if failed > 0 {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Command::Images(json) => {
             let images = match connect(&socket)?.call(&Request::Images)? {

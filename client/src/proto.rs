@@ -63,6 +63,8 @@ pub enum Request {
     Plugins,
     /// Versions of the daemon and its protocol.
     Version,
+    /// Find what builds left behind and no live build holds; remove it unless `dry_run`.
+    Gc { dry_run: bool },
 }
 
 /// Where a build starts from.
@@ -697,6 +699,29 @@ pub enum Response {
         protocol: u32,
         provider: String,
     },
+    /// What gc found (and, unless it was a dry run, removed).
+    Collected {
+        dry_run: bool,
+        items: Vec<GcItem>,
+    },
+}
+
+/// One thing gc found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GcItem {
+    /// `cgroup`, `mount`, `loop-device`, `volume`, `snapshot` or `file`.
+    pub kind: String,
+    /// Its id or path.
+    pub id: String,
+    /// The build it belonged to, where known.
+    pub build: Option<String>,
+    /// Why it is garbage, or its state.
+    pub detail: String,
+    /// Whether it was removed.
+    pub removed: bool,
+    /// Why removing it failed.
+    pub error: Option<String>,
 }
 
 /// Why a frame could not be decoded.

@@ -22,10 +22,10 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::{BuildRecord, Catalog};
+use crate::catalog::{BuildRecord, Catalog, ImageRecord, SnapshotRecord};
 use crate::error::{blocking, Failure};
 use crate::executor::{ExecutorSpec, Outcome, Report, EXECUTOR_ARG, WORKSPACE_FD};
-use crate::provider::{Attachment, ImageMeta, SnapshotMeta, Volume};
+use crate::provider::{Attachment, ImageMeta, SnapshotMeta, Volume, FAILED_BUILD_TAG};
 use crate::Daemon;
 
 /// Longest line of provisioner output kept as one log line; longer ones are split.
@@ -323,6 +323,36 @@ async fn with_volume(
         .at(Phase::Snapshot)?;
     handle.update(|r| r.snapshot_id = Some(snapshot.id.clone()));
 
+    let registered = register(daemon, handle, &record, &snapshot, source, detected_arch).await;
+    if registered.is_err() {
+        // Kept, but never to be taken as the source of a build by its tags.
+        let tags = [(FAILED_BUILD_TAG.to_owned(), handle.id.clone())].into();
+        if let Err(e) = provider.tag_snapshot(&snapshot.id, &tags).await {
+            tracing::error!(build = %handle.id, snapshot = %snapshot.id, error = %e, "tagging the snapshot of a failed build");
+        }
+    }
+    let image = registered?;
+    Ok(BuildResult {
+        build_id: handle.id.clone(),
+        image_id: image.id,
+        snapshot_path: provider
+            .snapshot_path(&snapshot.id)
+            .map(|p| p.display().to_string()),
+        snapshot_id: snapshot.id,
+    })
+}
+
+async fn register(
+    daemon: &Daemon,
+    handle: &BuildHandle,
+    record: &BuildRecord,
+    snapshot: &SnapshotRecord,
+    source: &str,
+    detected_arch: Option<String>,
+) -> PhaseResult<ImageRecord> {
+    let provider = &daemon.provider;
+    let spec = &record.spec;
+    let owner = owner_name(handle.owner_uid);
     let mut image_tags: BTreeMap<String, String> = spec
         .image_tags
         .iter()
@@ -334,9 +364,9 @@ async fn with_volume(
     handle
         .enter(Phase::Register)
         .map_err(|(phase, f)| (phase, kept_snapshot(f, &snapshot.id)))?;
-    let image = provider
+    provider
         .register(
-            &snapshot,
+            snapshot,
             ImageMeta {
                 name: image_name(spec.name.as_deref(), &handle.id, &record.created)
                     .map_err(|e| (Phase::Register, Failure::from(e)))?,
@@ -352,15 +382,7 @@ async fn with_volume(
         )
         .await
         .map_err(|f| kept_snapshot(f, &snapshot.id))
-        .at(Phase::Register)?;
-    Ok(BuildResult {
-        build_id: handle.id.clone(),
-        image_id: image.id,
-        snapshot_path: provider
-            .snapshot_path(&snapshot.id)
-            .map(|p| p.display().to_string()),
-        snapshot_id: snapshot.id,
-    })
+        .at(Phase::Register)
 }
 
 fn kept_snapshot(mut failure: Failure, snapshot: &str) -> Failure {

@@ -209,6 +209,13 @@ impl Catalog {
         store::write_json(&self.record("catalog/snapshots", &record.id), record)
     }
 
+    pub fn delete_snapshot_record(&self, id: &str) -> io::Result<()> {
+        match fs::remove_file(self.record("catalog/snapshots", id)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => store::sync_dir(&self.root.join("catalog/snapshots")),
+        }
+    }
+
     pub fn get_snapshot(&self, id: &str) -> io::Result<Option<SnapshotRecord>> {
         read_optional(&self.record("catalog/snapshots", id))
     }

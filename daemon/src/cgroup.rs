@@ -110,7 +110,7 @@ fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
 }
 
 /// Mountinfo escapes space, tab, newline and backslash as octal.
-fn unescape_mountinfo(s: &str) -> String {
+pub(crate) fn unescape_mountinfo(s: &str) -> String {
     let mut out = Vec::with_capacity(s.len());
     let bytes = s.as_bytes();
     let mut i = 0;

@@ -17,6 +17,7 @@ pub mod disk;
 pub mod ec2;
 pub mod error;
 pub mod executor;
+pub mod gc;
 pub mod ids;
 pub mod import;
 pub mod loopdev;
@@ -33,7 +34,7 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use amidala::proto::{BuildFailure, BuildState, ErrorCode};
+use amidala::proto::{BuildFailure, BuildState, ErrorCode, Response};
 use anyhow::{bail, Context, Result};
 use chrono::Utc;
 use tokio::net::UnixListener;
@@ -70,6 +71,8 @@ pub struct Daemon {
     /// Where builds' cgroups are made; `None` without a cgroup v2 hierarchy, where builds run
     /// without one and `--network no-metadata` is refused.
     pub cgroups: Option<cgroup::Hierarchy>,
+    /// Base imports running now.
+    pub imports: std::sync::atomic::AtomicUsize,
 }
 
 /// Drops, from every set of this (still single-threaded) process, the capabilities neither the
@@ -114,7 +117,6 @@ pub async fn run(config: Config) -> Result<()> {
             None
         }
     };
-    recover(&catalog, cgroups.as_ref()).context("recovering from the previous run")?;
     let provider: Arc<dyn Provider> = match config.provider {
         ProviderKind::Local => Arc::new(LocalProvider::new(catalog.clone())),
         ProviderKind::Ec2 => Arc::new(
@@ -127,6 +129,8 @@ pub async fn run(config: Config) -> Result<()> {
     if plugins.names().is_empty() {
         tracing::warn!(dir = %config.plugin_dir.display(), "no provisioner plugin loaded: builds will be refused");
     }
+    // Only one daemon per state directory: recovery would take another's builds for dead.
+    let _lock = lock_state_dir(&config.state_dir)?;
     let listener = bind_socket(&config.socket)?;
     tracing::info!(
         socket = %config.socket.display(),
@@ -149,7 +153,12 @@ pub async fn run(config: Config) -> Result<()> {
         shutdown: CancellationToken::new(),
         build_tasks: TaskTracker::new(),
         cgroups,
+        imports: std::sync::atomic::AtomicUsize::new(0),
     });
+    recover(&daemon)
+        .await
+        .context("recovering from the previous run")?;
+    tracing::info!("serving");
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -203,58 +212,105 @@ pub async fn run(config: Config) -> Result<()> {
     Ok(())
 }
 
-/// Cleans up after a daemon that died: builds it was running are marked failed, their volumes
-/// deleted, their mount points and staging directories removed. Loop devices and mounts need
-/// nothing: they were set to release themselves when their holders died.
-fn recover(catalog: &Catalog, cgroups: Option<&cgroup::Hierarchy>) -> io::Result<()> {
-    let records = catalog.builds()?;
-    if let Some(cgroups) = cgroups {
-        // Whatever still runs of a build of this daemon's (the executor dies with the daemon,
-        // but a provisioner's process could outlive it) is killed, and its cgroup removed.
-        let ours: std::collections::HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
-        for id in cgroups.build_ids()? {
-            if ours.contains(id.as_str()) {
-                tracing::warn!(build = %id, "removing the cgroup of an interrupted build");
-                cgroup::remove(&cgroups.build_dir(&id))?;
-            }
+/// Cleans up after a daemon that died, before serving: whatever still runs of its builds is
+/// killed, their mounts, loop devices and volumes are removed (see [`gc`]), snapshots they
+/// finished are kept but tagged as made by a failed build, and each build is marked failed,
+/// "interrupted by daemon restart". A step that fails is logged and recovery goes on: the
+/// daemon serves, and `amidala gc` can finish the job.
+async fn recover(daemon: &Daemon) -> Result<()> {
+    let interrupted: Vec<_> = daemon
+        .catalog
+        .builds()
+        .context("reading the catalog")?
+        .into_iter()
+        .filter(|r| !r.state.is_terminal())
+        .collect();
+    let scope = gc::Scope {
+        failed_snapshots: false,
+        dry_run: false,
+    };
+    match gc::collect(daemon, scope).await {
+        Ok(items) if items.is_empty() => {}
+        Ok(items) => tracing::warn!("recovery: {}", gc::describe(&items)),
+        Err(e) => {
+            tracing::error!(error = %e, "recovery: could not look for leftovers; run amidala gc")
         }
     }
-    for mut record in records {
-        if record.state.is_terminal() {
-            continue;
+    if interrupted.is_empty() {
+        return Ok(());
+    }
+    // Finished work is kept: a snapshot an interrupted build made (but no image uses) is
+    // tagged so that it is never taken as a source by tag, and gc may remove it.
+    let snapshots = daemon.provider.list_snapshots().await;
+    let images = daemon.provider.list_images().await;
+    match (snapshots, images) {
+        (Ok(snapshots), Ok(images)) => {
+            for record in &interrupted {
+                for s in snapshots.iter().filter(|s| {
+                    s.tags.get("amidala:build") == Some(&record.id)
+                        && !s.tags.contains_key(provider::FAILED_BUILD_TAG)
+                        && !images.iter().any(|i| i.snapshot_id == s.id)
+                }) {
+                    let tags = [(provider::FAILED_BUILD_TAG.to_owned(), record.id.clone())].into();
+                    match daemon.provider.tag_snapshot(&s.id, &tags).await {
+                        Ok(()) => {
+                            tracing::warn!(build = %record.id, snapshot = %s.id, "recovery: kept the snapshot of an interrupted build")
+                        }
+                        Err(e) => {
+                            tracing::error!(build = %record.id, snapshot = %s.id, error = %e, "recovery: could not tag a snapshot")
+                        }
+                    }
+                }
+            }
         }
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(error = %e, "recovery: could not list snapshots and images");
+        }
+    }
+    for mut record in interrupted {
         tracing::warn!(build = %record.id, phase = ?record.phase, "marking a build interrupted by a daemon restart as failed");
-        record.error = Some(BuildFailure {
+        let failure = BuildFailure {
             build_id: record.id.clone(),
             phase: record.phase.unwrap_or(amidala::proto::Phase::Queued),
             code: ErrorCode::Internal,
             message: "interrupted by daemon restart".into(),
             exit_status: None,
-        });
+        };
+        // The log ends as a build's log does, for `amidala logs` to show.
+        if let Ok(mut log) = fs::OpenOptions::new()
+            .append(true)
+            .open(daemon.catalog.build_log(&record.id))
+        {
+            let mut line =
+                serde_json::to_vec(&Response::Failed(failure.clone())).expect("events serialize");
+            line.push(b'\n');
+            let _ = io::Write::write_all(&mut log, &line);
+        }
+        record.error = Some(failure);
         record.state = BuildState::Failed;
         record.finished = Some(Utc::now());
         record.volume_id = None;
         record.device = None;
-        catalog.put_build(&record)?;
-    }
-    for entry in fs::read_dir(catalog.volumes_dir())? {
-        let path = entry?.path();
-        tracing::warn!(volume = %path.display(), "deleting a volume left by an interrupted build");
-        fs::remove_file(&path)?;
-    }
-    for entry in fs::read_dir(catalog.root().join("mnt"))? {
-        // Mounted only inside executors' namespaces, which died with them: a plain rmdir.
-        let path = entry?.path();
-        if let Err(e) = fs::remove_dir(&path) {
-            tracing::warn!(dir = %path.display(), error = %e, "cannot remove a stale mount point");
-        }
-    }
-    for entry in fs::read_dir(catalog.tmp_dir())? {
-        // Import staging trees, never mounted.
-        let path = entry?.path();
-        fs::remove_dir_all(&path).or_else(|_| fs::remove_file(&path))?;
+        daemon
+            .catalog
+            .put_build(&record)
+            .context("writing a build record")?;
     }
     Ok(())
+}
+
+/// Takes an exclusive lock on `state_dir/lock`, held as long as the returned file is open.
+fn lock_state_dir(state_dir: &Path) -> Result<nix::fcntl::Flock<fs::File>> {
+    let path = state_dir.join("lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        anyhow::anyhow!("another amidalad is using {} ({e})", state_dir.display())
+    })
 }
 
 /// Binds the socket as `root:amidala 0660` (`root:root` where the group does not exist),

@@ -56,6 +56,28 @@ pub struct LoopDevice {
     path: PathBuf,
 }
 
+/// Detaches the loop device at `path` (`/dev/loopN`), whoever attached it. A device still
+/// mounted is released by the kernel once unmounted.
+pub fn detach_path(path: &Path) -> io::Result<()> {
+    let device = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)?;
+    // SAFETY: LOOP_CLR_FD takes no argument; `device` is an open loop device descriptor.
+    let rc = unsafe { libc::ioctl(device.as_raw_fd(), LOOP_CLR_FD, 0) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        let e = io::Error::last_os_error();
+        // ENXIO: it was free already.
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(())
+        } else {
+            Err(e)
+        }
+    }
+}
+
 impl LoopDevice {
     /// Attaches `len` bytes of `backing` from `offset` (`len` 0: to the end).
     pub fn attach(

@@ -123,6 +123,8 @@ pub enum Action {
     },
     ListImages,
     Describe,
+    /// Collecting what builds left behind (admins only).
+    Gc,
 }
 
 impl Action {
@@ -135,6 +137,7 @@ impl Action {
             Action::CancelBuild { .. } => "cancelling another user's build",
             Action::ListImages => "listing images and snapshots",
             Action::Describe => "asking for versions and plugins",
+            Action::Gc => "collecting garbage",
         }
     }
 }
@@ -209,6 +212,7 @@ impl Policy {
             (Role::Builder, Action::ReadBuild { owner } | Action::CancelBuild { owner }) => {
                 owner == peer.uid
             }
+            (Role::Builder, Action::Gc) => false,
             (Role::Builder, _) => true,
             (Role::Outsider, _) => false,
         };
@@ -221,6 +225,9 @@ impl Policy {
                     "the build belongs to uid {owner}; only its owner and admins ({}) may",
                     self.admins()
                 )
+            }
+            (Role::Builder, Action::Gc) => {
+                format!("only admins ({}) may", self.admins())
             }
             _ => format!(
                 "you are in none of the groups that may ({})",
@@ -327,6 +334,10 @@ mod tests {
             (&outsider, Action::ListImages, false),
             (&outsider, Action::ReadBuild { owner: 1004 }, false),
             (&outsider, Action::Describe, true),
+            (&root, Action::Gc, true),
+            (&admin, Action::Gc, true),
+            (&member, Action::Gc, false),
+            (&outsider, Action::Gc, false),
         ] {
             assert_eq!(
                 policy.authorize(who, action).is_ok(),

@@ -21,6 +21,20 @@ use crate::ids::new_id;
 use crate::loopdev::LoopDevice;
 
 /// How long a detached device may take to be released by the kernel.
+/// The tag marking a snapshot made by a build that then failed (its value: the build id).
+/// Such snapshots are kept, never chosen by tag as a build's source, and removed by `gc`.
+pub const FAILED_BUILD_TAG: &str = "amidala:failed-build";
+
+/// A volume a provider made for a build on this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildVolume {
+    pub id: String,
+    /// The build it was made for, where known.
+    pub build: Option<String>,
+    /// Its state as the provider says it (`available`, `in-use`, `file`, ...).
+    pub state: String,
+}
+
 pub const RELEASE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A writable volume made from a snapshot.
@@ -144,6 +158,20 @@ pub trait Provider: Send + Sync + Debug {
     async fn list_images(&self) -> Result<Vec<ImageInfo>, Failure>;
     /// Where the snapshot's disk image can be read on this host, if it is a file.
     fn snapshot_path(&self, snapshot_id: &str) -> Option<PathBuf>;
+    /// The volumes made for builds on this host that still exist.
+    async fn build_volumes(&self) -> Result<Vec<BuildVolume>, Failure>;
+    /// Detaches `volume` from this host if it is attached, and deletes it.
+    async fn reclaim_volume(&self, volume: &BuildVolume) -> Result<(), Failure>;
+    /// Adds `tags` to a snapshot.
+    async fn tag_snapshot(&self, id: &str, tags: &BTreeMap<String, String>) -> Result<(), Failure>;
+    /// Deletes a snapshot no image uses.
+    async fn delete_snapshot(&self, id: &str) -> Result<(), Failure>;
+}
+
+/// Whether a build may start from `tags`' snapshot when it asks for a tag: not if the snapshot
+/// is what a failed build left.
+pub fn usable_as_source(tags: &BTreeMap<String, String>) -> bool {
+    !tags.contains_key(FAILED_BUILD_TAG)
 }
 
 /// Copies `src` into a new file at `dst` (created exclusively, mode `mode`); on failure
@@ -234,7 +262,8 @@ impl Provider for LocalProvider {
                 let all = catalog
                     .snapshots()
                     .map_err(|e| Failure::io("reading the catalog", e))?;
-                newest_with_tag(&all, tag).cloned().ok_or_else(|| {
+                let usable = all.iter().filter(|s| usable_as_source(&s.tags));
+                newest_with_tag(usable, tag).cloned().ok_or_else(|| {
                     Failure::new(
                         ErrorCode::NoSnapshot,
                         format!(
@@ -251,10 +280,12 @@ impl Provider for LocalProvider {
         &self,
         snapshot: &SnapshotRecord,
         size: Option<u64>,
-        _build_id: &str,
+        build_id: &str,
         _owner: &str,
     ) -> Result<Volume, Failure> {
-        let id = new_id("vol");
+        // One volume per build, named after it, so that the build a volume file belongs to is
+        // known from its name alone (recovery and gc need that).
+        let id = volume_of_build(build_id);
         let src = self.catalog.snapshot_file(&snapshot.id);
         let dst = self.catalog.volume_file(&id);
         blocking(move || {
@@ -377,6 +408,84 @@ impl Provider for LocalProvider {
     fn snapshot_path(&self, snapshot_id: &str) -> Option<PathBuf> {
         Some(self.catalog.snapshot_file(snapshot_id))
     }
+
+    async fn build_volumes(&self) -> Result<Vec<BuildVolume>, Failure> {
+        let dir = self.catalog.volumes_dir();
+        blocking(move || {
+            let mut volumes = Vec::new();
+            for entry in std::fs::read_dir(&dir).map_err(|e| Failure::io("reading volumes/", e))? {
+                let name = entry
+                    .map_err(|e| Failure::io("reading volumes/", e))?
+                    .file_name();
+                let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".img")) else {
+                    continue;
+                };
+                volumes.push(BuildVolume {
+                    build: build_of_volume(id),
+                    id: id.to_owned(),
+                    state: "file".into(),
+                });
+            }
+            volumes.sort_by(|a, b| a.id.cmp(&b.id));
+            Ok(volumes)
+        })
+        .await
+    }
+
+    async fn reclaim_volume(&self, volume: &BuildVolume) -> Result<(), Failure> {
+        let path = self.catalog.volume_file(&volume.id);
+        blocking(move || remove_if_present(&path)).await
+    }
+
+    async fn tag_snapshot(&self, id: &str, tags: &BTreeMap<String, String>) -> Result<(), Failure> {
+        let (catalog, id, tags) = (self.catalog.clone(), id.to_owned(), tags.clone());
+        blocking(move || {
+            let mut record = catalog
+                .get_snapshot(&id)
+                .map_err(|e| Failure::io("reading the catalog", e))?
+                .ok_or_else(|| {
+                    Failure::new(ErrorCode::NotFound, format!("snapshot {id} does not exist"))
+                })?;
+            record.tags.extend(tags);
+            catalog
+                .put_snapshot(&record)
+                .map_err(|e| Failure::io("writing the snapshot record", e))
+        })
+        .await
+    }
+
+    async fn delete_snapshot(&self, id: &str) -> Result<(), Failure> {
+        let (catalog, id) = (self.catalog.clone(), id.to_owned());
+        blocking(move || {
+            let images = catalog
+                .images()
+                .map_err(|e| Failure::io("reading the catalog", e))?;
+            if let Some(image) = images.iter().find(|i| i.snapshot_id == id) {
+                return Err(Failure::invalid(format!(
+                    "snapshot {id} is used by image {}",
+                    image.id
+                )));
+            }
+            // The record first: a data file without a record is found and removed by gc.
+            catalog
+                .delete_snapshot_record(&id)
+                .map_err(|e| Failure::io("deleting the snapshot record", e))?;
+            remove_if_present(&catalog.snapshot_file(&id))
+        })
+        .await
+    }
+}
+
+/// The (local) volume of build `bld-…`: `vol-…` with the same digits.
+pub fn volume_of_build(build_id: &str) -> String {
+    format!("vol-{}", build_id.strip_prefix("bld-").unwrap_or(build_id))
+}
+
+/// The build a local volume was made for.
+pub fn build_of_volume(volume_id: &str) -> Option<String> {
+    volume_id
+        .strip_prefix("vol-")
+        .map(|digits| format!("bld-{digits}"))
 }
 
 /// Records the complete disk image at `staged` as snapshot `id`.

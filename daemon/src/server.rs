@@ -132,6 +132,26 @@ impl Conn {
 }
 
 /// One of a user's open connections; released when dropped.
+/// Counts a base import as running while it lives, so that gc leaves its files alone.
+struct ImportCount(Arc<Daemon>);
+
+impl ImportCount {
+    fn new(daemon: Arc<Daemon>) -> ImportCount {
+        daemon
+            .imports
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        ImportCount(daemon)
+    }
+}
+
+impl Drop for ImportCount {
+    fn drop(&mut self) {
+        self.0
+            .imports
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 struct ConnectionSlot<'a> {
     daemon: &'a Daemon,
     uid: u32,
@@ -275,6 +295,7 @@ fn action_of(request: &Request) -> Action {
         Request::List => Action::ListBuilds,
         Request::Images | Request::Snapshots => Action::ListImages,
         Request::Hello { .. } | Request::Plugins | Request::Version => Action::Describe,
+        Request::Gc { .. } => Action::Gc,
         // Judged against the build's owner once it is found; builders at least.
         Request::Status { .. } | Request::Logs { .. } | Request::Cancel { .. } => {
             Action::ListBuilds
@@ -349,6 +370,20 @@ async fn dispatch(
             Err(f) => conn.send_error(&f).await,
         },
         Request::Plugins => conn.send(&Response::Plugins(daemon.plugins.infos())).await,
+        Request::Gc { dry_run } => {
+            tracing::info!(uid = peer.uid, pid = ?peer.pid, dry_run, "gc");
+            let scope = crate::gc::Scope {
+                failed_snapshots: true,
+                dry_run,
+            };
+            match crate::gc::collect(daemon, scope).await {
+                Ok(items) => {
+                    tracing::info!(dry_run, "gc: {}", crate::gc::describe(&items));
+                    conn.send(&Response::Collected { dry_run, items }).await
+                }
+                Err(f) => conn.send_error(&f).await,
+            }
+        }
         Request::Version => {
             conn.send(&Response::Version {
                 daemon: env!("CARGO_PKG_VERSION").to_owned(),
@@ -585,6 +620,7 @@ async fn import_base(
     tracing::info!(uid = peer.uid, pid = ?peer.pid, source = %spec.source_name, "base import");
     let (tx, mut notes) = tokio::sync::mpsc::unbounded_channel();
     let provider = daemon.provider.clone();
+    let imports = ImportCount::new(daemon.clone());
     let staging = daemon.catalog.tmp_dir();
     let requester = Requester {
         uid: peer.uid,
@@ -592,6 +628,7 @@ async fn import_base(
     };
     // Runs to its end (and cleans up) even if the client goes away.
     let task = daemon.build_tasks.spawn(async move {
+        let _running = imports;
         import::import(
             provider.as_ref(),
             &staging,

@@ -35,7 +35,8 @@ use crate::config::{DataPlane, Ec2Config, Ec2Timeouts};
 use crate::disk;
 use crate::error::{blocking, Failure};
 use crate::provider::{
-    copy_to_new, grow, remove_if_present, Attachment, ImageMeta, Provider, SnapshotMeta, Volume,
+    copy_to_new, grow, remove_if_present, usable_as_source, Attachment, BuildVolume, ImageMeta,
+    Provider, SnapshotMeta, Volume,
 };
 use devices::{DeviceAllocator, DeviceLease};
 use wait::wait_for;
@@ -653,6 +654,7 @@ impl Provider for Ec2Provider {
                         page.snapshots()
                             .iter()
                             .filter(|s| s.state() == Some(&SnapshotState::Completed))
+                            .filter(|s| usable_as_source(&tags_of(s.tags())))
                             .cloned(),
                     );
                 }
@@ -949,6 +951,114 @@ impl Provider for Ec2Provider {
 
     fn snapshot_path(&self, snapshot_id: &str) -> Option<PathBuf> {
         (self.data_plane == DataPlane::Loop).then(|| self.loop_file("snapshots", snapshot_id))
+    }
+
+    async fn build_volumes(&self) -> Result<Vec<BuildVolume>, Failure> {
+        // Files of the loop plane first: each file's volume was made before it, so a file
+        // read now whose volume is not listed next has lost its volume.
+        let files = if self.data_plane == DataPlane::Loop {
+            let dir = self.loop_dir.join("volumes");
+            blocking(move || {
+                let entries = std::fs::read_dir(&dir)
+                    .map_err(|e| Failure::io(format!("reading {}", dir.display()), e))?;
+                Ok(entries
+                    .filter_map(|e| {
+                        e.ok()?
+                            .file_name()
+                            .to_str()?
+                            .strip_suffix(".img")
+                            .map(str::to_owned)
+                    })
+                    .collect::<Vec<_>>())
+            })
+            .await?
+        } else {
+            Vec::new()
+        };
+        let mut found = Vec::new();
+        let mut pages = self
+            .client
+            .describe_volumes()
+            .filters(
+                Filter::builder()
+                    .name("tag:amidala:host")
+                    .values(&self.host)
+                    .build(),
+            )
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            for v in page.map_err(cloud("DescribeVolumes"))?.volumes() {
+                let tags = tags_of(v.tags());
+                found.push(BuildVolume {
+                    id: v.volume_id().unwrap_or_default().to_owned(),
+                    build: tags.get("amidala:build").cloned(),
+                    state: v.state().map_or("unknown", |s| s.as_str()).to_owned(),
+                });
+            }
+        }
+        for id in files {
+            if !found.iter().any(|v| v.id == id) {
+                found.push(BuildVolume {
+                    id,
+                    build: None,
+                    state: "file without a volume".into(),
+                });
+            }
+        }
+        found.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(found)
+    }
+
+    async fn reclaim_volume(&self, volume: &BuildVolume) -> Result<(), Failure> {
+        if volume.state != "file without a volume" {
+            let (state, attachment) = self.volume_state(&volume.id).await?;
+            if attachment.is_some() {
+                self.detach_volume(&volume.id, None).await?;
+            } else if state == Some(VolumeState::Creating) {
+                self.wait_volume_available(&volume.id).await?;
+            }
+            self.client
+                .delete_volume()
+                .volume_id(&volume.id)
+                .send()
+                .await
+                .map_err(cloud("DeleteVolume"))?;
+        }
+        if self.data_plane == DataPlane::Loop {
+            let path = self.loop_file("volumes", &volume.id);
+            blocking(move || remove_if_present(&path)).await?;
+        }
+        Ok(())
+    }
+
+    async fn tag_snapshot(&self, id: &str, tags: &BTreeMap<String, String>) -> Result<(), Failure> {
+        self.client
+            .create_tags()
+            .resources(id)
+            .set_tags(Some(
+                tags.iter()
+                    .map(|(k, v)| Tag::builder().key(k).value(v).build())
+                    .collect(),
+            ))
+            .send()
+            .await
+            .map_err(cloud("CreateTags"))?;
+        Ok(())
+    }
+
+    async fn delete_snapshot(&self, id: &str) -> Result<(), Failure> {
+        self.client
+            .delete_snapshot()
+            .snapshot_id(id)
+            .send()
+            .await
+            .map_err(cloud("DeleteSnapshot"))?;
+        if self.data_plane == DataPlane::Loop {
+            let path = self.loop_file("snapshots", id);
+            blocking(move || remove_if_present(&path)).await?;
+        }
+        Ok(())
     }
 }
 
