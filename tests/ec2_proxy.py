@@ -7,10 +7,12 @@ can, per its configuration:
   ever, with a negative number) after they were made through it;
 - answer the first N calls of an action with EC2's throttling error (RequestLimitExceeded);
 - answer every call of an action with a given error;
+- answer each call of an action only after some seconds (EC2's own latency, stretched);
 - count the calls of each action.
 
 Control: POST /_proxy/config with a JSON object (keys: volume_creating_secs,
-snapshot_pending_secs, throttle {Action: count}, fail {Action: {code, message, status}}),
+snapshot_pending_secs, throttle {Action: count}, fail {Action: {code, message, status}},
+latency {Action: seconds}),
 GET /_proxy/stats. Listens on 127.0.0.1 only.
 
 Usage: python ec2_proxy.py LISTEN_PORT UPSTREAM_URL
@@ -26,7 +28,7 @@ import urllib.parse
 import xml.etree.ElementTree as ET
 
 lock = threading.Lock()
-config = {"volume_creating_secs": 0, "snapshot_pending_secs": 0, "throttle": {}, "fail": {}}
+config = {"volume_creating_secs": 0, "snapshot_pending_secs": 0, "throttle": {}, "fail": {}, "latency": {}}
 calls = {}
 created = {"volume": {}, "snapshot": {}}  # id -> time made
 
@@ -141,6 +143,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if throttle > 0:
                 config["throttle"][action] = throttle - 1
             fail = config["fail"].get(action)
+            latency = config["latency"].get(action, 0)
+        if latency > 0:
+            time.sleep(latency)
         if throttle > 0:
             return self.reply(503, error_body("RequestLimitExceeded", "Request limit exceeded."))
         if fail:
@@ -159,7 +164,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.send_header(k, v)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the caller died waiting (the fault-injection tests kill it on purpose)
         conn.close()
 
 

@@ -5,6 +5,7 @@ use std::fs::File;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -144,10 +145,21 @@ struct BuildArgs {
     /// Let these accounts launch the image (ec2), e.g. 123456789012.
     #[arg(long, value_name = "ACCOUNT,...", value_delimiter = ',')]
     share_with: Vec<String>,
+    /// Stop the provisioner and fail the build if it runs longer than this (90, 90s, 15m, 2h).
+    #[arg(long, value_name = "DURATION", value_parser = parse_timeout)]
+    timeout: Option<u64>,
+    /// Print the build's id and return at once; the build goes on (follow it with `amidala
+    /// logs -f ID`). Without it, Ctrl-C or a lost connection cancels the build.
+    #[arg(long)]
+    detach: bool,
     /// The provisioner's network: host (default), no-metadata (the host's network without
     /// the instance metadata service) or none (loopback only: no network, no metadata).
     #[arg(long, value_name = "host|no-metadata|none")]
     network: Option<String>,
+    /// Mount the daemon's package cache NAME (see `[caches]` in amidalad.toml) into the image,
+    /// kept between your builds (repeatable).
+    #[arg(long = "cache", value_name = "NAME")]
+    caches: Vec<String>,
     /// An option for the provisioner (repeatable).
     #[arg(long = "opt", value_name = "KEY=VALUE", value_parser = parse_option)]
     options: Vec<(String, String)>,
@@ -508,9 +520,18 @@ fn build(socket: &Path, args: BuildArgs) -> Result<ExitCode> {
         copy_to: args.copy_to,
         share_with: args.share_with,
         network: args.network,
+        detach: args.detach,
+        timeout: args.timeout,
+        caches: args.caches,
     };
     // The workspace is the directory we are in, opened by us and handed over as a descriptor.
     let workspace = File::open(".").context("opening the current directory as the workspace")?;
+    let detach = spec.detach;
+    // Ctrl-C cancels the build and waits for its teardown; a second one stops waiting.
+    let accepted: Arc<Mutex<Option<String>>> = Arc::default();
+    if !detach {
+        watch_interrupts(socket.to_owned(), accepted.clone())?;
+    }
     let mut client = connect(socket)?;
     client.send(&Request::Build(spec), Some(workspace.as_fd()))?;
     drop(workspace);
@@ -518,7 +539,13 @@ fn build(socket: &Path, args: BuildArgs) -> Result<ExitCode> {
     loop {
         match client.recv() {
             Ok(Response::Accepted { build_id: id }) => {
+                if detach {
+                    println!("{id}");
+                    eprintln!("amidala: build {id} goes on; follow it with `amidala logs -f {id}`");
+                    return Ok(ExitCode::SUCCESS);
+                }
                 eprintln!("amidala: build {id} accepted");
+                *accepted.lock().expect("lock") = Some(id.clone());
                 build_id = Some(id);
             }
             Ok(Response::Phase { phase }) => eprintln!("==> {phase}"),
@@ -553,6 +580,43 @@ fn build(socket: &Path, args: BuildArgs) -> Result<ExitCode> {
             Err(err) => return Err(err.into()),
         }
     }
+}
+
+/// Blocks SIGINT in this thread (and so in those it starts) and waits for it in a thread of
+/// its own: the first asks the daemon to cancel the build (once it is accepted; before, there
+/// is nothing to wait for), the second exits at once (the closed connection cancels it too).
+fn watch_interrupts(socket: PathBuf, accepted: Arc<Mutex<Option<String>>>) -> Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.thread_block().context("blocking SIGINT")?;
+    std::thread::spawn(move || {
+        let mut asked = false;
+        while let Ok(Signal::SIGINT) = set.wait() {
+            let id = accepted.lock().expect("lock").clone();
+            match id {
+                Some(id) if !asked => {
+                    asked = true;
+                    eprintln!("amidala: cancelling build {id} (Ctrl-C again to stop waiting for its teardown)");
+                    let socket = socket.clone();
+                    std::thread::spawn(move || {
+                        match connect(&socket)
+                            .and_then(|mut c| Ok(c.call(&Request::Cancel { id })?))
+                        {
+                            Ok(_) => {}
+                            Err(e) => eprintln!("amidala: cancelling: {e:#}"),
+                        }
+                    });
+                }
+                _ => std::process::exit(130),
+            }
+        }
+    });
+    Ok(())
+}
+
+fn parse_timeout(s: &str) -> Result<u64, String> {
+    amidala::proto::parse_duration(s).map_err(|e| e.0)
 }
 
 fn parse_option(s: &str) -> Result<(String, String), String> {

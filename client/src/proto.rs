@@ -130,6 +130,64 @@ pub struct BuildSpec {
     /// the instance metadata service) or `none` (loopback only).
     #[serde(default)]
     pub network: Option<String>,
+    /// Let the build go on when the connection that started it closes (otherwise, a closed
+    /// connection cancels it).
+    #[serde(default)]
+    pub detach: bool,
+    /// Seconds the provisioner may run; past them it is stopped and the build fails.
+    #[serde(default)]
+    pub timeout: Option<u64>,
+    /// Package caches of the daemon's `[caches]` to mount into the image, by name. Left out
+    /// when empty, so a daemon that predates caches takes the request.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub caches: Vec<String>,
+}
+
+/// Most `--cache` names one build may ask for.
+pub const MAX_CACHES: usize = 8;
+
+/// Checks a cache name: 1 to 32 of `a-z 0-9 - _`.
+pub fn validate_cache_name(name: &str) -> Result<(), ValidationError> {
+    let ok = (1..=32).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(ValidationError(format!(
+            "cache name {name:?} is not 1 to 32 of a-z, 0-9, - and _"
+        )))
+    }
+}
+
+/// The longest `--timeout`: a week.
+pub const MAX_TIMEOUT: u64 = 7 * 24 * 3600;
+
+/// Parses a duration such as `90`, `90s`, `15m` or `2h` into seconds.
+pub fn parse_duration(s: &str) -> Result<u64, ValidationError> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| {
+        ValidationError(format!(
+            "duration {s:?} is not a number with an optional unit"
+        ))
+    })?;
+    let scale = match unit.trim() {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        other => {
+            return Err(ValidationError(format!(
+                "duration {s:?} has an unknown unit {other:?} (use s, m, h or d)"
+            )))
+        }
+    };
+    n.checked_mul(scale)
+        .filter(|v| (1..=MAX_TIMEOUT).contains(v))
+        .ok_or_else(|| ValidationError(format!("duration {s:?} is not between 1s and 7d")))
 }
 
 /// The networks a provisioner may be given.
@@ -147,6 +205,13 @@ pub fn validate_build_options(spec: &BuildSpec) -> Result<(), ValidationError> {
             return Err(ValidationError(format!(
                 "--arch {arch:?} is not one of {}",
                 ARCHITECTURES.join(", ")
+            )));
+        }
+    }
+    if let Some(t) = spec.timeout {
+        if !(1..=MAX_TIMEOUT).contains(&t) {
+            return Err(ValidationError(format!(
+                "--timeout {t}s is not between 1s and 7d"
             )));
         }
     }
@@ -174,6 +239,17 @@ pub fn validate_build_options(spec: &BuildSpec) -> Result<(), ValidationError> {
             return Err(ValidationError(format!(
                 "--share-with {account:?} is not a 12-digit AWS account id"
             )));
+        }
+    }
+    if spec.caches.len() > MAX_CACHES {
+        return Err(ValidationError(format!(
+            "at most {MAX_CACHES} --cache names"
+        )));
+    }
+    for (i, name) in spec.caches.iter().enumerate() {
+        validate_cache_name(name)?;
+        if spec.caches[..i].contains(name) {
+            return Err(ValidationError(format!("--cache {name} is given twice")));
         }
     }
     if spec.copy_to.len() > 32 || spec.share_with.len() > 100 {
@@ -843,6 +919,9 @@ mod tests {
             copy_to: vec![],
             share_with: vec![],
             network: None,
+            detach: false,
+            timeout: None,
+            caches: vec!["apt".into()],
         });
         let mut bytes = encode_frame(&req).unwrap();
         bytes.extend(encode_frame(&Request::List).unwrap());
@@ -957,6 +1036,9 @@ mod tests {
                 copy_to: vec![],
                 share_with: vec![],
                 network: None,
+                detach: false,
+                timeout: None,
+                caches: vec![],
             };
             f(&mut s);
             validate_build_options(&s)
@@ -974,6 +1056,22 @@ mod tests {
         assert!(spec(&|s| s.network = Some("none".into())).is_ok());
         assert!(spec(&|s| s.network = Some("no-metadata".into())).is_ok());
         assert!(spec(&|s| s.network = Some("bridge".into())).is_err());
+        assert!(spec(&|s| s.caches = vec!["apt".into(), "pip_3-x".into()]).is_ok());
+        assert!(spec(&|s| s.caches = vec!["apt".into(), "apt".into()]).is_err());
+        assert!(spec(&|s| s.caches = vec!["../etc".into()]).is_err());
+        assert!(spec(&|s| s.caches = vec![String::new()]).is_err());
+        assert!(spec(&|s| s.caches = (0..9).map(|i| format!("c{i}")).collect()).is_err());
+        assert!(spec(&|s| s.timeout = Some(0)).is_err());
+        assert!(spec(&|s| s.timeout = Some(MAX_TIMEOUT + 1)).is_err());
+        assert_eq!(parse_duration("90").unwrap(), 90);
+        assert_eq!(parse_duration("15m").unwrap(), 900);
+        assert_eq!(parse_duration("2h").unwrap(), 7200);
+        assert!(parse_duration("8d").is_err());
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5 fortnights")
+            .unwrap_err()
+            .0
+            .contains("unknown unit"));
     }
 
     #[test]

@@ -13,7 +13,9 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use amidala::proto::{BuildFailure, BuildResult, BuildState, ErrorCode, Phase, Response};
 use amidala_plugin::BuildInfo as PluginBuildInfo;
@@ -23,8 +25,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{BuildRecord, Catalog, ImageRecord, SnapshotRecord};
+use crate::ec2::wait::{cancellable, counted};
 use crate::error::{blocking, Failure};
-use crate::executor::{ExecutorSpec, Outcome, Report, EXECUTOR_ARG, WORKSPACE_FD};
+use crate::executor::{CacheMount, ExecutorSpec, Outcome, Report, EXECUTOR_ARG, WORKSPACE_FD};
 use crate::provider::{Attachment, ImageMeta, SnapshotMeta, Volume, FAILED_BUILD_TAG};
 use crate::Daemon;
 
@@ -115,11 +118,24 @@ impl<T> At<T> for Result<T, Failure> {
 impl BuildHandle {
     /// Registers a new build: its record and its log exist before it is acknowledged.
     pub fn create(catalog: &Catalog, record: BuildRecord) -> Result<BuildHandle, Failure> {
-        let log = EventLog::create(&catalog.build_log(&record.id))
-            .map_err(|e| Failure::io("creating the build log", e))?;
-        catalog
-            .put_build(&record)
-            .map_err(|e| Failure::io("writing the build record", e))?;
+        let state_error = |what: &str, e: std::io::Error| {
+            let full = e.raw_os_error() == Some(libc::ENOSPC);
+            Failure::io(
+                format!("{what} in {}", catalog.root().display()),
+                if full {
+                    format!("{e}: the state directory is full")
+                } else {
+                    e.to_string()
+                },
+            )
+        };
+        let log_path = catalog.build_log(&record.id);
+        let log =
+            EventLog::create(&log_path).map_err(|e| state_error("creating the build log", e))?;
+        if let Err(e) = catalog.put_build(&record) {
+            let _ = std::fs::remove_file(&log_path);
+            return Err(state_error("writing the build record", e));
+        }
         Ok(BuildHandle {
             id: record.id.clone(),
             owner_uid: record.owner_uid,
@@ -134,12 +150,18 @@ impl BuildHandle {
         self.record.lock().expect("record lock").clone()
     }
 
+    /// Changes the record and writes it (the build's journal); a failure to write is logged.
     fn update(&self, f: impl FnOnce(&mut BuildRecord)) {
+        let _ = self.try_update(f);
+    }
+
+    /// Like [`update`](Self::update), returning the failure.
+    fn try_update(&self, f: impl FnOnce(&mut BuildRecord)) -> std::io::Result<()> {
         let mut record = self.record.lock().expect("record lock");
         f(&mut record);
-        if let Err(e) = self.catalog.put_build(&record) {
+        self.catalog.put_build(&record).inspect_err(|e| {
             tracing::error!(build = %self.id, error = %e, "writing the build record");
-        }
+        })
     }
 
     /// Enters a phase that does new work: refused once the build is cancelled.
@@ -147,7 +169,22 @@ impl BuildHandle {
         if self.cancel.is_cancelled() {
             return Err((phase, Failure::new(ErrorCode::Cancelled, "build cancelled")));
         }
-        self.enter_teardown(phase);
+        // New work only with its journal written: what it will hold must be findable after
+        // a crash.
+        self.try_update(|r| r.phase = Some(phase)).map_err(|e| {
+            (
+                phase,
+                Failure::io(
+                    format!(
+                        "recording the {phase} phase in {}",
+                        self.catalog.root().display()
+                    ),
+                    e,
+                ),
+            )
+        })?;
+        tracing::info!(build = %self.id, %phase, "phase");
+        self.log.append(&Response::Phase { phase });
         Ok(())
     }
 
@@ -158,7 +195,7 @@ impl BuildHandle {
         self.log.append(&Response::Phase { phase });
     }
 
-    fn note(&self, line: impl Into<String>) {
+    pub fn note(&self, line: impl Into<String>) {
         self.log.append(&Response::Log { line: line.into() });
     }
 }
@@ -180,8 +217,13 @@ pub async fn run(daemon: Arc<Daemon>, handle: Arc<BuildHandle>, workspace: Owned
         };
         handle.update(|r| r.state = BuildState::Running);
         execute(&daemon, &handle, workspace).await
+    };
+    let calls = Arc::new(AtomicU64::new(0));
+    let outcome = counted(calls.clone(), outcome).await;
+    let calls = calls.load(Ordering::Relaxed);
+    if calls > 0 {
+        handle.note(format!("amidala: {calls} EC2 requests"));
     }
-    .await;
     let finished = Utc::now();
     match outcome {
         Ok(result) => {
@@ -225,6 +267,8 @@ pub async fn run(daemon: Arc<Daemon>, handle: Arc<BuildHandle>, workspace: Owned
         }
     }
     handle.log.finish();
+    // Its snapshot may be the newest with a tag the warm pool serves.
+    daemon.pool.wake();
     daemon
         .builds
         .lock()
@@ -245,24 +289,93 @@ async fn execute(
     handle.update(|r| r.source_snapshot = Some(source.id.clone()));
 
     handle.enter(Phase::Volume)?;
-    let volume = provider
-        .create_volume(
-            &source,
-            spec.size,
+    // A volume of the warm pool, if one is of this snapshot and the size is the snapshot's.
+    let warm = spec
+        .size
+        .is_none()
+        .then(|| daemon.pool.take(&source.id, spec.partition))
+        .flatten();
+    // The pool's hold on the volume lasts as long as the build: gc may have listed it under
+    // its pool name, and must not take it for a leftover before the build ends.
+    let _held = warm.as_ref().map(|w| PoolHold(daemon, w.holder.clone()));
+    let (volume, attached) = match warm {
+        Some(warm) => {
+            let (volume, attachment) = adopt(daemon, handle, warm).await.at(Phase::Volume)?;
+            (volume, Some(attachment))
+        }
+        None => {
+            let volume = cancellable(
+                handle.cancel.clone(),
+                provider.create_volume(
+                    &source,
+                    spec.size,
+                    &handle.id,
+                    &owner_name(handle.owner_uid),
+                ),
+            )
+            .await
+            .at(Phase::Volume)?;
+            (volume, None)
+        }
+    };
+    handle.update(|r| r.volume_id = Some(volume.id.clone()));
+
+    let result = with_volume(daemon, handle, &source.id, &volume, attached, workspace).await;
+
+    handle.enter_teardown(Phase::Cleanup);
+    let volume_id = volume.id.clone();
+    let cleaned = provider.delete_volume(volume).await.at(Phase::Cleanup);
+    if cleaned.is_ok() {
+        handle.note(format!("amidala: deleted volume {volume_id}"));
+    }
+    let result = result?;
+    cleaned?;
+    Ok(result)
+}
+
+/// Ends the warm pool's hold on a volume it gave a build.
+struct PoolHold<'a>(&'a Daemon, String);
+
+impl Drop for PoolHold<'_> {
+    fn drop(&mut self) {
+        self.0.pool.forget(&self.1);
+    }
+}
+
+/// Makes a warm pool volume the build's; on failure, removes it.
+async fn adopt(
+    daemon: &Daemon,
+    handle: &BuildHandle,
+    warm: crate::pool::Warm,
+) -> Result<(Volume, Attachment), Failure> {
+    let provider = &daemon.provider;
+    let id = warm.volume.id.clone();
+    match provider
+        .adopt_volume(
+            warm.volume.clone(),
             &handle.id,
             &owner_name(handle.owner_uid),
         )
         .await
-        .at(Phase::Volume)?;
-    handle.update(|r| r.volume_id = Some(volume.id.clone()));
-
-    let result = with_volume(daemon, handle, &source.id, &volume, workspace).await;
-
-    handle.enter_teardown(Phase::Cleanup);
-    let cleaned = provider.delete_volume(volume).await.at(Phase::Cleanup);
-    let result = result?;
-    cleaned?;
-    Ok(result)
+    {
+        Ok(volume) => {
+            handle.note(format!(
+                "amidala: volume {} from the warm pool, attached",
+                volume.id
+            ));
+            Ok((volume, warm.attachment))
+        }
+        Err(e) => {
+            let removed = match provider.detach(&warm.volume, warm.attachment).await {
+                Ok(()) => provider.delete_volume(warm.volume).await,
+                Err(e) => Err(e),
+            };
+            if let Err(undo) = removed {
+                tracing::error!(volume = %id, error = %undo, "removing a pool volume that could not be adopted");
+            }
+            Err(e)
+        }
+    }
 }
 
 async fn with_volume(
@@ -270,16 +383,27 @@ async fn with_volume(
     handle: &BuildHandle,
     source: &str,
     volume: &Volume,
+    attached: Option<Attachment>,
     workspace: OwnedFd,
 ) -> PhaseResult<BuildResult> {
     let provider = &daemon.provider;
     let record = handle.record();
     let spec = &record.spec;
-    handle.enter(Phase::Attach)?;
-    let attachment = provider
-        .attach(volume, spec.partition)
+    if let Err(e) = handle.enter(Phase::Attach) {
+        if let Some(attachment) = attached {
+            let _ = provider.detach(volume, attachment).await;
+        }
+        return Err(e);
+    }
+    let attachment = match attached {
+        Some(attachment) => attachment,
+        None => cancellable(
+            handle.cancel.clone(),
+            provider.attach(volume, spec.partition),
+        )
         .await
-        .at(Phase::Attach)?;
+        .at(Phase::Attach)?,
+    };
     handle.update(|r| r.device = Some(attachment.device.display().to_string()));
     if let Some(n) = attachment.partition {
         handle.note(format!(
@@ -291,7 +415,11 @@ async fn with_volume(
     let provisioned = provision(daemon, handle, &attachment, source, workspace).await;
 
     handle.enter_teardown(Phase::Detach);
+    let device = attachment.device.display().to_string();
     let detached = provider.detach(volume, attachment).await.at(Phase::Detach);
+    if detached.is_ok() {
+        handle.note(format!("amidala: detached volume {} ({device})", volume.id));
+    }
     handle.update(|r| r.device = None);
     let detected_arch = provisioned?;
     detached?;
@@ -308,17 +436,14 @@ async fn with_volume(
     snapshot_tags.insert("amidala:owner-uid".into(), handle.owner_uid.to_string());
     snapshot_tags.insert("amidala:provisioner".into(), spec.provisioner.clone());
     handle.enter(Phase::Snapshot)?;
-    let snapshot = provider
-        .snapshot(
-            volume,
-            SnapshotMeta {
-                tags: snapshot_tags,
-                owner_uid: handle.owner_uid,
-                build_id: Some(handle.id.clone()),
-                source_snapshot: Some(source.to_owned()),
-                description: format!("amidala build {} from {source}", handle.id),
-            },
-        )
+    let meta = SnapshotMeta {
+        tags: snapshot_tags,
+        owner_uid: handle.owner_uid,
+        build_id: Some(handle.id.clone()),
+        source_snapshot: Some(source.to_owned()),
+        description: format!("amidala build {} from {source}", handle.id),
+    };
+    let snapshot = cancellable(handle.cancel.clone(), provider.snapshot(volume, meta))
         .await
         .at(Phase::Snapshot)?;
     handle.update(|r| r.snapshot_id = Some(snapshot.id.clone()));
@@ -364,22 +489,19 @@ async fn register(
     handle
         .enter(Phase::Register)
         .map_err(|(phase, f)| (phase, kept_snapshot(f, &snapshot.id)))?;
-    provider
-        .register(
-            snapshot,
-            ImageMeta {
-                name: image_name(spec.name.as_deref(), &handle.id, &record.created)
-                    .map_err(|e| (Phase::Register, Failure::from(e)))?,
-                description: format!("amidala build {} from {source}", handle.id),
-                tags: image_tags,
-                owner_uid: handle.owner_uid,
-                build_id: Some(handle.id.clone()),
-                architecture: spec.arch.clone().or(detected_arch),
-                boot_mode: spec.boot_mode.clone(),
-                copy_to: spec.copy_to.clone(),
-                share_with: spec.share_with.clone(),
-            },
-        )
+    let meta = ImageMeta {
+        name: image_name(spec.name.as_deref(), &handle.id, &record.created)
+            .map_err(|e| (Phase::Register, Failure::from(e)))?,
+        description: format!("amidala build {} from {source}", handle.id),
+        tags: image_tags,
+        owner_uid: handle.owner_uid,
+        build_id: Some(handle.id.clone()),
+        architecture: spec.arch.clone().or(detected_arch),
+        boot_mode: spec.boot_mode.clone(),
+        copy_to: spec.copy_to.clone(),
+        share_with: spec.share_with.clone(),
+    };
+    cancellable(handle.cancel.clone(), provider.register(snapshot, meta))
         .await
         .map_err(|f| kept_snapshot(f, &snapshot.id))
         .at(Phase::Register)
@@ -463,7 +585,10 @@ async fn provision(
             Failure::io(format!("creating {}", mount_dir.display()), e),
         )
     })?;
+    let caches = cache_mounts(daemon, handle.owner_uid, &record.spec.caches)
+        .map_err(|f| (Phase::Mount, f))?;
     let spec = ExecutorSpec {
+        caches,
         device: attachment.device.clone(),
         fs_type: attachment.fs.kernel_name().to_owned(),
         mount_dir: mount_dir.clone(),
@@ -483,6 +608,37 @@ async fn provision(
         tracing::warn!(dir = %mount_dir.display(), error = %e, "removing the mount point");
     }
     result
+}
+
+/// The host directories of the caches a build asked for, made if missing:
+/// `state/caches/<uid>/<name>`, each user's apart (`caches/` and `caches/<uid>` root-only).
+fn cache_mounts(daemon: &Daemon, uid: u32, names: &[String]) -> Result<Vec<CacheMount>, Failure> {
+    use std::os::unix::fs::DirBuilderExt;
+    let mut mounts = Vec::new();
+    for name in names {
+        let target =
+            daemon.config.caches.get(name).ok_or_else(|| {
+                Failure::invalid(format!("--cache {name}: no such cache any more"))
+            })?;
+        let user_dir = daemon.catalog.root().join("caches").join(uid.to_string());
+        let host = user_dir.join(name);
+        for (dir, mode) in [
+            (user_dir.parent().expect("caches/"), 0o700),
+            (&user_dir, 0o700),
+            (&host, 0o755),
+        ] {
+            match std::fs::DirBuilder::new().mode(mode).create(dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(Failure::io(format!("creating {}", dir.display()), e)),
+            }
+        }
+        mounts.push(CacheMount {
+            host,
+            target: target.trim_start_matches('/').to_owned(),
+        });
+    }
+    Ok(mounts)
 }
 
 /// Runs the executor in a cgroup of the build's own, where the host has cgroup v2, with the
@@ -576,8 +732,14 @@ async fn run_executor(
             handle.note(String::from_utf8_lossy(&line).into_owned());
         }
     };
+    let limit = handle.record().spec.timeout.map(Duration::from_secs);
+    let mut timed_out = false;
     let reports = async {
         let mut reader = BufReader::new(child.stdout.take().expect("piped")).lines();
+        // Set when provisioning begins, if the build has a --timeout.
+        let deadline = tokio::time::sleep(Duration::MAX);
+        tokio::pin!(deadline);
+        let mut armed = false;
         let mut outcome = None;
         let mut architecture = None;
         let mut failed = None;
@@ -590,6 +752,10 @@ async fn run_executor(
                         Ok(Report::Phase(p)) => {
                             phase = p;
                             handle.enter_teardown(p);
+                            if let (Phase::Provision, Some(limit)) = (p, limit) {
+                                deadline.as_mut().reset(tokio::time::Instant::now() + limit);
+                                armed = true;
+                            }
                         }
                         Ok(Report::Note(text)) => handle.note(text),
                         Ok(Report::Provisioned(o)) => outcome = Some(o),
@@ -602,6 +768,14 @@ async fn run_executor(
                     },
                     Ok(None) | Err(_) => break,
                 },
+                () = &mut deadline, if armed && !killed && phase == Phase::Provision => {
+                    killed = true;
+                    timed_out = true;
+                    if let Some(pid) = child.id() {
+                        handle.note(format!("amidala: the provisioner ran past --timeout {}s: stopping it", limit.unwrap_or_default().as_secs()));
+                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
+                    }
+                }
                 () = handle.cancel.cancelled(), if !killed => {
                     killed = true;
                     if let Some(pid) = child.id() {
@@ -629,6 +803,16 @@ async fn run_executor(
     }
     if handle.cancel.is_cancelled() {
         return Err((phase, Failure::new(ErrorCode::Cancelled, "build cancelled")));
+    }
+    if timed_out {
+        let secs = limit.unwrap_or_default().as_secs();
+        return Err((
+            Phase::Provision,
+            Failure::new(
+                ErrorCode::Timeout,
+                format!("the provisioner did not finish within --timeout {secs}s and was stopped"),
+            ),
+        ));
     }
     let provision_failure = |message: String, exit_status| {
         let mut f = Failure::new(ErrorCode::ProvisionerFailed, message);

@@ -1,5 +1,6 @@
 //! Daemon configuration: command-line flags over a TOML file over built-in defaults.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -135,6 +136,11 @@ pub struct FileConfig {
     pub policy: crate::policy::PolicyConfig,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub warm_pool: Vec<crate::pool::PoolConfig>,
+    /// Package caches builds may ask for (`--cache NAME`): name → directory in the image.
+    #[serde(default)]
+    pub caches: BTreeMap<String, String>,
 }
 
 /// The `[limits]` section: bounds on what one client or user may hold.
@@ -173,6 +179,8 @@ pub struct Config {
     pub ec2: Ec2Config,
     pub policy: crate::policy::PolicyConfig,
     pub limits: Limits,
+    pub warm_pool: Vec<crate::pool::PoolConfig>,
+    pub caches: BTreeMap<String, String>,
 }
 
 impl Config {
@@ -221,12 +229,22 @@ impl Config {
             ec2,
             policy: file.policy,
             limits: file.limits,
+            warm_pool: file.warm_pool,
+            caches: file.caches,
         };
         if config.max_builds == 0 {
             bail!("max_builds must be at least 1");
         }
         if let Err(e) = config.policy.validate() {
             bail!("{e}");
+        }
+        if let Err(e) = crate::pool::Pool::new(&config.warm_pool) {
+            bail!("{e}");
+        }
+        for (name, target) in &config.caches {
+            amidala::proto::validate_cache_name(name)
+                .map_err(|e| anyhow::anyhow!("caches: {e}"))?;
+            validate_cache_target(target).map_err(|e| anyhow::anyhow!("caches: {name}: {e}"))?;
         }
         for (name, path) in [
             ("socket", &config.socket),
@@ -239,6 +257,34 @@ impl Config {
         }
         Ok(config)
     }
+}
+
+/// Directories of the image a cache may be mounted on: absolute, plain components, not the
+/// root and not where amidala mounts something itself.
+pub fn validate_cache_target(target: &str) -> Result<(), String> {
+    let rest = target
+        .strip_prefix('/')
+        .ok_or_else(|| format!("{target:?} is not an absolute path"))?;
+    let parts: Vec<&str> = rest.split('/').collect();
+    if rest.is_empty()
+        || parts
+            .iter()
+            .any(|p| p.is_empty() || *p == "." || *p == "..")
+    {
+        return Err(format!(
+            "{target:?} must name a directory below / with plain components (no //, . or ..)"
+        ));
+    }
+    if ["proc", "sys", "dev", "workspace"].contains(&parts[0]) {
+        return Err(format!(
+            "{target:?} is under /{}, where amidala mounts its own",
+            parts[0]
+        ));
+    }
+    if target.len() > 256 {
+        return Err(format!("{target:?} is longer than 256 bytes"));
+    }
+    Ok(())
 }
 
 fn read_file(path: &Path) -> Result<FileConfig> {
@@ -304,7 +350,12 @@ mod tests {
         let on: String = example
             .lines()
             .map(|l| match l.strip_prefix('#') {
-                Some(rest) if !rest.starts_with(' ') && rest.contains(" = ") => rest,
+                Some(rest)
+                    if !rest.starts_with(' ')
+                        && (rest.contains(" = ") || rest.starts_with("[[")) =>
+                {
+                    rest
+                }
                 _ => l,
             })
             .map(|l| format!("{l}\n"))
@@ -327,6 +378,30 @@ mod tests {
             Limits::default(),
             "the example shows the defaults"
         );
+        assert_eq!(config.warm_pool.len(), 1);
+        assert_eq!(config.warm_pool[0].volumes, 1);
+        assert_eq!(config.warm_pool[0].refresh_secs, 60);
+    }
+
+    #[test]
+    fn cache_targets_are_plain_directories_of_the_image() {
+        assert!(validate_cache_target("/var/cache/apt/archives").is_ok());
+        for bad in [
+            "var/cache",
+            "/",
+            "/var//cache",
+            "/var/../etc",
+            "/proc/x",
+            "/workspace",
+            "/a/./b",
+        ] {
+            assert!(validate_cache_target(bad).is_err(), "{bad}");
+        }
+        let file: FileConfig =
+            toml::from_str("[caches]\napt = \"/var/cache/apt/archives\"\n").unwrap();
+        assert!(Config::merge(&cli(&[]), file).is_ok());
+        let file: FileConfig = toml::from_str("[caches]\nApt = \"/var/cache/apt\"\n").unwrap();
+        assert!(Config::merge(&cli(&[]), file).is_err());
     }
 
     #[test]

@@ -76,6 +76,18 @@ pub struct ExecutorSpec {
     pub build: BuildInfo,
     /// The host's resolv.conf, to put in the image while provisioning.
     pub resolv_conf: Option<String>,
+    /// Package caches to bind-mount into the image.
+    #[serde(default)]
+    pub caches: Vec<CacheMount>,
+}
+
+/// A host directory mounted on a directory of the image while provisioning.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheMount {
+    pub host: PathBuf,
+    /// Relative to the image's root, plain components (checked with the configuration).
+    pub target: String,
 }
 
 /// What an executor tells the daemon, one JSON line each.
@@ -372,6 +384,15 @@ fn open_dir_at(dir: BorrowedFd<'_>, name: &str) -> nix::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// The directory `rel` (components separated by `/`) below `dir`, following no symlink.
+fn open_path_at(dir: BorrowedFd<'_>, rel: &str) -> nix::Result<OwnedFd> {
+    let mut current = open_dir_at(dir, ".")?;
+    for part in rel.split('/').filter(|p| !p.is_empty() && *p != ".") {
+        current = open_dir_at(current.as_fd(), part)?;
+    }
+    Ok(current)
+}
+
 /// Whether `name` exists in `dir`, without following a symlink.
 fn exists_at(dir: BorrowedFd<'_>, name: &str) -> nix::Result<bool> {
     match fstatat(
@@ -532,7 +553,8 @@ impl Replaced {
 /// What was changed in the image before provisioning, to undo afterwards.
 struct Prepared {
     root: OwnedFd,
-    created_dirs: Vec<&'static str>,
+    /// Directories amidala made in the image, relative to its root, parents first.
+    created_dirs: Vec<String>,
     replaced: Vec<Replaced>,
 }
 
@@ -568,7 +590,7 @@ impl Prepared {
                 Err(Errno::ENOENT) => {
                     nix::sys::stat::mkdirat(Some(self.root.as_raw_fd()), name, Mode::from_bits_truncate(0o755))
                         .map_err(fail(Phase::Mount, format!("creating /{name} in the image")))?;
-                    self.created_dirs.push(name);
+                    self.created_dirs.push(name.to_owned());
                 }
                 Err(Errno::ELOOP | Errno::ENOTDIR) => {
                     return Err(Failure {
@@ -578,6 +600,9 @@ impl Prepared {
                 }
                 Err(e) => return Err(fail(Phase::Mount, format!("opening /{name} in the image"))(e)),
             }
+        }
+        for cache in &spec.caches {
+            self.make_dirs(&cache.target)?;
         }
         if let Some(resolv) = &spec.resolv_conf {
             match open_dir_at(self.root.as_fd(), "etc") {
@@ -611,6 +636,41 @@ impl Prepared {
         Ok(())
     }
 
+    /// Makes the directory `rel` of the image and its missing parents, refusing to follow a
+    /// symlink on the way (an image's symlink must never lead a mount outside it).
+    fn make_dirs(&mut self, rel: &str) -> Result<(), Failure> {
+        let mut dir = open_path_at(self.root.as_fd(), ".")
+            .map_err(fail(Phase::Mount, "opening the image root"))?;
+        let mut path = String::new();
+        for part in rel.split('/') {
+            if !path.is_empty() {
+                path.push('/');
+            }
+            path.push_str(part);
+            let next = match open_dir_at(dir.as_fd(), part) {
+                Err(Errno::ENOENT) => {
+                    nix::sys::stat::mkdirat(
+                        Some(dir.as_raw_fd()),
+                        part,
+                        Mode::from_bits_truncate(0o755),
+                    )
+                    .map_err(fail(Phase::Mount, format!("creating /{path} in the image")))?;
+                    self.created_dirs.push(path.clone());
+                    open_dir_at(dir.as_fd(), part)
+                }
+                other => other,
+            };
+            dir = next.map_err(|e| match e {
+                Errno::ELOOP | Errno::ENOTDIR => Failure {
+                    phase: Phase::Mount,
+                    message: format!("/{path} in the image is a symlink or not a directory; amidala mounts a cache on /{rel} and will not follow it"),
+                },
+                e => fail(Phase::Mount, format!("opening /{path} in the image"))(e),
+            })?;
+        }
+        Ok(())
+    }
+
     fn restore(&mut self) -> Result<(), Failure> {
         let mut first_error = None;
         while let Some(r) = self.replaced.pop() {
@@ -619,7 +679,12 @@ impl Prepared {
             }
         }
         while let Some(name) = self.created_dirs.pop() {
-            match unlinkat(Some(self.root.as_raw_fd()), name, UnlinkatFlags::RemoveDir) {
+            // Through the image's own directories, never a symlink the provisioner made.
+            let (parent, last) = name.rsplit_once('/').unwrap_or(("", name.as_str()));
+            let removed = open_path_at(self.root.as_fd(), parent).and_then(|parent| {
+                unlinkat(Some(parent.as_raw_fd()), last, UnlinkatFlags::RemoveDir)
+            });
+            match removed {
                 Ok(()) | Err(Errno::ENOENT) => {}
                 Err(e) => {
                     first_error.get_or_insert(fail(
@@ -832,6 +897,34 @@ fn child_setup(spec: &ExecutorSpec, keep: RawFd) -> Result<(), String> {
                 }
             }
         }
+    }
+
+    // Package caches: their directories in the image were made (never through a symlink)
+    // before provisioning, and nothing of the image has run since.
+    for cache in &spec.caches {
+        let target = root.join(&cache.target);
+        mount(
+            Some(&cache.host),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(errno_context(format!(
+            "mounting the cache on /{}",
+            cache.target
+        )))?;
+        mount(
+            None::<&str>,
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            None::<&str>,
+        )
+        .map_err(errno_context(format!(
+            "setting the flags of the cache on /{}",
+            cache.target
+        )))?;
     }
 
     // Into the image; the host's tree is detached and unreachable from here on.

@@ -159,7 +159,7 @@ pub async fn collect(daemon: &Daemon, scope: Scope) -> Result<Vec<GcItem>, Failu
                 return true;
             }
             match &f.build {
-                Some(b) if live.contains_key(b) => false,
+                Some(b) if live.contains_key(b) || daemon.pool.holds(b) => false,
                 Some(b) if b.starts_with("import-") => !importing,
                 // Whose it is is not known: only when nothing runs.
                 None => !busy || matches!(f.thing, Thing::Mount(_)),

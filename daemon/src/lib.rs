@@ -23,6 +23,7 @@ pub mod import;
 pub mod loopdev;
 pub mod plugins;
 pub mod policy;
+pub mod pool;
 pub mod provider;
 pub mod server;
 pub mod store;
@@ -73,6 +74,8 @@ pub struct Daemon {
     pub cgroups: Option<cgroup::Hierarchy>,
     /// Base imports running now.
     pub imports: std::sync::atomic::AtomicUsize,
+    /// Volumes made ahead of time (`[[warm_pool]]`).
+    pub pool: pool::Pool,
 }
 
 /// Drops, from every set of this (still single-threaded) process, the capabilities neither the
@@ -141,6 +144,7 @@ pub async fn run(config: Config) -> Result<()> {
         "amidalad ready"
     );
     let policy = policy::Policy::new(config.policy.clone());
+    let pool = pool::Pool::new(&config.warm_pool).map_err(anyhow::Error::msg)?;
     let daemon = Arc::new(Daemon {
         slots: Arc::new(Semaphore::new(config.max_builds)),
         config,
@@ -154,11 +158,14 @@ pub async fn run(config: Config) -> Result<()> {
         build_tasks: TaskTracker::new(),
         cgroups,
         imports: std::sync::atomic::AtomicUsize::new(0),
+        pool,
     });
     recover(&daemon)
         .await
         .context("recovering from the previous run")?;
     tracing::info!("serving");
+    // The pool starts after recovery, which would take its volumes for leftovers.
+    daemon.build_tasks.spawn(pool::run(daemon.clone()));
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;

@@ -147,6 +147,15 @@ pub trait Provider: Send + Sync + Debug {
     ) -> Result<ImageRecord, Failure>;
     /// Deletes the volume.
     async fn delete_volume(&self, volume: Volume) -> Result<(), Failure>;
+    /// Makes a volume made for another build id (a warm pool volume, attached or not) the
+    /// volume of `build_id` and `owner`, as if [`create_volume`](Self::create_volume) had made
+    /// it for them. Returns it under its (possibly new) id.
+    async fn adopt_volume(
+        &self,
+        volume: Volume,
+        build_id: &str,
+        owner: &str,
+    ) -> Result<Volume, Failure>;
     /// Stores a complete raw disk image made by `base import` as a new snapshot; the file at
     /// `staged` is consumed, whatever the outcome.
     async fn import_image(
@@ -360,6 +369,30 @@ impl Provider for LocalProvider {
     async fn delete_volume(&self, volume: Volume) -> Result<(), Failure> {
         let path = self.catalog.volume_file(&volume.id);
         blocking(move || remove_if_present(&path)).await
+    }
+
+    async fn adopt_volume(
+        &self,
+        volume: Volume,
+        build_id: &str,
+        _owner: &str,
+    ) -> Result<Volume, Failure> {
+        // The name says whose it is; a loop device on it follows the rename.
+        let id = volume_of_build(build_id);
+        let (from, to) = (
+            self.catalog.volume_file(&volume.id),
+            self.catalog.volume_file(&id),
+        );
+        blocking(move || {
+            std::fs::rename(&from, &to).map_err(|e| {
+                Failure::io(
+                    format!("renaming {} to {}", from.display(), to.display()),
+                    e,
+                )
+            })
+        })
+        .await?;
+        Ok(Volume { id })
     }
 
     async fn import_image(

@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSliceMut};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -318,14 +318,36 @@ async fn dispatch(
         Request::Build(spec) => match start_build(daemon, peer, spec, fds).await {
             Err(f) => conn.send_error(&f).await,
             Ok(handle) => {
-                conn.send(&Response::Accepted {
-                    build_id: handle.id.clone(),
-                })
-                .await?;
+                let detached = handle.record().spec.detach;
+                // A second handle on the connection, to notice the client leave while the
+                // build is quiet.
+                let watch =
+                    conn.stream.as_fd().try_clone_to_owned().and_then(|fd| {
+                        UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))
+                    });
+                let sent = conn
+                    .send(&Response::Accepted {
+                        build_id: handle.id.clone(),
+                    })
+                    .await;
+                if detached {
+                    return sent;
+                }
                 let progress = handle.log.subscribe();
-                stream_log(conn, &daemon.catalog.build_log(&handle.id), Some(progress))
-                    .await
-                    .map(|_| ())
+                let log = daemon.catalog.build_log(&handle.id);
+                let streamed = match (sent, watch) {
+                    (Ok(()), Ok(watch)) => tokio::select! {
+                        streamed = stream_log(conn, &log, Some(progress)) => streamed,
+                        () = closed(&watch) => Ok(false),
+                    },
+                    (Err(e), _) | (_, Err(e)) => Err(e),
+                };
+                if !matches!(streamed, Ok(true)) && !handle.log.subscribe().borrow().done {
+                    tracing::info!(build = %handle.id, uid = peer.uid, "the client went away: cancelling its build");
+                    handle.note("amidala: the client went away: cancelling the build (amidala build --detach lets a build go on)");
+                    handle.cancel.cancel();
+                }
+                streamed.map(drop)
             }
         },
         Request::ImportBase(spec) => import_base(daemon, conn, peer, spec, fds).await,
@@ -490,6 +512,21 @@ fn check_spec(daemon: &Daemon, spec: &BuildSpec) -> Result<(), Failure> {
              this host has none (amidalad's log says why); use --network none",
         ));
     }
+    for name in &spec.caches {
+        if !daemon.config.caches.contains_key(name) {
+            let known: Vec<&str> = daemon.config.caches.keys().map(String::as_str).collect();
+            return Err(Failure::invalid(if known.is_empty() {
+                format!(
+                    "--cache {name}: this daemon has no package caches ([caches] in amidalad.toml)"
+                )
+            } else {
+                format!(
+                    "--cache {name}: no such cache; this daemon has {}",
+                    known.join(", ")
+                )
+            }));
+        }
+    }
     // The name template must give a valid name whatever the build id and date.
     build::image_name(spec.name.as_deref(), &new_id("bld"), &Utc::now())?;
     if let Some(n) = spec.partition {
@@ -647,6 +684,7 @@ async fn import_base(
     match task.await {
         Ok(Ok(record)) => {
             tracing::info!(snapshot = %record.id, "base imported");
+            daemon.pool.wake();
             let info = amidala::proto::SnapshotInfo {
                 path: daemon
                     .provider
@@ -666,6 +704,23 @@ async fn import_base(
                 format!("import task failed: {e}"),
             ))
             .await
+        }
+    }
+}
+
+/// Returns once the peer has closed its end of `stream` (or the connection failed); what it
+/// sends meanwhile is read and dropped.
+async fn closed(stream: &UnixStream) {
+    let mut buf = [0u8; 256];
+    loop {
+        if stream.readable().await.is_err() {
+            return;
+        }
+        match stream.try_read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
         }
     }
 }

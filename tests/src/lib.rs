@@ -13,6 +13,19 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// The phases of a build that make or undo something, in order (cleanup follows).
+pub const PHASES: [&str; 9] = [
+    "resolve",
+    "volume",
+    "attach",
+    "mount",
+    "provision",
+    "unmount",
+    "detach",
+    "snapshot",
+    "register",
+];
+
 /// Where cargo put the binaries of this workspace (the test executable lives in `deps/`).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
@@ -133,6 +146,8 @@ pub struct Env {
     daemon: Option<Child>,
     /// A network namespace to run the daemon in, instead of the host's.
     netns: Option<PathBuf>,
+    /// The daemon's extra environment, for restarts.
+    vars: Vec<(String, String)>,
 }
 
 impl Env {
@@ -188,10 +203,25 @@ impl Env {
             dir,
             daemon: None,
             netns: None,
+            vars: env_vars(vars),
         };
         fs::write(env.dir.path().join("amidalad.toml"), config).unwrap();
-        env.spawn_daemon(env_vars(vars));
+        env.spawn_daemon(env.vars.clone());
         env
+    }
+
+    /// Kills the daemon with SIGKILL, as a crash or the OOM killer would, and reaps it.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.daemon.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the daemon again (after [`kill9`](Self::kill9) or [`stop`](Self::stop)); its
+    /// log goes on in the same file.
+    pub fn restart(&mut self) {
+        self.spawn_daemon(self.vars.clone());
     }
 
     /// Starts a daemon like [`start`](Self::start), in the network namespace `netns`.
@@ -199,12 +229,17 @@ impl Env {
         let mut env = Env::start();
         env.stop();
         env.netns = Some(netns.path.clone());
-        env.spawn_daemon(Vec::new());
+        env.spawn_daemon(env.vars.clone());
         env
     }
 
     fn spawn_daemon(&mut self, vars: Vec<(String, String)>) {
-        let log = fs::File::create(self.dir.path().join("daemon.log")).unwrap();
+        let log_path = self.dir.path().join("daemon.log");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .unwrap();
         let mut cmd = Command::new(bin_dir().join("amidalad"));
         if let Some(netns) = &self.netns {
             let ns = fs::File::open(netns).unwrap();
@@ -278,6 +313,15 @@ impl Env {
             .env("AMIDALA_SOCKET", &self.socket)
             .args(args);
         cmd
+    }
+
+    /// The client started in the background in `cwd`, its output piped.
+    pub fn spawn_client(&self, cwd: &Path, args: &[&str]) -> Child {
+        self.amidala_command(cwd, args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting amidala")
     }
 
     /// A fresh busybox root filesystem tree in the test directory.

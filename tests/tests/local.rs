@@ -47,18 +47,7 @@ fn build_writes_what_the_provisioner_wrote_and_leaves_no_trace() {
         "output streamed:\n{}",
         run.stderr
     );
-    for phase in [
-        "resolve",
-        "volume",
-        "attach",
-        "mount",
-        "provision",
-        "unmount",
-        "detach",
-        "snapshot",
-        "register",
-        "cleanup",
-    ] {
+    for phase in amidala_tests::PHASES.iter().chain(&["cleanup"]) {
         assert!(
             run.stderr.contains(&format!("==> {phase}\n")),
             "phase {phase} reported:\n{}",
@@ -471,22 +460,38 @@ fn layers_chain_base_system_app_by_tags() {
 }
 
 #[test]
-fn four_builds_at_once_have_distinct_results() {
-    let env = Env::start();
+fn eight_builds_at_once_have_distinct_results() {
+    // Eight at once: more loop devices than the host has at boot, all running together.
+    let env = Env::start_with("max_builds = 8\n", &[]);
     let rootfs = env.busybox_rootfs("rootfs");
     env.import(&rootfs, &[]);
-    let children: Vec<_> = (0..4)
+    let children: Vec<_> = (0..8)
         .map(|i| {
             let ws = env.workspace(&format!("ws{i}"), &[("id", &format!("build-{i}\n"))]);
             let script =
-                format!("cp /workspace/id /root/mark-{i}; sleep 1; ls /root > /root/listing");
-            env.amidala_command(&ws, &["build", "--json", "--", "/bin/sh", "-c", &script])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
+                format!("cp /workspace/id /root/mark-{i}; sleep 3; ls /root > /root/listing");
+            env.spawn_client(&ws, &["build", "--json", "--", "/bin/sh", "-c", &script])
         })
         .collect();
+    // The most builds seen provisioning at once, until all have ended.
+    let mut most = 0;
+    loop {
+        let list = env.amidala(&["list", "--json"]).json();
+        let builds = list.as_array().unwrap();
+        let provisioning = builds
+            .iter()
+            .filter(|b| b["state"] == "running" && b["phase"] == "provision")
+            .count();
+        most = most.max(provisioning);
+        if builds.len() == 8
+            && builds
+                .iter()
+                .all(|b| b["state"] != "running" && b["state"] != "queued")
+        {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let results: Vec<serde_json::Value> = children
         .into_iter()
         .map(|c| {
@@ -502,7 +507,8 @@ fn four_builds_at_once_have_distinct_results() {
     let mut ids: Vec<&str> = results.iter().map(|r| field(r, "image_id")).collect();
     ids.sort();
     ids.dedup();
-    assert_eq!(ids.len(), 4, "four distinct images");
+    assert_eq!(ids.len(), 8, "eight distinct images");
+    assert_eq!(most, 8, "all eight were provisioning at one moment");
     for result in &results {
         let out = Mounted::new(&env.snapshot_file(field(result, "snapshot_id")), 0);
         let listing = out.read("/root/listing");

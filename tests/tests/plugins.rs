@@ -1,7 +1,6 @@
 //! Provisioner plugins: loading and refusing them, an out-of-tree plugin in a real build, and
 //! plugin faults that fail only their own build (root, real daemon and client).
 
-use std::process::Stdio;
 
 use amidala_tests::{field, Env, Mounted};
 
@@ -199,42 +198,32 @@ fn plugin_faults_fail_only_their_own_build() {
     let ws = env.workspace("ws", &[]);
 
     // A build that runs while the faulty ones fail.
-    let good = env
-        .amidala_command(
-            &ws,
-            &[
-                "build",
-                "--json",
-                "--",
-                "/bin/sh",
-                "-c",
-                "sleep 2; echo fine > /root/fine",
-            ],
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let good = env.spawn_client(
+        &ws,
+        &[
+            "build",
+            "--json",
+            "--",
+            "/bin/sh",
+            "-c",
+            "sleep 2; echo fine > /root/fine",
+        ],
+    );
     let faulty: Vec<_> = ["panic", "segfault", "abort"]
         .iter()
         .map(|mode| {
-            let child = env
-                .amidala_command(
-                    &ws,
-                    &[
-                        "build",
-                        "--provisioner",
-                        "probe",
-                        "--opt",
-                        "marker=x",
-                        "--opt",
-                        &format!("mode={mode}"),
-                    ],
-                )
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
+            let child = env.spawn_client(
+                &ws,
+                &[
+                    "build",
+                    "--provisioner",
+                    "probe",
+                    "--opt",
+                    "marker=x",
+                    "--opt",
+                    &format!("mode={mode}"),
+                ],
+            );
             (mode, child)
         })
         .collect();

@@ -297,6 +297,21 @@ fn the_permission_matrix_with_real_users() {
             && l.contains("cancelling another user's build")),
         "{log}"
     );
+    // gc: admins and root only.
+    denied(
+        &host.as_user(MEMBER, &["gc", "--dry-run"]),
+        "collecting garbage refused: only admins",
+    );
+    denied(&host.as_user(MEMBER, &["gc"]), "collecting garbage");
+    let outsider = host.as_user(OUTSIDER, &["gc", "--dry-run"]);
+    assert!(
+        outsider.err().contains("Permission denied"),
+        "{}",
+        outsider.stderr
+    );
+    host.as_user(ADMIN, &["gc", "--dry-run"]).ok();
+    host.env.amidala(&["gc", "--dry-run"]).ok();
+
     // Admins may use any network.
     let ws = host.workspace(ADMIN);
     host.run_as(ADMIN, &ws, &["build", "--network", "host", "--", "true"])

@@ -36,7 +36,7 @@ use crate::disk;
 use crate::error::{blocking, Failure};
 use crate::provider::{
     copy_to_new, grow, remove_if_present, usable_as_source, Attachment, BuildVolume, ImageMeta,
-    Provider, SnapshotMeta, Volume,
+    Provider, SnapshotMeta, Volume, FAILED_BUILD_TAG,
 };
 use devices::{DeviceAllocator, DeviceLease};
 use wait::wait_for;
@@ -127,6 +127,15 @@ struct Held {
     node: Option<PathBuf>,
 }
 
+/// An EC2 client whose requests are counted ([`wait::counted`]).
+fn ec2_client(config: &aws_config::SdkConfig) -> aws_sdk_ec2::Client {
+    aws_sdk_ec2::Client::from_conf(
+        aws_sdk_ec2::config::Builder::from(config)
+            .interceptor(wait::CallCounter)
+            .build(),
+    )
+}
+
 impl Ec2Provider {
     /// Connects: region, credentials (the SDK's default chain: environment, profile, instance
     /// profile through IMDSv2), and this builder's instance id and availability zone.
@@ -190,7 +199,7 @@ impl Ec2Provider {
             }
         }
         let provider = Ec2Provider {
-            client: aws_sdk_ec2::Client::new(&sdk_config),
+            client: ec2_client(&sdk_config),
             sdk_config,
             region,
             instance_id,
@@ -471,14 +480,33 @@ impl Ec2Provider {
 
     /// DetachVolume (always naming the instance: never a forced or ambiguous detach) and waits
     /// until the volume is available and its node is gone.
+    /// Detaches and waits for it, whatever was cancelled: this undoes and tears down.
     async fn detach_volume(&self, volume_id: &str, node: Option<&Path>) -> Result<(), Failure> {
-        self.client
+        wait::uncancellable(self.detach_volume_now(volume_id, node)).await
+    }
+
+    async fn detach_volume_now(&self, volume_id: &str, node: Option<&Path>) -> Result<(), Failure> {
+        let sent = self
+            .client
             .detach_volume()
             .volume_id(volume_id)
             .instance_id(&self.instance_id)
             .send()
-            .await
-            .map_err(cloud("DetachVolume"))?;
+            .await;
+        match sent {
+            Ok(_) => {}
+            // A detach already under way (one sent before a crash lands late, or EC2 is
+            // already detaching): wait for it like for ours.
+            Err(e)
+                if matches!(
+                    e.code(),
+                    Some("IncorrectState" | "InvalidAttachment.NotFound")
+                ) =>
+            {
+                tracing::info!(volume = volume_id, code = ?e.code(), "the volume is already detaching or detached");
+            }
+            Err(e) => return Err(cloud("DetachVolume")(e)),
+        }
         self.wait_volume_available(volume_id)
             .await
             .map_err(|mut f| {
@@ -534,17 +562,23 @@ impl Ec2Provider {
             })
             .await?;
         }
-        let snapshot = self
-            .wait_snapshot_completed(&snapshot_id)
-            .await
-            .map_err(|mut f| {
+        match self.wait_snapshot_completed(&snapshot_id).await {
+            Ok(snapshot) => Ok(self.record_of(&snapshot)),
+            Err(mut f) => {
+                // It may complete later: marked so that no build takes it for a source.
+                if let Some(build) = &meta.build_id {
+                    let tags = [(FAILED_BUILD_TAG.to_owned(), build.clone())].into();
+                    if let Err(e) = self.tag_snapshot(&snapshot_id, &tags).await {
+                        tracing::error!(snapshot = %snapshot_id, error = %e, "tagging the snapshot of a failed build");
+                    }
+                }
                 f.message = format!(
-                    "{} (snapshot {snapshot_id} was started and carries the build's tags)",
+                    "{} (snapshot {snapshot_id} was started; it is kept, tagged {FAILED_BUILD_TAG})",
                     f.message
                 );
-                f
-            })?;
-        Ok(self.record_of(&snapshot))
+                Err(f)
+            }
+        }
     }
 
     fn record_of(&self, s: &aws_sdk_ec2::types::Snapshot) -> SnapshotRecord {
@@ -561,6 +595,22 @@ impl Ec2Provider {
             source_snapshot: tags.get("amidala:source-snapshot").cloned(),
             tags,
         }
+    }
+
+    /// Adds `tags` to a volume, snapshot or image.
+    async fn tag_resource(&self, id: &str, tags: &BTreeMap<String, String>) -> Result<(), Failure> {
+        self.client
+            .create_tags()
+            .resources(id)
+            .set_tags(Some(
+                tags.iter()
+                    .map(|(k, v)| Tag::builder().key(k).value(v).build())
+                    .collect(),
+            ))
+            .send()
+            .await
+            .map_err(cloud("CreateTags"))?;
+        Ok(())
     }
 
     fn resource_tags(&self, build_or_job: &str, owner: &str) -> BTreeMap<String, String> {
@@ -586,7 +636,7 @@ impl Ec2Provider {
             .to_builder()
             .region(Region::new(region.to_owned()))
             .build();
-        let client = aws_sdk_ec2::Client::new(&config);
+        let client = ec2_client(&config);
         let copy = client
             .copy_image()
             .source_image_id(image_id)
@@ -789,7 +839,7 @@ impl Provider for Ec2Provider {
             .image_id()
             .unwrap_or_default()
             .to_owned();
-        wait_for(
+        let available = wait_for(
             &format!("image {image_id} to become available"),
             Self::timeout(self.timeouts.image),
             || async {
@@ -816,7 +866,20 @@ impl Provider for Ec2Provider {
                 }
             },
         )
-        .await?;
+        .await;
+        if let Err(f) = available {
+            // Undone: an image that may yet become available, of a build that failed.
+            if let Err(e) = self
+                .client
+                .deregister_image()
+                .image_id(&image_id)
+                .send()
+                .await
+            {
+                tracing::error!(image = %image_id, error = %cloud("DeregisterImage")(e), "undoing a failed registration");
+            }
+            return Err(f);
+        }
         let mut tags = meta.tags.clone();
         tags.insert("amidala:snapshot".into(), snapshot.id.clone());
         // Tags after registering: EC2 takes them on RegisterImage too, emulators often do not.
@@ -1032,19 +1095,19 @@ impl Provider for Ec2Provider {
         Ok(())
     }
 
+    async fn adopt_volume(
+        &self,
+        volume: Volume,
+        build_id: &str,
+        owner: &str,
+    ) -> Result<Volume, Failure> {
+        self.tag_resource(&volume.id, &self.resource_tags(build_id, owner))
+            .await?;
+        Ok(volume)
+    }
+
     async fn tag_snapshot(&self, id: &str, tags: &BTreeMap<String, String>) -> Result<(), Failure> {
-        self.client
-            .create_tags()
-            .resources(id)
-            .set_tags(Some(
-                tags.iter()
-                    .map(|(k, v)| Tag::builder().key(k).value(v).build())
-                    .collect(),
-            ))
-            .send()
-            .await
-            .map_err(cloud("CreateTags"))?;
-        Ok(())
+        self.tag_resource(id, tags).await
     }
 
     async fn delete_snapshot(&self, id: &str) -> Result<(), Failure> {
