@@ -800,6 +800,15 @@ impl Ec2Emulator {
         stats["calls"][action].as_u64().unwrap_or(0)
     }
 
+    /// Calls of all EC2 actions so far.
+    pub fn total_calls(&self) -> u64 {
+        let stats: serde_json::Value =
+            serde_json::from_str(&self.control("GET", "/_proxy/stats", "")).unwrap();
+        stats["calls"]
+            .as_object()
+            .map_or(0, |calls| calls.values().filter_map(|v| v.as_u64()).sum())
+    }
+
     /// Volumes that carry amidala's tags, with their states.
     pub fn amidala_volumes(&self) -> Vec<(String, String)> {
         let out = self

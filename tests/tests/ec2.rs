@@ -163,8 +163,19 @@ fn ec2_waits_through_state_delays_and_throttling() {
         "throttle": {"CreateVolume": 2, "DescribeSnapshots": 2},
     }));
     let (creates, polls) = (ec2.calls("CreateVolume"), ec2.calls("DescribeVolumes"));
+    let before = ec2.total_calls();
     let result = env.build(&ws, &["--", "/bin/true"]);
     assert!(result["image_id"].is_string());
+    // The build counts every request it sent, retries included, as EC2 saw them.
+    let sent = ec2.total_calls() - before;
+    let log = env
+        .amidala(&["logs", field(&result, "build_id")])
+        .ok()
+        .to_owned();
+    assert!(
+        log.contains(&format!("amidala: {sent} EC2 requests")),
+        "{sent} requests: {log}"
+    );
     assert_eq!(
         ec2.calls("CreateVolume") - creates,
         3,

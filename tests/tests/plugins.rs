@@ -1,7 +1,6 @@
 //! Provisioner plugins: loading and refusing them, an out-of-tree plugin in a real build, and
 //! plugin faults that fail only their own build (root, real daemon and client).
 
-
 use amidala_tests::{field, Env, Mounted};
 
 const PROBE: &str = "libamidala_test_probe.so";
