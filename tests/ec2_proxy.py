@@ -4,7 +4,8 @@ moto changes states at once; real EC2 does not. This proxy forwards every reques
 can, per its configuration:
 
 - report new volumes as `creating`, and new snapshots as `pending`, for some seconds (or for
-  ever, with a negative number) after they were made through it;
+  ever, with a negative number) after they were made through it, if they were made while
+  that delay was set;
 - answer the first N calls of an action with EC2's throttling error (RequestLimitExceeded);
 - answer every call of an action with a given error;
 - answer each call of an action only after some seconds (EC2's own latency, stretched);
@@ -13,7 +14,8 @@ can, per its configuration:
 Control: POST /_proxy/config with a JSON object (keys: volume_creating_secs,
 snapshot_pending_secs, throttle {Action: count}, fail {Action: {code, message, status}},
 latency {Action: seconds}),
-GET /_proxy/stats. Listens on 127.0.0.1 only.
+GET /_proxy/stats: {"calls": {Action: count}, "latency_secs": {Action: seconds of latency
+injected so far}}. Listens on 127.0.0.1 only.
 
 Usage: python ec2_proxy.py LISTEN_PORT UPSTREAM_URL
 """
@@ -30,6 +32,7 @@ import xml.etree.ElementTree as ET
 lock = threading.Lock()
 config = {"volume_creating_secs": 0, "snapshot_pending_secs": 0, "throttle": {}, "fail": {}, "latency": {}}
 calls = {}
+injected = {}  # action -> seconds of latency injected
 created = {"volume": {}, "snapshot": {}}  # id -> time made
 
 
@@ -85,7 +88,9 @@ def rewrite(action, body):
     with lock:
         if action.startswith("Create"):
             ident = child(root, DELAYS[kind][0])
-            if ident is not None:
+            # Only what is made while a delay is set is held back (a base imported before
+            # the delays were configured is not).
+            if ident is not None and config[DELAYS[kind][2]] != 0:
                 created[kind][ident.text] = time.monotonic()
             changed = hold_back(kind, root)
         else:
@@ -123,7 +128,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path == "/_proxy/stats":
             with lock:
-                return self.reply(200, json.dumps({"calls": calls}).encode(), "application/json")
+                stats = {"calls": calls, "latency_secs": injected}
+                return self.reply(200, json.dumps(stats).encode(), "application/json")
         self.forward(b"")
 
     def do_POST(self):
@@ -144,6 +150,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 config["throttle"][action] = throttle - 1
             fail = config["fail"].get(action)
             latency = config["latency"].get(action, 0)
+            if latency > 0:
+                injected[action] = injected.get(action, 0) + latency
         if latency > 0:
             time.sleep(latency)
         if throttle > 0:

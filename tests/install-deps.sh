@@ -1,12 +1,13 @@
 #!/bin/sh
 # Installs what amidala's tests and demo need on a Debian machine that has Rust: the tools the
 # daemon calls (mkfs.ext4, from e2fsprogs), the ones the tests use (sfdisk, mount, losetup,
-# tar, xz), busybox-static for the test root filesystem, and a Python venv with moto server
+# tar, xz, systemd-analyze and systemd-socket-activate), busybox-static for the test root filesystem, and a Python venv with moto server
 # (the EC2 API emulator of the ec2 tests) in $AMIDALA_MOTO_VENV, by default
 # /var/cache/amidala-tests/moto-venv, and a Debian rootfs with ansible-core for the ansible
 # tests in $AMIDALA_DEBIAN_ROOTFS, by default /var/cache/amidala-tests/debian-bookworm-ansible,
 # both outside the checkout and kept between runs. With --demo, only what
-# examples/bake-local.sh needs. Needs root; installs only what is missing.
+# examples/bake-local.sh needs; with --bench, also xfsprogs (mkfs.xfs), for the XFS rows of
+# tests/bench.sh. Needs root; installs only what is missing.
 set -eu
 missing=
 need() { command -v "$1" >/dev/null 2>&1 || missing="$missing $2"; }
@@ -20,6 +21,13 @@ need xz xz-utils
 need dpkg-deb dpkg
 need debootstrap debootstrap
 need ip iproute2
+# The systemd tests: systemd-analyze verify on the units, systemd-socket-activate.
+if [ "${1:-}" != --demo ]; then
+    need systemd-analyze systemd
+    need systemd-socket-activate systemd
+fi
+# The benchmarks put a state directory on XFS (reflink=1) made on a loop device.
+[ "${1:-}" = --bench ] && need mkfs.xfs xfsprogs
 # The test root filesystem needs a statically linked busybox.
 if ! command -v busybox >/dev/null 2>&1 || ldd "$(command -v busybox)" >/dev/null 2>&1; then
     missing="$missing busybox-static"

@@ -9,10 +9,9 @@
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -659,10 +658,10 @@ async fn in_cgroup(
         if handle.record().spec.network.as_deref() == Some("no-metadata") {
             cgroup.deny_egress(&crate::cgroup::METADATA_V4, &crate::cgroup::METADATA_V6)?;
         }
-        cgroup.procs_file()
+        Ok::<_, std::io::Error>((File::open(cgroup.dir())?, cgroup.procs_file()?))
     })();
     let result = match setup {
-        Ok(procs) => run_executor(handle, spec, workspace, Some(procs)).await,
+        Ok(files) => run_executor(handle, spec, workspace, Some(files)).await,
         Err(e) => Err((
             Phase::Mount,
             Failure::io("setting up the build's cgroup", e),
@@ -679,44 +678,26 @@ async fn run_executor(
     handle: &BuildHandle,
     spec: &ExecutorSpec,
     workspace: OwnedFd,
-    cgroup_procs: Option<File>,
+    cgroup: Option<(File, File)>,
 ) -> PhaseResult<Option<String>> {
     let mut phase = Phase::Mount;
-    let ws = workspace.as_raw_fd();
-    let procs = cgroup_procs.as_ref().map_or(-1, |f| f.as_raw_fd());
-    let mut cmd = tokio::process::Command::new("/proc/self/exe");
-    cmd.arg0("amidalad-executor")
-        .arg(EXECUTOR_ARG)
-        .arg(&handle.id)
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    // SAFETY: between fork and exec the closure calls only write, dup2 and fcntl, which are
-    // async-signal-safe, on descriptors that stay open until spawn returns.
-    unsafe {
-        cmd.pre_exec(move || {
-            // Into the build's cgroup before anything of the build runs: "0" is the writer.
-            if procs >= 0 && libc::write(procs, b"0".as_ptr().cast(), 1) != 1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if ws == WORKSPACE_FD {
-                if libc::fcntl(ws, libc::F_SETFD, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            } else if libc::dup2(ws, WORKSPACE_FD) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| (phase, Failure::io("starting the executor", e)))?;
+    // Born in the build's cgroup (see crate::spawn), with the workspace as descriptor 3.
+    let mut child = crate::spawn::spawn(&crate::spawn::Spec {
+        program: "/proc/self/exe".as_ref(),
+        args: vec![
+            "amidalad-executor".as_ref(),
+            EXECUTOR_ARG.as_ref(),
+            handle.id.as_ref(),
+        ],
+        env: vec![("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")],
+        pass: Some((workspace.as_fd(), WORKSPACE_FD)),
+        cgroup: cgroup
+            .as_ref()
+            .map(|(dir, procs)| (dir.as_fd(), procs.as_fd())),
+    })
+    .map_err(|e| (phase, Failure::io("starting the executor", e)))?;
     drop(workspace);
-    drop(cgroup_procs);
+    drop(cgroup);
     let input = serde_json::to_vec(spec).expect("executor spec serializes");
     let mut stdin = child.stdin.take().expect("piped");
     if let Err(e) = stdin.write_all(&input).await {
@@ -771,17 +752,13 @@ async fn run_executor(
                 () = &mut deadline, if armed && !killed && phase == Phase::Provision => {
                     killed = true;
                     timed_out = true;
-                    if let Some(pid) = child.id() {
-                        handle.note(format!("amidala: the provisioner ran past --timeout {}s: stopping it", limit.unwrap_or_default().as_secs()));
-                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
-                    }
+                    handle.note(format!("amidala: the provisioner ran past --timeout {}s: stopping it", limit.unwrap_or_default().as_secs()));
+                    let _ = child.signal(libc::SIGTERM);
                 }
                 () = handle.cancel.cancelled(), if !killed => {
                     killed = true;
-                    if let Some(pid) = child.id() {
-                        handle.note("amidala: cancelling: stopping the provisioner");
-                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
-                    }
+                    handle.note("amidala: cancelling: stopping the provisioner");
+                    let _ = child.signal(libc::SIGTERM);
                 }
             }
         }

@@ -26,11 +26,13 @@ pub mod policy;
 pub mod pool;
 pub mod provider;
 pub mod server;
+pub mod spawn;
 pub mod store;
 
 use std::collections::HashMap;
 use std::fs;
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -134,7 +136,7 @@ pub async fn run(config: Config) -> Result<()> {
     }
     // Only one daemon per state directory: recovery would take another's builds for dead.
     let _lock = lock_state_dir(&config.state_dir)?;
-    let listener = bind_socket(&config.socket)?;
+    let (listener, activated) = listener(&config.socket)?;
     tracing::info!(
         socket = %config.socket.display(),
         state_dir = %config.state_dir.display(),
@@ -164,6 +166,10 @@ pub async fn run(config: Config) -> Result<()> {
         .await
         .context("recovering from the previous run")?;
     tracing::info!("serving");
+    // Ready only now: the socket accepts, and recovery is over.
+    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "telling systemd we are ready");
+    }
     // The pool starts after recovery, which would take its volumes for leftovers.
     daemon.build_tasks.spawn(pool::run(daemon.clone()));
 
@@ -193,9 +199,13 @@ pub async fn run(config: Config) -> Result<()> {
         }
     }
 
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     // Stop accepting, cancel what runs, let every teardown finish.
     drop(listener);
-    let _ = fs::remove_file(&daemon.config.socket);
+    // A socket systemd passed is systemd's: it stays, and the next connection starts us.
+    if !activated {
+        let _ = fs::remove_file(&daemon.config.socket);
+    }
     let running: Vec<_> = daemon
         .builds
         .lock()
@@ -322,6 +332,45 @@ fn lock_state_dir(state_dir: &Path) -> Result<nix::fcntl::Flock<fs::File>> {
 
 /// Binds the socket as `root:amidala 0660` (`root:root` where the group does not exist),
 /// replacing a stale socket but never a live daemon's.
+/// The socket to serve: the one systemd passed (socket activation: `LISTEN_PID` is ours and
+/// `LISTEN_FDS` is 1), else our own, bound at `path`. Says which.
+fn listener(path: &Path) -> Result<(UnixListener, bool)> {
+    let fds: Vec<std::os::fd::RawFd> = sd_notify::listen_fds()
+        .context("reading the sockets systemd passed")?
+        .collect();
+    let fd = match fds.as_slice() {
+        [] => return Ok((bind_socket(path)?, false)),
+        [fd] => *fd,
+        more => bail!(
+            "systemd passed {} sockets; amidalad serves one (a single ListenStream=)",
+            more.len()
+        ),
+    };
+    // SAFETY: systemd passed this descriptor to this process for it to own; nothing else here
+    // knows of it.
+    let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // Never inherited by what the daemon starts.
+    nix::fcntl::fcntl(
+        owned.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .context("setting close-on-exec on the socket systemd passed")?;
+    let listening = nix::sys::socket::getsockopt(&owned, nix::sys::socket::sockopt::AcceptConn)
+        .context("the descriptor systemd passed is not a socket")?;
+    let kind = nix::sys::socket::getsockopt(&owned, nix::sys::socket::sockopt::SockType)
+        .context("the descriptor systemd passed is not a socket")?;
+    let std_listener = std::os::unix::net::UnixListener::from(owned);
+    let local = std_listener
+        .local_addr()
+        .context("the socket systemd passed is not a Unix socket")?;
+    if !listening || kind != nix::sys::socket::SockType::Stream {
+        bail!("the socket systemd passed is not a listening stream socket (ListenStream=)");
+    }
+    std_listener.set_nonblocking(true)?;
+    tracing::info!(socket = ?local.as_pathname(), "serving the socket systemd passed");
+    Ok((UnixListener::from_std(std_listener)?, true))
+}
+
 fn bind_socket(path: &Path) -> Result<UnixListener> {
     if let Some(dir) = path.parent() {
         if !dir.exists() {

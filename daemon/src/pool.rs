@@ -6,7 +6,8 @@
 //! keep ready. One task keeps every lane full: it resolves the tag, throws away volumes of an
 //! older snapshot when a newer one appears, and makes what is missing. It runs when a volume
 //! is taken, when a build or an import may have made a snapshot, and every `refresh_secs`
-//! (a snapshot made by someone else, on EC2). On shutdown it detaches and deletes every volume
+//! (a snapshot made by someone else, on EC2); a lane it could not fill (its snapshot still
+//! pending, a failure) it tries again after 1 s, then 2, 4, ... up to `refresh_secs`. On shutdown it detaches and deletes every volume
 //! it holds.
 //!
 //! A pool volume is made exactly like a build's, for a build id of its own that no build ever
@@ -182,13 +183,26 @@ pub async fn run(daemon: Arc<Daemon>) {
         return;
     }
     let refresh = pool.lanes.iter().map(|l| l.refresh).min().expect("a lane");
+    // A lane that could not be filled (no completed snapshot with its tag yet, a failure) is
+    // tried again soon, then less and less often, up to the refresh interval.
+    let first_retry = Duration::from_secs(1).min(refresh);
+    let mut retry = first_retry;
     while !daemon.shutdown.is_cancelled() {
+        let mut settled = true;
         for lane in &pool.lanes {
-            fill(&daemon, lane).await;
+            settled &= fill(&daemon, lane).await;
         }
+        let pause = if settled {
+            retry = first_retry;
+            refresh
+        } else {
+            let pause = retry;
+            retry = (retry * 2).min(refresh);
+            pause
+        };
         tokio::select! {
             () = pool.wake.notified() => {}
-            () = tokio::time::sleep(refresh) => {}
+            () = tokio::time::sleep(pause) => {}
             () = daemon.shutdown.cancelled() => {}
         }
     }
@@ -201,8 +215,9 @@ pub async fn run(daemon: Arc<Daemon>) {
     tracing::info!("warm pool drained");
 }
 
-/// Brings one lane to the newest snapshot with its tag and to its size.
-async fn fill(daemon: &Daemon, lane: &Lane) {
+/// Brings one lane to the newest snapshot with its tag and to its size; says whether it got
+/// there.
+async fn fill(daemon: &Daemon, lane: &Lane) -> bool {
     let provider = &daemon.provider;
     let newest = match provider.resolve(&Source::Tag(lane.from.clone())).await {
         Ok(s) => Some(s),
@@ -222,7 +237,9 @@ async fn fill(daemon: &Daemon, lane: &Lane) {
         }
         *lane.snapshot.lock().expect("pool lock") = newest.as_ref().map(|s| s.id.clone());
     }
-    let Some(snapshot) = newest else { return };
+    let Some(snapshot) = newest else {
+        return false;
+    };
     while lane.ready.lock().expect("pool lock").len() < lane.want && !daemon.shutdown.is_cancelled()
     {
         let holder = new_id("bld");
@@ -245,10 +262,11 @@ async fn fill(daemon: &Daemon, lane: &Lane) {
             Err(e) => {
                 daemon.pool.forget(&holder);
                 tracing::warn!(from = %lane.from, snapshot = %snapshot.id, error = %e, "warm pool: could not make a volume; trying again later");
-                return;
+                return false;
             }
         }
     }
+    true
 }
 
 /// A volume of `snapshot`, attached.

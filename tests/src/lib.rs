@@ -26,13 +26,16 @@ pub const PHASES: [&str; 9] = [
     "register",
 ];
 
-/// Where cargo put the binaries of this workspace (the test executable lives in `deps/`).
+/// Where cargo put the binaries of this workspace, `target/<profile>`: the directory of the
+/// running executable, or its parent for a test executable (which lives in `deps/`).
 pub fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>")
-        .to_owned()
+    let exe = std::env::current_exe().expect("executable path");
+    let dir = exe.parent().expect("the executable's directory");
+    if dir.file_name().is_some_and(|name| name == "deps") {
+        dir.parent().expect("target/<profile>").to_owned()
+    } else {
+        dir.to_owned()
+    }
 }
 
 /// The repository root.
@@ -148,6 +151,8 @@ pub struct Env {
     netns: Option<PathBuf>,
     /// The daemon's extra environment, for restarts.
     vars: Vec<(String, String)>,
+    /// A program (and its arguments) that starts the daemon, such as systemd-socket-activate.
+    launcher: Vec<String>,
 }
 
 impl Env {
@@ -169,10 +174,22 @@ impl Env {
         vars: &[(&str, &str)],
         extra_plugins: &[(&str, &str, u32)],
     ) -> Env {
+        Env::try_start_in(None, config, vars, extra_plugins).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like [`start_full`](Self::start_full), with the environment's directory made under
+    /// `parent` (default: the system's temporary directory), and the daemon's failure to start
+    /// (its exit status and log) returned rather than panicked on.
+    pub fn try_start_in(
+        parent: Option<&Path>,
+        config: &str,
+        vars: &[(&str, &str)],
+        extra_plugins: &[(&str, &str, u32)],
+    ) -> Result<Env, String> {
         require_root();
         let dir = tempfile::Builder::new()
             .prefix("amidala-test-")
-            .tempdir()
+            .tempdir_in(parent.map_or_else(std::env::temp_dir, Path::to_owned))
             .expect("temporary directory");
         // The daemon checks that plugin directories are root-owned and not writable by others.
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
@@ -204,10 +221,11 @@ impl Env {
             daemon: None,
             netns: None,
             vars: env_vars(vars),
+            launcher: Vec::new(),
         };
         fs::write(env.dir.path().join("amidalad.toml"), config).unwrap();
-        env.spawn_daemon(env.vars.clone());
-        env
+        env.try_spawn_daemon(env.vars.clone())?;
+        Ok(env)
     }
 
     /// Kills the daemon with SIGKILL, as a crash or the OOM killer would, and reaps it.
@@ -224,6 +242,15 @@ impl Env {
         self.spawn_daemon(self.vars.clone());
     }
 
+    /// Stops the daemon and starts it again through `launcher` (a program that runs the
+    /// daemon's command line given after its own arguments), with `vars` added.
+    pub fn restart_through(&mut self, launcher: &[&str], vars: &[(&str, &str)]) {
+        self.stop();
+        self.launcher = launcher.iter().map(|s| s.to_string()).collect();
+        self.vars.extend(env_vars(vars));
+        self.spawn_daemon(self.vars.clone());
+    }
+
     /// Starts a daemon like [`start`](Self::start), in the network namespace `netns`.
     pub fn start_in(netns: &Netns) -> Env {
         let mut env = Env::start();
@@ -234,13 +261,27 @@ impl Env {
     }
 
     fn spawn_daemon(&mut self, vars: Vec<(String, String)>) {
+        self.try_spawn_daemon(vars)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// Starts the daemon and waits until it listens; if it exits first, or does not listen
+    /// within 20 s, says so with its log.
+    fn try_spawn_daemon(&mut self, vars: Vec<(String, String)>) -> Result<(), String> {
         let log_path = self.dir.path().join("daemon.log");
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log_path)
             .unwrap();
-        let mut cmd = Command::new(bin_dir().join("amidalad"));
+        let mut cmd = match self.launcher.split_first() {
+            None => Command::new(bin_dir().join("amidalad")),
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(bin_dir().join("amidalad"));
+                cmd
+            }
+        };
         if let Some(netns) = &self.netns {
             let ns = fs::File::open(netns).unwrap();
             // SAFETY: setns(2) is async-signal-safe; the descriptor is open until spawn returns.
@@ -254,14 +295,15 @@ impl Env {
         let child = cmd
             .arg("--config")
             .arg(self.dir.path().join("amidalad.toml"))
-            .envs(vars)
             .arg("--state-dir")
             .arg(&self.state)
             .arg("--socket")
             .arg(&self.socket)
             .arg("--plugin-dir")
             .arg(&self.plugins)
+            // Debug logs unless the caller's variables say otherwise (the benchmarks do).
             .env("RUST_LOG", "debug")
+            .envs(vars)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -271,18 +313,21 @@ impl Env {
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
             if let Some(status) = self.daemon.as_mut().unwrap().try_wait().unwrap() {
-                panic!(
+                self.daemon = None;
+                return Err(format!(
                     "amidalad exited ({status}) at start:\n{}",
                     self.daemon_log()
-                );
+                ));
             }
-            assert!(
-                Instant::now() < deadline,
-                "amidalad did not listen within 20s:\n{}",
-                self.daemon_log()
-            );
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "amidalad did not listen within 20s:\n{}",
+                    self.daemon_log()
+                ));
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
+        Ok(())
     }
 
     pub fn daemon_log(&self) -> String {
@@ -795,9 +840,13 @@ impl Ec2Emulator {
 
     /// Calls of each EC2 action so far.
     pub fn calls(&self, action: &str) -> u64 {
-        let stats: serde_json::Value =
-            serde_json::from_str(&self.control("GET", "/_proxy/stats", "")).unwrap();
-        stats["calls"][action].as_u64().unwrap_or(0)
+        self.stats()["calls"][action].as_u64().unwrap_or(0)
+    }
+
+    /// The proxy's counters: `calls` {Action: count}, `latency_secs` {Action: seconds of
+    /// latency injected}.
+    pub fn stats(&self) -> serde_json::Value {
+        serde_json::from_str(&self.control("GET", "/_proxy/stats", "")).unwrap()
     }
 
     /// Calls of all EC2 actions so far.

@@ -1,0 +1,1284 @@
+//! `amidala-bench`: amidala's benchmarks (issue 7), run by `tests/bench.sh`. Real components
+//! only: the real daemon and client binaries of this build, real loop devices and mounts, a
+//! real moto server. Needs root.
+//!
+//! Sections (all by default; `--only`/`--skip` choose):
+//!
+//! 1. `local`: a no-op build (`amidala build -- true`) from a 1 GiB and a 16 GiB base holding
+//!    the same data, on the default filesystem of the state directory and on XFS (reflink=1)
+//!    made on a loop device, against `tests/bench-script.sh` doing the same steps by hand;
+//! 2. `ec2`: a no-op build against moto with EC2's state delays emulated: wall time, the
+//!    emulated delays, amidala's overhead (the difference) and the EC2 calls it made;
+//! 3. `concurrent`: eight no-op builds at once against one;
+//! 4. `first-output`: from starting `amidala build` to the provisioner's first line of output,
+//!    local and ec2, cold and with a warm pool;
+//! 5. `daemon`: the daemon's idle RSS and the round trip of a status request.
+//!
+//! Prints medians of `--runs` runs (default 5), where the time of a build goes (its phases, as
+//! the client sees them arrive), and a table of the results against their targets. It is a
+//! measurement: it exits 0 whether targets are met or not, 1 if something broke.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{BufRead, BufReader, Read};
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use amidala::proto::{Request, Response};
+use amidala_tests::{repo_dir, run, Ec2Emulator, Env, AWS_ENV};
+use serde_json::json;
+
+/// The daemon's log level in the benchmarks: what a deployed daemon would log.
+const DAEMON_VARS: [(&str, &str); 1] = [("RUST_LOG", "info")];
+
+const SECTIONS: [(&str, &str); 5] = [
+    (
+        "local",
+        "1. local no-op build vs a shell script; 1G and 16G bases; default fs and XFS",
+    ),
+    (
+        "ec2",
+        "2. ec2 no-op build against moto with emulated delays: overhead and calls",
+    ),
+    ("concurrent", "3. eight concurrent no-op builds against one"),
+    (
+        "first-output",
+        "4. time to the provisioner's first output, cold and with a warm pool",
+    ),
+    (
+        "daemon",
+        "5. the daemon's idle RSS and the round trip of a status request",
+    ),
+];
+
+const USAGE: &str =
+    "usage: amidala-bench [--runs N] [--requests N] [--only SECTION,...] [--skip SECTION,...]
+
+  --runs N          runs of each measurement; medians are printed (default 5)
+  --requests N      status requests for the round-trip percentiles (default 2000)
+  --only LIST       run only these sections (comma-separated)
+  --skip LIST       run all sections but these
+
+sections:";
+
+#[derive(Debug)]
+struct Opts {
+    runs: usize,
+    requests: usize,
+    sections: Vec<&'static str>,
+}
+
+fn section_names(list: &str) -> Result<Vec<&'static str>, String> {
+    list.split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            SECTIONS
+                .iter()
+                .map(|(name, _)| *name)
+                .find(|name| *name == s)
+                .ok_or_else(|| format!("unknown section {s:?}"))
+        })
+        .collect()
+}
+
+fn parse_args() -> Result<Opts, String> {
+    let mut opts = Opts {
+        runs: 5,
+        requests: 2000,
+        sections: SECTIONS.iter().map(|(name, _)| *name).collect(),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = |flag: &str| args.next().ok_or_else(|| format!("{flag} needs a value"));
+        match arg.as_str() {
+            "--runs" => {
+                opts.runs = value("--runs")?
+                    .parse()
+                    .map_err(|e| format!("--runs: {e}"))?;
+                if opts.runs == 0 {
+                    return Err("--runs must be at least 1".into());
+                }
+            }
+            "--requests" => {
+                opts.requests = value("--requests")?
+                    .parse()
+                    .map_err(|e| format!("--requests: {e}"))?;
+                if opts.requests < 100 {
+                    return Err("--requests must be at least 100".into());
+                }
+            }
+            "--only" => opts.sections = section_names(&value("--only")?)?,
+            "--skip" => {
+                let skip = section_names(&value("--skip")?)?;
+                opts.sections.retain(|s| !skip.contains(s));
+            }
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                for (name, what) in SECTIONS {
+                    println!("  {name:<14}{what}");
+                }
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok(opts)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Interruption: Ctrl-C or SIGTERM stops the bench at the next run, unwinding through the
+// guards so that every daemon, mount and loop device is released.
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: nix::libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+fn catch_signals() {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let action = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe; handlers
+        // are reset to the default in the children we exec.
+        unsafe { sigaction(signal, &action) }.expect("installing a signal handler");
+    }
+}
+
+/// Unwinds (through the guards) if the bench was asked to stop.
+fn check_interrupted() {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        panic!("interrupted");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Results.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Met,
+    NotMet,
+    /// A measurement without a target of its own.
+    Info,
+    /// Could not be measured (the reason is the value).
+    NotAvailable,
+    /// The section broke before measuring it.
+    Broke,
+}
+
+impl Verdict {
+    fn of(met: bool) -> Verdict {
+        if met {
+            Verdict::Met
+        } else {
+            Verdict::NotMet
+        }
+    }
+
+    fn text(self) -> &'static str {
+        match self {
+            Verdict::Met => "met",
+            Verdict::NotMet => "NOT met",
+            Verdict::Info => "",
+            Verdict::NotAvailable => "n/a",
+            Verdict::Broke => "BROKE",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Row {
+    section: &'static str,
+    what: String,
+    value: String,
+    target: String,
+    verdict: Verdict,
+}
+
+#[derive(Debug, Default)]
+struct Report {
+    rows: Vec<Row>,
+    /// Phase breakdowns: (configuration, segment → seconds of each run).
+    phases: Vec<(String, Phases)>,
+    /// Details printed under the table.
+    notes: Vec<String>,
+}
+
+impl Report {
+    fn row(
+        &mut self,
+        section: &'static str,
+        what: impl Into<String>,
+        value: impl Into<String>,
+        target: impl Into<String>,
+        verdict: Verdict,
+    ) {
+        let row = Row {
+            section,
+            what: what.into(),
+            value: value.into(),
+            target: target.into(),
+            verdict,
+        };
+        eprintln!(
+            "bench: [{}] {}: {} {}",
+            row.section,
+            row.what,
+            row.value,
+            row.verdict.text()
+        );
+        self.rows.push(row);
+    }
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    assert!(n > 0, "the median of nothing");
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// The `p`-th percentile (0 < p ≤ 100) by the nearest-rank method.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn secs(s: f64) -> String {
+    format!("{s:.3} s")
+}
+
+fn ms(s: f64) -> String {
+    format!("{:.3} ms", s * 1000.0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Timing builds.
+
+/// Segments of a build's wall time, in order of first appearance, each with its durations.
+#[derive(Debug, Default)]
+struct Phases(Vec<(String, Vec<f64>)>);
+
+impl Phases {
+    fn add(&mut self, build: &TimedBuild) {
+        for (name, d) in build.segments() {
+            match self.0.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, all)) => all.push(d),
+                None => self.0.push((name, vec![d])),
+            }
+        }
+    }
+}
+
+/// One `amidala build`, timed from the client's start to its exit, with the moment each
+/// phase announcement (and a marker line of output) reached the client.
+#[derive(Debug)]
+struct TimedBuild {
+    wall: f64,
+    /// (event, seconds since the client started): "accepted" and the phases.
+    marks: Vec<(String, f64)>,
+    /// When the marker line arrived, if asked for and seen.
+    marker: Option<f64>,
+}
+
+impl TimedBuild {
+    /// The wall time cut at each mark: "client to accepted" (the client's start, connect,
+    /// hello, the daemon's checks), "accepted to resolve", then each phase until the next
+    /// (the last one, cleanup, until the client has the result and exits).
+    fn segments(&self) -> Vec<(String, f64)> {
+        let mut out = Vec::new();
+        let mut prev = ("client start to accepted".to_owned(), 0.0);
+        for (name, at) in &self.marks {
+            let label = if prev.0 == "accepted" {
+                "accepted to first phase".to_owned()
+            } else {
+                prev.0.clone()
+            };
+            out.push((label, at - prev.1));
+            prev = (name.clone(), *at);
+        }
+        out.push((prev.0, self.wall - prev.1));
+        out
+    }
+}
+
+/// Starts `amidala build --json ARGS` in `cwd`; returns the child and its start time.
+fn start_build(env: &Env, cwd: &Path, args: &[&str]) -> (std::process::Child, Instant) {
+    let mut all = vec!["build", "--json"];
+    all.extend_from_slice(args);
+    let start = Instant::now();
+    let child = env
+        .amidala_command(cwd, &all)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting amidala build");
+    (child, start)
+}
+
+/// Follows a started build to its end; says why if it failed.
+fn finish_build(
+    mut child: std::process::Child,
+    start: Instant,
+    marker: Option<&str>,
+) -> Result<TimedBuild, String> {
+    let mut stdout = child.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stdout.read_to_string(&mut text);
+        text
+    });
+    let mut marks = Vec::new();
+    let mut seen = None;
+    let mut stderr = String::new();
+    // The client prints phases ("==> PHASE") and the provisioner's output on stderr, a line at
+    // a time, as the daemon streams them.
+    for line in BufReader::new(child.stderr.take().expect("piped")).lines() {
+        let at = start.elapsed().as_secs_f64();
+        let Ok(line) = line else { break };
+        if let Some(phase) = line.strip_prefix("==> ") {
+            marks.push((phase.to_owned(), at));
+        } else if line.starts_with("amidala: build ") && line.ends_with(" accepted") {
+            marks.push(("accepted".to_owned(), at));
+        }
+        if seen.is_none() && marker == Some(line.as_str()) {
+            seen = Some(at);
+        }
+        stderr.push_str(&line);
+        stderr.push('\n');
+    }
+    let status = child.wait().expect("waiting for amidala build");
+    let wall = start.elapsed().as_secs_f64();
+    let stdout = reader.join().expect("the stdout reader");
+    if !status.success() {
+        return Err(format!(
+            "amidala build failed ({status})\nstdout:\n{stdout}\nstderr:\n{stderr}"
+        ));
+    }
+    Ok(TimedBuild {
+        wall,
+        marks,
+        marker: seen,
+    })
+}
+
+/// Panics with `error` and the end of the daemon's log.
+fn build_failed(env: &Env, error: &str) -> ! {
+    let log = env.daemon_log();
+    let lines: Vec<&str> = log.lines().collect();
+    panic!(
+        "{error}\nthe daemon's log, last lines:\n{}",
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    );
+}
+
+fn timed_build(env: &Env, cwd: &Path, args: &[&str]) -> TimedBuild {
+    let (child, start) = start_build(env, cwd, args);
+    finish_build(child, start, None).unwrap_or_else(|e| build_failed(env, &e))
+}
+
+/// Starts a daemon (info logs) with its directory under `parent`; panics with its log if it
+/// does not start.
+fn start_env(parent: Option<&Path>, config: &str, vars: &[(&str, &str)]) -> Env {
+    Env::try_start_in(parent, config, vars, &[]).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn local_env(parent: Option<&Path>, config: &str) -> Env {
+    start_env(parent, config, &DAEMON_VARS)
+}
+
+/// The raw disk image of each snapshot, from `amidala snapshots --json`.
+fn snapshot_path(env: &Env, id: &str) -> PathBuf {
+    let all = env.amidala(&["snapshots", "--json"]).json();
+    let snapshot = all
+        .as_array()
+        .expect("a list of snapshots")
+        .iter()
+        .find(|s| s["id"] == id)
+        .unwrap_or_else(|| panic!("snapshot {id} is not listed: {all}"));
+    PathBuf::from(
+        snapshot["path"]
+            .as_str()
+            .unwrap_or_else(|| panic!("snapshot {id} has no path: {snapshot}")),
+    )
+}
+
+/// The type and source of the filesystem holding `path`.
+fn fs_of(path: &Path) -> (String, String) {
+    let out = run(Command::new("findmnt")
+        .args(["-n", "-o", "FSTYPE,SOURCE", "--target"])
+        .arg(path));
+    let text = out.ok().trim().to_owned();
+    let mut parts = text.split_whitespace();
+    (
+        parts.next().unwrap_or("?").to_owned(),
+        parts.next().unwrap_or("?").to_owned(),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// XFS on a loop device.
+
+/// An XFS filesystem (reflink=1) made on a loop device over a sparse file in the system's
+/// temporary directory and mounted; unmounted, detached and deleted on drop, whatever
+/// happened.
+#[derive(Debug)]
+struct XfsMount {
+    dir: tempfile::TempDir,
+    mnt: PathBuf,
+    device: Option<String>,
+    mounted: bool,
+}
+
+impl XfsMount {
+    fn new(size: u64) -> XfsMount {
+        let dir = tempfile::Builder::new()
+            .prefix("amidala-bench-xfs-")
+            .tempdir()
+            .expect("a temporary directory");
+        let mut xfs = XfsMount {
+            mnt: dir.path().join("mnt"),
+            dir,
+            device: None,
+            mounted: false,
+        };
+        let image = xfs.dir.path().join("xfs.img");
+        fs::File::create(&image)
+            .and_then(|f| f.set_len(size))
+            .expect("making the XFS backing file");
+        let device = run(Command::new("losetup").arg("-f").arg("--show").arg(&image))
+            .ok()
+            .trim()
+            .to_owned();
+        xfs.device = Some(device.clone());
+        run(Command::new("mkfs.xfs").args(["-q", "-m", "reflink=1", &device])).ok();
+        fs::create_dir(&xfs.mnt).unwrap();
+        run(Command::new("mount").arg(&device).arg(&xfs.mnt)).ok();
+        xfs.mounted = true;
+        // The daemon wants the directories above its plugins not writable by others.
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&xfs.mnt, fs::Permissions::from_mode(0o755)).unwrap();
+        xfs
+    }
+}
+
+impl Drop for XfsMount {
+    fn drop(&mut self) {
+        if self.mounted {
+            let mut unmounted = false;
+            for _ in 0..25 {
+                let status = Command::new("umount").arg(&self.mnt).status();
+                if status.is_ok_and(|s| s.success()) {
+                    unmounted = true;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            if !unmounted {
+                eprintln!("bench: {} is busy; detaching it lazily", self.mnt.display());
+                let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+            }
+        }
+        if let Some(device) = &self.device {
+            let _ = Command::new("losetup").arg("-d").arg(device).status();
+        }
+        // The directory (and the backing file) go with `self.dir`.
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Local no-op builds against the script.
+
+/// Runs tests/bench-script.sh once; returns its wall time and deletes what it made.
+fn script_run(snapshot: &Path, work: &Path, sync: bool) -> f64 {
+    let out = work.join("snapshot-out.img");
+    let mut cmd = Command::new("bash");
+    cmd.arg(repo_dir().join("tests/bench-script.sh"));
+    if sync {
+        cmd.arg("--sync");
+    }
+    cmd.arg(snapshot).arg(work).arg(&out);
+    let start = Instant::now();
+    let result = run(&mut cmd);
+    let wall = start.elapsed().as_secs_f64();
+    result.ok();
+    fs::remove_file(&out).expect("removing the script's snapshot");
+    wall
+}
+
+fn local_section(opts: &Opts, report: &mut Report) {
+    const S: &str = "1";
+    for on_xfs in [false, true] {
+        check_interrupted();
+        // Declared first, dropped last: the daemon stops before its filesystem goes.
+        let xfs = on_xfs.then(|| XfsMount::new(64 << 30));
+        let env = local_env(xfs.as_ref().map(|x| x.mnt.as_path()), "");
+        let (fs_type, _) = fs_of(env.dir.path());
+        let fs_label = if on_xfs {
+            format!("{fs_type} (reflink=1, loop)")
+        } else {
+            fs_type.clone()
+        };
+        eprintln!(
+            "bench: [1] state directory {} on {fs_label}",
+            env.state.display()
+        );
+        let rootfs = env.busybox_rootfs("rootfs");
+        let bases: Vec<(&str, String)> = ["1G", "16G"]
+            .into_iter()
+            .map(|size| {
+                let tag = format!("bench={size}");
+                (size, env.import(&rootfs, &["--size", size, "--tag", &tag]))
+            })
+            .collect();
+        let ws = env.workspace("ws", &[]);
+        let work = env.dir.path().join("script");
+        fs::create_dir(&work).unwrap();
+        let files: Vec<PathBuf> = bases
+            .iter()
+            .map(|(_, id)| snapshot_path(&env, id))
+            .collect();
+        // Warm-up, not counted: the first runs load what later ones find cached.
+        for ((_, id), file) in bases.iter().zip(&files) {
+            for _ in 0..2 {
+                timed_build(&env, &ws, &["--source", id, "--", "true"]);
+                script_run(file, &work, false);
+            }
+        }
+        // Per base: amidala's, the script's and the script's with fsync wall times.
+        let mut times = vec![(Vec::new(), Vec::new(), Vec::new()); bases.len()];
+        let mut phases: Vec<Phases> = bases.iter().map(|_| Phases::default()).collect();
+        for _ in 0..opts.runs {
+            // Interleaved, bases and methods alike, so that drift on the host weighs on all.
+            for (i, (id, file)) in bases.iter().map(|(_, id)| id).zip(&files).enumerate() {
+                check_interrupted();
+                let build = timed_build(&env, &ws, &["--source", id, "--", "true"]);
+                phases[i].add(&build);
+                times[i].0.push(build.wall);
+                times[i].1.push(script_run(file, &work, false));
+                times[i].2.push(script_run(file, &work, true));
+            }
+        }
+        let mut medians = Vec::new();
+        for (((size, _), (amidala, script, synced)), phases) in bases.iter().zip(&times).zip(phases)
+        {
+            let (a, s, y) = (median(amidala), median(script), median(synced));
+            let ratio = a / s;
+            report.row(
+                S,
+                format!("no-op build, {size} base, {fs_label}"),
+                format!(
+                    "amidala {}, script {} ({} with fsync), {ratio:.2}x",
+                    secs(a),
+                    secs(s),
+                    secs(y)
+                ),
+                "<= 1.3x the script",
+                Verdict::of(ratio <= 1.3),
+            );
+            report
+                .phases
+                .push((format!("local {size} {fs_type}"), phases));
+            medians.push((a, s));
+        }
+        let (amidala, script) = (medians[1].0 / medians[0].0, medians[1].1 / medians[0].1);
+        let value = format!("amidala {amidala:.2}x, script {script:.2}x");
+        if on_xfs {
+            report.row(
+                S,
+                format!("16G/1G base, {fs_label}"),
+                value,
+                "<= 1.1x on XFS",
+                Verdict::of(amidala <= 1.1),
+            );
+        } else {
+            report.row(
+                S,
+                format!("16G/1G base, {fs_label}"),
+                value,
+                "(target on XFS)",
+                Verdict::Info,
+            );
+        }
+        drop(env);
+        drop(xfs);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. ec2 against moto.
+
+/// EC2's state delays and call latencies, as the proxy emulates them in section 2.
+const VOLUME_CREATING_SECS: f64 = 2.0;
+const SNAPSHOT_PENDING_SECS: f64 = 3.0;
+const LATENCY_SECS: f64 = 0.2;
+/// Calls that start a change: each answers only after `LATENCY_SECS`.
+const SLOW_ACTIONS: [&str; 6] = [
+    "CreateVolume",
+    "AttachVolume",
+    "DetachVolume",
+    "CreateSnapshot",
+    "RegisterImage",
+    "DeleteVolume",
+];
+
+fn counter(stats: &serde_json::Value, kind: &str, action: &str) -> f64 {
+    stats[kind][action].as_f64().unwrap_or(0.0)
+}
+
+/// Sets the proxy's delays and latencies (they apply to what is made from now on: the base,
+/// imported before, is complete).
+fn emulate_ec2_delays(ec2: &Ec2Emulator) {
+    let latency: serde_json::Map<String, serde_json::Value> = SLOW_ACTIONS
+        .iter()
+        .map(|a| (a.to_string(), json!(LATENCY_SECS)))
+        .collect();
+    ec2.configure(json!({
+        "volume_creating_secs": VOLUME_CREATING_SECS,
+        "snapshot_pending_secs": SNAPSHOT_PENDING_SECS,
+        "latency": latency,
+    }));
+}
+
+fn ec2_section(opts: &Opts, report: &mut Report) {
+    const S: &str = "2";
+    let ec2 = Ec2Emulator::start();
+    let mut vars: Vec<(&str, &str)> = AWS_ENV.to_vec();
+    vars.extend(DAEMON_VARS);
+    let env = start_env(None, &ec2.daemon_config("loop", ""), &vars);
+    let rootfs = env.busybox_rootfs("rootfs");
+    env.import(&rootfs, &[]);
+    let ws = env.workspace("ws", &[]);
+    // Warm-up without delays: the daemon's SDK client, moto's first answers.
+    timed_build(&env, &ws, &["--", "true"]);
+    emulate_ec2_delays(&ec2);
+    let (mut walls, mut delays, mut overheads, mut totals) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut per_action: Vec<std::collections::BTreeMap<String, u64>> = Vec::new();
+    let mut phases = Phases::default();
+    for _ in 0..opts.runs {
+        check_interrupted();
+        let before = ec2.stats();
+        let build = timed_build(&env, &ws, &["--", "true"]);
+        let after = ec2.stats();
+        let mut calls = std::collections::BTreeMap::new();
+        let mut latency = 0.0;
+        for action in after["calls"].as_object().expect("calls").keys() {
+            let n = counter(&after, "calls", action) - counter(&before, "calls", action);
+            if n > 0.0 {
+                calls.insert(action.clone(), n as u64);
+            }
+            latency +=
+                counter(&after, "latency_secs", action) - counter(&before, "latency_secs", action);
+        }
+        let created = |action: &str| calls.get(action).copied().unwrap_or(0) as f64;
+        let delay = VOLUME_CREATING_SECS * created("CreateVolume")
+            + SNAPSHOT_PENDING_SECS * created("CreateSnapshot")
+            + latency;
+        walls.push(build.wall);
+        delays.push(delay);
+        overheads.push(build.wall - delay);
+        totals.push(calls.values().sum::<u64>() as f64);
+        per_action.push(calls);
+        phases.add(&build);
+    }
+    report.phases.push(("ec2 (moto)".into(), phases));
+    report.row(
+        S,
+        "ec2 no-op build, wall",
+        secs(median(&walls)),
+        "",
+        Verdict::Info,
+    );
+    report.row(
+        S,
+        "ec2 emulated delays",
+        secs(median(&delays)),
+        "",
+        Verdict::Info,
+    );
+    report.notes.push(format!(
+        "2: emulated: volumes creating for {VOLUME_CREATING_SECS} s, snapshots pending for \
+         {SNAPSHOT_PENDING_SECS} s, {LATENCY_SECS} s of latency on each call of {}",
+        SLOW_ACTIONS.join(", ")
+    ));
+    let overhead = median(&overheads);
+    report.row(
+        S,
+        "ec2 amidala overhead (wall - delays)",
+        secs(overhead),
+        "<= 1 s",
+        Verdict::of(overhead <= 1.0),
+    );
+    let calls = per_action
+        .iter()
+        .map(|c| {
+            c.iter()
+                .map(|(a, n)| format!("{a} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .collect::<Vec<_>>();
+    let same = calls.windows(2).all(|w| w[0] == w[1]);
+    report.row(
+        S,
+        "ec2 calls per build",
+        format!(
+            "{}{}",
+            median(&totals),
+            if same { "" } else { " (median; runs differ)" },
+        ),
+        "",
+        Verdict::Info,
+    );
+    for (i, c) in calls.iter().enumerate() {
+        if i == 0 || !same {
+            report
+                .notes
+                .push(format!("2: EC2 calls of build {}: {c}", i + 1));
+        }
+    }
+    drop(env);
+    ec2.assert_no_leaks();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Eight concurrent builds against one.
+
+fn concurrent_section(opts: &Opts, report: &mut Report) {
+    const S: &str = "3";
+    const N: usize = 8;
+    let env = local_env(None, &format!("max_builds = {N}\n"));
+    let rootfs = env.busybox_rootfs("rootfs");
+    env.import(&rootfs, &["--size", "1G"]);
+    let ws = env.workspace("ws", &[]);
+    timed_build(&env, &ws, &["--", "true"]);
+    let (mut one, mut many) = (Vec::new(), Vec::new());
+    // CPU time the whole host spent (all processes and the kernel) during the builds.
+    let (mut cpu_one, mut cpu_many) = (0.0, 0.0);
+    let mut phases = Phases::default();
+    for _ in 0..opts.runs {
+        check_interrupted();
+        let busy = host_cpu_seconds();
+        one.push(timed_build(&env, &ws, &["--", "true"]).wall);
+        cpu_one += host_cpu_seconds() - busy;
+        let busy = host_cpu_seconds();
+        let start = Instant::now();
+        let started: Vec<_> = (0..N)
+            .map(|_| start_build(&env, &ws, &["--", "true"]))
+            .collect();
+        let followers: Vec<_> = started
+            .into_iter()
+            .map(|(child, at)| std::thread::spawn(move || finish_build(child, at, None)))
+            .collect();
+        for follower in followers {
+            match follower.join().expect("a concurrent build") {
+                Ok(build) => phases.add(&build),
+                Err(e) => build_failed(&env, &e),
+            }
+        }
+        many.push(start.elapsed().as_secs_f64());
+        cpu_many += host_cpu_seconds() - busy;
+    }
+    report
+        .phases
+        .push((format!("local 1G, {N} at once"), phases));
+    let (a, b) = (median(&one), median(&many));
+    report.row(
+        S,
+        format!("{N} concurrent no-op builds / 1 (max_builds = {N})"),
+        format!("1: {}, {N}: {}, {:.2}x", secs(a), secs(b), b / a),
+        "<= 2.5x",
+        Verdict::of(b / a <= 2.5),
+    );
+    // Whether the CPUs were the limit: a no-op build is nearly all CPU work (processes,
+    // namespaces, mounts), so eight cannot take less than eight builds' CPU time over the
+    // machine's CPUs.
+    let runs = opts.runs as f64;
+    let nproc = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let (per_build, per_build_many) = (cpu_one / runs, cpu_many / runs / N as f64);
+    let busy_share = cpu_many / (many.iter().sum::<f64>() * nproc);
+    report.row(
+        S,
+        format!("host CPU per no-op build, alone / {N} at once"),
+        format!(
+            "{} / {}; CPUs {:.0}% busy during the {N}; CPU floor for {N} on {nproc} CPUs: {:.2}x",
+            secs(per_build),
+            secs(per_build_many),
+            busy_share * 100.0,
+            N as f64 * per_build / nproc / a
+        ),
+        "",
+        Verdict::Info,
+    );
+}
+
+/// Seconds of CPU time spent by the whole host so far (all CPUs, everything but idle and
+/// iowait), from /proc/stat (in USER_HZ ticks: 10 ms).
+fn host_cpu_seconds() -> f64 {
+    let stat = fs::read_to_string("/proc/stat").expect("/proc/stat");
+    let cpu = stat.lines().next().expect("the cpu line");
+    let ticks: Vec<f64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let busy: f64 = ticks
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| ![3, 4].contains(i))
+        .map(|(_, t)| t)
+        .sum();
+    // /proc/stat counts in USER_HZ, which Linux fixes at 100 for user space.
+    busy / 100.0
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Time to first output.
+
+const FIRST_OUTPUT: [&str; 4] = ["--", "/bin/sh", "-c", "echo first; true"];
+
+fn time_to_first_output(env: &Env, ws: &Path) -> f64 {
+    let (child, start) = start_build(env, ws, &FIRST_OUTPUT);
+    let build = finish_build(child, start, Some("first")).unwrap_or_else(|e| build_failed(env, &e));
+    build
+        .marker
+        .expect("the provisioner's line \"first\" reached the client")
+}
+
+/// Pool volumes made so far: the daemon's "warm pool: volume ready" log lines (info level).
+fn pool_volumes_made(env: &Env) -> usize {
+    env.daemon_log().matches("warm pool: volume ready").count()
+}
+
+/// Waits until the pool has made `count` volumes in all, for at most `timeout`.
+fn wait_for_pool(env: &Env, count: usize, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if pool_volumes_made(env) >= count {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// Volumes of the warm pool of section 4.
+const POOL: usize = 2;
+
+fn first_output_section(opts: &Opts, report: &mut Report) {
+    for ec2 in [false, true] {
+        for pool in [false, true] {
+            check_interrupted();
+            first_output(opts, report, ec2, pool);
+        }
+    }
+}
+
+/// Time to first output with the local or the ec2 provider (against moto, with section 2's
+/// delays), without or with a warm pool.
+fn first_output(opts: &Opts, report: &mut Report, on_ec2: bool, pool: bool) {
+    const S: &str = "4";
+    let provider = if on_ec2 { "ec2" } else { "local" };
+    let (what, target) = if pool {
+        (
+            format!("first output, {provider}, warm pool ({POOL} volumes)"),
+            "<= 1 s",
+        )
+    } else {
+        (format!("first output, {provider}, cold"), "")
+    };
+    // Declared first, dropped last: the daemon stops before the emulator.
+    let ec2 = on_ec2.then(Ec2Emulator::start);
+    let mut config = ec2
+        .as_ref()
+        .map(|e| e.daemon_config("loop", ""))
+        .unwrap_or_default();
+    if pool {
+        // The warm pool: volumes made ahead from the newest snapshot tagged amidala=base.
+        config.push_str(&format!(
+            "[[warm_pool]]\nfrom = \"amidala=base\"\nvolumes = {POOL}\n"
+        ));
+    }
+    let mut vars = DAEMON_VARS.to_vec();
+    if on_ec2 {
+        vars.extend(AWS_ENV);
+    }
+    let env = match Env::try_start_in(None, &config, &vars, &[]) {
+        Ok(env) => env,
+        Err(e) if pool && e.contains("warm_pool") => {
+            report.row(
+                S,
+                what,
+                "n/a (daemon refused the warm_pool config)",
+                target,
+                Verdict::NotAvailable,
+            );
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    let rootfs = env.busybox_rootfs("rootfs");
+    env.import(&rootfs, &["--size", "1G"]);
+    let ws = env.workspace("ws", &[]);
+    if let Some(ec2) = &ec2 {
+        emulate_ec2_delays(ec2);
+    }
+    let mut times = Vec::new();
+    if pool {
+        // Each build takes a volume and the pool makes one in its place: before each build,
+        // wait until the pool is full again.
+        let mut full = wait_for_pool(&env, POOL, Duration::from_secs(60));
+        for run in 0..opts.runs {
+            check_interrupted();
+            times.push(time_to_first_output(&env, &ws));
+            full &= wait_for_pool(&env, POOL + run + 1, Duration::from_secs(60));
+        }
+        let t = median(&times);
+        report.row(
+            S,
+            what,
+            if full {
+                secs(t)
+            } else {
+                format!("{} (the pool was not seen full again within 60 s)", secs(t))
+            },
+            target,
+            Verdict::of(t <= 1.0),
+        );
+    } else {
+        if !on_ec2 {
+            // Warm-up, not counted.
+            time_to_first_output(&env, &ws);
+        }
+        for _ in 0..opts.runs {
+            check_interrupted();
+            times.push(time_to_first_output(&env, &ws));
+        }
+        report.row(S, what, secs(median(&times)), target, Verdict::Info);
+    }
+    drop(env);
+    drop(ec2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. The daemon: idle RSS, status round trips.
+
+fn vm_rss_mib(pid: u32) -> f64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("the daemon's status");
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS in /proc/PID/status");
+    kib / 1024.0
+}
+
+fn status_of(client: &mut amidala::Client, request: &Request) {
+    match client.call(request) {
+        Ok(Response::Build(_)) => {}
+        other => panic!("unexpected answer to a status request: {other:?}"),
+    }
+}
+
+/// p50 and p99 of `n` round trips made by `once`.
+fn round_trips(n: usize, mut once: impl FnMut()) -> (f64, f64) {
+    for _ in 0..n / 20 {
+        once();
+    }
+    let mut times: Vec<f64> = (0..n)
+        .map(|_| {
+            let start = Instant::now();
+            once();
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    (percentile(&times, 50.0), percentile(&times, 99.0))
+}
+
+fn daemon_section(opts: &Opts, report: &mut Report) {
+    const S: &str = "5";
+    let env = local_env(None, "");
+    let pid = env.daemon_pid().expect("the daemon runs");
+    let started = vm_rss_mib(pid);
+    let rootfs = env.busybox_rootfs("rootfs");
+    env.import(&rootfs, &[]);
+    let ws = env.workspace("ws", &[]);
+    let build = env.build(&ws, &["--", "true"]);
+    let id = build["build_id"].as_str().expect("a build id").to_owned();
+    let request = Request::Status { id };
+    // A few requests of each kind a client makes.
+    let mut client = amidala::Client::connect(&env.socket).expect("connecting");
+    for r in [
+        Request::Version,
+        Request::Plugins,
+        Request::List,
+        Request::Snapshots,
+        Request::Images,
+    ] {
+        client.call(&r).expect("a request");
+    }
+    status_of(&mut client, &request);
+    drop(client);
+    std::thread::sleep(Duration::from_secs(1));
+    let idle = vm_rss_mib(pid);
+    report.row(
+        S,
+        "daemon idle RSS (after an import, a build, requests)",
+        format!("{idle:.1} MiB (at start {started:.1} MiB)"),
+        "<= 20 MiB",
+        Verdict::of(idle <= 20.0),
+    );
+
+    let n = opts.requests;
+    let mut client = amidala::Client::connect(&env.socket).expect("connecting");
+    let (p50, p99) = round_trips(n, || status_of(&mut client, &request));
+    drop(client);
+    report.row(
+        S,
+        format!("status round trip, one connection ({n})"),
+        format!("p50 {}, p99 {}", ms(p50), ms(p99)),
+        "p99 <= 2 ms",
+        Verdict::of(p99 <= 0.002),
+    );
+    let (p50, p99) = round_trips(n, || {
+        let mut client = amidala::Client::connect(&env.socket).expect("connecting");
+        status_of(&mut client, &request);
+    });
+    report.row(
+        S,
+        format!("connect + hello + status ({n})"),
+        format!("p50 {}, p99 {}", ms(p50), ms(p99)),
+        "p99 <= 2 ms",
+        Verdict::of(p99 <= 0.002),
+    );
+    let after = vm_rss_mib(pid);
+    report.row(
+        S,
+        format!("daemon RSS after {} more requests", 2 * (n + n / 20)),
+        format!("{after:.1} MiB"),
+        "",
+        Verdict::Info,
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// The 1, 5 and 15 minute load averages.
+fn load_average() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn machine(load_at_start: &str) -> String {
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "?".into());
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|k| k.trim().to_owned())
+        .unwrap_or_else(|_| "?".into());
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let tmp = std::env::temp_dir();
+    let (fs_type, source) = fs_of(&tmp);
+    let mem = fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        })
+        .map_or_else(|| "?".into(), |kib| format!("{:.1} GiB", kib / 1048576.0));
+    format!(
+        "machine: {nproc} CPUs ({cpu}), {mem} RAM, kernel {kernel}; load average {load_at_start} \
+         at the start, {} at the end\n\
+         filesystems: state directories in {} on {fs_type} ({source}); XFS: mkfs.xfs -m reflink=1 \
+         on a loop device over a sparse file there",
+        load_average(),
+        tmp.display()
+    )
+}
+
+fn print_phases(phases: &[(String, Phases)]) {
+    if phases.is_empty() {
+        return;
+    }
+    let mut names: Vec<String> = Vec::new();
+    for (_, p) in phases {
+        for (name, _) in &p.0 {
+            if !names.contains(name) {
+                names.push(name.clone());
+            }
+        }
+    }
+    println!();
+    println!(
+        "Where a no-op build's time goes (medians, seconds, as the client sees each step begin):"
+    );
+    let width = names.iter().map(String::len).max().unwrap_or(0);
+    let mut header = format!("{:<width$}", "");
+    for (config, _) in phases {
+        let _ = write!(header, "  {config:>16}");
+    }
+    println!("{}", header.trim_end());
+    let mut totals = vec![0.0; phases.len()];
+    for name in &names {
+        let mut line = format!("{name:<width$}");
+        for (i, (_, p)) in phases.iter().enumerate() {
+            match p.0.iter().find(|(n, _)| n == name) {
+                Some((_, all)) => {
+                    let m = median(all);
+                    totals[i] += m;
+                    let _ = write!(line, "  {m:>16.3}");
+                }
+                None => {
+                    let _ = write!(line, "  {:>16}", "-");
+                }
+            }
+        }
+        println!("{line}");
+    }
+    let mut line = format!("{:<width$}", "(sum of medians)");
+    for t in totals {
+        let _ = write!(line, "  {t:>16.3}");
+    }
+    println!("{line}");
+}
+
+fn print_table(report: &Report) {
+    let header = ["#", "measure", "value", "target", "result"];
+    let cells: Vec<[String; 5]> = report
+        .rows
+        .iter()
+        .map(|r| {
+            [
+                r.section.to_owned(),
+                r.what.clone(),
+                r.value.clone(),
+                r.target.clone(),
+                r.verdict.text().to_owned(),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &cells {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: [&str; 5]| {
+        let text: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", text.join("  ").trim_end());
+    };
+    line(header);
+    for row in &cells {
+        line([&row[0], &row[1], &row[2], &row[3], &row[4]]);
+    }
+}
+
+fn main() {
+    let opts = match parse_args() {
+        Ok(opts) => opts,
+        Err(e) => {
+            eprintln!("amidala-bench: {e}\n{USAGE}");
+            for (name, what) in SECTIONS {
+                eprintln!("  {name:<14}{what}");
+            }
+            std::process::exit(2);
+        }
+    };
+    amidala_tests::require_root();
+    catch_signals();
+    eprintln!(
+        "amidala-bench: binaries from {}, {} runs each, sections {}",
+        amidala_tests::bin_dir().display(),
+        opts.runs,
+        opts.sections.join(",")
+    );
+    let load_at_start = load_average();
+    let mut report = Report::default();
+    let mut broke = false;
+    for (name, what) in SECTIONS {
+        if !opts.sections.contains(&name) {
+            continue;
+        }
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            break;
+        }
+        eprintln!("bench: section {what}");
+        let section: fn(&Opts, &mut Report) = match name {
+            "local" => local_section,
+            "ec2" => ec2_section,
+            "concurrent" => concurrent_section,
+            "first-output" => first_output_section,
+            _ => daemon_section,
+        };
+        let started = Instant::now();
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| section(&opts, &mut report)));
+        if let Err(panic) = outcome {
+            broke = true;
+            let message = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("panicked");
+            let first_line = message.lines().next().unwrap_or_default();
+            report.row(
+                &what[..1],
+                format!("section {name}"),
+                first_line.chars().take(100).collect::<String>(),
+                "",
+                Verdict::Broke,
+            );
+        }
+        eprintln!(
+            "bench: section {name} took {:.0} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    print_phases(&report.phases);
+    println!();
+    println!("{}", machine(&load_at_start));
+    println!(
+        "amidala-bench, medians of {} runs (section 5: {} requests)",
+        opts.runs, opts.requests
+    );
+    print_table(&report);
+    for note in &report.notes {
+        println!("{note}");
+    }
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        eprintln!("amidala-bench: interrupted");
+        std::process::exit(130);
+    }
+    if broke {
+        eprintln!("amidala-bench: a section broke (see above); its rows are incomplete");
+        std::process::exit(1);
+    }
+}
