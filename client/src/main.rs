@@ -71,6 +71,14 @@ enum Command {
         #[command(flatten)]
         json: JsonFlag,
     },
+    /// Print a shell completion script, e.g. `amidala completions bash >
+    /// /usr/share/bash-completion/completions/amidala`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g. `amidala man | man -l -`.
+    Man,
 }
 
 #[derive(Debug, Subcommand)]
@@ -189,6 +197,23 @@ fn connect(socket: &Path) -> Result<Client> {
 fn run(cli: Cli) -> Result<ExitCode> {
     let socket = cli.socket;
     match cli.command {
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "amidala", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => {
+            // amidala(1), then a page per command, amidala-build(1) and so on, one after the
+            // other (`man -l -` shows them in turn).
+            let command = <Cli as clap::CommandFactory>::command();
+            let mut out = std::io::stdout().lock();
+            clap_mangen::Man::new(command.clone()).render(&mut out)?;
+            for sub in command.get_subcommands() {
+                let page = sub.clone().name(format!("amidala-{}", sub.get_name()));
+                clap_mangen::Man::new(page).render(&mut out)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Base {
             command:
                 BaseCommand::Import {
