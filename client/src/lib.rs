@@ -18,7 +18,7 @@ pub const DEFAULT_SOCKET: &str = "/run/amidala/amidala.sock";
 /// What can go wrong talking to the daemon.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach amidalad at {path}: {source} (is amidalad running?)")]
+    #[error("cannot reach amidalad at {path}: {source}; {}", connect_hint(.source))]
     Connect {
         path: PathBuf,
         source: std::io::Error,
@@ -43,6 +43,20 @@ pub struct Client {
     stream: UnixStream,
     decoder: FrameDecoder,
     daemon_version: String,
+}
+
+/// What to do about a socket that cannot be reached.
+fn connect_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied => {
+            "only members of group amidala may use it: ask for membership \
+             (`sudo usermod -aG amidala $USER`), then log in again"
+        }
+        _ => {
+            "is amidalad running? (`systemctl status amidalad.socket amidalad`; a daemon \
+             elsewhere: --socket PATH or AMIDALA_SOCKET)"
+        }
+    }
 }
 
 impl Client {

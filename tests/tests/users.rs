@@ -189,7 +189,9 @@ fn the_permission_matrix_with_real_users() {
     let outsider = host.as_user(OUTSIDER, &["list"]);
     let err = outsider.err();
     assert!(
-        err.contains(host.env.socket.to_str().unwrap()) && err.contains("Permission denied"),
+        err.contains(host.env.socket.to_str().unwrap())
+            && err.contains("Permission denied")
+            && err.contains("members of group amidala"),
         "{err}"
     );
 
