@@ -187,11 +187,24 @@ impl BuildHandle {
         Ok(())
     }
 
-    /// Enters a phase that undoes work: runs whatever happened before.
+    /// Enters a phase that undoes work (or one the executor reports): runs whatever happened
+    /// before. Recorded as [`progress`](Self::progress).
     fn enter_teardown(&self, phase: Phase) {
         tracing::info!(build = %self.id, %phase, "phase");
-        self.update(|r| r.phase = Some(phase));
+        self.progress(|r| r.phase = Some(phase));
         self.log.append(&Response::Phase { phase });
+    }
+
+    /// Changes the record and writes it atomically but without syncing it: what recovery does
+    /// not need, since it finds a build's volume, devices, mounts, processes and snapshots by
+    /// their names and tags, whatever the record says. What it needs (the build exists and is
+    /// not finished; which phase that makes something it entered; how it ended) is synced.
+    fn progress(&self, f: impl FnOnce(&mut BuildRecord)) {
+        let mut record = self.record.lock().expect("record lock");
+        f(&mut record);
+        if let Err(e) = self.catalog.put_build_progress(&record) {
+            tracing::error!(build = %self.id, error = %e, "writing the build record");
+        }
     }
 
     pub fn note(&self, line: impl Into<String>) {
@@ -214,7 +227,7 @@ pub async fn run(daemon: Arc<Daemon>, handle: Arc<BuildHandle>, workspace: Owned
             slot = daemon.slots.clone().acquire_owned() => slot.map_err(|_| (Phase::Queued, Failure::new(ErrorCode::ShuttingDown, "amidalad is shutting down")))?,
             () = handle.cancel.cancelled() => return Err((Phase::Queued, Failure::new(ErrorCode::Cancelled, cancel_message(&daemon)))),
         };
-        handle.update(|r| r.state = BuildState::Running);
+        handle.progress(|r| r.state = BuildState::Running);
         execute(&daemon, &handle, workspace).await
     };
     let calls = Arc::new(AtomicU64::new(0));
@@ -285,7 +298,7 @@ async fn execute(
     handle.enter(Phase::Resolve)?;
     let source = provider.resolve(&spec.source).await.at(Phase::Resolve)?;
     handle.note(format!("amidala: starting from {}", source.id));
-    handle.update(|r| r.source_snapshot = Some(source.id.clone()));
+    handle.progress(|r| r.source_snapshot = Some(source.id.clone()));
 
     handle.enter(Phase::Volume)?;
     // A volume of the warm pool, if one is of this snapshot and the size is the snapshot's.
@@ -317,7 +330,7 @@ async fn execute(
             (volume, None)
         }
     };
-    handle.update(|r| r.volume_id = Some(volume.id.clone()));
+    handle.progress(|r| r.volume_id = Some(volume.id.clone()));
 
     let result = with_volume(daemon, handle, &source.id, &volume, attached, workspace).await;
 
@@ -403,7 +416,7 @@ async fn with_volume(
         .await
         .at(Phase::Attach)?,
     };
-    handle.update(|r| r.device = Some(attachment.device.display().to_string()));
+    handle.progress(|r| r.device = Some(attachment.device.display().to_string()));
     if let Some(n) = attachment.partition {
         handle.note(format!(
             "amidala: root filesystem ({}) on partition {n}",
@@ -419,7 +432,7 @@ async fn with_volume(
     if detached.is_ok() {
         handle.note(format!("amidala: detached volume {} ({device})", volume.id));
     }
-    handle.update(|r| r.device = None);
+    handle.progress(|r| r.device = None);
     let detected_arch = provisioned?;
     detached?;
 
@@ -445,7 +458,7 @@ async fn with_volume(
     let snapshot = cancellable(handle.cancel.clone(), provider.snapshot(volume, meta))
         .await
         .at(Phase::Snapshot)?;
-    handle.update(|r| r.snapshot_id = Some(snapshot.id.clone()));
+    handle.progress(|r| r.snapshot_id = Some(snapshot.id.clone()));
 
     let registered = register(daemon, handle, &record, &snapshot, source, detected_arch).await;
     if registered.is_err() {

@@ -14,6 +14,14 @@ pub const TMP_PREFIX: &str = ".tmp-";
 
 /// Writes `bytes` to `path` atomically and durably.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_replacing(path, bytes, true)
+}
+
+/// Writes `bytes` to `path` atomically: a reader, or the next start after a crash of the daemon,
+/// sees the old content or the new, never a part. With `durable`, also synced (the file, then
+/// the directory) so that a power loss keeps the new content; without, a power loss may bring
+/// the old one back.
+pub fn write_replacing(path: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
     let dir = path.parent().expect("record paths have a parent");
     let name = path.file_name().expect("record paths have a name");
     let tmp = dir.join(format!(
@@ -28,9 +36,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
             .mode(0o644)
             .open(&tmp)?;
         file.write_all(bytes)?;
-        file.sync_all()?;
+        if durable {
+            file.sync_all()?;
+        }
         fs::rename(&tmp, path)?;
-        sync_dir(dir)
+        if durable {
+            sync_dir(dir)?;
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
@@ -38,11 +51,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     result
 }
 
-/// Serializes `value` as pretty JSON and writes it atomically.
+/// Serializes `value` as pretty JSON and writes it atomically and durably.
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> io::Result<()> {
+    write_json_with(path, value, true)
+}
+
+/// Like [`write_json`], durable or not (see [`write_replacing`]).
+pub fn write_json_with<T: Serialize>(path: &Path, value: &T, durable: bool) -> io::Result<()> {
     let mut bytes = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
     bytes.push(b'\n');
-    write_atomic(path, &bytes)
+    write_replacing(path, &bytes, durable)
 }
 
 /// Reads a JSON record.
