@@ -195,8 +195,8 @@ impl BuildHandle {
         self.log.append(&Response::Phase { phase });
     }
 
-    /// Changes the record and writes it atomically but without syncing it: what recovery does
-    /// not need, since it finds a build's volume, devices, mounts, processes and snapshots by
+    /// Changes the record and writes it atomically, without syncing its directory (a power
+    /// loss may bring the previous record back): what recovery does not need, since it finds a build's volume, devices, mounts, processes and snapshots by
     /// their names and tags, whatever the record says. What it needs (the build exists and is
     /// not finished; which phase that makes something it entered; how it ended) is synced.
     fn progress(&self, f: impl FnOnce(&mut BuildRecord)) {

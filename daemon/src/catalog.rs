@@ -236,8 +236,9 @@ impl Catalog {
         store::write_json(&self.record("builds", &record.id), record)
     }
 
-    /// Writes a build record atomically but without syncing it: for progress that recovery
-    /// does not need (it finds a build's resources by their names and tags, not by the record).
+    /// Writes a build record atomically, its directory not synced (a power loss may bring the
+    /// previous record back): for progress that recovery does not need (it finds a build's
+    /// resources by their names and tags, not by the record).
     pub fn put_build_progress(&self, record: &BuildRecord) -> io::Result<()> {
         store::write_json_with(&self.record("builds", &record.id), record, false)
     }

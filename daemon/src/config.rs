@@ -241,6 +241,17 @@ impl Config {
         if let Err(e) = crate::pool::Pool::new(&config.warm_pool) {
             bail!("{e}");
         }
+        // One cache's directory inside another's would be mounted through the first one's
+        // host directory, which its builds can change: refused.
+        for (a, ta) in &config.caches {
+            for (b, tb) in &config.caches {
+                if a != b && tb.starts_with(&format!("{}/", ta.trim_end_matches('/'))) {
+                    bail!(
+                        "caches: {b} ({tb}) is inside {a} ({ta}); cache directories may not nest"
+                    );
+                }
+            }
+        }
         for (name, target) in &config.caches {
             amidala::proto::validate_cache_name(name)
                 .map_err(|e| anyhow::anyhow!("caches: {e}"))?;
@@ -402,6 +413,11 @@ mod tests {
         assert!(Config::merge(&cli(&[]), file).is_ok());
         let file: FileConfig = toml::from_str("[caches]\nApt = \"/var/cache/apt\"\n").unwrap();
         assert!(Config::merge(&cli(&[]), file).is_err());
+        let file: FileConfig = toml::from_str(
+            "[caches]\napt = \"/var/cache/apt\"\ndebs = \"/var/cache/apt/archives\"\n",
+        )
+        .unwrap();
+        assert!(Config::merge(&cli(&[]), file).is_err(), "nested caches");
     }
 
     #[test]

@@ -686,6 +686,11 @@ impl Prepared {
             });
             match removed {
                 Ok(()) | Err(Errno::ENOENT) => {}
+                // The provisioner put something of its own there (a parent of a cache's
+                // directory, say): it is part of the image now.
+                Err(Errno::ENOTEMPTY) => report(&Report::Note(format!(
+                    "amidala: kept /{name}, which amidala created for a mount: the provisioner put files in it"
+                ))),
                 Err(e) => {
                     first_error.get_or_insert(fail(
                         Phase::Unmount,

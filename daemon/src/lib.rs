@@ -335,16 +335,25 @@ fn lock_state_dir(state_dir: &Path) -> Result<nix::fcntl::Flock<fs::File>> {
 /// The socket to serve: the one systemd passed (socket activation: `LISTEN_PID` is ours and
 /// `LISTEN_FDS` is 1), else our own, bound at `path`. Says which.
 fn listener(path: &Path) -> Result<(UnixListener, bool)> {
-    let fds: Vec<std::os::fd::RawFd> = sd_notify::listen_fds()
-        .context("reading the sockets systemd passed")?
-        .collect();
-    let fd = match fds.as_slice() {
-        [] => return Ok((bind_socket(path)?, false)),
-        [fd] => *fd,
-        more => bail!(
-            "systemd passed {} sockets; amidalad serves one (a single ListenStream=)",
-            more.len()
-        ),
+    // Read, never unset: changing the environment of a running multi-threaded process is
+    // unsound, and what the daemon starts gets an environment of its own anyway.
+    let ours = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        == Some(std::process::id());
+    let count: usize = match std::env::var("LISTEN_FDS") {
+        Ok(n) if ours => n
+            .parse()
+            .with_context(|| format!("LISTEN_FDS={n} is not a number"))?,
+        _ => 0,
+    };
+    let fd = match count {
+        0 => return Ok((bind_socket(path)?, false)),
+        // SD_LISTEN_FDS_START
+        1 => 3,
+        more => {
+            bail!("systemd passed {more} sockets; amidalad serves one (a single ListenStream=)")
+        }
     };
     // SAFETY: systemd passed this descriptor to this process for it to own; nothing else here
     // knows of it.

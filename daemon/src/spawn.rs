@@ -93,11 +93,34 @@ pub fn spawn(spec: &Spec<'_>) -> io::Result<Child> {
     argv.push(std::ptr::null());
     let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
     envp.push(std::ptr::null());
-    let (stdin_r, stdin_w) = pipe_pair()?;
-    let (stdout_r, stdout_w) = pipe_pair()?;
-    let (stderr_r, stderr_w) = pipe_pair()?;
+    if let Some((_, to)) = spec.pass {
+        if to <= 2 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a passed descriptor may not take the number of a standard stream",
+            ));
+        }
+    }
+    // Every descriptor the child moves or writes to lies above the numbers it moves them to,
+    // so that no dup2 in the child overwrites another of them.
+    let floor = spec.pass.map_or(3, |(_, to)| to + 1).max(3);
+    let lift = |fd: OwnedFd| -> io::Result<OwnedFd> {
+        if fd.as_raw_fd() >= floor {
+            return Ok(fd);
+        }
+        let high = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(floor))?;
+        // SAFETY: fcntl just returned this new descriptor, owned by nobody else.
+        Ok(unsafe { OwnedFd::from_raw_fd(high) })
+    };
+    let pipe = || -> io::Result<(OwnedFd, OwnedFd)> {
+        let (r, w) = pipe_pair()?;
+        Ok((lift(r)?, lift(w)?))
+    };
+    let (stdin_r, stdin_w) = pipe()?;
+    let (stdout_r, stdout_w) = pipe()?;
+    let (stderr_r, stderr_w) = pipe()?;
     // The child writes its errno here if it cannot exec; exec closes it.
-    let (err_r, err_w) = pipe_pair()?;
+    let (err_r, err_w) = pipe()?;
 
     let mut pidfd: RawFd = -1;
     let mut args = CloneArgs {
@@ -169,23 +192,85 @@ pub fn spawn(spec: &Spec<'_>) -> io::Result<Child> {
     // SAFETY: clone3 stored a new pidfd, owned by nobody else, for the child it made.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     drop((stdin_r, stdout_w, stderr_w, err_w));
-    let mut child = Child {
-        // SAFETY: an OwnedFd's descriptor stays open and the same until the AsyncFd drops it.
-        pidfd: unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
-            .map_err(|e| e.into_parts().1)?,
-        stdin: Some(pipe::Sender::from_owned_fd(stdin_w)?),
-        stdout: Some(pipe::Receiver::from_owned_fd(stdout_r)?),
-        stderr: Some(pipe::Receiver::from_owned_fd(stderr_r)?),
-        status: None,
-    };
     // Exec closed the error pipe (EOF), or the child wrote why it could not.
     let mut errno = [0u8; 4];
-    match nix::unistd::read(err_r.as_raw_fd(), &mut errno) {
-        Ok(4) => {
-            child.reap_blocking();
-            Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)))
+    let mut got = 0;
+    let exec_error = loop {
+        match nix::unistd::read(err_r.as_raw_fd(), &mut errno[got..]) {
+            Ok(0) if got == 0 => break None,
+            Ok(0) => break Some(io::Error::other("the child reported a truncated error")),
+            Ok(n) => {
+                got += n;
+                if got == errno.len() {
+                    break Some(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)));
+                }
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => break Some(e.into()),
         }
-        _ => Ok(child),
+    };
+    if let Some(e) = exec_error {
+        kill_and_reap(pidfd.as_fd());
+        return Err(e);
+    }
+    let wrapped = (|| -> io::Result<_> {
+        Ok((
+            pipe::Sender::from_owned_fd(stdin_w)?,
+            pipe::Receiver::from_owned_fd(stdout_r)?,
+            pipe::Receiver::from_owned_fd(stderr_r)?,
+        ))
+    })();
+    let (stdin, stdout, stderr) = match wrapped {
+        Ok(pipes) => pipes,
+        Err(e) => {
+            kill_and_reap(pidfd.as_fd());
+            return Err(e);
+        }
+    };
+    let guard = pidfd.try_clone()?;
+    // SAFETY: an OwnedFd's descriptor stays open and the same until the AsyncFd drops it.
+    match unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) } {
+        Ok(pidfd) => Ok(Child {
+            pidfd,
+            stdin: Some(stdin),
+            stdout: Some(stdout),
+            stderr: Some(stderr),
+            status: None,
+        }),
+        Err(e) => {
+            kill_and_reap(guard.as_fd());
+            Err(e.into_parts().1)
+        }
+    }
+}
+
+/// Sends SIGKILL through `pidfd` and reaps the process, waiting for it.
+fn kill_and_reap(pidfd: BorrowedFd<'_>) {
+    // SAFETY: pidfd_send_signal with a valid pidfd, no siginfo and no flags.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        );
+    }
+    // SAFETY: siginfo_t is plain data; all zeroes is a valid value.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: waitid on a pidfd we hold, writing into `info`.
+        let r = unsafe {
+            libc::waitid(
+                P_PIDFD,
+                pidfd.as_raw_fd() as libc::id_t,
+                &mut info,
+                libc::WEXITED,
+            )
+        };
+        if r == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return;
+        }
     }
 }
 
@@ -294,10 +379,6 @@ impl Child {
         Ok(Some(status))
     }
 
-    fn reap_blocking(&mut self) {
-        let _ = self.try_reap(true);
-    }
-
     /// Waits for the child to end and reaps it.
     pub async fn wait(&mut self) -> io::Result<ExitStatus> {
         loop {
@@ -322,10 +403,23 @@ impl Child {
 }
 
 impl Drop for Child {
+    /// Kills the child if it was not waited for, and reaps it off the async threads (a child
+    /// stuck in the kernel, on a hung device, must not hold a runtime thread).
     fn drop(&mut self) {
-        if self.status.is_none() {
-            let _ = self.signal(libc::SIGKILL);
-            self.reap_blocking();
+        if self.status.is_some() {
+            return;
+        }
+        let _ = self.signal(libc::SIGKILL);
+        match self.pidfd.get_ref().try_clone() {
+            Ok(pidfd) => match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn_blocking(move || kill_and_reap(pidfd.as_fd()));
+                }
+                Err(_) => kill_and_reap(pidfd.as_fd()),
+            },
+            Err(_) => {
+                let _ = self.try_reap(true);
+            }
         }
     }
 }

@@ -17,10 +17,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     write_replacing(path, bytes, true)
 }
 
-/// Writes `bytes` to `path` atomically: a reader, or the next start after a crash of the daemon,
-/// sees the old content or the new, never a part. With `durable`, also synced (the file, then
-/// the directory) so that a power loss keeps the new content; without, a power loss may bring
-/// the old one back.
+/// Writes `bytes` to `path` atomically: a reader, or the next start after a crash or a power
+/// loss, sees the old content or the new, never a part (the new file's data is always synced
+/// before it replaces the old). With `durable`, the directory is synced too, so that a power
+/// loss keeps the new content; without, a power loss may bring the old one back.
 pub fn write_replacing(path: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
     let dir = path.parent().expect("record paths have a parent");
     let name = path.file_name().expect("record paths have a name");
@@ -36,8 +36,12 @@ pub fn write_replacing(path: &Path, bytes: &[u8], durable: bool) -> io::Result<(
             .mode(0o644)
             .open(&tmp)?;
         file.write_all(bytes)?;
+        // Never rename unsynced data over a record: on XFS (or ext4 without auto_da_alloc) a
+        // power loss could leave neither the old record nor the new.
         if durable {
             file.sync_all()?;
+        } else {
+            file.sync_data()?;
         }
         fs::rename(&tmp, path)?;
         if durable {
