@@ -245,10 +245,8 @@ impl Config {
         // host directory, which its builds can change: refused.
         for (a, ta) in &config.caches {
             for (b, tb) in &config.caches {
-                if a != b && tb.starts_with(&format!("{}/", ta.trim_end_matches('/'))) {
-                    bail!(
-                        "caches: {b} ({tb}) is inside {a} ({ta}); cache directories may not nest"
-                    );
+                if a != b && (tb == ta || tb.starts_with(&format!("{ta}/"))) {
+                    bail!("caches: {b} ({tb}) is or is inside {a} ({ta}); cache directories may not nest");
                 }
             }
         }
@@ -418,6 +416,15 @@ mod tests {
         )
         .unwrap();
         assert!(Config::merge(&cli(&[]), file).is_err(), "nested caches");
+        let file: FileConfig =
+            toml::from_str("[caches]\na = \"/var/cache/x\"\nb = \"/var/cache/x\"\n").unwrap();
+        assert!(
+            Config::merge(&cli(&[]), file).is_err(),
+            "the same directory twice"
+        );
+        let file: FileConfig =
+            toml::from_str("[caches]\na = \"/var/cache/x\"\nb = \"/var/cache/xy\"\n").unwrap();
+        assert!(Config::merge(&cli(&[]), file).is_ok(), "siblings");
     }
 
     #[test]
