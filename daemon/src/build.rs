@@ -378,11 +378,7 @@ async fn adopt(
             Ok((volume, warm.attachment))
         }
         Err(e) => {
-            let removed = match provider.detach(&warm.volume, warm.attachment).await {
-                Ok(()) => provider.delete_volume(warm.volume).await,
-                Err(e) => Err(e),
-            };
-            if let Err(undo) = removed {
+            if let Err(undo) = warm.remove(provider.as_ref()).await {
                 tracing::error!(volume = %id, error = %undo, "removing a pool volume that could not be adopted");
             }
             Err(e)

@@ -88,6 +88,14 @@ pub struct Warm {
     pub attachment: Attachment,
 }
 
+impl Warm {
+    /// Detaches and deletes the volume.
+    pub async fn remove(self, provider: &dyn crate::provider::Provider) -> Result<(), Failure> {
+        provider.detach(&self.volume, self.attachment).await?;
+        provider.delete_volume(self.volume).await
+    }
+}
+
 #[derive(Debug)]
 struct Lane {
     from: Tag,
@@ -292,18 +300,14 @@ async fn make(
 
 /// Detaches and deletes a pool volume.
 async fn discard(daemon: &Daemon, warm: Warm) {
-    let provider = &daemon.provider;
     let id = warm.volume.id.clone();
-    let result = match provider.detach(&warm.volume, warm.attachment).await {
-        Ok(()) => provider.delete_volume(warm.volume).await,
-        Err(e) => Err(e),
-    };
-    match result {
+    let holder = warm.holder.clone();
+    match warm.remove(daemon.provider.as_ref()).await {
         Ok(()) => tracing::info!(volume = %id, "warm pool: volume deleted"),
         // Still held by no one: gc and recovery find it.
         Err(e) => tracing::error!(volume = %id, error = %e, "warm pool: could not remove a volume"),
     }
-    daemon.pool.forget(&warm.holder);
+    daemon.pool.forget(&holder);
 }
 
 #[cfg(test)]

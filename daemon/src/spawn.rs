@@ -244,18 +244,27 @@ pub fn spawn(spec: &Spec<'_>) -> io::Result<Child> {
     }
 }
 
-/// Sends SIGKILL through `pidfd` and reaps the process, waiting for it.
-fn kill_and_reap(pidfd: BorrowedFd<'_>) {
+/// Sends `signal` to the process of `pidfd`.
+fn send_signal(pidfd: BorrowedFd<'_>, signal: libc::c_int) -> io::Result<()> {
     // SAFETY: pidfd_send_signal with a valid pidfd, no siginfo and no flags.
-    unsafe {
+    let r = unsafe {
         libc::syscall(
             libc::SYS_pidfd_send_signal,
             pidfd.as_raw_fd(),
-            libc::SIGKILL,
+            signal,
             std::ptr::null::<libc::siginfo_t>(),
             0,
-        );
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
     }
+    Ok(())
+}
+
+/// Sends SIGKILL through `pidfd` and reaps the process, waiting for it.
+fn kill_and_reap(pidfd: BorrowedFd<'_>) {
+    let _ = send_signal(pidfd, libc::SIGKILL);
     // SAFETY: siginfo_t is plain data; all zeroes is a valid value.
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
     loop {
@@ -328,20 +337,7 @@ impl Child {
         if self.status.is_some() {
             return Ok(());
         }
-        // SAFETY: pidfd_send_signal with a pidfd we own, no siginfo and no flags.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.pidfd.get_ref().as_raw_fd(),
-                signal,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        send_signal(self.pidfd.get_ref().as_fd(), signal)
     }
 
     /// Reaps the child if it has ended; `blocking` waits for it.

@@ -369,6 +369,13 @@ impl Env {
             .expect("starting amidala")
     }
 
+    /// Imports a fresh busybox root filesystem as the base (tagged `amidala=base`); returns
+    /// the snapshot id.
+    #[track_caller]
+    pub fn import_busybox(&self) -> String {
+        self.import(&self.busybox_rootfs("rootfs"), &[])
+    }
+
     /// A fresh busybox root filesystem tree in the test directory.
     pub fn busybox_rootfs(&self, name: &str) -> PathBuf {
         let dest = self.dir.path().join(name);

@@ -41,8 +41,7 @@ fn script() -> String {
 #[test]
 fn classic_escapes_fail_from_inside_a_provisioner() {
     let env = Env::start();
-    let rootfs = env.busybox_rootfs("rootfs");
-    env.import(&rootfs, &[]);
+    env.import_busybox();
     let marker = env.dir.path().join("host-marker");
     fs::write(&marker, "the host's\n").unwrap();
     let other = env.workspace("other", &[("secret", "another user's\n")]);
@@ -184,8 +183,7 @@ fn the_daemon_keeps_only_the_capabilities_its_work_needs() {
 #[test]
 fn a_build_without_network_has_only_its_own_loopback() {
     let env = Env::start();
-    let rootfs = env.busybox_rootfs("rootfs");
-    env.import(&rootfs, &[]);
+    env.import_busybox();
     let ws = env.workspace("ws", &[]);
     let script = "grep : /proc/net/dev | cut -d: -f1 | tr -d ' ' | sort > /root/interfaces; \
                   ip link show lo | grep -q UP && echo up > /root/lo";
@@ -231,8 +229,7 @@ fn no_metadata_keeps_the_network_but_not_the_metadata_service() {
     let addrs = ["169.254.169.254", "fd00:ec2::254", "10.254.0.1"].map(|a| a.parse().unwrap());
     ns.serve_http(&addrs, "role-credentials");
     let env = Env::start_in(&ns);
-    let rootfs = env.busybox_rootfs("rootfs");
-    env.import(&rootfs, &[]);
+    env.import_busybox();
     let ws = env.workspace("ws", &[]);
     // busybox's static wget crashes looking up "http" without NSS libraries: plain nc.
     let script = "for addr in 169.254.169.254 fd00:ec2::254 10.254.0.1; do \

@@ -13,8 +13,7 @@ fn start(emulator: &Ec2Emulator, data_plane: &str, extra: &str) -> Env {
 fn ec2_build_registers_an_image_holding_what_the_provisioner_wrote() {
     let ec2 = Ec2Emulator::start();
     let env = start(&ec2, "loop", "");
-    let rootfs = env.busybox_rootfs("rootfs");
-    let base = env.import(&rootfs, &[]);
+    let base = env.import_busybox();
     assert_eq!(ec2.snapshot_tags(&base)["amidala"], "base");
     ec2.assert_no_leaks();
 
@@ -154,8 +153,7 @@ fn ec2_build_registers_an_image_holding_what_the_provisioner_wrote() {
 fn ec2_waits_through_state_delays_and_throttling() {
     let ec2 = Ec2Emulator::start();
     let env = start(&ec2, "loop", "");
-    let rootfs = env.busybox_rootfs("rootfs");
-    env.import(&rootfs, &[]);
+    env.import_busybox();
     let ws = env.workspace("ws", &[]);
     ec2.configure(json!({
         "volume_creating_secs": 1.5,
@@ -198,8 +196,7 @@ fn ec2_failures_clean_up_after_themselves() {
         "loop",
         "[ec2.timeouts]\nvolume_available = 2\nsnapshot = 2\n",
     );
-    let rootfs = env.busybox_rootfs("rootfs");
-    let base = env.import(&rootfs, &[]);
+    let base = env.import_busybox();
     let ws = env.workspace("ws", &[]);
 
     // No snapshot with the tag.

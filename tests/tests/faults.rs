@@ -282,8 +282,7 @@ fn gc_finds_nothing_after(env: &Env) {
 #[test]
 fn kill_the_daemon_in_every_phase_local() {
     let mut env = Env::start();
-    let rootfs = env.busybox_rootfs("rootfs");
-    env.import(&rootfs, &[]);
+    env.import_busybox();
     let ws = env.workspace("ws", &[]);
     let mut rows = Vec::new();
     for phase in PHASES {
@@ -301,8 +300,7 @@ fn kill_the_daemon_in_every_phase_local() {
 fn kill_the_daemon_in_every_phase_ec2() {
     let ec2 = Ec2Emulator::start();
     let mut env = Env::start_with(&ec2.daemon_config("loop", ""), &AWS_ENV);
-    let rootfs = env.busybox_rootfs("rootfs");
-    env.import(&rootfs, &[]);
+    env.import_busybox();
     let ws = env.workspace("ws", &[]);
     // EC2's delays, stretched so that each phase lasts long enough to die in: volumes are
     // `creating` and snapshots `pending` for a while, and the calls of the short phases
@@ -378,8 +376,7 @@ fn state_of(env: &Env, build: &str) -> serde_json::Value {
 #[test]
 fn a_client_that_goes_away_cancels_its_build_unless_detached() {
     let env = Env::start();
-    let rootfs = env.busybox_rootfs("rootfs");
-    env.import(&rootfs, &[]);
+    env.import_busybox();
     let ws = env.workspace("ws", &[]);
 
     // Killed (a lost SSH session is no gentler): the build is cancelled and torn down.
@@ -428,8 +425,7 @@ fn a_client_that_goes_away_cancels_its_build_unless_detached() {
 #[test]
 fn ctrl_c_cancels_and_waits_for_the_teardown() {
     let env = Env::start();
-    let rootfs = env.busybox_rootfs("rootfs");
-    env.import(&rootfs, &[]);
+    env.import_busybox();
     let ws = env.workspace("ws", &[]);
     let client = env.spawn_client(&ws, &["build", "--", "sleep", "300"]);
     let build = provisioning_build(&env);
@@ -457,8 +453,7 @@ fn ctrl_c_cancels_and_waits_for_the_teardown() {
 #[test]
 fn a_provisioner_past_its_timeout_is_stopped() {
     let env = Env::start();
-    let rootfs = env.busybox_rootfs("rootfs");
-    env.import(&rootfs, &[]);
+    env.import_busybox();
     let ws = env.workspace("ws", &[]);
     let started = Instant::now();
     let run = env.amidala_in(&ws, &["build", "--timeout", "2s", "--", "sleep", "300"]);
@@ -490,8 +485,7 @@ fn running(needle: &str) -> bool {
 #[test]
 fn whatever_the_provisioner_leaves_running_is_killed_before_unmount() {
     let env = Env::start();
-    let rootfs = env.busybox_rootfs("rootfs");
-    env.import(&rootfs, &[]);
+    env.import_busybox();
     let ws = env.workspace("ws", &[]);
     // A service started the way packages start them: setsid, and a double fork, with its
     // working directory and an open file in the image (which would keep it busy).
@@ -522,8 +516,7 @@ fn a_full_state_directory_fails_clearly_and_loses_nothing() {
     ]))
     .ok();
     env.restart();
-    let rootfs = env.busybox_rootfs("rootfs");
-    env.import(&rootfs, &[]);
+    env.import_busybox();
     let ws = env.workspace("ws", &[]);
     let before = env.build(&ws, &["--", "true"]);
     let snapshots = env.amidala(&["snapshots", "--json"]).json();

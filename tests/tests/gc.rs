@@ -9,8 +9,7 @@ use amidala_tests::{field, run, Env};
 #[test]
 fn gc_finds_and_removes_leftovers_but_not_what_live_builds_hold() {
     let env = Env::start();
-    let rootfs = env.busybox_rootfs("rootfs");
-    env.import(&rootfs, &[]);
+    env.import_busybox();
     let ws = env.workspace("ws", &[]);
     let done = env.build(&ws, &["--", "true"]);
     let done_id = field(&done, "build_id").to_owned();

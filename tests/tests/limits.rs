@@ -78,8 +78,7 @@ fn connections_and_builds_per_user_are_capped() {
     }
 
     // One build per user at a time.
-    let rootfs = env.busybox_rootfs("rootfs");
-    env.import(&rootfs, &[]);
+    env.import_busybox();
     let ws = env.workspace("ws", &[]);
     let first = env
         .amidala_command(&ws, &["build", "--", "/bin/sh", "-c", "sleep 300"])

@@ -16,8 +16,7 @@ const IMAGE_RESOLV: &str = "# resolv.conf of the busybox test image\nnameserver 
 #[test]
 fn build_writes_what_the_provisioner_wrote_and_leaves_no_trace() {
     let env = Env::start();
-    let rootfs = env.busybox_rootfs("rootfs");
-    let base = env.import(&rootfs, &[]);
+    let base = env.import_busybox();
     let ws = env.workspace("ws", &[("input.txt", "from the workspace\n")]);
     let script = "set -e
         echo built > /root/built.txt
@@ -321,8 +320,7 @@ fn partitioned_raw_image_builds_on_its_root_partition() {
 #[test]
 fn failing_provisioner_fails_the_build_with_its_status() {
     let env = Env::start();
-    let rootfs = env.busybox_rootfs("rootfs");
-    env.import(&rootfs, &[]);
+    env.import_busybox();
     let ws = env.workspace("ws", &[]);
     let run = env.amidala_in(
         &ws,
@@ -375,8 +373,7 @@ fn failing_provisioner_fails_the_build_with_its_status() {
 #[test]
 fn layers_chain_base_system_app_by_tags() {
     let env = Env::start();
-    let rootfs = env.busybox_rootfs("rootfs");
-    let base = env.import(&rootfs, &[]);
+    let base = env.import_busybox();
     let ws = env.workspace("ws", &[]);
     let system = env.build(
         &ws,
@@ -463,8 +460,7 @@ fn layers_chain_base_system_app_by_tags() {
 fn eight_builds_at_once_have_distinct_results() {
     // Eight at once: more loop devices than the host has at boot, all running together.
     let env = Env::start_with("max_builds = 8\n", &[]);
-    let rootfs = env.busybox_rootfs("rootfs");
-    env.import(&rootfs, &[]);
+    env.import_busybox();
     let children: Vec<_> = (0..8)
         .map(|i| {
             let ws = env.workspace(&format!("ws{i}"), &[("id", &format!("build-{i}\n"))]);
@@ -704,8 +700,7 @@ fn wait_for_phase(env: &Env, phase: &str) -> String {
 #[test]
 fn cancel_and_sigterm_tear_builds_down() {
     let mut env = Env::start();
-    let rootfs = env.busybox_rootfs("rootfs");
-    env.import(&rootfs, &[]);
+    env.import_busybox();
     let ws = env.workspace("ws", &[]);
 
     // amidala cancel: the build stops in provision, the client reports it, nothing is left.

@@ -26,8 +26,7 @@ fn an_out_of_tree_plugin_is_listed_and_runs_in_a_build() {
         help.stdout
     );
 
-    let rootfs = env.busybox_rootfs("rootfs");
-    let base = env.import(&rootfs, &[]);
+    let base = env.import_busybox();
     let ws = env.workspace("ws", &[]);
     let spec = env.dir.path().join("spec.toml");
     std::fs::write(&spec, "[provisioner]\nname = \"probe\"\n[provisioner.options]\nmarker = \"from the spec\"\nmode = \"ok\"\n").unwrap();
@@ -137,8 +136,7 @@ fn untrusted_mismatched_and_duplicate_plugins_are_refused_with_reasons() {
 #[test]
 fn invalid_options_fail_before_any_resource_exists() {
     let env = Env::start_full("", &[], &[(PROBE, "probe.so", 0o644)]);
-    let rootfs = env.busybox_rootfs("rootfs");
-    env.import(&rootfs, &[]);
+    env.import_busybox();
     let ws = env.workspace("ws", &[]);
     let unknown = env.amidala_in(
         &ws,
@@ -192,8 +190,7 @@ fn invalid_options_fail_before_any_resource_exists() {
 #[test]
 fn plugin_faults_fail_only_their_own_build() {
     let env = Env::start_full("", &[], &[(PROBE, "probe.so", 0o644)]);
-    let rootfs = env.busybox_rootfs("rootfs");
-    env.import(&rootfs, &[]);
+    env.import_busybox();
     let ws = env.workspace("ws", &[]);
 
     // A build that runs while the faulty ones fail.

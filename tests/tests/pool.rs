@@ -84,8 +84,7 @@ fn builds_take_warm_volumes_and_the_pool_refills_and_refreshes() {
 #[test]
 fn after_a_crash_recovery_collects_the_pool_volume_and_the_pool_is_remade() {
     let mut env = Env::start_with(POOL, &[]);
-    let rootfs = env.busybox_rootfs("rootfs");
-    env.import(&rootfs, &[]);
+    env.import_busybox();
     wait_ready(&env, 1);
     env.kill9();
     assert!(
@@ -113,8 +112,7 @@ fn ec2_pool_volumes_are_attached_ahead_and_adopted_by_the_build() {
     let ec2 = Ec2Emulator::start();
     let config = format!("{}{POOL}", ec2.daemon_config("loop", ""));
     let mut env = Env::start_with(&config, &AWS_ENV);
-    let rootfs = env.busybox_rootfs("rootfs");
-    env.import(&rootfs, &[]);
+    env.import_busybox();
     wait_ready(&env, 1);
     // Made and attached ahead: one amidala volume, in use, attached to the builder.
     let volumes = ec2.amidala_volumes();

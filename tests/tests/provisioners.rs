@@ -49,8 +49,7 @@ fn fake_chef_deb(dir: &Path) -> std::path::PathBuf {
 #[test]
 fn chef_contract_with_a_stand_in_chef_solo_installed_from_the_workspace() {
     let env = Env::start_full("", &[], &[("libamidala_chef.so", "chef.so", 0o644)]);
-    let rootfs = env.busybox_rootfs("rootfs");
-    env.import(&rootfs, &[]);
+    env.import_busybox();
     let ws = env.workspace("ws", &[("attributes.json", "{\"motd\": \"hello\"}\n")]);
     fs::create_dir_all(ws.join("cookbooks/base/recipes")).unwrap();
     fs::write(

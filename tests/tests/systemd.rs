@@ -57,8 +57,7 @@ fn a_socket_systemd_passes_is_served_and_readiness_is_notified() {
         &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())],
     );
     // The harness's own connection started it; requests are served.
-    let rootfs = env.busybox_rootfs("rootfs");
-    env.import(&rootfs, &[]);
+    env.import_busybox();
     let ws = env.workspace("ws", &[]);
     let result = env.build(&ws, &["--", "true"]);
     assert!(field(&result, "image_id").starts_with("ami-"));

@@ -169,8 +169,7 @@ fn the_permission_matrix_with_real_users() {
     fs::copy(bin_dir().join("amidala"), &client).unwrap();
     fs::set_permissions(&client, fs::Permissions::from_mode(0o755)).unwrap();
     let host = Host { env, client };
-    let rootfs = host.env.busybox_rootfs("rootfs");
-    host.env.import(&rootfs, &[]);
+    host.env.import_busybox();
     let socket_mode = fs::metadata(&host.env.socket).unwrap();
     use std::os::unix::fs::MetadataExt;
     assert_eq!(socket_mode.mode() & 0o777, 0o660);
