@@ -45,9 +45,12 @@ echo "==> importing a busybox base snapshot"
 tests/make-busybox-rootfs.sh "$scratch/rootfs"
 "$bin/amidala" base import "$scratch/rootfs"
 
-echo "==> baking examples/hello"
+echo "==> checking the spec of examples/hello (amidala.toml)"
 cd examples/hello
-result=$("$bin/amidala" build --json --name "hello world" --tag example=hello -- ./build.sh)
+"$bin/amidala" validate
+
+echo "==> baking examples/hello"
+result=$("$bin/amidala" build --json)
 image=$(printf '%s\n' "$result" | sed -n 's/.*"image_id": "\(.*\)".*/\1/p')
 disk=$(printf '%s\n' "$result" | sed -n 's/.*"snapshot_path": "\(.*\)".*/\1/p')
 stop_daemon

@@ -18,15 +18,17 @@ pub const DEFAULT_SOCKET: &str = "/run/amidala/amidala.sock";
 /// What can go wrong talking to the daemon.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach amidalad at {path}: {source}; {}", connect_hint(.source))]
+    // The messages hold their causes; none is also given as a `source`, so that an error
+    // chain printed in full (`{:#}`) does not say the cause twice.
+    #[error("cannot reach amidalad at {path}: {error}; {}", connect_hint(.error))]
     Connect {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("talking to amidalad: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     #[error("talking to amidalad: {0}")]
-    Frame(#[from] FrameError),
+    Frame(FrameError),
     #[error("amidalad closed the connection")]
     Closed,
     #[error("amidalad speaks protocol {daemon}, this client speaks {client}")]
@@ -35,6 +37,18 @@ pub enum ClientError {
     Daemon(ErrorReply),
     #[error("amidalad sent an unexpected answer: {0}")]
     Unexpected(String),
+}
+
+impl From<std::io::Error> for ClientError {
+    fn from(e: std::io::Error) -> Self {
+        ClientError::Io(e)
+    }
+}
+
+impl From<FrameError> for ClientError {
+    fn from(e: FrameError) -> Self {
+        ClientError::Frame(e)
+    }
 }
 
 /// A connection to `amidalad`.
@@ -62,9 +76,9 @@ fn connect_hint(e: &std::io::Error) -> &'static str {
 impl Client {
     /// Connects and exchanges hellos.
     pub fn connect(path: &Path) -> Result<Client, ClientError> {
-        let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
+        let stream = UnixStream::connect(path).map_err(|error| ClientError::Connect {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         let mut client = Client {
             stream,

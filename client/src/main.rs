@@ -7,21 +7,39 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use amidala::proto::{
-    parse_size, BuildInfo, BuildSpec, ImportSpec, Request, Response, Source, Tag,
+    parse_size, BuildFailure, BuildInfo, BuildPlan, BuildSpec, ImportSpec, Request, Response,
+    Source, Tag,
 };
 use amidala::{unexpected, Client, ClientError, DEFAULT_SOCKET};
 
+mod progress;
+mod spec;
+
 /// Bake machine images from tagged disk snapshots.
 #[derive(Debug, Parser)]
-#[command(name = "amidala", version, about, propagate_version = true)]
+#[command(
+    name = "amidala",
+    version,
+    about,
+    propagate_version = true,
+    after_long_help = EXIT_CODES_HELP
+)]
 struct Cli {
     /// The daemon's socket.
     #[arg(long, global = true, env = "AMIDALA_SOCKET", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
+
+    /// Print results, listings and errors as JSON on stdout (`logs`: one event per line).
+    #[arg(long, global = true)]
+    json: bool,
+
+    /// Show no progress and no build output: only the result and errors.
+    #[arg(short, long, global = true)]
+    quiet: bool,
 
     #[command(subcommand)]
     command: Command,
@@ -35,16 +53,15 @@ enum Command {
         command: BaseCommand,
     },
     /// Bake an image: run CMD in a chroot on a volume made from a snapshot, with the current
-    /// directory at /workspace, then snapshot the volume and register an image.
+    /// directory at /workspace, then snapshot the volume and register an image. Reads
+    /// amidala.toml in the current directory, if there is one; options override it.
     Build(Box<BuildArgs>),
+    /// Check a build (its spec file and options) and print what it would do, making nothing.
+    Validate(Box<ValidateArgs>),
     /// List builds.
-    List(JsonFlag),
+    List,
     /// Show one build.
-    Status {
-        id: String,
-        #[command(flatten)]
-        json: JsonFlag,
-    },
+    Status { id: String },
     /// Print a build's log.
     Logs {
         id: String,
@@ -55,11 +72,11 @@ enum Command {
     /// Cancel a build and wait for its teardown.
     Cancel { id: String },
     /// List images.
-    Images(JsonFlag),
+    Images,
     /// List snapshots.
-    Snapshots(JsonFlag),
+    Snapshots,
     /// List the provisioner plugins the daemon has loaded.
-    Plugins(JsonFlag),
+    Plugins,
     /// Print the client's and the daemon's versions.
     Version,
     /// Find what builds left behind and no live build holds (cgroups, mounts, loop devices,
@@ -68,8 +85,6 @@ enum Command {
         /// List only; remove nothing.
         #[arg(long)]
         dry_run: bool,
-        #[command(flatten)]
-        json: JsonFlag,
     },
     /// Print a shell completion script, e.g. `amidala completions bash >
     /// /usr/share/bash-completion/completions/amidala`.
@@ -94,21 +109,19 @@ enum BaseCommand {
         /// Size of the snapshot, e.g. 2G (default: what the content needs).
         #[arg(long, value_parser = parse_size)]
         size: Option<u64>,
-        #[command(flatten)]
-        json: JsonFlag,
     },
 }
 
+/// What makes a build's spec: the spec file and the options that override it.
 #[derive(Debug, Args)]
-struct JsonFlag {
-    /// Print JSON instead of text.
-    #[arg(long)]
-    json: bool,
-}
-
-#[derive(Debug, Args)]
-struct BuildArgs {
-    /// Start from the newest snapshot with this tag.
+struct SpecArgs {
+    /// The build spec file (TOML; default: amidala.toml in the current directory, if any).
+    #[arg(long, value_name = "FILE")]
+    spec: Option<PathBuf>,
+    /// Ignore amidala.toml in the current directory.
+    #[arg(long, conflicts_with = "spec")]
+    no_spec: bool,
+    /// Start from the newest snapshot with this tag (default amidala=base).
     #[arg(long, value_name = "K=V", conflicts_with = "source")]
     from: Option<Tag>,
     /// Start from this snapshot.
@@ -117,16 +130,10 @@ struct BuildArgs {
     /// The provisioner plugin (default: the spec file's, else shell).
     #[arg(long)]
     provisioner: Option<String>,
-    /// A build spec file (TOML) with a [provisioner] section: name, and options.
-    #[arg(long, value_name = "FILE")]
-    spec: Option<PathBuf>,
-    /// Print the options the provisioner takes, and build nothing.
-    #[arg(long)]
-    help_options: bool,
     /// The image name; {date}, {time} and {build} are replaced (default amidala-{build}).
     #[arg(long)]
     name: Option<String>,
-    /// Tag the image.
+    /// Tag the image (added to the spec file's tags).
     #[arg(long = "tag", value_name = "K=V")]
     tags: Vec<Tag>,
     /// Tag the output snapshot, so a later `--from K=V` starts from it.
@@ -156,10 +163,6 @@ struct BuildArgs {
     /// Stop the provisioner and fail the build if it runs longer than this (90, 90s, 15m, 2h).
     #[arg(long, value_name = "DURATION", value_parser = parse_timeout)]
     timeout: Option<u64>,
-    /// Print the build's id and return at once; the build goes on (follow it with `amidala
-    /// logs -f ID`). Without it, Ctrl-C or a lost connection cancels the build.
-    #[arg(long)]
-    detach: bool,
     /// The provisioner's network: host (default), no-metadata (the host's network without
     /// the instance metadata service) or none (loopback only: no network, no metadata).
     #[arg(long, value_name = "host|no-metadata|none")]
@@ -168,25 +171,157 @@ struct BuildArgs {
     /// kept between your builds (repeatable).
     #[arg(long = "cache", value_name = "NAME")]
     caches: Vec<String>,
-    /// An option for the provisioner (repeatable).
+    /// An option for the provisioner (repeatable; added to the spec file's options).
     #[arg(long = "opt", value_name = "KEY=VALUE", value_parser = parse_option)]
     options: Vec<(String, String)>,
-    /// Print the result as JSON.
-    #[arg(long)]
-    json: bool,
-    /// The command to run inside the image, with /workspace as its working directory.
+    /// The command to run inside the image, with /workspace as its working directory
+    /// (default: the spec file's `command`).
     #[arg(last = true, value_name = "CMD")]
     command: Vec<String>,
 }
 
+#[derive(Debug, Args)]
+struct BuildArgs {
+    #[command(flatten)]
+    spec: SpecArgs,
+    /// Print the options the provisioner takes, and build nothing.
+    #[arg(long)]
+    help_options: bool,
+    /// Print the build's id and return at once; the build goes on (follow it with `amidala
+    /// logs -f ID`). Without it, Ctrl-C or a lost connection cancels the build.
+    #[arg(long)]
+    detach: bool,
+}
+
+#[derive(Debug, Args)]
+struct ValidateArgs {
+    #[command(flatten)]
+    spec: SpecArgs,
+    /// Check only what needs no daemon (the spec file and the options), not the source
+    /// snapshot, the provisioner, the policy or the daemon's caches.
+    #[arg(long)]
+    offline: bool,
+}
+
+const EXIT_CODES_HELP: &str = "\
+Exit status:
+  0    success
+  1    the build or the operation failed (a phase of the build, gc unable to remove something)
+  2    bad input: the command line, the spec file, or a request the daemon found invalid
+       (a malformed option, an unknown provisioner, no such build or snapshot)
+  3    amidalad cannot be reached (not running, no access to its socket, another protocol
+       version, the connection lost)
+  4    refused: not allowed, a limit reached, the daemon shutting down
+  130  the build was cancelled (Ctrl-C, amidala cancel)";
+
+/// The exit statuses, as `EXIT_CODES_HELP` describes them.
+mod status {
+    pub const FAILED: u8 = 1;
+    pub const BAD_INPUT: u8 = 2;
+    pub const UNREACHABLE: u8 = 3;
+    pub const REFUSED: u8 = 4;
+    pub const CANCELLED: u8 = 130;
+}
+
+/// A mistake in the command line or the spec file (exit status 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct BadInput(String);
+
+/// A build that ran and failed (exit status 1, or 130 when it was cancelled).
+#[derive(Debug, thiserror::Error)]
+#[error("build {} failed in phase {}: {}", .0.build_id, .0.phase, .0.message)]
+struct BuildFailed(BuildFailure);
+
+/// An error whose JSON form was already printed.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:#}")]
+struct Reported(anyhow::Error);
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let json = cli.json;
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
+            let code = exit_status(&err);
             eprintln!("amidala: {err:#}");
-            ExitCode::FAILURE
+            if json && err.downcast_ref::<Reported>().is_none() {
+                let (kind, message) = match daemon_error(&err) {
+                    Some(reply) => (reply.code.as_str().to_owned(), reply.message.clone()),
+                    None => (error_kind(code).to_owned(), format!("{err:#}")),
+                };
+                let value = serde_json::json!({
+                    "error": { "code": kind, "message": message, "exit_status": code }
+                });
+                println!("{value:#}");
+            }
+            ExitCode::from(code)
         }
+    }
+}
+
+/// The daemon's refusal behind an error, if it is one.
+fn daemon_error(err: &anyhow::Error) -> Option<&amidala::proto::ErrorReply> {
+    err.chain()
+        .find_map(|e| match e.downcast_ref::<ClientError>() {
+            Some(ClientError::Daemon(reply)) => Some(reply),
+            _ => None,
+        })
+}
+
+/// The exit status an error calls for.
+fn exit_status(err: &anyhow::Error) -> u8 {
+    use amidala::proto::ErrorCode as C;
+    for cause in err.chain() {
+        if let Some(failed) = cause.downcast_ref::<BuildFailed>() {
+            return if failed.0.code == C::Cancelled {
+                status::CANCELLED
+            } else {
+                status::FAILED
+            };
+        }
+        if cause.downcast_ref::<BadInput>().is_some() {
+            return status::BAD_INPUT;
+        }
+        match cause.downcast_ref::<ClientError>() {
+            Some(ClientError::Daemon(reply)) => {
+                return match reply.code {
+                    C::BadFrame
+                    | C::FrameTooLarge
+                    | C::BadRequest
+                    | C::InvalidArgument
+                    | C::NotFound
+                    | C::NoSnapshot
+                    | C::UnknownProvisioner => status::BAD_INPUT,
+                    C::PermissionDenied | C::LimitExceeded | C::ShuttingDown => status::REFUSED,
+                    C::ProtocolMismatch => status::UNREACHABLE,
+                    C::Cancelled => status::CANCELLED,
+                    _ => status::FAILED,
+                }
+            }
+            Some(
+                ClientError::Connect { .. }
+                | ClientError::ProtocolMismatch { .. }
+                | ClientError::Closed
+                | ClientError::Io(_)
+                | ClientError::Frame(_),
+            ) => return status::UNREACHABLE,
+            Some(ClientError::Unexpected(_)) => return status::FAILED,
+            None => {}
+        }
+    }
+    status::FAILED
+}
+
+/// The `code` of a JSON error that is not the daemon's.
+fn error_kind(status: u8) -> &'static str {
+    match status {
+        status::BAD_INPUT => "bad_input",
+        status::UNREACHABLE => "unreachable",
+        status::REFUSED => "refused",
+        status::CANCELLED => "cancelled",
+        _ => "failed",
     }
 }
 
@@ -195,8 +330,14 @@ fn connect(socket: &Path) -> Result<Client> {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
-    let socket = cli.socket;
-    match cli.command {
+    let Cli {
+        socket,
+        json,
+        quiet,
+        command,
+    } = cli;
+    let out = Output { json, quiet };
+    match command {
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut command, "amidala", &mut std::io::stdout());
@@ -215,21 +356,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Base {
-            command:
-                BaseCommand::Import {
-                    src,
-                    tags,
-                    size,
-                    json,
-                },
-        } => import(&socket, &src, tags, size, json.json),
-        Command::Build(args) => build(&socket, *args),
-        Command::List(json) => {
+            command: BaseCommand::Import { src, tags, size },
+        } => import(&socket, out, &src, tags, size),
+        Command::Build(args) => build(&socket, out, *args),
+        Command::Validate(args) => validate(&socket, out, *args),
+        Command::List => {
             let builds = match connect(&socket)?.call(&Request::List)? {
                 Response::Builds(builds) => builds,
                 other => return Err(unexpected(other).into()),
             };
-            if json.json {
+            if json {
                 print_json(&builds)?;
             } else {
                 print_table(
@@ -257,12 +393,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { id, json } => {
+        Command::Status { id } => {
             let build = match connect(&socket)?.call(&Request::Status { id })? {
                 Response::Build(build) => build,
                 other => return Err(unexpected(other).into()),
             };
-            if json.json {
+            if json {
                 print_json(&build)?;
             } else {
                 print_status(&build);
@@ -273,16 +409,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let mut client = connect(&socket)?;
             client.send(&Request::Logs { id, follow }, None)?;
             loop {
-                match client.recv()? {
+                let event = client.recv()?;
+                if json && !matches!(event, Response::LogEnd) {
+                    println!("{}", serde_json::to_string(&event)?);
+                }
+                match event {
+                    Response::Phase { .. } | Response::Log { .. } | Response::Accepted { .. }
+                        if json => {}
                     Response::Phase { phase } => println!("==> {phase}"),
                     Response::Log { line } => println!("{line}"),
                     Response::Accepted { build_id } => println!("==> build {build_id} accepted"),
                     Response::Finished(result) => {
-                        println!("==> finished: image {}", result.image_id);
+                        if !json {
+                            println!("==> finished: image {}", result.image_id);
+                        }
                         break;
                     }
                     Response::Failed(failure) => {
-                        println!("==> failed in phase {}: {}", failure.phase, failure.message);
+                        if !json {
+                            println!("==> failed in phase {}: {}", failure.phase, failure.message);
+                        }
                         break;
                     }
                     Response::LogEnd => break,
@@ -294,18 +440,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Cancel { id } => {
             match connect(&socket)?.call(&Request::Cancel { id })? {
                 Response::Build(build) => {
-                    eprintln!("build {} is {}", build.id, build.state.as_str());
+                    if json {
+                        print_json(&build)?;
+                    } else {
+                        eprintln!("build {} is {}", build.id, build.state.as_str());
+                    }
                 }
                 other => return Err(unexpected(other).into()),
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Gc { dry_run, json } => {
+        Command::Gc { dry_run } => {
             let items = match connect(&socket)?.call(&Request::Gc { dry_run })? {
                 Response::Collected { items, .. } => items,
                 other => return Err(unexpected(other).into()),
             };
-            if json.json {
+            if json {
                 print_json(&items)?;
             } else if items.is_empty() {
                 eprintln!("nothing to collect");
@@ -334,12 +484,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 ExitCode::SUCCESS
             })
         }
-        Command::Images(json) => {
+        Command::Images => {
             let images = match connect(&socket)?.call(&Request::Images)? {
                 Response::Images(images) => images,
                 other => return Err(unexpected(other).into()),
             };
-            if json.json {
+            if json {
                 print_json(&images)?;
             } else {
                 print_table(
@@ -357,12 +507,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Snapshots(json) => {
+        Command::Snapshots => {
             let snapshots = match connect(&socket)?.call(&Request::Snapshots)? {
                 Response::Snapshots(snapshots) => snapshots,
                 other => return Err(unexpected(other).into()),
             };
-            if json.json {
+            if json {
                 print_json(&snapshots)?;
             } else {
                 print_table(
@@ -380,12 +530,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Plugins(json) => {
+        Command::Plugins => {
             let plugins = match connect(&socket)?.call(&Request::Plugins)? {
                 Response::Plugins(plugins) => plugins,
                 other => return Err(unexpected(other).into()),
             };
-            if json.json {
+            if json {
                 print_json(&plugins)?;
             } else {
                 print_table(
@@ -411,13 +561,27 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Version => {
-            println!("amidala {}", env!("CARGO_PKG_VERSION"));
+            let client = env!("CARGO_PKG_VERSION");
+            if !json {
+                println!("amidala {client}");
+            }
             match connect(&socket)?.call(&Request::Version)? {
                 Response::Version {
                     daemon,
                     protocol,
                     provider,
-                } => println!("amidalad {daemon} (protocol {protocol}, provider {provider})"),
+                } => {
+                    if json {
+                        print_json(&serde_json::json!({
+                            "client": client,
+                            "daemon": daemon,
+                            "protocol": protocol,
+                            "provider": provider,
+                        }))?;
+                    } else {
+                        println!("amidalad {daemon} (protocol {protocol}, provider {provider})");
+                    }
+                }
                 other => return Err(unexpected(other).into()),
             }
             Ok(ExitCode::SUCCESS)
@@ -425,15 +589,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// How results and progress are printed.
+#[derive(Debug, Clone, Copy)]
+struct Output {
+    json: bool,
+    quiet: bool,
+}
+
 fn import(
     socket: &Path,
+    out: Output,
     src: &Path,
     tags: Vec<Tag>,
     size: Option<u64>,
-    json: bool,
 ) -> Result<ExitCode> {
     // Opened here, with the user's own rights; the daemon never opens a path we name.
-    let source = File::open(src).with_context(|| format!("opening {}", src.display()))?;
+    let source =
+        File::open(src).map_err(|e| BadInput(format!("opening {}: {e}", src.display())))?;
     let mut client = connect(socket)?;
     let spec = ImportSpec {
         tags,
@@ -444,9 +616,13 @@ fn import(
     drop(source);
     loop {
         match client.recv() {
-            Ok(Response::Log { line }) => eprintln!("{line}"),
+            Ok(Response::Log { line }) => {
+                if !out.quiet {
+                    eprintln!("{line}");
+                }
+            }
             Ok(Response::Imported(snapshot)) => {
-                if json {
+                if out.json {
                     print_json(&snapshot)?;
                 } else {
                     println!("{}", snapshot.id);
@@ -454,34 +630,73 @@ fn import(
                 return Ok(ExitCode::SUCCESS);
             }
             Ok(other) => return Err(unexpected(other).into()),
-            Err(ClientError::Daemon(err)) => {
-                bail!("base import refused ({}): {}", err.code, err.message)
+            Err(err @ ClientError::Daemon(_)) => {
+                return Err(anyhow::Error::from(err).context("base import refused"))
             }
             Err(err) => return Err(err.into()),
         }
     }
 }
 
-/// The `[provisioner]` section of a build spec file.
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SpecFile {
-    #[serde(default)]
-    provisioner: SpecProvisioner,
+/// The build `args` ask for: the spec file's, overridden by the options; and the spec file read.
+fn build_spec(args: SpecArgs) -> Result<(BuildSpec, Option<PathBuf>)> {
+    let path = spec::find(args.spec.as_deref(), args.no_spec, Path::new("."));
+    let file = match &path {
+        Some(path) => spec::SpecFile::load(path).map_err(|e| BadInput(format!("{e:#}")))?,
+        None => spec::SpecFile::default(),
+    };
+    let source = match (args.source, args.from, file.source, file.from) {
+        (Some(id), _, _, _) => Source::Snapshot(id),
+        (None, Some(tag), _, _) => Source::Tag(tag),
+        (None, None, Some(id), _) => Source::Snapshot(id),
+        (None, None, None, Some(tag)) => Source::Tag(tag),
+        (None, None, None, None) => Source::Tag(Tag {
+            key: "amidala".into(),
+            value: "base".into(),
+        }),
+    };
+    let mut options = file.provisioner.options;
+    options.extend(args.options);
+    let or_file =
+        |given: Vec<String>, file: Vec<String>| if given.is_empty() { file } else { given };
+    let spec = BuildSpec {
+        source,
+        provisioner: args
+            .provisioner
+            .or(file.provisioner.name)
+            .unwrap_or_else(|| "shell".to_owned()),
+        command: if args.command.is_empty() {
+            file.command.unwrap_or_default()
+        } else {
+            args.command
+        },
+        options,
+        name: args.name.or(file.name),
+        image_tags: merge_tags(file.tags, args.tags),
+        snapshot_tags: merge_tags(file.snapshot_tags, args.snapshot_tags),
+        partition: args.partition.or(file.partition),
+        workspace_rw: args.workspace_rw || file.workspace_rw.unwrap_or(false),
+        size: args.size.or(file.size),
+        arch: args.arch.or(file.arch),
+        boot_mode: args.boot_mode.or(file.boot_mode),
+        copy_to: or_file(args.copy_to, file.copy_to),
+        share_with: or_file(args.share_with, file.share_with),
+        network: args.network.or(file.network),
+        detach: false,
+        timeout: args.timeout.or(file.timeout),
+        caches: or_file(args.caches, file.caches),
+    };
+    Ok((spec, path))
 }
 
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SpecProvisioner {
-    name: Option<String>,
-    #[serde(default)]
-    options: BTreeMap<String, String>,
-}
-
-fn read_spec(path: &Path) -> Result<SpecFile> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    toml::from_str(&text).map_err(|e| anyhow!("{}: {}", path.display(), e.to_string().trim_end()))
+/// The spec file's tags with those given as options: an option replaces a tag of its key.
+fn merge_tags(file: Vec<Tag>, given: Vec<Tag>) -> Vec<Tag> {
+    let mut tags: Vec<Tag> = file
+        .into_iter()
+        .filter(|t| !given.iter().any(|g| g.key == t.key))
+        .collect();
+    tags.extend(given);
+    tags
 }
 
 fn help_options(socket: &Path, name: &str) -> Result<ExitCode> {
@@ -492,7 +707,7 @@ fn help_options(socket: &Path, name: &str) -> Result<ExitCode> {
     let plugin = plugins
         .iter()
         .find(|p| p.name == name)
-        .ok_or_else(|| anyhow!("no provisioner named {name:?} is loaded"))?;
+        .ok_or_else(|| BadInput(format!("no provisioner named {name:?} is loaded")))?;
     println!("{} {}: {}", plugin.name, plugin.version, plugin.description);
     if plugin.options.is_empty() {
         println!("options: none");
@@ -507,48 +722,155 @@ fn help_options(socket: &Path, name: &str) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn build(socket: &Path, args: BuildArgs) -> Result<ExitCode> {
-    let spec_file = match &args.spec {
-        Some(path) => read_spec(path)?,
-        None => SpecFile::default(),
-    };
-    let provisioner = args
-        .provisioner
-        .or(spec_file.provisioner.name)
-        .unwrap_or_else(|| "shell".to_owned());
-    if args.help_options {
-        return help_options(socket, &provisioner);
+fn validate(socket: &Path, out: Output, args: ValidateArgs) -> Result<ExitCode> {
+    let (spec, path) = build_spec(args.spec)?;
+    amidala::proto::validate_build_options(&spec).map_err(|e| BadInput(e.to_string()))?;
+    amidala::proto::validate_user_tags("image tags", &spec.image_tags)
+        .and_then(|()| amidala::proto::validate_user_tags("snapshot tags", &spec.snapshot_tags))
+        .map_err(|e| BadInput(e.to_string()))?;
+    let spec_file = path.as_ref().map(|p| p.display().to_string());
+    if args.offline {
+        if out.json {
+            print_json(
+                &serde_json::json!({ "spec_file": spec_file, "spec": spec, "checked_by_daemon": false }),
+            )?;
+        } else {
+            print_plan(spec_file.as_deref(), &spec, None);
+            eprintln!("amidala: the spec is well-formed (--offline: the daemon did not check the source, the provisioner and its options, the policy and the caches)");
+        }
+        return Ok(ExitCode::SUCCESS);
     }
-    let mut options = spec_file.provisioner.options;
-    options.extend(args.options);
-    let source = match (args.from, args.source) {
-        (_, Some(id)) => Source::Snapshot(id),
-        (Some(tag), None) => Source::Tag(tag),
-        (None, None) => Source::Tag(Tag {
-            key: "amidala".into(),
-            value: "base".into(),
-        }),
+    let plan = match connect(socket)?.call(&Request::Validate(spec)) {
+        Ok(Response::Plan(plan)) => plan,
+        Ok(other) => return Err(unexpected(other).into()),
+        Err(err @ ClientError::Daemon(_)) => {
+            return Err(anyhow::Error::from(err).context("the build would be refused"))
+        }
+        Err(err) => return Err(err.into()),
     };
-    let spec = BuildSpec {
-        source,
-        provisioner,
-        command: args.command,
-        options,
-        name: args.name,
-        image_tags: args.tags,
-        snapshot_tags: args.snapshot_tags,
-        partition: args.partition,
-        workspace_rw: args.workspace_rw,
-        size: args.size,
-        arch: args.arch,
-        boot_mode: args.boot_mode,
-        copy_to: args.copy_to,
-        share_with: args.share_with,
-        network: args.network,
-        detach: args.detach,
-        timeout: args.timeout,
-        caches: args.caches,
+    if out.json {
+        print_json(
+            &serde_json::json!({ "spec_file": spec_file, "plan": plan, "checked_by_daemon": true }),
+        )?;
+    } else {
+        print_plan(spec_file.as_deref(), &plan.spec, Some(&plan));
+        if !out.quiet {
+            eprintln!("amidala: the build would run; nothing was made");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What a build would do, for `amidala validate`.
+fn print_plan(spec_file: Option<&str>, spec: &BuildSpec, plan: Option<&BuildPlan>) {
+    let row = |key: &str, value: &str| {
+        if !value.is_empty() {
+            println!("{:<15}{value}", format!("{key}:"));
+        }
     };
+    let list = |items: &[String]| items.join(", ");
+    let tags = |tags: &[Tag]| {
+        tags.iter()
+            .map(Tag::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    row("spec file", spec_file.unwrap_or("(none)"));
+    match plan {
+        Some(plan) => {
+            let s = &plan.source_snapshot;
+            row(
+                "source",
+                &format!(
+                    "{} → {} (created {}, {})",
+                    spec.source,
+                    s.id,
+                    s.created,
+                    human_size(s.size)
+                ),
+            );
+            row(
+                "provisioner",
+                &format!("{} {}", spec.provisioner, plan.provisioner_version),
+            );
+        }
+        None => {
+            row("source", &spec.source.to_string());
+            row("provisioner", &spec.provisioner);
+        }
+    }
+    row("command", &spec.command.join(" "));
+    row(
+        "options",
+        &spec
+            .options
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    match plan {
+        Some(plan) => {
+            row(
+                "volume",
+                &format!(
+                    "{} ({} provider)",
+                    human_size(plan.volume_size),
+                    plan.provider
+                ),
+            );
+            row(
+                "image",
+                &format!("{} (for build {})", plan.image_name, plan.example_build_id),
+            );
+        }
+        None => {
+            row("volume", &spec.size.map(human_size).unwrap_or_default());
+            row("image", spec.name.as_deref().unwrap_or("amidala-{build}"));
+        }
+    }
+    row("image tags", &tags(&spec.image_tags));
+    row("snapshot tags", &tags(&spec.snapshot_tags));
+    row("arch", spec.arch.as_deref().unwrap_or_default());
+    row("boot mode", spec.boot_mode.as_deref().unwrap_or_default());
+    row("copy to", &list(&spec.copy_to));
+    row("share with", &list(&spec.share_with));
+    row(
+        "workspace",
+        if spec.workspace_rw {
+            ". at /workspace, read-write"
+        } else {
+            ". at /workspace, read-only"
+        },
+    );
+    row("network", spec.network.as_deref().unwrap_or("host"));
+    row("caches", &list(&spec.caches));
+    row(
+        "timeout",
+        &spec.timeout.map(|t| format!("{t}s")).unwrap_or_default(),
+    );
+}
+
+fn human_size(bytes: u64) -> String {
+    const GIB: u64 = 1 << 30;
+    const MIB: u64 = 1 << 20;
+    if bytes >= GIB {
+        format!("{:.1} GiB", bytes as f64 / GIB as f64)
+    } else {
+        format!("{:.1} MiB", bytes as f64 / MIB as f64)
+    }
+}
+
+fn build(socket: &Path, out: Output, args: BuildArgs) -> Result<ExitCode> {
+    let (mut spec, path) = build_spec(args.spec)?;
+    if args.help_options {
+        return help_options(socket, &spec.provisioner);
+    }
+    spec.detach = args.detach;
+    let mut progress = progress::Progress::new(progress::Mode::detect(out.quiet));
+    if let Some(path) = &path {
+        progress.note(&format!("amidala: building from {}", path.display()));
+    }
     // The workspace is the directory we are in, opened by us and handed over as a descriptor.
     let workspace = File::open(".").context("opening the current directory as the workspace")?;
     let detach = spec.detach;
@@ -565,18 +887,30 @@ fn build(socket: &Path, args: BuildArgs) -> Result<ExitCode> {
         match client.recv() {
             Ok(Response::Accepted { build_id: id }) => {
                 if detach {
-                    println!("{id}");
-                    eprintln!("amidala: build {id} goes on; follow it with `amidala logs -f {id}`");
+                    if out.json {
+                        print_json(&serde_json::json!({ "build_id": id }))?;
+                    } else {
+                        println!("{id}");
+                    }
+                    if !out.quiet {
+                        eprintln!(
+                            "amidala: build {id} goes on; follow it with `amidala logs -f {id}`"
+                        );
+                    }
                     return Ok(ExitCode::SUCCESS);
                 }
-                eprintln!("amidala: build {id} accepted");
+                progress.note(&format!("amidala: build {id} accepted"));
                 *accepted.lock().expect("lock") = Some(id.clone());
                 build_id = Some(id);
             }
-            Ok(Response::Phase { phase }) => eprintln!("==> {phase}"),
-            Ok(Response::Log { line }) => eprintln!("{line}"),
+            Ok(Response::Phase { phase }) => progress.phase(phase),
+            Ok(Response::Log { line }) => progress.log(&line),
             Ok(Response::Finished(result)) => {
-                if args.json {
+                progress.finish(
+                    true,
+                    &format!("build {} made image {}", result.build_id, result.image_id),
+                );
+                if out.json {
                     print_json(&result)?;
                 } else {
                     println!("{}", result.image_id);
@@ -584,23 +918,23 @@ fn build(socket: &Path, args: BuildArgs) -> Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             Ok(Response::Failed(failure)) => {
-                if args.json {
+                progress.finish(false, &format!("build {} failed", failure.build_id));
+                let failed = anyhow::Error::from(BuildFailed(failure.clone()));
+                if out.json {
                     print_json(&failure)?;
+                    return Err(Reported(failed).into());
                 }
-                bail!(
-                    "build {} failed in phase {}: {}",
-                    failure.build_id,
-                    failure.phase,
-                    failure.message
-                );
+                return Err(failed);
             }
             Ok(other) => return Err(unexpected(other).into()),
-            Err(ClientError::Daemon(err)) => bail!("build refused ({}): {}", err.code, err.message),
+            Err(err @ ClientError::Daemon(_)) => {
+                return Err(anyhow::Error::from(err).context("build refused"))
+            }
             Err(ClientError::Closed) => {
-                return Err(anyhow!(
-                    "amidalad closed the connection before build {} ended",
+                return Err(anyhow::Error::from(ClientError::Closed).context(format!(
+                    "build {} did not end",
                     build_id.as_deref().unwrap_or("(not yet accepted)")
-                ))
+                )))
             }
             Err(err) => return Err(err.into()),
         }

@@ -65,6 +65,9 @@ pub enum Request {
     Version,
     /// Find what builds left behind and no live build holds; remove it unless `dry_run`.
     Gc { dry_run: bool },
+    /// Check a build as [`Request::Build`] would and say what it would do, making nothing and
+    /// starting nothing (`amidala validate`); answered by [`Response::Plan`].
+    Validate(BuildSpec),
 }
 
 /// Where a build starts from.
@@ -780,6 +783,28 @@ pub enum Response {
         dry_run: bool,
         items: Vec<GcItem>,
     },
+    /// What a build would do (the answer to [`Request::Validate`]).
+    Plan(BuildPlan),
+}
+
+/// What a build of a checked spec would do, as `amidala validate` prints it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuildPlan {
+    /// The spec as the daemon would run it (the network as its policy decides).
+    pub spec: BuildSpec,
+    /// `local` or `ec2`.
+    pub provider: String,
+    /// The snapshot the build would start from, were it started now.
+    pub source_snapshot: SnapshotInfo,
+    /// The image's name, with `{build}` replaced by `example_build_id`.
+    pub image_name: String,
+    /// An id of the kind the build would get (each build gets a new one).
+    pub example_build_id: String,
+    /// The volume's size in bytes: the larger of the requested size and the snapshot's.
+    pub volume_size: u64,
+    /// The version of the provisioner plugin that would run.
+    pub provisioner_version: String,
 }
 
 /// One thing gc found.

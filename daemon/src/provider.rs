@@ -119,6 +119,11 @@ pub trait Provider: Send + Sync + Debug {
     fn name(&self) -> &'static str;
     /// Refuses build options this provider cannot honour, before anything is made.
     fn check_options(&self, spec: &BuildSpec) -> Result<(), Failure>;
+    /// The size in bytes of a volume made from a snapshot of `snapshot_size` bytes with the
+    /// requested `size`: the larger of the two.
+    fn volume_size(&self, snapshot_size: u64, size: Option<u64>) -> u64 {
+        size.map_or(snapshot_size, |s| s.max(snapshot_size))
+    }
     /// The snapshot a build starts from.
     async fn resolve(&self, source: &Source) -> Result<SnapshotRecord, Failure>;
     /// A new volume with the snapshot's content, of at least `size` bytes.

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use amidala::proto::{
-    self, decode, encode_frame, validate_id, validate_user_tags, BuildSpec, BuildState, ErrorCode,
-    FrameDecoder, FrameError, ImportSpec, Request, Response, Source, MAX_COMMAND_ARGS,
+    self, decode, encode_frame, validate_id, validate_user_tags, BuildPlan, BuildSpec, BuildState,
+    ErrorCode, FrameDecoder, FrameError, ImportSpec, Request, Response, Source, MAX_COMMAND_ARGS,
     MAX_COMMAND_BYTES, PROTOCOL_VERSION,
 };
 use chrono::Utc;
@@ -21,7 +21,7 @@ use tokio::net::UnixStream;
 use tokio::sync::watch;
 
 use crate::build::{self, BuildHandle, LogProgress};
-use crate::catalog::BuildRecord;
+use crate::catalog::{BuildRecord, SnapshotRecord};
 use crate::error::Failure;
 use crate::ids::new_id;
 use crate::import::{self, Requester};
@@ -290,7 +290,7 @@ fn one_fd(fds: Vec<OwnedFd>, what: &str) -> Result<OwnedFd, Failure> {
 /// The action a request asks for, as the policy judges it (for a build: once its owner is known).
 fn action_of(request: &Request) -> Action {
     match request {
-        Request::Build(_) => Action::Build,
+        Request::Build(_) | Request::Validate(_) => Action::Build,
         Request::ImportBase(_) => Action::Import,
         Request::List => Action::ListBuilds,
         Request::Images | Request::Snapshots => Action::ListImages,
@@ -406,6 +406,10 @@ async fn dispatch(
                 Err(f) => conn.send_error(&f).await,
             }
         }
+        Request::Validate(spec) => match plan_build(daemon, peer, spec).await {
+            Ok(plan) => conn.send(&Response::Plan(plan)).await,
+            Err(f) => conn.send_error(&f).await,
+        },
         Request::Version => {
             conn.send(&Response::Version {
                 daemon: env!("CARGO_PKG_VERSION").to_owned(),
@@ -567,10 +571,76 @@ fn check_spec(daemon: &Daemon, spec: &BuildSpec) -> Result<(), Failure> {
     Ok(())
 }
 
+/// The record of a new build of `spec` by `peer`, once every check a build makes before it
+/// starts has passed (the policy's network, the spec, the provisioner's own validation), and
+/// the plugin that will provision it. Makes nothing.
+async fn checked_build(
+    daemon: &Daemon,
+    peer: &Peer,
+    mut spec: BuildSpec,
+) -> Result<(BuildRecord, Arc<crate::plugins::Plugin>), Failure> {
+    proto::validate_build_options(&spec)?;
+    spec.network = Some(daemon.policy.network(peer, spec.network.as_deref())?);
+    check_spec(daemon, &spec)?;
+    let record = BuildRecord {
+        id: new_id("bld"),
+        owner_uid: peer.uid,
+        owner_pid: peer.pid,
+        state: BuildState::Queued,
+        phase: Some(proto::Phase::Queued),
+        spec,
+        source_snapshot: None,
+        created: Utc::now(),
+        finished: None,
+        image_id: None,
+        snapshot_id: None,
+        error: None,
+        volume_id: None,
+        device: None,
+    };
+    let plugin = daemon
+        .plugins
+        .get(&record.spec.provisioner)
+        .expect("checked by check_spec")
+        .clone();
+    plugin
+        .validate_isolated(&build::plugin_build_info(&record, ""))
+        .await?;
+    Ok((record, plugin))
+}
+
+/// A snapshot as the client shows it, with its disk image's path where the provider has one.
+fn snapshot_info(daemon: &Daemon, record: &SnapshotRecord) -> amidala::proto::SnapshotInfo {
+    amidala::proto::SnapshotInfo {
+        path: daemon
+            .provider
+            .snapshot_path(&record.id)
+            .map(|p| p.display().to_string()),
+        ..daemon.catalog.snapshot_info(record)
+    }
+}
+
+/// What a build of `spec` by `peer` would do: every check of a build request, and the source
+/// resolved as the build would resolve it now. Makes nothing.
+async fn plan_build(daemon: &Daemon, peer: &Peer, spec: BuildSpec) -> Result<BuildPlan, Failure> {
+    let (record, plugin) = checked_build(daemon, peer, spec).await?;
+    let source = daemon.provider.resolve(&record.spec.source).await?;
+    let image_name = build::image_name(record.spec.name.as_deref(), &record.id, &record.created)?;
+    Ok(BuildPlan {
+        provider: daemon.provider.name().to_owned(),
+        source_snapshot: snapshot_info(daemon, &source),
+        image_name,
+        example_build_id: record.id,
+        volume_size: daemon.provider.volume_size(source.size, record.spec.size),
+        provisioner_version: plugin.version.clone(),
+        spec: record.spec,
+    })
+}
+
 async fn start_build(
     daemon: &Arc<Daemon>,
     peer: &Peer,
-    mut spec: BuildSpec,
+    spec: BuildSpec,
     fds: Vec<OwnedFd>,
 ) -> Result<Arc<BuildHandle>, Failure> {
     if daemon.shutdown.is_cancelled() {
@@ -592,34 +662,9 @@ async fn start_build(
             "the workspace descriptor is not a directory",
         ));
     }
-    proto::validate_build_options(&spec)?;
-    spec.network = Some(daemon.policy.network(peer, spec.network.as_deref())?);
-    check_spec(daemon, &spec)?;
     // A cheap early refusal; the binding check is made again when the build is registered.
     check_build_limits(daemon, &daemon.builds.lock().expect("builds lock"), peer)?;
-    let record = BuildRecord {
-        id: new_id("bld"),
-        owner_uid: peer.uid,
-        owner_pid: peer.pid,
-        state: BuildState::Queued,
-        phase: Some(proto::Phase::Queued),
-        spec,
-        source_snapshot: None,
-        created: Utc::now(),
-        finished: None,
-        image_id: None,
-        snapshot_id: None,
-        error: None,
-        volume_id: None,
-        device: None,
-    };
-    let plugin = daemon
-        .plugins
-        .get(&record.spec.provisioner)
-        .expect("checked above");
-    plugin
-        .validate_isolated(&build::plugin_build_info(&record, ""))
-        .await?;
+    let (record, plugin) = checked_build(daemon, peer, spec).await?;
     let handle = {
         // Checked and registered under one lock: concurrent requests cannot both slip in.
         let mut builds = daemon.builds.lock().expect("builds lock");
@@ -685,14 +730,8 @@ async fn import_base(
         Ok(Ok(record)) => {
             tracing::info!(snapshot = %record.id, "base imported");
             daemon.pool.wake();
-            let info = amidala::proto::SnapshotInfo {
-                path: daemon
-                    .provider
-                    .snapshot_path(&record.id)
-                    .map(|p| p.display().to_string()),
-                ..daemon.catalog.snapshot_info(&record)
-            };
-            conn.send(&Response::Imported(info)).await
+            conn.send(&Response::Imported(snapshot_info(daemon, &record)))
+                .await
         }
         Ok(Err(f)) => {
             tracing::warn!(error = %f, "base import failed");

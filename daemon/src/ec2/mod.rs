@@ -43,6 +43,13 @@ use wait::wait_for;
 
 const GIB: u64 = 1 << 30;
 
+/// The size in GiB of an EBS volume made from a snapshot of `snapshot_size` bytes with the
+/// requested `size`: whole GiB, at least the snapshot's and at least one.
+fn volume_gib(snapshot_size: u64, size: Option<u64>) -> u64 {
+    let snapshot_gib = snapshot_size.div_ceil(GIB).max(1);
+    size.map_or(snapshot_gib, |s| s.div_ceil(GIB).max(snapshot_gib))
+}
+
 /// Turns an SDK error into a failure naming the call, with EC2's code and message.
 fn cloud<E>(call: &'static str) -> impl FnOnce(aws_sdk_ec2::error::SdkError<E>) -> Failure
 where
@@ -666,6 +673,10 @@ impl Provider for Ec2Provider {
         Ok(())
     }
 
+    fn volume_size(&self, snapshot_size: u64, size: Option<u64>) -> u64 {
+        volume_gib(snapshot_size, size) * GIB
+    }
+
     async fn resolve(&self, source: &Source) -> Result<SnapshotRecord, Failure> {
         match source {
             Source::Snapshot(id) => {
@@ -725,8 +736,7 @@ impl Provider for Ec2Provider {
         build_id: &str,
         owner: &str,
     ) -> Result<Volume, Failure> {
-        let snapshot_gib = snapshot.size.div_ceil(GIB).max(1);
-        let size_gib = size.map_or(snapshot_gib, |s| s.div_ceil(GIB).max(snapshot_gib));
+        let size_gib = volume_gib(snapshot.size, size);
         let size_gib = i32::try_from(size_gib)
             .map_err(|_| Failure::invalid(format!("volume size {size_gib} GiB is too large")))?;
         if self.data_plane == DataPlane::Loop && !self.loop_file("snapshots", &snapshot.id).exists()
