@@ -1,7 +1,7 @@
 #!/bin/sh
 # Installs what amidala's tests and demo need on a Debian machine that has Rust: the tools the
 # daemon calls (mkfs.ext4, from e2fsprogs), the ones the tests use (sfdisk, mount, losetup,
-# tar, xz, systemd-analyze and systemd-socket-activate), busybox-static for the test root filesystem, and a Python venv with moto server
+# tar, xz, systemd-analyze and systemd-socket-activate, ssh and sshd), busybox-static for the test root filesystem, and a Python venv with moto server
 # (the EC2 API emulator of the ec2 tests) in $AMIDALA_MOTO_VENV, by default
 # /var/cache/amidala-tests/moto-venv, and a Debian rootfs with ansible-core for the ansible
 # tests in $AMIDALA_DEBIAN_ROOTFS, by default /var/cache/amidala-tests/debian-bookworm-ansible,
@@ -26,6 +26,12 @@ if [ "${1:-}" != --demo ]; then
     need systemd-analyze systemd
     need systemd-socket-activate systemd
 fi
+# The --host tests: a test sshd on 127.0.0.1 and the ssh client.
+if [ "${1:-}" != --demo ]; then
+    need ssh openssh-client
+    need ssh-keygen openssh-client
+    [ -x /usr/sbin/sshd ] || missing="$missing openssh-server"
+fi
 # The benchmarks put a state directory on XFS (reflink=1) made on a loop device.
 [ "${1:-}" = --bench ] && need mkfs.xfs xfsprogs
 # The test root filesystem needs a statically linked busybox.
@@ -40,8 +46,20 @@ if [ -n "$missing" ]; then
     echo "installing:$missing" >&2
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
+    # No service a package brings is started (openssh-server's sshd on port 22): the tests
+    # start what they need themselves. policy-rc.d is how Debian asks for that.
+    policy=
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        policy=/usr/sbin/policy-rc.d
+        printf '#!/bin/sh\nexit 101\n' > "$policy"
+        chmod 755 "$policy"
+    fi
     # shellcheck disable=SC2086
-    apt-get install -y -qq --no-install-recommends $missing >/dev/null
+    apt-get install -y -qq --no-install-recommends $missing >/dev/null || {
+        [ -z "$policy" ] || rm -f "$policy"
+        exit 1
+    }
+    [ -z "$policy" ] || rm -f "$policy"
 fi
 
 # The demo (examples/bake-local.sh --demo) needs nothing more; the tests need what follows.

@@ -17,6 +17,7 @@ use amidala::proto::{
 use amidala::{unexpected, Client, ClientError, DEFAULT_SOCKET};
 
 mod progress;
+mod remote;
 mod spec;
 
 /// Bake machine images from tagged disk snapshots.
@@ -40,6 +41,11 @@ struct Cli {
     /// Show no progress and no build output: only the result and errors.
     #[arg(short, long, global = true)]
     quiet: bool,
+
+    /// Run the command on this builder host, through ssh (`$AMIDALA_SSH`, default ssh): the
+    /// current directory is sent along as the workspace.
+    #[arg(long, global = true, env = "AMIDALA_HOST", value_name = "[USER@]HOST")]
+    host: Option<String>,
 
     #[command(subcommand)]
     command: Command,
@@ -239,9 +245,17 @@ struct BuildFailed(BuildFailure);
 struct Reported(anyhow::Error);
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|a| a == remote::REMOTE_ARG) {
+        return remote::serve();
+    }
+    let cli = Cli::parse_from(&argv);
     let json = cli.json;
-    match run(cli) {
+    let result = match cli.host.clone() {
+        Some(host) => on_host(&host, cli, &argv),
+        None => run(cli),
+    };
+    match result {
         Ok(code) => code,
         Err(err) => {
             let code = exit_status(&err);
@@ -284,6 +298,9 @@ fn exit_status(err: &anyhow::Error) -> u8 {
         if cause.downcast_ref::<BadInput>().is_some() {
             return status::BAD_INPUT;
         }
+        if cause.downcast_ref::<remote::Unreachable>().is_some() {
+            return status::UNREACHABLE;
+        }
         match cause.downcast_ref::<ClientError>() {
             Some(ClientError::Daemon(reply)) => {
                 return match reply.code {
@@ -325,6 +342,79 @@ fn error_kind(status: u8) -> &'static str {
     }
 }
 
+/// Runs the command on `host` through ssh (see [`remote`]); commands that need no daemon
+/// run here.
+fn on_host(host: &str, cli: Cli, argv: &[std::ffi::OsString]) -> Result<ExitCode> {
+    let args = remote::forwarded_args(argv).map_err(|e| BadInput(format!("{e:#}")))?;
+    let upload_spec = |spec: &SpecArgs| -> Result<()> {
+        // The spec file goes along with the workspace, so it must be in it.
+        if let Some(path) = &spec.spec {
+            let inside = path.components().all(|c| {
+                matches!(
+                    c,
+                    std::path::Component::Normal(_) | std::path::Component::CurDir
+                )
+            });
+            if !inside {
+                return Err(BadInput(format!(
+                    "--spec {} with --host: the spec file must be in the current directory or \
+                     below it, which is sent to the builder (a relative path without ..)",
+                    path.display()
+                ))
+                .into());
+            }
+        }
+        Ok(())
+    };
+    let (upload, source) = match &cli.command {
+        Command::Completions { .. } | Command::Man => return run(cli),
+        Command::Build(build) => {
+            if build.detach {
+                return Err(BadInput(
+                    "--detach with --host: the workspace sent to the builder lives as long as \
+                     the command; leave the build attached (or run amidala on the builder)"
+                        .into(),
+                )
+                .into());
+            }
+            upload_spec(&build.spec)?;
+            (remote::Upload::Workspace, None)
+        }
+        Command::Validate(validate) => {
+            upload_spec(&validate.spec)?;
+            (remote::Upload::Workspace, None)
+        }
+        Command::Base {
+            command: BaseCommand::Import { src, .. },
+        } => {
+            let text = src
+                .to_str()
+                .ok_or_else(|| BadInput(format!("{src:?} is not UTF-8")))?;
+            let arg = args
+                .iter()
+                .enumerate()
+                .skip_while(|(_, a)| *a != "import")
+                .skip(1)
+                .find(|(i, a)| {
+                    *a == text && !matches!(args[i - 1].as_str(), "--tag" | "--size" | "--socket")
+                })
+                .map(|(i, _)| i)
+                .ok_or_else(|| BadInput(format!("cannot find {text:?} in the command line")))?;
+            // Opened here first, so that a mistake is reported before ssh starts.
+            std::fs::metadata(src).map_err(|e| BadInput(format!("opening {text}: {e}")))?;
+            (
+                remote::Upload::Source {
+                    arg,
+                    name: text.to_owned(),
+                },
+                Some(src.clone()),
+            )
+        }
+        _ => (remote::Upload::None, None),
+    };
+    remote::run(host, args, upload, source.as_deref(), cli.quiet)
+}
+
 fn connect(socket: &Path) -> Result<Client> {
     Ok(Client::connect(socket)?)
 }
@@ -335,6 +425,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         json,
         quiet,
         command,
+        host: _,
     } = cli;
     let out = Output { json, quiet };
     match command {
@@ -941,37 +1032,47 @@ fn build(socket: &Path, out: Output, args: BuildArgs) -> Result<ExitCode> {
     }
 }
 
-/// Blocks SIGINT in this thread (and so in those it starts) and waits for it in a thread of
-/// its own: the first asks the daemon to cancel the build (once it is accepted; before, there
-/// is nothing to wait for), the second exits at once (the closed connection cancels it too).
-fn watch_interrupts(socket: PathBuf, accepted: Arc<Mutex<Option<String>>>) -> Result<()> {
+/// Blocks SIGINT in this thread (and so in those it starts) and calls `handle` in a thread of
+/// its own for each Ctrl-C, with how many there were so far (1 for the first).
+fn on_interrupts(mut handle: impl FnMut(u32) + Send + 'static) -> Result<()> {
     use nix::sys::signal::{SigSet, Signal};
     let mut set = SigSet::empty();
     set.add(Signal::SIGINT);
     set.thread_block().context("blocking SIGINT")?;
     std::thread::spawn(move || {
-        let mut asked = false;
+        let mut count = 0;
         while let Ok(Signal::SIGINT) = set.wait() {
-            let id = accepted.lock().expect("lock").clone();
-            match id {
-                Some(id) if !asked => {
-                    asked = true;
-                    eprintln!("amidala: cancelling build {id} (Ctrl-C again to stop waiting for its teardown)");
-                    let socket = socket.clone();
-                    std::thread::spawn(move || {
-                        match connect(&socket)
-                            .and_then(|mut c| Ok(c.call(&Request::Cancel { id })?))
-                        {
-                            Ok(_) => {}
-                            Err(e) => eprintln!("amidala: cancelling: {e:#}"),
-                        }
-                    });
-                }
-                _ => std::process::exit(130),
-            }
+            count += 1;
+            handle(count);
         }
     });
     Ok(())
+}
+
+/// Ctrl-C during a build: the first asks the daemon to cancel the build (once it is accepted;
+/// before, there is nothing to wait for), the second exits at once (the closed connection
+/// cancels it too).
+fn watch_interrupts(socket: PathBuf, accepted: Arc<Mutex<Option<String>>>) -> Result<()> {
+    let mut asked = false;
+    on_interrupts(move |_| {
+        let id = accepted.lock().expect("lock").clone();
+        match id {
+            Some(id) if !asked => {
+                asked = true;
+                eprintln!(
+                    "amidala: cancelling build {id} (Ctrl-C again to stop waiting for its teardown)"
+                );
+                let socket = socket.clone();
+                std::thread::spawn(move || {
+                    match connect(&socket).and_then(|mut c| Ok(c.call(&Request::Cancel { id })?)) {
+                        Ok(_) => {}
+                        Err(e) => eprintln!("amidala: cancelling: {e:#}"),
+                    }
+                });
+            }
+            _ => std::process::exit(130),
+        }
+    })
 }
 
 fn parse_timeout(s: &str) -> Result<u64, String> {

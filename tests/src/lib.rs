@@ -421,6 +421,29 @@ impl Env {
         self.state.join("snapshots").join(format!("{id}.img"))
     }
 
+    /// The id of the first build the daemon lists whose phase is `phase` (`provision`, ...),
+    /// once there is one (within 60 s).
+    #[track_caller]
+    pub fn build_in_phase(&self, phase: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let list = self.amidala(&["list", "--json"]).json();
+            if let Some(b) = list
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|b| b["phase"] == phase)
+            {
+                return b["id"].as_str().unwrap().to_owned();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no build is in phase {phase}: {list}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Stops the daemon with SIGTERM and waits for it.
     pub fn stop(&mut self) {
         let Some(mut child) = self.daemon.take() else {
@@ -986,4 +1009,82 @@ pub fn debian_rootfs() -> PathBuf {
         path.display()
     );
     path
+}
+
+/// Presses Ctrl-C on a client (SIGINT) and waits for it to end: its exit status and stderr.
+pub fn interrupt(client: Child) -> (Option<i32>, String) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(client.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let out = client.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The uid of `user`.
+pub fn uid_of(user: &str) -> u32 {
+    run(Command::new("id").args(["-u", user]))
+        .ok()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Groups `amidala` and `amidala-admin` (when missing) and users made for a test, removed
+/// again when it ends, whatever happened.
+#[derive(Debug)]
+pub struct Accounts {
+    groups: Vec<&'static str>,
+    users: Vec<&'static str>,
+}
+
+impl Accounts {
+    /// Makes each user (no home, shell /bin/sh) with its supplementary groups (`a,b`, or "").
+    pub fn create(users: &[(&'static str, &str)]) -> Accounts {
+        let mut accounts = Accounts {
+            groups: vec![],
+            users: vec![],
+        };
+        for group in ["amidala", "amidala-admin"] {
+            let exists = Command::new("getent")
+                .args(["group", group])
+                .stdout(Stdio::null())
+                .status()
+                .unwrap()
+                .success();
+            if !exists {
+                run(Command::new("groupadd").arg(group)).ok();
+                accounts.groups.push(group);
+            }
+        }
+        for (user, groups) in users {
+            let _ = Command::new("userdel")
+                .arg(user)
+                .stderr(Stdio::null())
+                .status();
+            let mut add = Command::new("useradd");
+            add.args(["-M", "-U", "-s", "/bin/sh"]);
+            if !groups.is_empty() {
+                add.args(["-G", groups]);
+            }
+            run(add.arg(user)).ok();
+            accounts.users.push(user);
+        }
+        accounts
+    }
+}
+
+impl Drop for Accounts {
+    fn drop(&mut self) {
+        for user in &self.users {
+            let _ = Command::new("userdel").arg(user).status();
+        }
+        for group in &self.groups {
+            let _ = Command::new("groupdel").arg(group).status();
+        }
+    }
 }

@@ -348,27 +348,6 @@ fn kill_the_daemon_in_every_phase_ec2() {
     env.assert_no_leaks();
 }
 
-/// The id of the one build of `env` once it is provisioning.
-fn provisioning_build(env: &Env) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let list = env.amidala(&["list", "--json"]).json();
-        if let Some(b) = list
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|b| b["phase"] == "provision")
-        {
-            return b["id"].as_str().unwrap().to_owned();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no build is provisioning: {list}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn state_of(env: &Env, build: &str) -> serde_json::Value {
     env.amidala(&["status", "--json", build]).json()
 }
@@ -381,7 +360,7 @@ fn a_client_that_goes_away_cancels_its_build_unless_detached() {
 
     // Killed (a lost SSH session is no gentler): the build is cancelled and torn down.
     let mut client = env.spawn_client(&ws, &["build", "--", "sleep", "300"]);
-    let build = provisioning_build(&env);
+    let build = env.build_in_phase("provision");
     client.kill().unwrap();
     client.wait().unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -428,15 +407,9 @@ fn ctrl_c_cancels_and_waits_for_the_teardown() {
     env.import_busybox();
     let ws = env.workspace("ws", &[]);
     let client = env.spawn_client(&ws, &["build", "--", "sleep", "300"]);
-    let build = provisioning_build(&env);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(client.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .unwrap();
-    let out = client.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let build = env.build_in_phase("provision");
+    let (code, stderr) = amidala_tests::interrupt(client);
+    assert_eq!(code, Some(130), "{stderr}");
     for expected in [
         format!("cancelling build {build}"),
         "detached volume".to_owned(),

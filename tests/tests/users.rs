@@ -7,77 +7,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use amidala_tests::{bin_dir, field, run, Env, Run};
+use amidala_tests::{bin_dir, field, run, uid_of, Accounts, Env, Run};
 
 const MEMBER: &str = "amidala-t-alice";
 const OTHER_MEMBER: &str = "amidala-t-bob";
 const ADMIN: &str = "amidala-t-admin";
 const OUTSIDER: &str = "amidala-t-eve";
-
-/// Groups and users made for the test, removed again when it ends, whatever happened.
-struct Accounts {
-    groups: Vec<&'static str>,
-    users: Vec<&'static str>,
-}
-
-impl Accounts {
-    fn create() -> Accounts {
-        let mut accounts = Accounts {
-            groups: vec![],
-            users: vec![],
-        };
-        for group in ["amidala", "amidala-admin"] {
-            let exists = Command::new("getent")
-                .args(["group", group])
-                .stdout(Stdio::null())
-                .status()
-                .unwrap()
-                .success();
-            if !exists {
-                run(Command::new("groupadd").arg(group)).ok();
-                accounts.groups.push(group);
-            }
-        }
-        for (user, groups) in [
-            (MEMBER, "amidala"),
-            (OTHER_MEMBER, "amidala"),
-            (ADMIN, "amidala,amidala-admin"),
-            (OUTSIDER, ""),
-        ] {
-            let _ = Command::new("userdel")
-                .arg(user)
-                .stderr(Stdio::null())
-                .status();
-            let mut add = Command::new("useradd");
-            add.args(["-M", "-U", "-s", "/bin/sh"]);
-            if !groups.is_empty() {
-                add.args(["-G", groups]);
-            }
-            run(add.arg(user)).ok();
-            accounts.users.push(user);
-        }
-        accounts
-    }
-}
-
-impl Drop for Accounts {
-    fn drop(&mut self) {
-        for user in &self.users {
-            let _ = Command::new("userdel").arg(user).status();
-        }
-        for group in &self.groups {
-            let _ = Command::new("groupdel").arg(group).status();
-        }
-    }
-}
-
-fn uid_of(user: &str) -> u32 {
-    run(Command::new("id").args(["-u", user]))
-        .ok()
-        .trim()
-        .parse()
-        .unwrap()
-}
 
 struct Host {
     env: Env,
@@ -159,7 +94,12 @@ fn denied(run: &Run, what: &str) {
 
 #[test]
 fn the_permission_matrix_with_real_users() {
-    let _accounts = Accounts::create();
+    let _accounts = Accounts::create(&[
+        (MEMBER, "amidala"),
+        (OTHER_MEMBER, "amidala"),
+        (ADMIN, "amidala,amidala-admin"),
+        (OUTSIDER, ""),
+    ]);
     // A shared builder's policy: members' recipes never get the instance metadata service.
     let env = Env::start_with(
         "[policy]\ndefault_network = \"no-metadata\"\nnetworks = [\"no-metadata\", \"none\"]\n",
