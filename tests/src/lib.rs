@@ -716,7 +716,28 @@ impl Mounted {
 
 impl Drop for Mounted {
     fn drop(&mut self) {
+        let device = run(Command::new("findmnt")
+            .args(["-n", "-o", "SOURCE", "--mountpoint"])
+            .arg(self.dir.path()))
+        .stdout
+        .trim()
+        .to_owned();
         let _ = Command::new("umount").arg(self.dir.path()).status();
+        // The loop device mount made is released by the kernel after the unmount, a moment
+        // later on recent kernels: detach it now and wait, so that no leak check sees it.
+        let Some(name) = device.strip_prefix("/dev/") else {
+            return;
+        };
+        let _ = Command::new("losetup")
+            .arg("-d")
+            .arg(&device)
+            .stderr(Stdio::null())
+            .status();
+        let backing = PathBuf::from(format!("/sys/block/{name}/loop/backing_file"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while backing.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! Bounds and hostile clients: silent and half-frame clients are dropped and block nobody;
 //! connections and builds per user are capped, with typed errors (root, real daemon).
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -30,6 +30,15 @@ fn greeted(socket: &std::path::Path) -> UnixStream {
             .unwrap(),
         )
         .unwrap();
+    // The daemon's hello: the connection is counted by then.
+    let mut length = [0u8; 4];
+    stream.read_exact(&mut length).unwrap();
+    let mut body = vec![0; u32::from_be_bytes(length) as usize];
+    stream.read_exact(&mut body).unwrap();
+    assert!(matches!(
+        proto::decode::<Response>(&body).unwrap(),
+        Response::Hello { .. }
+    ));
     stream
 }
 
@@ -62,7 +71,6 @@ fn connections_and_builds_per_user_are_capped() {
     let env = Env::start_with(LIMITS, &[]);
     // Three connections open (greeted, idle): the fourth is refused with the reason.
     let open: Vec<UnixStream> = (0..3).map(|_| greeted(&env.socket)).collect();
-    std::thread::sleep(Duration::from_millis(200));
     let refused = env.amidala(&["list"]);
     assert!(
         refused.err().contains("limit_exceeded")
