@@ -722,7 +722,16 @@ impl Drop for Mounted {
         .stdout
         .trim()
         .to_owned();
-        let _ = Command::new("umount").arg(self.dir.path()).status();
+        // Busy for a moment if something (a concurrent test's scan) looks inside: retry.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !Command::new("umount")
+            .arg(self.dir.path())
+            .status()
+            .is_ok_and(|s| s.success())
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         // The loop device mount made is released by the kernel after the unmount, a moment
         // later on recent kernels: detach it now and wait, so that no leak check sees it.
         let Some(name) = device.strip_prefix("/dev/") else {
