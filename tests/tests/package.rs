@@ -345,6 +345,11 @@ fn check_contents(deb: &Path) {
             "Depends: {depends} lacks {needed}"
         );
     }
+    assert_eq!(
+        field_of("Suggests"),
+        "openssh-client",
+        "amidala --host runs ssh"
+    );
     let conffiles = run(Command::new("dpkg-deb")
         .arg("--info")
         .arg(deb)
