@@ -7,8 +7,11 @@
 # tests in $AMIDALA_DEBIAN_ROOTFS, by default /var/cache/amidala-tests/debian-bookworm-ansible,
 # both outside the checkout and kept between runs. With --demo, only what
 # examples/bake-local.sh needs; with --bench, also xfsprogs (mkfs.xfs), for the XFS rows of
-# tests/bench.sh. Needs root; installs only what is missing.
+# tests/bench.sh. The Debian package (tests/build-deb.sh, and its test, tests/tests/package.rs)
+# needs cargo-deb, pinned, installed with cargo if missing, and dpkg-dev (dpkg-shlibdeps) and
+# binutils (strip); with --deb, only those. Needs root; installs only what is missing.
 set -eu
+mode=${1:-}
 missing=
 need() { command -v "$1" >/dev/null 2>&1 || missing="$missing $2"; }
 need mkfs.ext4 e2fsprogs
@@ -38,6 +41,14 @@ fi
 if ! command -v busybox >/dev/null 2>&1 || ldd "$(command -v busybox)" >/dev/null 2>&1; then
     missing="$missing busybox-static"
 fi
+# The Debian package: its dependencies on shared libraries, its binaries stripped. With --deb,
+# only these.
+[ "$mode" != --deb ] || missing=
+if [ "$mode" != --demo ]; then
+    need dpkg-shlibdeps dpkg-dev
+    need strip binutils
+    need gzip gzip
+fi
 if [ -n "$missing" ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "$0: missing packages:$missing; run as root to install them" >&2
@@ -64,6 +75,16 @@ fi
 
 # The demo (examples/bake-local.sh --demo) needs nothing more; the tests need what follows.
 [ "${1:-}" = --demo ] && exit 0
+
+# cargo-deb, pinned, for tests/build-deb.sh (built in a temporary directory, not the project's
+# target directory; installed in cargo's bin directory, where `cargo deb` finds it).
+cargo_deb_version=3.8.0
+. "$(dirname "$0")/find-cargo.sh"
+if [ "$(cargo deb --version 2>/dev/null)" != "cargo-deb $cargo_deb_version" ]; then
+    echo "installing cargo-deb $cargo_deb_version" >&2
+    env -u CARGO_TARGET_DIR cargo install --quiet --locked --version "$cargo_deb_version" cargo-deb
+fi
+[ "$mode" = --deb ] && exit 0
 
 # The EC2 API emulator, pinned: the ec2 tests are written against its behaviour.
 moto_version=5.2.5
