@@ -195,16 +195,13 @@ impl BuildHandle {
         self.log.append(&Response::Phase { phase });
     }
 
-    /// Changes the record and writes it atomically, without syncing its directory (a power
-    /// loss may bring the previous record back): what recovery does not need, since it finds a build's volume, devices, mounts, processes and snapshots by
-    /// their names and tags, whatever the record says. What it needs (the build exists and is
-    /// not finished; which phase that makes something it entered; how it ended) is synced.
+    /// Changes the record in memory only, where `status` and `list` read a live build; it
+    /// reaches the disk with the next journal write. What recovery does not need: it finds a
+    /// build's volume, devices, mounts, processes and snapshots by their names and tags,
+    /// whatever the record says. What it needs (the build exists and is not finished; which
+    /// phase that makes something it entered; how it ended) is written and synced at once.
     fn progress(&self, f: impl FnOnce(&mut BuildRecord)) {
-        let mut record = self.record.lock().expect("record lock");
-        f(&mut record);
-        if let Err(e) = self.catalog.put_build_progress(&record) {
-            tracing::error!(build = %self.id, error = %e, "writing the build record");
-        }
+        f(&mut self.record.lock().expect("record lock"));
     }
 
     pub fn note(&self, line: impl Into<String>) {

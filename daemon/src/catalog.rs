@@ -236,13 +236,6 @@ impl Catalog {
         store::write_json(&self.record("builds", &record.id), record)
     }
 
-    /// Writes a build record atomically, its directory not synced (a power loss may bring the
-    /// previous record back): for progress that recovery does not need (it finds a build's
-    /// resources by their names and tags, not by the record).
-    pub fn put_build_progress(&self, record: &BuildRecord) -> io::Result<()> {
-        store::write_json_with(&self.record("builds", &record.id), record, false)
-    }
-
     pub fn get_build(&self, id: &str) -> io::Result<Option<BuildRecord>> {
         read_optional(&self.record("builds", id))
     }

@@ -353,6 +353,12 @@ async fn dispatch(
         Request::ImportBase(spec) => import_base(daemon, conn, peer, spec, fds).await,
         Request::List => {
             let mut builds = daemon.catalog.builds().map_err(io::Error::other)?;
+            // A live build's record is the one in memory (its progress is not all on disk).
+            for build in &mut builds {
+                if let Some(handle) = live(daemon, &build.id) {
+                    *build = handle.record();
+                }
+            }
             builds.retain(|b| daemon.policy.sees(peer, b.owner_uid));
             builds.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.id.cmp(&b.id)));
             conn.send(&Response::Builds(

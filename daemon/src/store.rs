@@ -12,16 +12,11 @@ use serde::{de::DeserializeOwned, Serialize};
 /// Prefix of temporary files; readers skip them and start-up removes them.
 pub const TMP_PREFIX: &str = ".tmp-";
 
-/// Writes `bytes` to `path` atomically and durably.
+/// Writes `bytes` to `path` atomically and durably: a reader, or the next start after a crash
+/// or a power loss, sees the old content or the new, never a part. The new file's data is
+/// synced before it replaces the old (on XFS, or ext4 without auto_da_alloc, a power loss
+/// after renaming unsynced data could leave neither), and the directory after.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    write_replacing(path, bytes, true)
-}
-
-/// Writes `bytes` to `path` atomically: a reader, or the next start after a crash or a power
-/// loss, sees the old content or the new, never a part (the new file's data is always synced
-/// before it replaces the old). With `durable`, the directory is synced too, so that a power
-/// loss keeps the new content; without, a power loss may bring the old one back.
-pub fn write_replacing(path: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
     let dir = path.parent().expect("record paths have a parent");
     let name = path.file_name().expect("record paths have a name");
     let tmp = dir.join(format!(
@@ -36,18 +31,9 @@ pub fn write_replacing(path: &Path, bytes: &[u8], durable: bool) -> io::Result<(
             .mode(0o644)
             .open(&tmp)?;
         file.write_all(bytes)?;
-        // Never rename unsynced data over a record: on XFS (or ext4 without auto_da_alloc) a
-        // power loss could leave neither the old record nor the new.
-        if durable {
-            file.sync_all()?;
-        } else {
-            file.sync_data()?;
-        }
+        file.sync_all()?;
         fs::rename(&tmp, path)?;
-        if durable {
-            sync_dir(dir)?;
-        }
-        Ok(())
+        sync_dir(dir)
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
@@ -57,14 +43,9 @@ pub fn write_replacing(path: &Path, bytes: &[u8], durable: bool) -> io::Result<(
 
 /// Serializes `value` as pretty JSON and writes it atomically and durably.
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> io::Result<()> {
-    write_json_with(path, value, true)
-}
-
-/// Like [`write_json`], durable or not (see [`write_replacing`]).
-pub fn write_json_with<T: Serialize>(path: &Path, value: &T, durable: bool) -> io::Result<()> {
     let mut bytes = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
     bytes.push(b'\n');
-    write_replacing(path, &bytes, durable)
+    write_atomic(path, &bytes)
 }
 
 /// Reads a JSON record.
