@@ -288,6 +288,9 @@ fn daemon_error(err: &anyhow::Error) -> Option<&amidala::proto::ErrorReply> {
 fn exit_status(err: &anyhow::Error) -> u8 {
     use amidala::proto::ErrorCode as C;
     for cause in err.chain() {
+        if let Some(Reported(inner)) = cause.downcast_ref::<Reported>() {
+            return exit_status(inner);
+        }
         if let Some(failed) = cause.downcast_ref::<BuildFailed>() {
             return if failed.0.code == C::Cancelled {
                 status::CANCELLED
@@ -345,6 +348,9 @@ fn error_kind(status: u8) -> &'static str {
 /// Runs the command on `host` through ssh (see [`remote`]); commands that need no daemon
 /// run here.
 fn on_host(host: &str, cli: Cli, argv: &[std::ffi::OsString]) -> Result<ExitCode> {
+    if host.is_empty() || host.starts_with('-') {
+        return Err(BadInput(format!("--host {host:?} is not a [USER@]HOST")).into());
+    }
     let args = remote::forwarded_args(argv).map_err(|e| BadInput(format!("{e:#}")))?;
     let upload_spec = |spec: &SpecArgs| -> Result<()> {
         // The spec file goes along with the workspace, so it must be in it.

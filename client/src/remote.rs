@@ -18,9 +18,10 @@ use std::io::{self, Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Component, Path, PathBuf};
 use std::process::{ChildStdin, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use serde::{Deserialize, Serialize};
 
 /// The argument that makes `amidala` the remote end of `--host`.
@@ -100,15 +101,13 @@ pub fn run(
     source: Option<&Path>,
     quiet: bool,
 ) -> Result<ExitCode> {
-    if host.starts_with('-') || host.is_empty() {
-        bail!("--host {host:?} is not a [USER@]HOST");
-    }
     let ssh = std::env::var(SSH_VAR).unwrap_or_else(|_| "ssh".to_owned());
     let remote = std::env::var(REMOTE_COMMAND_VAR).unwrap_or_else(|_| "amidala".to_owned());
     let mut command = Command::new("/bin/sh");
     command
         .arg("-c")
-        .arg(format!("{ssh} \"$@\""))
+        // exec: the child is ssh itself, which a second Ctrl-C stops.
+        .arg(format!("exec {ssh} \"$@\""))
         .arg(&ssh)
         // No terminal on the builder: stdin carries the upload.
         .args(["-T", "--", host])
@@ -129,15 +128,20 @@ pub fn run(
     let mut child = command
         .spawn()
         .with_context(|| format!("starting {ssh} (set {SSH_VAR} for another ssh command)"))?;
-    let link = Arc::new(Mutex::new(Link {
-        stdin: child.stdin.take(),
-        uploaded: false,
-    }));
+    let link = Arc::new(Link {
+        stdin: Mutex::new(child.stdin.take()),
+        uploaded: AtomicBool::new(false),
+    });
     watch_interrupts(link.clone(), child.id())?;
     let sent = send(&link, &Header { args, upload }, source, quiet);
-    link.lock().expect("lock").uploaded = true;
+    if sent.is_err() {
+        // The builder would wait for the rest of the upload: the end of its input tells it
+        // there is none.
+        link.stdin.lock().expect("lock").take();
+    }
+    link.uploaded.store(true, Ordering::SeqCst);
     let status = child.wait().context("waiting for ssh")?;
-    link.lock().expect("lock").stdin.take();
+    link.stdin.lock().expect("lock").take();
     let code = status
         .code()
         .or_else(|| status.signal().map(|s| 128 + s))
@@ -160,8 +164,13 @@ pub fn run(
         _ => {}
     }
     if let Err(e) = sent {
-        // The remote end stopped reading; its own error, if any, is above.
-        if code == 0 {
+        let builder_gone = e.chain().any(|c| {
+            c.downcast_ref::<io::Error>()
+                .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+        });
+        // A builder that stopped reading said why (above) and exited with its status; a
+        // failure here (a file that cannot be read) is ours to report.
+        if !builder_gone || code == 0 {
             return Err(e.context(format!("sending to {host}")));
         }
     }
@@ -175,16 +184,17 @@ fn shell_quote(s: &str) -> String {
 
 /// ssh's stdin, and whether the upload is over (control bytes may only follow it).
 struct Link {
-    stdin: Option<ChildStdin>,
-    uploaded: bool,
+    stdin: Mutex<Option<ChildStdin>>,
+    uploaded: AtomicBool,
 }
 
 /// The first Ctrl-C sends a cancel to the builder (its client cancels the build and waits for
 /// the teardown, which we see); the second, or one during the upload, stops ssh and exits.
-fn watch_interrupts(link: Arc<Mutex<Link>>, ssh: u32) -> Result<()> {
+fn watch_interrupts(link: Arc<Link>, ssh: u32) -> Result<()> {
     crate::on_interrupts(move |count| {
-        let mut link = link.lock().expect("lock");
-        if count > 1 || !link.uploaded {
+        // Without the lock: the upload may hold it, blocked on a pipe ssh does not read (while
+        // it asks for a password, say).
+        if count > 1 || !link.uploaded.load(Ordering::SeqCst) {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(ssh as i32),
                 nix::sys::signal::Signal::SIGTERM,
@@ -192,19 +202,16 @@ fn watch_interrupts(link: Arc<Mutex<Link>>, ssh: u32) -> Result<()> {
             std::process::exit(130);
         }
         eprintln!("amidala: cancelling on the builder (Ctrl-C again to stop waiting)");
-        if let Some(stdin) = link.stdin.as_mut() {
-            let _ = stdin.write_all(&[CANCEL]).and_then(|()| stdin.flush());
+        if let Ok(mut stdin) = link.stdin.try_lock() {
+            if let Some(stdin) = stdin.as_mut() {
+                let _ = stdin.write_all(&[CANCEL]).and_then(|()| stdin.flush());
+            }
         }
     })
 }
 
 /// Writes the header, the upload and the end-of-upload mark.
-fn send(
-    link: &Arc<Mutex<Link>>,
-    header: &Header,
-    source: Option<&Path>,
-    quiet: bool,
-) -> Result<()> {
+fn send(link: &Arc<Link>, header: &Header, source: Option<&Path>, quiet: bool) -> Result<()> {
     let mut out = Frames {
         link: link.clone(),
         buf: Vec::with_capacity(MAX_FRAME),
@@ -255,16 +262,15 @@ fn send(
 
 /// A writer of length-prefixed frames to ssh's stdin.
 struct Frames {
-    link: Arc<Mutex<Link>>,
+    link: Arc<Link>,
     buf: Vec<u8>,
     bytes: u64,
 }
 
 impl Frames {
     fn frame(&mut self, body: &[u8]) -> io::Result<()> {
-        let mut link = self.link.lock().expect("lock");
-        let stdin = link
-            .stdin
+        let mut stdin = self.link.stdin.lock().expect("lock");
+        let stdin = stdin
             .as_mut()
             .ok_or_else(|| io::Error::from(io::ErrorKind::BrokenPipe))?;
         stdin.write_all(&(body.len() as u32).to_be_bytes())?;
@@ -376,6 +382,8 @@ fn serve_inner() -> Result<ExitCode> {
     drop(stdin);
     let child = Command::new(std::env::current_exe().context("finding this program")?)
         .args(&args)
+        // The builder's own setting must not send the command on again.
+        .env_remove("AMIDALA_HOST")
         .current_dir(&cwd)
         .stdin(Stdio::null())
         .spawn()
@@ -397,7 +405,7 @@ fn serve_inner() -> Result<ExitCode> {
     });
     let mut child = child;
     let status = child.wait().context("waiting for amidala")?;
-    drop(scratch);
+    remove_scratch(scratch);
     Ok(ExitCode::from(
         status
             .code()
@@ -407,17 +415,33 @@ fn serve_inner() -> Result<ExitCode> {
     ))
 }
 
+/// Removes the scratch directory, also where the upload kept a directory's mode without
+/// write permission (a read-only tree in the workspace).
+fn remove_scratch(scratch: tempfile::TempDir) {
+    fn writable(dir: &Path) {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                writable(&entry.path());
+            }
+        }
+    }
+    writable(scratch.path());
+    if let Err(e) = scratch.close() {
+        eprintln!("amidala (on the builder): removing the scratch directory: {e}");
+    }
+}
+
 /// Reads the header and the upload: the scratch directory (removed when dropped), the
 /// directory to run in and the command line.
 fn receive(stdin: &mut impl Read) -> Result<(tempfile::TempDir, PathBuf, Vec<String>)> {
     let header = read_frame(stdin)?.ok_or_else(|| anyhow!("no command was sent"))?;
     let header: Header = serde_json::from_slice(&header).context("reading the command")?;
     let mut args = header.args;
-    // Private to this user, removed when the command ends, whatever happens.
-    let base = std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .filter(|d| d.is_dir())
-        .unwrap_or_else(std::env::temp_dir);
+    // Private to this user (0700), removed when the command ends. Not in XDG_RUNTIME_DIR,
+    // a small tmpfs: a workspace can be large.
+    let base = std::env::temp_dir();
     let scratch = tempfile::Builder::new()
         .prefix("amidala-remote-")
         .tempdir_in(&base)

@@ -352,11 +352,20 @@ async fn dispatch(
         },
         Request::ImportBase(spec) => import_base(daemon, conn, peer, spec, fds).await,
         Request::List => {
+            // A live build's record is the one in memory (its progress is not all on disk);
+            // taken first, so that a build ending meanwhile shows its final record from disk.
+            let live: std::collections::HashMap<String, BuildRecord> = daemon
+                .builds
+                .lock()
+                .expect("builds lock")
+                .iter()
+                .map(|(id, handle)| (id.clone(), handle.record()))
+                .collect();
             let mut builds = daemon.catalog.builds().map_err(io::Error::other)?;
-            // A live build's record is the one in memory (its progress is not all on disk).
             for build in &mut builds {
-                if let Some(handle) = live(daemon, &build.id) {
-                    *build = handle.record();
+                match live.get(&build.id) {
+                    Some(record) if !build.state.is_terminal() => *build = record.clone(),
+                    _ => {}
                 }
             }
             builds.retain(|b| daemon.policy.sees(peer, b.owner_uid));
@@ -626,9 +635,21 @@ fn snapshot_info(daemon: &Daemon, record: &SnapshotRecord) -> amidala::proto::Sn
     }
 }
 
+fn refuse_when_shutting_down(daemon: &Daemon) -> Result<(), Failure> {
+    if daemon.shutdown.is_cancelled() {
+        return Err(Failure::new(
+            ErrorCode::ShuttingDown,
+            "amidalad is shutting down",
+        ));
+    }
+    Ok(())
+}
+
 /// What a build of `spec` by `peer` would do: every check of a build request, and the source
 /// resolved as the build would resolve it now. Makes nothing.
 async fn plan_build(daemon: &Daemon, peer: &Peer, spec: BuildSpec) -> Result<BuildPlan, Failure> {
+    refuse_when_shutting_down(daemon)?;
+    check_build_limits(daemon, &daemon.builds.lock().expect("builds lock"), peer)?;
     let (record, plugin) = checked_build(daemon, peer, spec).await?;
     let source = daemon.provider.resolve(&record.spec.source).await?;
     let image_name = build::image_name(record.spec.name.as_deref(), &record.id, &record.created)?;
@@ -649,12 +670,7 @@ async fn start_build(
     spec: BuildSpec,
     fds: Vec<OwnedFd>,
 ) -> Result<Arc<BuildHandle>, Failure> {
-    if daemon.shutdown.is_cancelled() {
-        return Err(Failure::new(
-            ErrorCode::ShuttingDown,
-            "amidalad is shutting down",
-        ));
-    }
+    refuse_when_shutting_down(daemon)?;
     let workspace = one_fd(fds, "the workspace directory")?;
     let meta = std::fs::File::from(
         workspace

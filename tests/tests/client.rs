@@ -242,7 +242,7 @@ fn exit_statuses_and_json_errors() {
     let limited = Env::start_with("[limits]\nmax_builds_per_user = 1\n", &[]);
     limited.import_busybox();
     let ws = limited.workspace("ws", &[]);
-    let mut first = limited.spawn_client(&ws, &["build", "--", "/bin/sh", "-c", "sleep 30"]);
+    let first = limited.spawn_client(&ws, &["build", "--json", "--", "/bin/sh", "-c", "sleep 30"]);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while limited
         .amidala(&["list", "--json"])
@@ -260,11 +260,16 @@ fn exit_statuses_and_json_errors() {
     let second = limited.amidala_in(&ws, &["build", "--", "true"]);
     assert_eq!(second.code, Some(4), "{}", second.stderr);
     assert!(second.stderr.contains("limit"), "{}", second.stderr);
+    // validate says so too: the build would be refused.
+    let validated = limited.amidala_in(&ws, &["validate", "--", "true"]);
+    assert_eq!(validated.code, Some(4), "{}", validated.stderr);
     // Cancelling the first: the client that waited for it exits 130.
     let id = field(&limited.amidala(&["list", "--json"]).json()[0], "id").to_owned();
     limited.amidala(&["cancel", &id]).ok();
-    let status = first.wait().unwrap();
-    assert_eq!(status.code(), Some(130));
+    let out = first.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130));
+    let failure: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(failure["code"], "cancelled");
     limited.assert_no_leaks();
     env.assert_no_leaks();
 }

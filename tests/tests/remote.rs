@@ -208,6 +208,10 @@ fn a_laptop_imports_and_builds_on_a_builder_through_ssh() {
     )
     .unwrap();
     fs::set_permissions(ws.join("run.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+    // A read-only tree keeps its mode on the builder, whose scratch copy is still removed.
+    fs::create_dir(ws.join("vendored")).unwrap();
+    fs::write(ws.join("vendored/lib.txt"), "kept as it is\n").unwrap();
+    fs::set_permissions(ws.join("vendored"), fs::Permissions::from_mode(0o555)).unwrap();
     fs::write(
         ws.join("amidala.toml"),
         "name = \"remote-{build}\"\ncommand = [\"./run.sh\"]\n",
@@ -311,6 +315,18 @@ fn what_cannot_work_remotely_says_why() {
         "{}",
         detached.stderr
     );
+    // What cannot be sent (a socket in the workspace) fails the command here, at once, and
+    // the builder, told the upload ended, leaves nothing.
+    let sockets = builder.env.workspace("sockets", &[("file", "x")]);
+    let _listener = std::os::unix::net::UnixListener::bind(sockets.join("a.sock")).unwrap();
+    let unsendable = builder.run(&sockets, &["build", "--", "true"]);
+    assert_eq!(unsendable.code, Some(1), "{}", unsendable.stderr);
+    assert!(
+        unsendable.stderr.contains("packing the current directory"),
+        "{}",
+        unsendable.stderr
+    );
+    builder.assert_no_scratch_left();
     let outside = builder.run(&ws, &["build", "--spec", "../amidala.toml"]);
     assert_eq!(outside.code, Some(2), "{}", outside.stderr);
     assert!(
