@@ -966,7 +966,7 @@ fn build(socket: &Path, out: Output, args: BuildArgs) -> Result<ExitCode> {
     spec.detach = args.detach;
     let mut progress = progress::Progress::new(progress::Mode::detect(out.quiet));
     if let Some(path) = &path {
-        progress.note(&format!("amidala: building from {}", path.display()));
+        progress.line(&format!("amidala: building from {}", path.display()));
     }
     // The workspace is the directory we are in, opened by us and handed over as a descriptor.
     let workspace = File::open(".").context("opening the current directory as the workspace")?;
@@ -996,12 +996,12 @@ fn build(socket: &Path, out: Output, args: BuildArgs) -> Result<ExitCode> {
                     }
                     return Ok(ExitCode::SUCCESS);
                 }
-                progress.note(&format!("amidala: build {id} accepted"));
+                progress.line(&format!("amidala: build {id} accepted"));
                 *accepted.lock().expect("lock") = Some(id.clone());
                 build_id = Some(id);
             }
             Ok(Response::Phase { phase }) => progress.phase(phase),
-            Ok(Response::Log { line }) => progress.log(&line),
+            Ok(Response::Log { line }) => progress.line(&line),
             Ok(Response::Finished(result)) => {
                 progress.finish(
                     true,

@@ -64,17 +64,8 @@ impl Progress {
         }
     }
 
-    /// A line of amidala's own (not the provisioner's).
-    pub fn note(&self, line: &str) {
-        self.line(line);
-    }
-
-    /// A line of the build's log.
-    pub fn log(&self, line: &str) {
-        self.line(line);
-    }
-
-    fn line(&self, line: &str) {
+    /// A line of output (the build's log, or amidala's own), above the spinner if there is one.
+    pub fn line(&self, line: &str) {
         match (&self.mode, &self.bar) {
             (Mode::Quiet, _) => {}
             (_, Some(bar)) => bar.println(line),

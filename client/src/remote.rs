@@ -142,10 +142,7 @@ pub fn run(
     link.uploaded.store(true, Ordering::SeqCst);
     let status = child.wait().context("waiting for ssh")?;
     link.stdin.lock().expect("lock").take();
-    let code = status
-        .code()
-        .or_else(|| status.signal().map(|s| 128 + s))
-        .unwrap_or(1);
+    let code = exit_code(status);
     match code {
         255 => {
             return Err(Unreachable(format!(
@@ -175,6 +172,14 @@ pub fn run(
         }
     }
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}
+
+/// A process's exit status as a shell reports it: its code, or 128 + the signal that ended it.
+fn exit_code(status: std::process::ExitStatus) -> i32 {
+    status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(1)
 }
 
 /// Quotes `s` for a POSIX shell (ssh runs the remote command through the user's shell).
@@ -406,13 +411,7 @@ fn serve_inner() -> Result<ExitCode> {
     let mut child = child;
     let status = child.wait().context("waiting for amidala")?;
     remove_scratch(scratch);
-    Ok(ExitCode::from(
-        status
-            .code()
-            .or_else(|| status.signal().map(|s| 128 + s))
-            .and_then(|c| u8::try_from(c).ok())
-            .unwrap_or(1),
-    ))
+    Ok(ExitCode::from(u8::try_from(exit_code(status)).unwrap_or(1)))
 }
 
 /// Removes the scratch directory, also where the upload kept a directory's mode without

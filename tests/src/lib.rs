@@ -421,8 +421,8 @@ impl Env {
         self.state.join("snapshots").join(format!("{id}.img"))
     }
 
-    /// The id of the first build the daemon lists whose phase is `phase` (`provision`, ...),
-    /// once there is one (within 60 s).
+    /// The id of the first running build the daemon lists in phase `phase` (`provision`,
+    /// ...), once there is one (within 60 s).
     #[track_caller]
     pub fn build_in_phase(&self, phase: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -432,13 +432,13 @@ impl Env {
                 .as_array()
                 .unwrap()
                 .iter()
-                .find(|b| b["phase"] == phase)
+                .find(|b| b["phase"] == phase && b["state"] == "running")
             {
                 return b["id"].as_str().unwrap().to_owned();
             }
             assert!(
                 Instant::now() < deadline,
-                "no build is in phase {phase}: {list}"
+                "no build is running in phase {phase}: {list}"
             );
             std::thread::sleep(Duration::from_millis(50));
         }

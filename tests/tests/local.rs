@@ -677,26 +677,6 @@ fn an_unreachable_daemon_is_reported_with_the_socket_path() {
     );
 }
 
-fn wait_for_phase(env: &Env, phase: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let list = env.amidala(&["list", "--json"]).json();
-        if let Some(b) = list
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|b| b["phase"] == phase && b["state"] == "running")
-        {
-            return b["id"].as_str().unwrap().to_owned();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no build reached {phase}: {list}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn cancel_and_sigterm_tear_builds_down() {
     let mut env = Env::start();
@@ -712,7 +692,7 @@ fn cancel_and_sigterm_tear_builds_down() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let id = wait_for_phase(&env, "provision");
+    let id = env.build_in_phase("provision");
     let cancelled = env.amidala(&["cancel", &id]);
     assert!(
         cancelled.ok().is_empty() && cancelled.stderr.contains("is cancelled"),
@@ -734,7 +714,7 @@ fn cancel_and_sigterm_tear_builds_down() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let id = wait_for_phase(&env, "provision");
+    let id = env.build_in_phase("provision");
     let started = Instant::now();
     env.stop();
     assert!(

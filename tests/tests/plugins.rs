@@ -5,6 +5,19 @@ use amidala_tests::{field, Env, Mounted};
 
 const PROBE: &str = "libamidala_test_probe.so";
 
+/// The arguments of a build by the probe provisioner with `marker=x` and `option`.
+fn probe_build(option: &str) -> [&str; 7] {
+    [
+        "build",
+        "--provisioner",
+        "probe",
+        "--opt",
+        "marker=x",
+        "--opt",
+        option,
+    ]
+}
+
 #[test]
 fn an_out_of_tree_plugin_is_listed_and_runs_in_a_build() {
     let env = Env::start_full("", &[], &[(PROBE, "probe.so", 0o644)]);
@@ -138,18 +151,7 @@ fn invalid_options_fail_before_any_resource_exists() {
     let env = Env::start_full("", &[], &[(PROBE, "probe.so", 0o644)]);
     env.import_busybox();
     let ws = env.workspace("ws", &[]);
-    let unknown = env.amidala_in(
-        &ws,
-        &[
-            "build",
-            "--provisioner",
-            "probe",
-            "--opt",
-            "marker=x",
-            "--opt",
-            "colour=red",
-        ],
-    );
+    let unknown = env.amidala_in(&ws, &probe_build("colour=red"));
     assert!(
         unknown
             .err()
@@ -208,18 +210,7 @@ fn plugin_faults_fail_only_their_own_build() {
     let faulty: Vec<_> = ["panic", "segfault", "abort"]
         .iter()
         .map(|mode| {
-            let child = env.spawn_client(
-                &ws,
-                &[
-                    "build",
-                    "--provisioner",
-                    "probe",
-                    "--opt",
-                    "marker=x",
-                    "--opt",
-                    &format!("mode={mode}"),
-                ],
-            );
+            let child = env.spawn_client(&ws, &probe_build(&format!("mode={mode}")));
             (mode, child)
         })
         .collect();
@@ -248,18 +239,7 @@ fn plugin_faults_fail_only_their_own_build() {
             "provisioner probe crashed while validating the build",
         ),
     ] {
-        let out = env.amidala_in(
-            &ws,
-            &[
-                "build",
-                "--provisioner",
-                "probe",
-                "--opt",
-                "marker=x",
-                "--opt",
-                &format!("mode={mode}"),
-            ],
-        );
+        let out = env.amidala_in(&ws, &probe_build(&format!("mode={mode}")));
         assert!(out.err().contains(expected), "{mode}: {}", out.stderr);
     }
     let out = good.wait_with_output().unwrap();
