@@ -99,6 +99,9 @@ pub struct BuildHandle {
     pub cancel: CancellationToken,
     pub log: EventLog,
     record: Mutex<BuildRecord>,
+    /// The record on disk; its lock is taken with `record`'s held, so that the journal gets
+    /// the changes in their order.
+    journal: Mutex<crate::store::Journal>,
     catalog: Catalog,
 }
 
@@ -131,16 +134,20 @@ impl BuildHandle {
         let log_path = catalog.build_log(&record.id);
         let log =
             EventLog::create(&log_path).map_err(|e| state_error("creating the build log", e))?;
-        if let Err(e) = catalog.put_build(&record) {
-            let _ = std::fs::remove_file(&log_path);
-            return Err(state_error("writing the build record", e));
-        }
+        let journal = match catalog.create_build_journal(&record) {
+            Ok(journal) => journal,
+            Err(e) => {
+                let _ = std::fs::remove_file(&log_path);
+                return Err(state_error("writing the build record", e));
+            }
+        };
         Ok(BuildHandle {
             id: record.id.clone(),
             owner_uid: record.owner_uid,
             cancel: CancellationToken::new(),
             log,
             record: Mutex::new(record),
+            journal: Mutex::new(journal),
             catalog: catalog.clone(),
         })
     }
@@ -158,7 +165,8 @@ impl BuildHandle {
     fn try_update(&self, f: impl FnOnce(&mut BuildRecord)) -> std::io::Result<()> {
         let mut record = self.record.lock().expect("record lock");
         f(&mut record);
-        self.catalog.put_build(&record).inspect_err(|e| {
+        let mut journal = self.journal.lock().expect("journal lock");
+        journal.write(&*record).inspect_err(|e| {
             tracing::error!(build = %self.id, error = %e, "writing the build record");
         })
     }

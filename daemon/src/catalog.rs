@@ -6,7 +6,8 @@
 //! ```text
 //! catalog/snapshots/snap-….json   snapshot records          snapshots/snap-….img  their disks
 //! catalog/images/ami-….json       image records
-//! builds/bld-….json               build records (the journal)  builds/bld-….log  event logs
+//! builds/bld-….json               build records (journals: one   builds/bld-….log  event logs
+//!                                 line per change, the last counts)
 //! volumes/vol-….img               volumes of running builds
 //! mnt/bld-…/                      mount points (mounted only inside a build's namespace)
 //! tmp/                            staging of imports
@@ -20,6 +21,7 @@ use std::fs::{self, DirBuilder};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use amidala::proto::{
     BuildFailure, BuildInfo, BuildSpec, BuildState, ImageInfo, Phase, SnapshotInfo, Tag,
@@ -115,6 +117,12 @@ pub fn newest_with_tag<'a>(
 #[derive(Debug, Clone)]
 pub struct Catalog {
     root: PathBuf,
+    /// The snapshot records by id, read from disk on first use and then kept up to date by
+    /// this catalog's own writes: the daemon that opened it is the state directory's only
+    /// writer (it holds its lock). Every build resolves its source among all of them, and
+    /// reading hundreds of records from disk for each build cost more than a no-op build.
+    /// `None` until read, and again after a write whose outcome on disk is unknown.
+    snapshots: Arc<Mutex<Option<BTreeMap<String, SnapshotRecord>>>>,
 }
 
 impl Catalog {
@@ -123,6 +131,7 @@ impl Catalog {
     pub fn open(state_dir: &Path) -> io::Result<Catalog> {
         let catalog = Catalog {
             root: state_dir.to_owned(),
+            snapshots: Arc::default(),
         };
         // Readable by all: snapshot files are the images users boot or export.
         for (dir, mode) in [
@@ -206,22 +215,77 @@ impl Catalog {
     }
 
     pub fn put_snapshot(&self, record: &SnapshotRecord) -> io::Result<()> {
-        store::write_json(&self.record("catalog/snapshots", &record.id), record)
+        let mut index = self.snapshots.lock().expect("snapshot index lock");
+        let written = store::write_json(&self.record("catalog/snapshots", &record.id), record);
+        Self::keep_index(&mut index, &written, |all| {
+            all.insert(record.id.clone(), record.clone());
+        });
+        written
     }
 
     pub fn delete_snapshot_record(&self, id: &str) -> io::Result<()> {
-        match fs::remove_file(self.record("catalog/snapshots", id)) {
+        let mut index = self.snapshots.lock().expect("snapshot index lock");
+        let deleted = match fs::remove_file(self.record("catalog/snapshots", id)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => store::sync_dir(&self.root.join("catalog/snapshots")),
+        };
+        Self::keep_index(&mut index, &deleted, |all| {
+            all.remove(id);
+        });
+        deleted
+    }
+
+    /// After a write to the snapshot records: `change` the index as the write changed the
+    /// disk, or, if the write failed (it may have happened in part), forget the index so that
+    /// the next use reads the disk again.
+    fn keep_index(
+        index: &mut Option<BTreeMap<String, SnapshotRecord>>,
+        written: &io::Result<()>,
+        change: impl FnOnce(&mut BTreeMap<String, SnapshotRecord>),
+    ) {
+        match (written, index.as_mut()) {
+            (Ok(()), Some(all)) => change(all),
+            (Ok(()), None) => {}
+            (Err(_), _) => *index = None,
         }
+    }
+
+    /// The snapshot index, read from disk if it is not in memory.
+    fn snapshot_index(
+        &self,
+    ) -> io::Result<MutexGuard<'_, Option<BTreeMap<String, SnapshotRecord>>>> {
+        let mut index = self.snapshots.lock().expect("snapshot index lock");
+        if index.is_none() {
+            let all: Vec<SnapshotRecord> = store::list_json(&self.root.join("catalog/snapshots"))?;
+            *index = Some(all.into_iter().map(|s| (s.id.clone(), s)).collect());
+        }
+        Ok(index)
+    }
+
+    /// The newest snapshot carrying `tag` among those `usable` says may be a build's source.
+    pub fn newest_snapshot_with_tag(
+        &self,
+        tag: &Tag,
+        usable: impl Fn(&SnapshotRecord) -> bool,
+    ) -> io::Result<Option<SnapshotRecord>> {
+        let index = self.snapshot_index()?;
+        let all = index.as_ref().expect("read above");
+        Ok(newest_with_tag(all.values().filter(|s| usable(s)), tag).cloned())
     }
 
     pub fn get_snapshot(&self, id: &str) -> io::Result<Option<SnapshotRecord>> {
         read_optional(&self.record("catalog/snapshots", id))
     }
 
+    /// Every snapshot record, by id.
     pub fn snapshots(&self) -> io::Result<Vec<SnapshotRecord>> {
-        store::list_json(&self.root.join("catalog/snapshots"))
+        let index = self.snapshot_index()?;
+        Ok(index
+            .as_ref()
+            .expect("read above")
+            .values()
+            .cloned()
+            .collect())
     }
 
     pub fn put_image(&self, record: &ImageRecord) -> io::Result<()> {
@@ -230,6 +294,11 @@ impl Catalog {
 
     pub fn images(&self) -> io::Result<Vec<ImageRecord>> {
         store::list_json(&self.root.join("catalog/images"))
+    }
+
+    /// Starts the journal of a new build: its record, appended to on each change.
+    pub fn create_build_journal(&self, record: &BuildRecord) -> io::Result<store::Journal> {
+        store::Journal::create(&self.record("builds", &record.id), record)
     }
 
     pub fn put_build(&self, record: &BuildRecord) -> io::Result<()> {
@@ -320,5 +389,40 @@ mod tests {
         assert_eq!(catalog.get_snapshot(&s.id).unwrap(), Some(s.clone()));
         assert_eq!(catalog.snapshots().unwrap(), vec![s]);
         assert_eq!(catalog.get_snapshot("snap-missing").unwrap(), None);
+    }
+
+    #[test]
+    fn the_snapshot_index_follows_the_catalogs_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let tag: Tag = "amidala=base".parse().unwrap();
+        let catalog = Catalog::open(dir.path()).unwrap();
+        let old = snap("snap-a", 10, &[("amidala", "base")]);
+        catalog.put_snapshot(&old).unwrap();
+        let newest = |c: &Catalog| c.newest_snapshot_with_tag(&tag, |_| true).unwrap();
+        assert_eq!(newest(&catalog), Some(old.clone()));
+        // Read once, then kept: writes through the catalog (or a clone of it) show at once.
+        let new = snap("snap-b", 20, &[("amidala", "base")]);
+        catalog.clone().put_snapshot(&new).unwrap();
+        assert_eq!(newest(&catalog), Some(new.clone()));
+        assert_eq!(
+            catalog
+                .newest_snapshot_with_tag(&tag, |s| s.id != "snap-b")
+                .unwrap(),
+            Some(old.clone())
+        );
+        let retagged = snap("snap-b", 20, &[("amidala", "system")]);
+        catalog.put_snapshot(&retagged).unwrap();
+        assert_eq!(newest(&catalog), Some(old.clone()));
+        catalog.delete_snapshot_record("snap-a").unwrap();
+        assert_eq!(newest(&catalog), None);
+        assert_eq!(catalog.snapshots().unwrap(), vec![retagged.clone()]);
+        // A write that fails makes the next use read the disk.
+        fs::remove_dir_all(dir.path().join("catalog/snapshots")).unwrap();
+        assert!(catalog.put_snapshot(&old).is_err());
+        assert!(catalog.snapshots().unwrap().is_empty());
+        // What another catalog wrote is seen by one that had not read the disk yet.
+        fs::create_dir(dir.path().join("catalog/snapshots")).unwrap();
+        catalog.put_snapshot(&old).unwrap();
+        assert_eq!(newest(&Catalog::open(dir.path()).unwrap()), Some(old));
     }
 }

@@ -319,7 +319,7 @@ pub enum CopyMethod {
 nix::ioctl_write_int!(ficlone, 0x94, 9);
 
 /// Copies all of `src` into the empty file `dst`: by reflink where the filesystem shares
-/// blocks, else region by region skipping holes. Syncs `dst`.
+/// blocks, else region by region skipping holes. Does not sync `dst`.
 pub fn copy_file(src: &File, dst: &File) -> io::Result<CopyMethod> {
     let len = src.metadata()?.len();
     // SAFETY: FICLONE takes the source descriptor as its integer argument; both descriptors
@@ -333,7 +333,6 @@ pub fn copy_file(src: &File, dst: &File) -> io::Result<CopyMethod> {
         }
     };
     dst.set_len(len)?;
-    dst.sync_all()?;
     Ok(method)
 }
 

@@ -29,7 +29,7 @@ use crate::catalog::SnapshotRecord;
 use crate::disk;
 use crate::error::{blocking, Failure};
 use crate::ids::new_id;
-use crate::provider::{copy_to_new, Provider, SnapshotMeta};
+use crate::provider::{copy_to_new, Keep, Provider, SnapshotMeta};
 
 /// Largest snapshot size accepted (EBS's own limit is 64 TiB; a local file this large is a typo).
 pub const MAX_SIZE: u64 = 16 << 40;
@@ -204,7 +204,7 @@ async fn make_image(
                         "--size {want} is smaller than the disk image ({len} bytes)"
                     )));
                 }
-                copy_to_new(&src, &image, 0o644)
+                copy_to_new(&src, &image, 0o644, Keep::Durable)
                     .map_err(|e| Failure::io("copying the disk image", e))?;
                 let out = OpenOptions::new()
                     .read(true)

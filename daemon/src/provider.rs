@@ -14,7 +14,7 @@ use amidala::proto::{validate_id, BuildSpec, ErrorCode, ImageInfo, SnapshotInfo,
 use async_trait::async_trait;
 use chrono::Utc;
 
-use crate::catalog::{newest_with_tag, Catalog, ImageRecord, SnapshotRecord};
+use crate::catalog::{Catalog, ImageRecord, SnapshotRecord};
 use crate::disk::{self, FsType};
 use crate::error::{blocking, Failure};
 use crate::ids::new_id;
@@ -138,7 +138,9 @@ pub trait Provider: Send + Sync + Debug {
     async fn attach(&self, volume: &Volume, partition: Option<u32>) -> Result<Attachment, Failure>;
     /// Detaches, once nothing has the root filesystem mounted.
     async fn detach(&self, volume: &Volume, attachment: Attachment) -> Result<(), Failure>;
-    /// A snapshot of the (detached) volume.
+    /// A snapshot of the (detached) volume. The build deletes the volume right after, so a
+    /// provider may take the volume's content for the snapshot instead of copying it (the
+    /// local provider moves the file): the volume may be gone when this returns.
     async fn snapshot(
         &self,
         volume: &Volume,
@@ -188,16 +190,35 @@ pub fn usable_as_source(tags: &BTreeMap<String, String>) -> bool {
     !tags.contains_key(FAILED_BUILD_TAG)
 }
 
-/// Copies `src` into a new file at `dst` (created exclusively, mode `mode`); on failure
-/// nothing is left at `dst`.
-pub fn copy_to_new(src: &File, dst: &Path, mode: u32) -> std::io::Result<disk::CopyMethod> {
+/// Whether a copy must reach the disk before it is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// Synced: it must survive a crash (a snapshot, say).
+    Durable,
+    /// Not synced: a crash makes it garbage anyway (a build's volume, which recovery deletes).
+    Scratch,
+}
+
+/// Copies `src` into a new file at `dst` (created exclusively, mode `mode`), synced if `keep`
+/// says so; on failure nothing is left at `dst`.
+pub fn copy_to_new(
+    src: &File,
+    dst: &Path,
+    mode: u32,
+    keep: Keep,
+) -> std::io::Result<disk::CopyMethod> {
     let out = OpenOptions::new()
         .read(true)
         .write(true)
         .create_new(true)
         .mode(mode)
         .open(dst)?;
-    let result = disk::copy_file(src, &out);
+    let result = disk::copy_file(src, &out).and_then(|method| {
+        if keep == Keep::Durable {
+            out.sync_all()?;
+        }
+        Ok(method)
+    });
     if result.is_err() {
         let _ = std::fs::remove_file(dst);
     }
@@ -273,11 +294,10 @@ impl Provider for LocalProvider {
                     })
             }
             Source::Tag(tag) => {
-                let all = catalog
-                    .snapshots()
+                let newest = catalog
+                    .newest_snapshot_with_tag(tag, |s| usable_as_source(&s.tags))
                     .map_err(|e| Failure::io("reading the catalog", e))?;
-                let usable = all.iter().filter(|s| usable_as_source(&s.tags));
-                newest_with_tag(usable, tag).cloned().ok_or_else(|| {
+                newest.ok_or_else(|| {
                     Failure::new(
                         ErrorCode::NoSnapshot,
                         format!(
@@ -305,7 +325,9 @@ impl Provider for LocalProvider {
         blocking(move || {
             let src_file = File::open(&src)
                 .map_err(|e| Failure::io(format!("opening {}", src.display()), e))?;
-            let method = copy_to_new(&src_file, &dst, 0o600).map_err(|e| {
+            // Not synced: a volume does not outlive a crash (recovery deletes it), and the
+            // snapshot a build makes of it is synced then.
+            let method = copy_to_new(&src_file, &dst, 0o600, Keep::Scratch).map_err(|e| {
                 Failure::io(format!("copying {} to {}", src.display(), dst.display()), e)
             })?;
             if let Err(e) = grow(&dst, size) {
@@ -336,11 +358,9 @@ impl Provider for LocalProvider {
         let src = catalog.volume_file(&volume.id);
         blocking(move || {
             let id = new_id("snap");
-            let file = File::open(&src)
-                .map_err(|e| Failure::io(format!("opening {}", src.display()), e))?;
             let staged = catalog.snapshot_staging_file(&id);
-            copy_to_new(&file, &staged, 0o644)
-                .map_err(|e| Failure::io(format!("copying {} to a snapshot", src.display()), e))?;
+            take_volume(&src, &staged)
+                .map_err(|e| Failure::io(format!("making {} a snapshot", src.display()), e))?;
             store_snapshot(&catalog, id, &staged, meta)
         })
         .await
@@ -524,6 +544,25 @@ pub fn build_of_volume(volume_id: &str) -> Option<String> {
     volume_id
         .strip_prefix("vol-")
         .map(|digits| format!("bld-{digits}"))
+}
+
+/// Makes the detached volume file at `volume` the snapshot staged at `staged`: synced,
+/// readable by all as snapshots are, and moved, not copied (the build deletes its volume next,
+/// so nothing of a no-op build is written twice). Copied if the two are on different
+/// filesystems. On failure the volume is where it was and nothing is at `staged`.
+fn take_volume(volume: &Path, staged: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let file = File::open(volume)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+    // Synced before it is renamed: a rename of unsynced data can leave neither after a power
+    // loss (XFS, ext4 without auto_da_alloc).
+    file.sync_all()?;
+    match std::fs::rename(volume, staged) {
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            copy_to_new(&file, staged, 0o644, Keep::Durable).map(drop)
+        }
+        other => other,
+    }
 }
 
 /// Records the complete disk image at `staged` as snapshot `id`.

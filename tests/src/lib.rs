@@ -334,6 +334,20 @@ impl Env {
         fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
     }
 
+    /// A build's record as its journal holds it on disk: the last of its lines (one per
+    /// change) that is complete.
+    #[track_caller]
+    pub fn build_record(&self, id: &str) -> serde_json::Value {
+        let path = self.state.join("builds").join(format!("{id}.json"));
+        let text =
+            fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        let last = serde_json::Deserializer::from_str(&text)
+            .into_iter::<serde_json::Value>()
+            .map_while(Result::ok)
+            .last();
+        last.unwrap_or_else(|| panic!("no record in {}: {text:?}", path.display()))
+    }
+
     pub fn daemon_pid(&self) -> Option<u32> {
         self.daemon.as_ref().map(Child::id)
     }

@@ -125,10 +125,7 @@ fn kill_in_phase(
     );
     env.kill9();
     // What the journal held at the moment of death.
-    let record: serde_json::Value = serde_json::from_slice(
-        &fs::read(env.state.join("builds").join(format!("{build}.json"))).unwrap(),
-    )
-    .unwrap();
+    let record = env.build_record(&build);
     let journaled = match record["state"].as_str() {
         Some("running") | Some("queued") => record["phase"].as_str().unwrap_or("?").to_owned(),
         Some(state) => format!("({state} before the kill)"),
@@ -214,10 +211,7 @@ fn interrupt_in_phase(
         nix::sys::signal::Signal::SIGINT,
     )
     .unwrap();
-    let record: serde_json::Value = serde_json::from_slice(
-        &fs::read(env.state.join("builds").join(format!("{build}.json"))).unwrap(),
-    )
-    .unwrap();
+    let record = env.build_record(&build);
     let out = client.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     // A Ctrl-C before the client read the daemon's acceptance ends it at once (130); the

@@ -723,10 +723,7 @@ fn cancel_and_sigterm_tear_builds_down() {
     );
     let out = client.wait_with_output().unwrap();
     assert!(!out.status.success());
-    let record: serde_json::Value = serde_json::from_slice(
-        &fs::read(env.state.join("builds").join(format!("{id}.json"))).unwrap(),
-    )
-    .unwrap();
+    let record = env.build_record(&id);
     assert_eq!(record["state"], "cancelled");
     assert!(record["error"]["message"]
         .as_str()

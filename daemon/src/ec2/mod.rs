@@ -36,7 +36,7 @@ use crate::disk;
 use crate::error::{blocking, Failure};
 use crate::provider::{
     copy_to_new, grow, remove_if_present, usable_as_source, Attachment, BuildVolume, ImageMeta,
-    Provider, SnapshotMeta, Volume, FAILED_BUILD_TAG,
+    Keep, Provider, SnapshotMeta, Volume, FAILED_BUILD_TAG,
 };
 use devices::{DeviceAllocator, DeviceLease};
 use wait::wait_for;
@@ -563,7 +563,7 @@ impl Ec2Provider {
             blocking(move || {
                 let file = File::open(&src)
                     .map_err(|e| Failure::io(format!("opening {}", src.display()), e))?;
-                copy_to_new(&file, &dst, 0o644)
+                copy_to_new(&file, &dst, 0o644, Keep::Durable)
                     .map_err(|e| Failure::io("storing the snapshot's content", e))?;
                 Ok(())
             })
@@ -761,7 +761,7 @@ impl Provider for Ec2Provider {
             let copied = blocking(move || {
                 let file = File::open(&src)
                     .map_err(|e| Failure::io(format!("opening {}", src.display()), e))?;
-                copy_to_new(&file, &dst, 0o600)
+                copy_to_new(&file, &dst, 0o600, Keep::Durable)
                     .map_err(|e| Failure::io("making the volume's content", e))?;
                 grow(&dst, Some(size_gib as u64 * GIB))
             })
@@ -1161,7 +1161,7 @@ impl Ec2Provider {
                 let file =
                     File::open(&src).map_err(|e| Failure::io("opening the staged image", e))?;
                 if loop_plane {
-                    copy_to_new(&file, &dst, 0o600)
+                    copy_to_new(&file, &dst, 0o600, Keep::Durable)
                         .map_err(|e| Failure::io("writing the volume", e))?;
                     grow(&dst, Some(size_gib as u64 * GIB))
                 } else {
