@@ -697,7 +697,7 @@ async fn run_executor(
     let mut phase = Phase::Mount;
     // Born in the build's cgroup (see crate::spawn), with the workspace as descriptor 3.
     let mut child = crate::spawn::spawn(&crate::spawn::Spec {
-        program: "/proc/self/exe".as_ref(),
+        program: crate::helper::program().as_os_str(),
         args: vec![
             "amidalad-executor".as_ref(),
             EXECUTOR_ARG.as_ref(),

@@ -18,6 +18,7 @@ pub mod ec2;
 pub mod error;
 pub mod executor;
 pub mod gc;
+pub mod helper;
 pub mod ids;
 pub mod import;
 pub mod loopdev;
@@ -130,6 +131,7 @@ pub async fn run(config: Config) -> Result<()> {
                 .context("starting the ec2 provider")?,
         ),
     };
+    helper::init();
     let plugins = Plugins::load_dir(&config.plugin_dir);
     if plugins.names().is_empty() {
         tracing::warn!(dir = %config.plugin_dir.display(), "no provisioner plugin loaded: builds will be refused");

@@ -6,14 +6,8 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let mut args = std::env::args_os().skip(1);
-    match (args.next(), args.next()) {
-        (Some(a), _) if a == amidalad::executor::EXECUTOR_ARG => amidalad::executor::main(),
-        (Some(a), Some(plugin)) if a == amidalad::plugins::VALIDATOR_ARG => {
-            amidalad::plugins::validator_main(std::path::Path::new(&plugin))
-        }
-        _ => {}
-    }
+    // The executor and validators run as amidalad-exec, or as amidalad where there is none.
+    amidalad::helper::run_if_asked();
     let cli = amidalad::config::Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -66,6 +66,11 @@ pub fn check_trusted(path: &Path) -> Result<(), LoadError> {
         path: path.to_owned(),
         source,
     })?;
+    check_trusted_metadata(path, &meta)
+}
+
+/// [`check_trusted`] on the metadata of `path`, as of an open file.
+pub fn check_trusted_metadata(path: &Path, meta: &fs::Metadata) -> Result<(), LoadError> {
     if meta.uid() != 0 {
         return Err(LoadError::Untrusted {
             path: path.to_owned(),
@@ -224,7 +229,7 @@ impl Plugin {
         use crate::error::Failure;
         use amidala::proto::ErrorCode;
         use tokio::io::AsyncWriteExt;
-        let mut child = tokio::process::Command::new("/proc/self/exe")
+        let mut child = tokio::process::Command::new(crate::helper::program())
             .arg0("amidalad-validate")
             .arg(VALIDATOR_ARG)
             .arg(&self.path)

@@ -732,3 +732,78 @@ fn cancel_and_sigterm_tear_builds_down() {
     assert!(!env.socket.exists(), "socket removed on exit");
     env.assert_no_leaks();
 }
+
+/// amidalad runs a build's executor and the plugin's validator as amidalad-exec, the small
+/// helper next to it; as itself where that is missing, not root's alone to change, or of
+/// another build. The build works either way, and the daemon's log says which ran, and why.
+#[test]
+fn the_executor_runs_as_the_helper_or_else_as_amidalad() {
+    let mut env = Env::start();
+    let rootfs = env.busybox_rootfs("rootfs");
+    env.import(&rootfs, &[]);
+    let ws = env.workspace("ws", &[]);
+    let helper = amidala_tests::bin_dir().join("amidalad-exec");
+    let using = "executor and validators run as the helper";
+    assert!(
+        env.daemon_log()
+            .contains(&format!("{using} helper={}", helper.display())),
+        "{}",
+        env.daemon_log()
+    );
+    let built = env.build(&ws, &["--", "true"]);
+    assert!(field(&built, "image_id").starts_with("ami-"), "{built}");
+
+    // amidalad alone in a directory of its own, with helpers it must not run.
+    let dir = tempfile::Builder::new()
+        .prefix("amidala-helper-")
+        .tempdir()
+        .unwrap();
+    fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let daemon = dir.path().join("amidalad");
+    if fs::hard_link(amidala_tests::bin_dir().join("amidalad"), &daemon).is_err() {
+        fs::copy(amidala_tests::bin_dir().join("amidalad"), &daemon).unwrap();
+    }
+    let fake = dir.path().join("amidalad-exec");
+    let launcher = format!("shift; exec {} \"$@\"", daemon.display());
+    let cases: [(&str, u32, &str); 3] = [
+        ("", 0, "no amidalad-exec next to amidalad"),
+        (
+            "#!/bin/sh\necho 'amidalad-exec 0.0.0 (protocol 0)'\n",
+            0o755,
+            "it is not of this build",
+        ),
+        ("copy", 0o775, "writable by group or others"),
+    ];
+    for (content, mode, why) in cases {
+        let _ = fs::remove_file(&fake);
+        match content {
+            "" => {}
+            "copy" => {
+                fs::copy(&helper, &fake).unwrap();
+            }
+            script => fs::write(&fake, script).unwrap(),
+        }
+        if mode != 0 {
+            fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+        }
+        let before = env.daemon_log().len();
+        env.restart_through(&["/bin/sh", "-c", &launcher, "sh"], &[]);
+        let log = env.daemon_log()[before..].to_owned();
+        assert!(
+            log.contains(why) && !log.contains(using),
+            "{why}: the daemon's log says:\n{log}"
+        );
+        // Run as amidalad itself, the build is the same.
+        let built = env.build(&ws, &["--", "true"]);
+        assert!(
+            field(&built, "image_id").starts_with("ami-"),
+            "{why}: {built}"
+        );
+    }
+    env.stop();
+    env.assert_no_leaks();
+}

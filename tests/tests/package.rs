@@ -36,9 +36,10 @@ const UNIT_DIR: &str = "/usr/lib/systemd/system";
 
 /// The regular files the package holds besides the manual pages (one per page `amidala man`
 /// prints, mode 0644), with their modes.
-const FILES: [(&str, u32); 16] = [
+const FILES: [(&str, u32); 17] = [
     ("/usr/bin/amidala", 0o755),
     ("/usr/bin/amidalad", 0o755),
+    ("/usr/libexec/amidala/amidalad-exec", 0o755),
     ("/usr/lib/amidala/plugins/libamidala_shell.so", 0o644),
     ("/usr/lib/amidala/plugins/libamidala_chef.so", 0o644),
     ("/usr/lib/amidala/plugins/libamidala_ansible.so", 0o644),
@@ -79,9 +80,10 @@ const FROM_REPO: [(&str, &str); 7] = [
 ];
 
 /// Where a package amidala, installed or not, would have left something.
-const PACKAGE_PATHS: [&str; 8] = [
+const PACKAGE_PATHS: [&str; 9] = [
     "/usr/bin/amidala",
     "/usr/bin/amidalad",
+    "/usr/libexec/amidala",
     "/usr/lib/amidala",
     "/etc/amidala",
     STATE,
@@ -597,6 +599,15 @@ fn the_package_installs_bakes_an_image_as_a_member_and_purges_clean() {
         "build as {USER}: {}{}\ndaemon log:\n{}",
         build.stdout,
         build.stderr,
+        host.log()
+    );
+    // The installed daemon ran the build's executor and the plugin's validator as the
+    // package's helper, not as itself.
+    assert!(
+        host.log().contains(
+            "executor and validators run as the helper helper=/usr/bin/../libexec/amidala/amidalad-exec"
+        ),
+        "the installed helper is not used:\n{}",
         host.log()
     );
     let result = build.json();
