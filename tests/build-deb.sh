@@ -54,7 +54,7 @@ if [ "$build" = yes ]; then
     cargo build --profile "$profile" -p amidala -p amidalad \
         -p amidala-shell -p amidala-chef -p amidala-ansible
 fi
-for file in amidala amidalad libamidala_shell.so libamidala_chef.so libamidala_ansible.so; do
+for file in amidala amidalad amidalad-exec libamidala_shell.so libamidala_chef.so libamidala_ansible.so; do
     [ -f "$out/$file" ] || {
         echo "$0: $out/$file is missing: build it first (cargo build --profile $profile --workspace)" >&2
         exit 1
