@@ -9,7 +9,8 @@
 //!    made on a loop device, against `tests/bench-script.sh` doing the same steps by hand;
 //! 2. `ec2`: a no-op build against moto with EC2's state delays emulated: wall time, the
 //!    emulated delays, amidala's overhead (the difference) and the EC2 calls it made;
-//! 3. `concurrent`: eight no-op builds at once against one;
+//! 3. `concurrent`: eight no-op builds at once against one (and the script, eight at once
+//!    against one);
 //! 4. `first-output`: from starting `amidala build` to the provisioner's first line of output,
 //!    local and ec2, cold and with a warm pool;
 //! 5. `daemon`: the daemon's idle RSS and the round trip of a status request.
@@ -505,18 +506,47 @@ impl Drop for XfsMount {
 
 /// Runs tests/bench-script.sh once; returns its wall time and deletes what it made.
 fn script_run(snapshot: &Path, work: &Path, sync: bool) -> f64 {
-    let out = work.join("snapshot-out.img");
-    let mut cmd = Command::new("bash");
-    cmd.arg(repo_dir().join("tests/bench-script.sh"));
-    if sync {
-        cmd.arg("--sync");
-    }
-    cmd.arg(snapshot).arg(work).arg(&out);
+    script_runs(snapshot, &[work.to_owned()], sync)
+}
+
+/// Runs tests/bench-script.sh once in each of `works` (directories), all at once; returns the
+/// wall time until the last ends, and deletes what they made. Panics if one fails.
+fn script_runs(snapshot: &Path, works: &[PathBuf], sync: bool) -> f64 {
+    let outs: Vec<PathBuf> = works.iter().map(|w| w.join("snapshot-out.img")).collect();
     let start = Instant::now();
-    let result = run(&mut cmd);
+    let children: Vec<_> = works
+        .iter()
+        .zip(&outs)
+        .map(|(work, out)| {
+            let mut cmd = Command::new("bash");
+            cmd.arg(repo_dir().join("tests/bench-script.sh"));
+            if sync {
+                cmd.arg("--sync");
+            }
+            cmd.arg(snapshot)
+                .arg(work)
+                .arg(out)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped());
+            cmd.spawn().expect("starting tests/bench-script.sh")
+        })
+        .collect();
+    let results: Vec<_> = children
+        .into_iter()
+        .map(|child| child.wait_with_output().expect("waiting for the script"))
+        .collect();
     let wall = start.elapsed().as_secs_f64();
-    result.ok();
-    fs::remove_file(&out).expect("removing the script's snapshot");
+    for result in results {
+        assert!(
+            result.status.success(),
+            "tests/bench-script.sh failed ({}): {}",
+            result.status,
+            String::from_utf8_lossy(&result.stderr)
+        );
+    }
+    for out in outs {
+        fs::remove_file(&out).expect("removing the script's snapshot");
+    }
     wall
 }
 
@@ -764,9 +794,16 @@ fn concurrent_section(opts: &Opts, report: &mut Report) {
     const N: usize = 8;
     let env = local_env(None, &format!("max_builds = {N}\n"));
     let rootfs = env.busybox_rootfs("rootfs");
-    env.import(&rootfs, &["--size", "1G"]);
+    let base = env.import(&rootfs, &["--size", "1G"]);
     let ws = env.workspace("ws", &[]);
     timed_build(&env, &ws, &["--", "true"]);
+    // The script by hand (with the fsyncs amidala does), alone and eight at once on the same
+    // snapshot: how far the minimal steps themselves go on this machine.
+    let snapshot = snapshot_path(&env, &base);
+    let works: Vec<PathBuf> = (0..N)
+        .map(|i| env.workspace(&format!("script-{i}"), &[]))
+        .collect();
+    let (mut script_one, mut script_many) = (Vec::new(), Vec::new());
     let (mut one, mut many) = (Vec::new(), Vec::new());
     // CPU time the whole host spent (all processes and the kernel) during the builds.
     let (mut cpu_one, mut cpu_many) = (0.0, 0.0);
@@ -793,6 +830,8 @@ fn concurrent_section(opts: &Opts, report: &mut Report) {
         }
         many.push(start.elapsed().as_secs_f64());
         cpu_many += host_cpu_seconds() - busy;
+        script_one.push(script_run(&snapshot, &works[0], true));
+        script_many.push(script_runs(&snapshot, &works, true));
     }
     report
         .phases
@@ -804,6 +843,14 @@ fn concurrent_section(opts: &Opts, report: &mut Report) {
         format!("1: {}, {N}: {}, {:.2}x", secs(a), secs(b), b / a),
         "<= 2.5x",
         Verdict::of(b / a <= 2.5),
+    );
+    let (sa, sb) = (median(&script_one), median(&script_many));
+    report.row(
+        S,
+        format!("the script by hand (with fsync), {N} at once / 1"),
+        format!("1: {}, {N}: {}, {:.2}x", secs(sa), secs(sb), sb / sa),
+        "",
+        Verdict::Info,
     );
     // Whether the CPUs were the limit: a no-op build is nearly all CPU work (processes,
     // namespaces, mounts), so eight cannot take less than eight builds' CPU time over the
