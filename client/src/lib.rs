@@ -85,14 +85,23 @@ impl Client {
             decoder: FrameDecoder::new(),
             daemon_version: String::new(),
         };
-        client.send(
+        let sent = client.send(
             &Request::Hello {
                 protocol: proto::PROTOCOL_VERSION,
                 client: format!("amidala {}", env!("CARGO_PKG_VERSION")),
             },
             None,
-        )?;
-        match client.recv()? {
+        );
+        // A daemon that refuses the connection (a limit reached) says why at once and closes
+        // it, maybe before the hello arrives: its answer is read whatever the send did.
+        let answer = client.recv();
+        if let (Err(sent), Err(ClientError::Closed | ClientError::Io(_))) = (&sent, &answer) {
+            return Err(ClientError::Io(std::io::Error::new(
+                sent_kind(sent),
+                sent.to_string(),
+            )));
+        }
+        match answer? {
             Response::Hello { protocol, daemon } if protocol == proto::PROTOCOL_VERSION => {
                 client.daemon_version = daemon;
                 Ok(client)
@@ -160,6 +169,13 @@ impl Client {
     pub fn call(&mut self, request: &Request) -> Result<Response, ClientError> {
         self.send(request, None)?;
         self.recv()
+    }
+}
+
+fn sent_kind(e: &ClientError) -> std::io::ErrorKind {
+    match e {
+        ClientError::Io(e) => e.kind(),
+        _ => std::io::ErrorKind::Other,
     }
 }
 

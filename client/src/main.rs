@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
@@ -407,7 +407,7 @@ fn on_host(host: &str, cli: Cli, argv: &[std::ffi::OsString]) -> Result<ExitCode
                 .map(|(i, _)| i)
                 .ok_or_else(|| BadInput(format!("cannot find {text:?} in the command line")))?;
             // Opened here first, so that a mistake is reported before ssh starts.
-            std::fs::metadata(src).map_err(|e| BadInput(format!("opening {text}: {e}")))?;
+            drop(open_source(src)?);
             (
                 remote::Upload::Source {
                     arg,
@@ -701,8 +701,7 @@ fn import(
     size: Option<u64>,
 ) -> Result<ExitCode> {
     // Opened here, with the user's own rights; the daemon never opens a path we name.
-    let source =
-        File::open(src).map_err(|e| BadInput(format!("opening {}: {e}", src.display())))?;
+    let source = open_source(src)?;
     let mut client = connect(socket)?;
     let spec = ImportSpec {
         tags,
@@ -733,6 +732,45 @@ fn import(
             Err(err) => return Err(err.into()),
         }
     }
+}
+
+/// Opens an import's source for reading: a directory, a regular file or a block device.
+/// Opened without blocking, so that a FIFO (whose open waits for a writer) is refused rather
+/// than waited on for ever, and checked before anything is sent.
+fn open_source(src: &Path) -> Result<File> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_NOCTTY).bits())
+        .open(src)
+        .map_err(|e| BadInput(format!("opening {}: {e}", src.display())))?;
+    let kind = file
+        .metadata()
+        .map_err(|e| BadInput(format!("reading {}: {e}", src.display())))?
+        .file_type();
+    if !(kind.is_dir() || kind.is_file() || kind.is_block_device()) {
+        let what = if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_socket() {
+            "a socket"
+        } else {
+            "a character device"
+        };
+        return Err(BadInput(format!(
+            "{} is {what}: amidala imports directories, regular files and block devices",
+            src.display()
+        ))
+        .into());
+    }
+    let flags = nix::fcntl::fcntl(file.as_fd().as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)
+        .context("reading the source's flags")?;
+    let blocking = nix::fcntl::OFlag::from_bits_truncate(flags) - nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(
+        file.as_fd().as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFL(blocking),
+    )
+    .context("setting the source's flags")?;
+    Ok(file)
 }
 
 /// The build `args` ask for: the spec file's, overridden by the options; and the spec file read.

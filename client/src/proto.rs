@@ -423,6 +423,26 @@ pub fn validate_user_tags(what: &str, tags: &[Tag]) -> Result<(), ValidationErro
     Ok(())
 }
 
+/// Longest source name of an import, in bytes.
+pub const MAX_SOURCE_NAME: usize = 4096;
+
+/// Checks the name an import's source is shown by: it reaches messages and the daemon's log,
+/// so it may not hold control characters (a newline would forge a log line).
+pub fn validate_source_name(name: &str) -> Result<(), ValidationError> {
+    if name.is_empty() || name.len() > MAX_SOURCE_NAME {
+        return Err(ValidationError(format!(
+            "the source name must be 1 to {MAX_SOURCE_NAME} bytes long"
+        )));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(ValidationError(format!(
+            "the source name {name:?} contains a control character; rename it or import it \
+             through a symbolic link with a plain name"
+        )));
+    }
+    Ok(())
+}
+
 /// Checks an image name against EC2's rules: 3 to 128 characters of letters, digits and
 /// `( ) [ ] space . / - ' @ _`.
 pub fn validate_image_name(name: &str) -> Result<(), ValidationError> {

@@ -133,13 +133,15 @@ impl Catalog {
             root: state_dir.to_owned(),
             snapshots: Arc::default(),
         };
-        // Readable by all: snapshot files are the images users boot or export.
+        // Root's alone: snapshots, images and logs are their owners' (who get them through
+        // the daemon), and the lock file must be out of everyone else's reach.
+        check_state_dir(&catalog.root)?;
         for (dir, mode) in [
-            ("", 0o755),
-            ("catalog", 0o755),
-            ("catalog/snapshots", 0o755),
-            ("catalog/images", 0o755),
-            ("snapshots", 0o755),
+            ("", 0o700),
+            ("catalog", 0o700),
+            ("catalog/snapshots", 0o700),
+            ("catalog/images", 0o700),
+            ("snapshots", 0o700),
             ("builds", 0o700),
             ("volumes", 0o700),
             ("mnt", 0o700),
@@ -334,6 +336,28 @@ impl ImageRecord {
             snapshot_id: self.snapshot_id.clone(),
             build_id: self.build_id.clone(),
         }
+    }
+}
+
+/// Refuses a state directory that is a symbolic link or belongs to someone other than root:
+/// whoever owns it could change what the daemon trusts.
+fn check_state_dir(root: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    match fs::symlink_metadata(root) {
+        Ok(meta) if meta.file_type().is_symlink() => Err(io::Error::other(format!(
+            "{} is a symbolic link; give the real directory",
+            root.display()
+        ))),
+        Ok(meta) if !meta.is_dir() => Err(io::Error::other(format!(
+            "{} is not a directory",
+            root.display()
+        ))),
+        Ok(meta) if meta.uid() != 0 && nix::unistd::geteuid().is_root() => Err(io::Error::other(
+            format!("{} belongs to uid {}, not root", root.display(), meta.uid()),
+        )),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
     }
 }
 

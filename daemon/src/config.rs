@@ -153,6 +153,8 @@ pub struct Limits {
     pub max_builds_per_user: usize,
     /// Connections one user may have open at once.
     pub max_connections_per_user: usize,
+    /// Connections open at once over all users (admins may exceed it).
+    pub max_connections: usize,
     /// Builds that may wait in the queue, over all users, beyond those running.
     pub max_queued_builds: usize,
 }
@@ -163,6 +165,7 @@ impl Default for Limits {
             request_timeout: 60,
             max_builds_per_user: 8,
             max_connections_per_user: 32,
+            max_connections: 512,
             max_queued_builds: 64,
         }
     }
@@ -234,6 +237,16 @@ impl Config {
         };
         if config.max_builds == 0 {
             bail!("max_builds must be at least 1");
+        }
+        let limits = &config.limits;
+        if limits.max_connections_per_user == 0
+            || limits.max_connections_per_user >= limits.max_connections
+        {
+            bail!(
+                "limits: max_connections_per_user ({}) must be at least 1 and less than max_connections ({}), so that no user can hold every connection",
+                limits.max_connections_per_user,
+                limits.max_connections
+            );
         }
         if let Err(e) = config.policy.validate() {
             bail!("{e}");

@@ -175,10 +175,19 @@ fn read_gpt(file: &File, header: &[u8], disk_size: u64) -> io::Result<Vec<Partit
                 i + 1
             )));
         }
+        // LBAs are the disk's to choose: every product is checked, none may wrap.
+        let span = |lba: u64| lba.checked_mul(SECTOR);
+        let (Some(start), Some(size)) = (span(first), (last - first).checked_add(1).and_then(span))
+        else {
+            return Err(bad(format!(
+                "GPT partition {} lies at sectors {first} to {last}, beyond any disk",
+                i + 1
+            )));
+        };
         parts.push(Partition {
             number: i as u32 + 1,
-            start: first * SECTOR,
-            size: (last - first + 1) * SECTOR,
+            start,
+            size,
             linux_root_type: type_guid == GPT_ROOT_X86_64 || type_guid == GPT_ROOT_ARM64,
         });
     }
@@ -539,6 +548,20 @@ mod tests {
         let (kind, parts) = read_partitions(&f, 16 << 20).unwrap().unwrap();
         assert_eq!(kind, TableKind::Gpt);
         assert_eq!(parts.len(), 2);
+    }
+
+    #[test]
+    fn huge_lbas_are_refused_not_wrapped() {
+        let f = disk(1 << 20);
+        // A partition whose sectors, times 512, wrap around 2^64 to a small offset.
+        let wrap = u64::MAX / 512 + 2;
+        gpt(&f, &[(GPT_ROOT_X86_64, wrap, wrap + 10)]);
+        let err = read_partitions(&f, 1 << 20).unwrap_err().to_string();
+        assert!(err.contains("beyond any disk"), "{err}");
+        let f = disk(1 << 20);
+        gpt(&f, &[(GPT_ROOT_X86_64, 0, u64::MAX)]);
+        let err = read_partitions(&f, 1 << 20).unwrap_err().to_string();
+        assert!(err.contains("beyond any disk"), "{err}");
     }
 
     #[test]

@@ -23,7 +23,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use amidala::proto::{validate_user_tags, ErrorCode, ImportSpec, Tag};
+use amidala::proto::{validate_source_name, validate_user_tags, ErrorCode, ImportSpec, Tag};
 
 use crate::catalog::SnapshotRecord;
 use crate::disk;
@@ -57,27 +57,67 @@ pub enum Compression {
     Xz,
 }
 
-/// Recognises a regular file by its first bytes.
-pub fn sniff(file: &File) -> io::Result<Option<SourceKind>> {
-    let mut head = vec![0u8; 512];
+/// Recognises a regular file by its first bytes; says what it is not, and why, if it is none
+/// of the sources amidala takes.
+pub fn sniff(file: &File) -> io::Result<Result<SourceKind, String>> {
+    let mut head = vec![0u8; 1024];
     let n = read_at_most(file, &mut head)?;
     let head = &head[..n];
     if head.starts_with(&[0x1f, 0x8b]) {
-        return Ok(Some(SourceKind::Tar(Compression::Gzip)));
+        return Ok(Ok(SourceKind::Tar(Compression::Gzip)));
     }
     if head.starts_with(&[0xFD, b'7', b'z', b'X', b'Z', 0x00]) {
-        return Ok(Some(SourceKind::Tar(Compression::Xz)));
+        return Ok(Ok(SourceKind::Tar(Compression::Xz)));
     }
     if head.get(257..262) == Some(b"ustar") {
-        return Ok(Some(SourceKind::Tar(Compression::None)));
+        return Ok(Ok(SourceKind::Tar(Compression::None)));
     }
-    let size = file.metadata()?.len();
-    if disk::detect_fs(file, 0)?.is_some()
-        || disk::read_partitions(file, size).ok().flatten().is_some()
-    {
-        return Ok(Some(SourceKind::RawDisk));
+    if disk::detect_fs(file, 0)?.is_some() {
+        return Ok(Ok(SourceKind::RawDisk));
     }
-    Ok(None)
+    let size = disk::disk_size(file)?;
+    let looks_partitioned =
+        head.get(510..512) == Some(&[0x55, 0xAA]) || head.get(512..520) == Some(b"EFI PART");
+    match disk::read_partitions(file, size) {
+        Ok(Some(_)) => return Ok(Ok(SourceKind::RawDisk)),
+        Err(e) if looks_partitioned => {
+            return Ok(Err(format!(
+                "it has a partition table, and the table is invalid: {e}"
+            )))
+        }
+        Ok(None) | Err(_) => {}
+    }
+    let known: &[(&[u8], &str)] = &[
+        (
+            b"QFI\xfb",
+            "a qcow2 image: make it raw first (qemu-img convert -O raw)",
+        ),
+        (
+            b"BZh",
+            "bzip2-compressed: amidala takes .tar, .tar.gz and .tar.xz",
+        ),
+        (
+            &[0x28, 0xb5, 0x2f, 0xfd],
+            "zstd-compressed: amidala takes .tar, .tar.gz and .tar.xz",
+        ),
+        (
+            b"PK\x03\x04",
+            "a zip archive: amidala takes .tar, .tar.gz and .tar.xz",
+        ),
+    ];
+    let what = known
+        .iter()
+        .find(|(magic, _)| head.starts_with(magic))
+        .map(|(_, what)| format!("it is {what}"));
+    Ok(Err(what.unwrap_or_else(|| {
+        if n == 0 {
+            "it is empty".to_owned()
+        } else {
+            "it is neither a tar archive (.tar, .tar.gz, .tar.xz) nor a disk image holding an \
+             ext4, xfs or btrfs filesystem or a partition table"
+                .to_owned()
+        }
+    })))
 }
 
 fn read_at_most(file: &File, buf: &mut [u8]) -> io::Result<usize> {
@@ -101,6 +141,7 @@ pub async fn import(
     requester: Requester,
     note: impl Fn(String),
 ) -> Result<SnapshotRecord, Failure> {
+    validate_source_name(&spec.source_name)?;
     validate_user_tags("tags", &spec.tags)?;
     if let Some(size) = spec.size {
         if size > MAX_SIZE {
@@ -123,12 +164,8 @@ pub async fn import(
             blocking(move || sniff(&source).map_err(|e| Failure::io("reading the source", e)))
                 .await?
         };
-        sniffed.ok_or_else(|| {
-            Failure::invalid(format!(
-                "{} is neither a directory, a tar archive (.tar, .tar.gz, .tar.xz), nor a disk image holding an ext4, xfs or btrfs filesystem or a partition table",
-                spec.source_name
-            ))
-        })?
+        sniffed
+            .map_err(|why| Failure::invalid(format!("{}: not imported: {why}", spec.source_name)))?
     } else {
         return Err(Failure::invalid(format!(
             "{} is not a directory or a regular file",
@@ -452,10 +489,10 @@ mod tests {
     fn sources_are_recognised_by_content() {
         let mut f = tempfile::tempfile().unwrap();
         f.write_all(&[0x1f, 0x8b, 8, 0]).unwrap();
-        assert_eq!(sniff(&f).unwrap(), Some(SourceKind::Tar(Compression::Gzip)));
+        assert_eq!(sniff(&f).unwrap(), Ok(SourceKind::Tar(Compression::Gzip)));
         let mut f = tempfile::tempfile().unwrap();
         f.write_all(&[0xFD, b'7', b'z', b'X', b'Z', 0]).unwrap();
-        assert_eq!(sniff(&f).unwrap(), Some(SourceKind::Tar(Compression::Xz)));
+        assert_eq!(sniff(&f).unwrap(), Ok(SourceKind::Tar(Compression::Xz)));
         let mut tar = tar::Builder::new(Vec::new());
         let mut header = tar::Header::new_ustar();
         header.set_size(1);
@@ -463,12 +500,36 @@ mod tests {
         tar.append_data(&mut header, "x", &b"y"[..]).unwrap();
         let f = tempfile::tempfile().unwrap();
         (&f).write_all(&tar.into_inner().unwrap()).unwrap();
-        assert_eq!(sniff(&f).unwrap(), Some(SourceKind::Tar(Compression::None)));
+        assert_eq!(sniff(&f).unwrap(), Ok(SourceKind::Tar(Compression::None)));
         let f = tempfile::tempfile().unwrap();
         f.set_len(1 << 20).unwrap();
-        assert_eq!(sniff(&f).unwrap(), None);
+        assert!(sniff(&f)
+            .unwrap()
+            .unwrap_err()
+            .contains("neither a tar archive"));
         use std::os::unix::fs::FileExt;
         f.write_all_at(&[0x53, 0xEF], 1080).unwrap();
-        assert_eq!(sniff(&f).unwrap(), Some(SourceKind::RawDisk));
+        assert_eq!(sniff(&f).unwrap(), Ok(SourceKind::RawDisk));
+        // A partition table that is there but wrong is said to be so, with its fault.
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(1 << 20).unwrap();
+        let mut entry = [0u8; 16];
+        entry[4] = 0x83;
+        entry[8..12].copy_from_slice(&2048u32.to_le_bytes());
+        entry[12..16].copy_from_slice(&(1u32 << 30).to_le_bytes());
+        f.write_all_at(&entry, 446).unwrap();
+        f.write_all_at(&[0x55, 0xAA], 510).unwrap();
+        let why = sniff(&f).unwrap().unwrap_err();
+        assert!(
+            why.contains("the table is invalid") && why.contains("beyond the end of the disk"),
+            "{why}"
+        );
+        let f = tempfile::tempfile().unwrap();
+        (&f).write_all(b"QFI\xfb\0\0\0\x03").unwrap();
+        assert!(sniff(&f).unwrap().unwrap_err().contains("qcow2"));
+        assert!(sniff(&tempfile::tempfile().unwrap())
+            .unwrap()
+            .unwrap_err()
+            .contains("empty"));
     }
 }

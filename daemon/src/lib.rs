@@ -319,12 +319,29 @@ async fn recover(daemon: &Daemon) -> Result<()> {
 }
 
 /// Takes an exclusive lock on `state_dir/lock`, held as long as the returned file is open.
+///
+/// The state directory is root's alone (0700, see [`Catalog::open`]), so no one else can open
+/// the lock file and hold a lock on it to keep the daemon from starting. A lock file that
+/// someone else may have opened (one an older amidalad made readable by all, or not root's)
+/// is replaced by a new one first: an old descriptor on the old file locks nothing.
 fn lock_state_dir(state_dir: &Path) -> Result<nix::fcntl::Flock<fs::File>> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let path = state_dir.join("lock");
+    match fs::symlink_metadata(&path) {
+        Ok(meta) if meta.is_file() && meta.uid() == 0 && meta.mode() & 0o077 == 0 => {}
+        Ok(meta) => {
+            tracing::warn!(path = %path.display(), mode = format!("{:o}", meta.mode() & 0o7777), uid = meta.uid(), "replacing a lock file others may have opened");
+            fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("looking at {}", path.display())),
+    }
     let file = fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
     nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {

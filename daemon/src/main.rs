@@ -24,6 +24,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Every connection, build and import holds descriptors: the soft limit (often 1024) up
+    // to the hard one, so that the connection limits, not the descriptor table, say when.
+    raise_descriptor_limit();
     // Before the runtime starts its threads: capabilities are per thread, and inherited.
     if nix::unistd::geteuid().is_root() {
         match amidalad::drop_capabilities() {
@@ -53,6 +56,18 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn raise_descriptor_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let want = hard.min(1 << 20);
+        if soft < want {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, want, hard) {
+                eprintln!("amidalad: raising the descriptor limit to {want}: {e}");
+            }
         }
     }
 }

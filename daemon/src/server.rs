@@ -3,7 +3,7 @@
 //! connection, after an error frame saying what was wrong.
 
 use std::collections::VecDeque;
-use std::io::{self, IoSliceMut};
+use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::Arc;
@@ -15,7 +15,6 @@ use amidala::proto::{
     MAX_COMMAND_BYTES, PROTOCOL_VERSION,
 };
 use chrono::Utc;
-use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::UnixStream;
 use tokio::sync::watch;
@@ -29,6 +28,14 @@ use crate::Daemon;
 
 /// Most descriptors one request may carry.
 const MAX_FDS: usize = 2;
+
+/// `CMSG_SPACE` of `fds` descriptors, as a constant.
+const fn cmsg_space(fds: usize) -> usize {
+    let align = std::mem::size_of::<usize>();
+    let header = (std::mem::size_of::<libc::cmsghdr>() + align - 1) & !(align - 1);
+    let data = (fds * std::mem::size_of::<RawFd>() + align - 1) & !(align - 1);
+    header + data
+}
 /// Most provisioner options, and their sizes.
 const MAX_OPTIONS: usize = 64;
 const MAX_OPTION_VALUE: usize = 64 * 1024;
@@ -66,28 +73,64 @@ struct Conn {
 }
 
 impl Conn {
+    /// One `recvmsg`: the bytes read, the descriptors that came with them, and whether the
+    /// kernel had to drop control data (more descriptors than the buffer holds). Every
+    /// descriptor the kernel installed is owned (and so closed) whatever the message held:
+    /// a truncated one is where a naive reader leaks them.
     fn recv_some(&self, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>, bool)> {
-        let mut space = nix::cmsg_space!([RawFd; 4]);
-        let mut iov = [IoSliceMut::new(buf)];
-        let msg = recvmsg::<()>(
-            self.stream.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
-        )
-        .map_err(io::Error::from)?;
+        // Room for one descriptor more than a request may carry, so that one too many is
+        // seen as such rather than as a truncation.
+        const SPACE: usize = cmsg_space(MAX_FDS + 1);
+        let mut control = [0u64; SPACE.div_ceil(8)];
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: msghdr is plain data; all zeroes is a valid value.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = SPACE as _;
+        // SAFETY: `msg` points at `iov` (into `buf`) and `control`, both valid for writes of
+        // the lengths given, for the duration of the call.
+        let n = unsafe {
+            libc::recvmsg(
+                self.stream.as_raw_fd(),
+                &mut msg,
+                libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
         let mut fds = Vec::new();
-        for cmsg in msg.cmsgs().map_err(io::Error::from)? {
-            if let ControlMessageOwned::ScmRights(received) = cmsg {
-                for fd in received {
-                    // SAFETY: the kernel just installed this descriptor in our table for us;
-                    // nothing else owns it.
+        // SAFETY: the kernel filled `msg.msg_control` with `msg.msg_controllen` bytes of
+        // well-formed control messages (a truncated message is cut at a header boundary);
+        // CMSG_FIRSTHDR/CMSG_NXTHDR stay within them.
+        let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+        while !cmsg.is_null() {
+            // SAFETY: `cmsg` is a header within the control buffer (see above).
+            let header = unsafe { &*cmsg };
+            if header.cmsg_level == libc::SOL_SOCKET && header.cmsg_type == libc::SCM_RIGHTS {
+                // SAFETY: as above; the data of the header follows it in the buffer.
+                let data = unsafe { libc::CMSG_DATA(cmsg) };
+                // SAFETY: CMSG_LEN(0) is a constant computation.
+                let payload = header.cmsg_len as usize - unsafe { libc::CMSG_LEN(0) } as usize;
+                for i in 0..payload / std::mem::size_of::<RawFd>() {
+                    // SAFETY: `i` indexes a descriptor within the header's data (which may be
+                    // unaligned, hence read_unaligned).
+                    let fd = unsafe { data.cast::<RawFd>().add(i).read_unaligned() };
+                    // SAFETY: the kernel just installed this descriptor in our table for
+                    // us; nothing else owns it.
                     fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
                 }
             }
+            // SAFETY: as above.
+            cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
         }
-        let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
-        Ok((msg.bytes, fds, truncated))
+        let truncated = msg.msg_flags & libc::MSG_CTRUNC != 0;
+        Ok((n as usize, fds, truncated))
     }
 
     /// The next request and the descriptors that came with it; `None` at a clean end.
@@ -158,17 +201,34 @@ struct ConnectionSlot<'a> {
 }
 
 impl<'a> ConnectionSlot<'a> {
-    fn take(daemon: &'a Daemon, uid: u32) -> Result<ConnectionSlot<'a>, Failure> {
-        let max = daemon.config.limits.max_connections_per_user;
+    /// A connection of `peer`'s, within their share and the daemon's total (which admins may
+    /// exceed, so that one can always look at a daemon others flood).
+    fn take(daemon: &'a Daemon, peer: &Peer) -> Result<ConnectionSlot<'a>, Failure> {
+        let limits = &daemon.config.limits;
+        let admin = daemon.policy.role(peer) == crate::policy::Role::Admin;
         let mut open = daemon.connections.lock().expect("connections lock");
-        let count = open.entry(uid).or_insert(0);
-        if *count >= max {
+        let total: usize = open.values().sum();
+        let uid = peer.uid;
+        let count = open.get(&uid).copied().unwrap_or(0);
+        if count >= limits.max_connections_per_user {
             return Err(Failure::new(
                 ErrorCode::LimitExceeded,
-                format!("uid {uid} has {count} connections open; the limit is {max}"),
+                format!(
+                    "uid {uid} has {count} connections open; the limit is {}",
+                    limits.max_connections_per_user
+                ),
             ));
         }
-        *count += 1;
+        if total >= limits.max_connections && !admin {
+            return Err(Failure::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "amidalad has {total} connections open; the limit is {} (max_connections)",
+                    limits.max_connections
+                ),
+            ));
+        }
+        *open.entry(uid).or_insert(0) += 1;
         Ok(ConnectionSlot { daemon, uid })
     }
 }
@@ -209,13 +269,12 @@ pub async fn handle_connection(daemon: Arc<Daemon>, stream: UnixStream) {
         decoder: FrameDecoder::new(),
         fds: VecDeque::new(),
     };
-    let _slot = match ConnectionSlot::take(&daemon, peer.uid) {
+    let _slot = match ConnectionSlot::take(&daemon, &peer) {
         Ok(slot) => slot,
         Err(refused) => {
             tracing::warn!(uid = peer.uid, pid = ?peer.pid, "refused: {}", refused.message);
-            // The refusal answers the client's first request, so that it reads it rather than
-            // a closed connection.
-            let _ = conn.read_request().await;
+            // Said at once, without waiting for a request, and the connection closed: a
+            // refused connection holds nothing (the client reads the answer to its hello).
             let _ = conn.send_error(&refused).await;
             return;
         }
@@ -276,15 +335,29 @@ pub async fn handle_connection(daemon: Arc<Daemon>, stream: UnixStream) {
     }
 }
 
+/// The one descriptor a request carries, which must be open for reading: an `O_PATH`
+/// descriptor proves no read access (one can be had for a directory nobody may list), and
+/// the daemon acts on a descriptor only with the access the client was given to it.
 fn one_fd(fds: Vec<OwnedFd>, what: &str) -> Result<OwnedFd, Failure> {
     let mut fds = fds.into_iter();
-    match (fds.next(), fds.next()) {
-        (Some(fd), None) => Ok(fd),
-        _ => Err(Failure::new(
-            ErrorCode::BadRequest,
-            format!("the request must carry exactly one descriptor: {what}"),
-        )),
+    let fd = match (fds.next(), fds.next()) {
+        (Some(fd), None) => fd,
+        _ => {
+            return Err(Failure::new(
+                ErrorCode::BadRequest,
+                format!("the request must carry exactly one descriptor: {what}"),
+            ))
+        }
+    };
+    let flags = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)
+        .map_err(|e| Failure::io(format!("reading the flags of {what}"), e))?;
+    let readable = matches!(flags & libc::O_ACCMODE, libc::O_RDONLY | libc::O_RDWR);
+    if flags & libc::O_PATH != 0 || !readable {
+        return Err(Failure::invalid(format!(
+            "{what} must be a descriptor opened for reading (not O_PATH, not write-only)"
+        )));
     }
+    Ok(fd)
 }
 
 /// The action a request asks for, as the policy judges it (for a build: once its owner is known).
@@ -721,7 +794,8 @@ async fn import_base(
         Ok(fd) => fd,
         Err(f) => return conn.send_error(&f).await,
     };
-    tracing::info!(uid = peer.uid, pid = ?peer.pid, source = %spec.source_name, "base import");
+    // Debug-formatted: the name is the client's, and may hold anything until it is checked.
+    tracing::info!(uid = peer.uid, pid = ?peer.pid, source = ?spec.source_name, "base import");
     let (tx, mut notes) = tokio::sync::mpsc::unbounded_channel();
     let provider = daemon.provider.clone();
     let imports = ImportCount::new(daemon.clone());

@@ -1078,33 +1078,47 @@ pub fn uid_of(user: &str) -> u32 {
         .unwrap()
 }
 
+/// `program` run as `user`, with that user's groups (`setpriv`).
+pub fn as_user(user: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid", user, "--regid", user, "--init-groups", "--"])
+        .arg(program);
+    cmd
+}
+
 /// Groups `amidala` and `amidala-admin` (when missing) and users made for a test, removed
 /// again when it ends, whatever happened.
 #[derive(Debug)]
 pub struct Accounts {
-    groups: Vec<&'static str>,
     users: Vec<&'static str>,
 }
+
+/// The accounts of the tests of this process: how many [`Accounts`] are alive, and the groups
+/// the first of them made (removed by the last). Tests of one binary run in parallel threads,
+/// and the shadow tools lock /etc/passwd and /etc/group: one change at a time.
+static ACCOUNTS: std::sync::Mutex<(usize, Vec<&'static str>)> =
+    std::sync::Mutex::new((0, Vec::new()));
 
 impl Accounts {
     /// Makes each user (no home, shell /bin/sh) with its supplementary groups (`a,b`, or "").
     pub fn create(users: &[(&'static str, &str)]) -> Accounts {
-        let mut accounts = Accounts {
-            groups: vec![],
-            users: vec![],
-        };
-        for group in ["amidala", "amidala-admin"] {
-            let exists = Command::new("getent")
-                .args(["group", group])
-                .stdout(Stdio::null())
-                .status()
-                .unwrap()
-                .success();
-            if !exists {
-                run(Command::new("groupadd").arg(group)).ok();
-                accounts.groups.push(group);
+        let mut shared = ACCOUNTS.lock().unwrap_or_else(|e| e.into_inner());
+        if shared.0 == 0 {
+            for group in ["amidala", "amidala-admin"] {
+                let exists = Command::new("getent")
+                    .args(["group", group])
+                    .stdout(Stdio::null())
+                    .status()
+                    .unwrap()
+                    .success();
+                if !exists {
+                    run(Command::new("groupadd").arg(group)).ok();
+                    shared.1.push(group);
+                }
             }
         }
+        shared.0 += 1;
+        let mut accounts = Accounts { users: vec![] };
         for (user, groups) in users {
             let _ = Command::new("userdel")
                 .arg(user)
@@ -1124,11 +1138,15 @@ impl Accounts {
 
 impl Drop for Accounts {
     fn drop(&mut self) {
+        let mut shared = ACCOUNTS.lock().unwrap_or_else(|e| e.into_inner());
         for user in &self.users {
             let _ = Command::new("userdel").arg(user).status();
         }
-        for group in &self.groups {
-            let _ = Command::new("groupdel").arg(group).status();
+        shared.0 -= 1;
+        if shared.0 == 0 {
+            for group in std::mem::take(&mut shared.1) {
+                let _ = Command::new("groupdel").arg(group).status();
+            }
         }
     }
 }

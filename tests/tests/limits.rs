@@ -124,3 +124,145 @@ fn connections_and_builds_per_user_are_capped() {
     );
     env.assert_no_leaks();
 }
+
+/// Open descriptors of process `pid`.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// Issue 14, point 10: a message whose control data carries more descriptors than a request
+/// may (and more than the daemon's buffer holds, so that the kernel truncates it) costs the
+/// daemon none of them, and its connection is closed at once.
+#[test]
+fn descriptors_beyond_the_limit_are_closed_not_leaked() {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let env = Env::start_with(LIMITS, &[]);
+    let pid = env.daemon_pid().unwrap();
+    let null = std::fs::File::open("/dev/null").unwrap();
+    // SCM_RIGHTS takes at most 253 descriptors a message.
+    let many: Vec<std::fs::File> = (0..250).map(|_| null.try_clone().unwrap()).collect();
+    let raw: Vec<i32> = many.iter().map(|f| f.as_raw_fd()).collect();
+    let hello = proto::encode_frame(&Request::Hello {
+        protocol: proto::PROTOCOL_VERSION,
+        client: "fd test".into(),
+    })
+    .unwrap();
+    env.amidala(&["version"]).ok();
+    let before = open_fds(pid);
+    for (round, count) in [250usize, 3, 250, 2, 250]
+        .into_iter()
+        .cycle()
+        .take(60)
+        .enumerate()
+    {
+        let mut stream = UnixStream::connect(&env.socket).unwrap();
+        let cmsg = [ControlMessage::ScmRights(&raw[..count])];
+        let frame = if round % 2 == 0 {
+            &hello[..]
+        } else {
+            &hello[..3]
+        };
+        sendmsg::<()>(
+            stream.as_raw_fd(),
+            &[std::io::IoSlice::new(frame)],
+            &cmsg,
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        if count > 2 {
+            // Refused with the reason, and the connection closed at once (well within the
+            // request timeout of 1 s, which a daemon waiting for more would reach).
+            let started = Instant::now();
+            match first_answer(&mut stream) {
+                Some(Response::Error(e)) => {
+                    assert!(e.message.contains("more than 2 descriptors"), "{e:?}")
+                }
+                other => panic!("{count} descriptors: {other:?}"),
+            }
+            assert!(started.elapsed() < Duration::from_millis(900));
+        }
+    }
+    // Give the daemon a moment to finish with the last connections, then count again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let after = open_fds(pid);
+        if after <= before + 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the daemon holds {after} descriptors, {before} before 60 hostile messages"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    env.amidala(&["version"]).ok();
+}
+
+/// Issue 14, point 11: a connection beyond a user's share is refused at once, before the
+/// client says anything, instead of being held until the request timeout; and no number of
+/// connections keeps the daemon from answering (the total is bounded too).
+#[test]
+fn connections_beyond_the_limits_are_refused_at_once() {
+    let env = Env::start_with(
+        "[limits]\nrequest_timeout = 60\nmax_connections_per_user = 4\nmax_connections = 8\n",
+        &[],
+    );
+    let held: Vec<UnixStream> = (0..4).map(|_| greeted(&env.socket)).collect();
+    let mut refused = Vec::new();
+    for _ in 0..100 {
+        let started = Instant::now();
+        let mut stream = UnixStream::connect(&env.socket).unwrap();
+        match first_answer(&mut stream) {
+            Some(Response::Error(e)) => {
+                assert_eq!(e.code, proto::ErrorCode::LimitExceeded);
+                assert!(e.message.contains("the limit is 4"), "{e:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "refused after {:?}: held until the request timeout",
+            started.elapsed()
+        );
+        refused.push(stream);
+    }
+    // The client says what the limit is, even when the daemon closed before its hello.
+    let run = env.amidala(&["version"]);
+    assert!(
+        run.err().contains("limit_exceeded") && run.stderr.contains("connections open"),
+        "{}",
+        run.stderr
+    );
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while env.amidala(&["version"]).code != Some(0) {
+        assert!(Instant::now() < deadline, "connections were not released");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The configuration must leave room for more than one user.
+    let mut bad = Env::start();
+    bad.stop();
+    std::fs::write(
+        bad.dir.path().join("amidalad.toml"),
+        "[limits]\nmax_connections_per_user = 8\nmax_connections = 8\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(amidala_tests::bin_dir().join("amidalad"))
+        .arg("--config")
+        .arg(bad.dir.path().join("amidalad.toml"))
+        .arg("--state-dir")
+        .arg(&bad.state)
+        .arg("--socket")
+        .arg(&bad.socket)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("less than max_connections"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

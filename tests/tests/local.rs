@@ -603,9 +603,53 @@ fn bad_input_is_refused_clearly_and_the_daemon_keeps_serving() {
     assert!(
         import
             .err()
-            .contains("is neither a directory, a tar archive"),
+            .contains("notes.txt: not imported: it is neither a tar archive"),
         "{}",
         import.stderr
+    );
+    // Issue 14, point 14: a partition table that is there but wrong is named as the fault.
+    let bad_table = env.dir.path().join("bad-table.img");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::File::create(&bad_table).unwrap();
+        f.set_len(1 << 20).unwrap();
+        let mut entry = [0u8; 16];
+        entry[4] = 0x83;
+        entry[8..12].copy_from_slice(&2048u32.to_le_bytes());
+        entry[12..16].copy_from_slice(&(1u32 << 30).to_le_bytes());
+        f.write_all_at(&entry, 446).unwrap();
+        f.write_all_at(&[0x55, 0xAA], 510).unwrap();
+    }
+    let import = env.amidala(&["base", "import", bad_table.to_str().unwrap()]);
+    assert!(
+        import.err().contains("the table is invalid")
+            && import.stderr.contains("lies beyond the end of the disk"),
+        "{}",
+        import.stderr
+    );
+    // A FIFO is refused by the client at once, not waited on for a writer.
+    let fifo = env.dir.path().join("a-fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let started = std::time::Instant::now();
+    let import = env.amidala(&["base", "import", fifo.to_str().unwrap()]);
+    assert!(import.err().contains("is a FIFO"), "{}", import.stderr);
+    assert_eq!(import.code, Some(2));
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    // A source name that would forge a line of the daemon's log is refused.
+    let forged = env.dir.path().join("x\nERROR forged line");
+    fs::write(&forged, "x").unwrap();
+    let import = env.amidala(&["base", "import", forged.to_str().unwrap()]);
+    assert!(
+        import.err().contains("contains a control character"),
+        "{}",
+        import.stderr
+    );
+    assert!(
+        !env.daemon_log()
+            .lines()
+            .any(|l| l.starts_with("ERROR forged line")),
+        "{}",
+        env.daemon_log()
     );
     let too_small = env.amidala(&["base", "import", rootfs.to_str().unwrap(), "--size", "1M"]);
     assert!(

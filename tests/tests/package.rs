@@ -405,7 +405,7 @@ fn check_installed() {
     for group in GROUPS {
         assert!(group_exists(group), "postinst made no group {group}");
     }
-    for (dir, mode) in [(STATE, 0o755), ("/run/amidala", 0o755)] {
+    for (dir, mode) in [(STATE, 0o700), ("/run/amidala", 0o755)] {
         let meta = fs::metadata(dir).unwrap_or_else(|e| panic!("postinst made no {dir}: {e}"));
         assert!(meta.is_dir() && meta.uid() == 0, "{dir}");
         assert_eq!(meta.permissions().mode() & 0o7777, mode, "{dir}");

@@ -3,11 +3,12 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use amidala_tests::{bin_dir, field, run, uid_of, Accounts, Env, Run};
+use amidala_tests::{as_user, bin_dir, field, run, uid_of, Accounts, Env, Run};
 
 const MEMBER: &str = "amidala-t-alice";
 const OTHER_MEMBER: &str = "amidala-t-bob";
@@ -22,10 +23,8 @@ struct Host {
 impl Host {
     /// The client run as `user` (with that user's groups), in `cwd`.
     fn command(&self, user: &str, cwd: &Path, args: &[&str]) -> Command {
-        let mut cmd = Command::new("setpriv");
-        cmd.args(["--reuid", user, "--regid", user, "--init-groups", "--"])
-            .arg(&self.client)
-            .args(args)
+        let mut cmd = as_user(user, &self.client);
+        cmd.args(args)
             .current_dir(cwd)
             .env("AMIDALA_SOCKET", &self.env.socket);
         cmd
@@ -258,4 +257,50 @@ fn the_permission_matrix_with_real_users() {
     host.run_as(ADMIN, &ws, &["build", "--network", "host", "--", "true"])
         .ok();
     host.env.assert_no_leaks();
+}
+
+/// Issue 14, point 12: no one but root can reach the state directory's lock, and a lock file an
+/// older daemon left open to all, held by a non-member, does not keep the daemon from starting.
+#[test]
+fn a_non_member_cannot_keep_the_daemon_from_starting() {
+    const STRANGER: &str = "amidala-t-mallory";
+    let _accounts = Accounts::create(&[(STRANGER, "")]);
+    let mut env = Env::start();
+    env.stop();
+    use std::os::unix::fs::MetadataExt;
+    let state_mode = fs::metadata(&env.state).unwrap().mode() & 0o7777;
+    assert_eq!(state_mode, 0o700, "the state directory is root's alone");
+    let lock = env.state.join("lock");
+    assert_eq!(fs::metadata(&lock).unwrap().mode() & 0o7777, 0o600);
+    // As an older daemon left them: everyone may open the lock file.
+    fs::set_permissions(&env.state, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(&lock, fs::Permissions::from_mode(0o644)).unwrap();
+    let mut holder = as_user(STRANGER, "flock")
+        .args(["--shared", "--nonblock"])
+        .arg(&lock)
+        .args(["sh", "-c", "echo locked; exec sleep 60"])
+        .stdout(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    // Once it says so, the stranger holds a shared lock on the old file.
+    let mut said = String::new();
+    use std::io::BufRead;
+    std::io::BufReader::new(holder.stdout.take().unwrap())
+        .read_line(&mut said)
+        .unwrap();
+    assert_eq!(said, "locked\n", "the stranger could not take the lock");
+    env.restart();
+    env.amidala(&["version"]).ok();
+    assert_eq!(fs::metadata(&env.state).unwrap().mode() & 0o7777, 0o700);
+    assert_eq!(fs::metadata(&lock).unwrap().mode() & 0o7777, 0o600);
+    // And now the stranger cannot even open it.
+    let open = run(as_user(STRANGER, "cat").arg(&lock));
+    assert!(open.err().contains("Permission denied"), "{}", open.stderr);
+    // flock and the sleep it started, as a group.
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(holder.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let _ = holder.wait();
 }
