@@ -1,15 +1,17 @@
 #!/bin/sh
-# Installs what amidala's tests and demo need on a Debian machine that has Rust: the tools the
-# daemon calls (mkfs.ext4, from e2fsprogs), the ones the tests use (sfdisk, mount, losetup,
-# tar, xz, systemd-analyze and systemd-socket-activate, ssh and sshd), busybox-static for the test root filesystem, and a Python venv with moto server
-# (the EC2 API emulator of the ec2 tests) in $AMIDALA_MOTO_VENV, by default
-# /var/cache/amidala-tests/moto-venv, and a Debian rootfs with ansible-core for the ansible
-# tests in $AMIDALA_DEBIAN_ROOTFS, by default /var/cache/amidala-tests/debian-bookworm-ansible,
-# both outside the checkout and kept between runs. With --demo, only what
-# examples/bake-local.sh needs; with --bench, also xfsprogs (mkfs.xfs), for the XFS rows of
-# tests/bench.sh. The Debian package (tests/build-deb.sh, and its test, tests/tests/package.rs)
-# needs cargo-deb, pinned, installed with cargo if missing, and dpkg-dev (dpkg-shlibdeps) and
-# binutils (strip); with --deb, only those. Needs root; installs only what is missing.
+# Installs what amidala's tests and demo need on a Debian machine that has Rust: what amidalad
+# builds with (libseccomp-dev), the tools it calls (mkfs.ext4, from e2fsprogs), the ones the
+# tests use (sfdisk, mount, losetup, tar, xz, systemd-analyze and systemd-socket-activate, ssh
+# and sshd, gcc and a static libc for tests/escape-probe.c), busybox-static for the test root
+# filesystem, and a Python venv with moto server (the EC2 API emulator of the ec2 tests) in
+# $AMIDALA_MOTO_VENV, by default /var/cache/amidala-tests/moto-venv, and a Debian rootfs with
+# ansible-core for the ansible tests in $AMIDALA_DEBIAN_ROOTFS, by default
+# /var/cache/amidala-tests/debian-bookworm-ansible, both outside the checkout and kept between
+# runs. With --demo, only what examples/bake-local.sh needs; with --bench, also xfsprogs
+# (mkfs.xfs), for the XFS rows of tests/bench.sh. The Debian package (tests/build-deb.sh, and
+# its test, tests/tests/package.rs) needs cargo-deb, pinned, installed with cargo if missing,
+# and dpkg-dev (dpkg-shlibdeps) and binutils (strip); with --deb, only those and
+# libseccomp-dev. Needs root; installs only what is missing.
 set -eu
 mode=${1:-}
 missing=
@@ -37,13 +39,24 @@ if [ "${1:-}" != --demo ]; then
 fi
 # The benchmarks put a state directory on XFS (reflink=1) made on a loop device.
 [ "${1:-}" = --bench ] && need mkfs.xfs xfsprogs
+# amidalad links libseccomp (the provisioner's system call filter): its headers and library
+# to build, in every mode.
+dpkg -s libseccomp-dev >/dev/null 2>&1 || missing="$missing libseccomp-dev"
+# The containment tests compile a small static program (tests/escape-probe.c).
+if [ "$mode" != --demo ] && [ "$mode" != --deb ]; then
+    need gcc gcc
+    [ -e "/usr/lib/$(gcc -print-multiarch 2>/dev/null)/libc.a" ] || missing="$missing libc6-dev"
+fi
 # The test root filesystem needs a statically linked busybox.
 if ! command -v busybox >/dev/null 2>&1 || ldd "$(command -v busybox)" >/dev/null 2>&1; then
     missing="$missing busybox-static"
 fi
 # The Debian package: its dependencies on shared libraries, its binaries stripped. With --deb,
-# only these.
-[ "$mode" != --deb ] || missing=
+# only these (and libseccomp-dev, to build).
+if [ "$mode" = --deb ]; then
+    missing=
+    dpkg -s libseccomp-dev >/dev/null 2>&1 || missing=libseccomp-dev
+fi
 if [ "$mode" != --demo ]; then
     need dpkg-shlibdeps dpkg-dev
     need strip binutils

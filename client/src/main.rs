@@ -978,7 +978,10 @@ fn print_plan(spec_file: Option<&str>, spec: &BuildSpec, plan: Option<&BuildPlan
             ". at /workspace, read-only"
         },
     );
-    row("network", spec.network.as_deref().unwrap_or("host"));
+    row(
+        "network",
+        spec.network.as_deref().unwrap_or("(the daemon's default)"),
+    );
     row("caches", &list(&spec.caches));
     row(
         "timeout",

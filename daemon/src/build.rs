@@ -607,7 +607,12 @@ async fn provision(
         mount_dir: mount_dir.clone(),
         workspace_rw: record.spec.workspace_rw,
         isolate_network: record.spec.network.as_deref() == Some("none"),
-        drop_net_raw: record.spec.network.as_deref() == Some("no-metadata"),
+        allow: crate::confine::Allowances {
+            // A packet socket would send frames past the cgroup filter of no-metadata.
+            net_raw: daemon.config.policy.net_raw
+                && record.spec.network.as_deref() != Some("no-metadata"),
+            user_namespaces: daemon.config.policy.user_namespaces,
+        },
         plugin_path: plugin.path.clone(),
         build: plugin_build_info(&record, source),
         resolv_conf: std::fs::read("/etc/resolv.conf")

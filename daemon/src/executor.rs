@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 
 use amidala::proto::Phase;
 use amidala_plugin::BuildInfo;
+use libseccomp::ScmpFilterContext;
 use nix::errno::Errno;
 use nix::fcntl::{renameat, OFlag};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -68,10 +69,8 @@ pub struct ExecutorSpec {
     /// Give the provisioner a network namespace of its own with only a loopback interface.
     #[serde(default)]
     pub isolate_network: bool,
-    /// Take CAP_NET_RAW from the provisioner too: with `--network no-metadata`, a packet
-    /// socket would send frames past the build's cgroup filter.
-    #[serde(default)]
-    pub drop_net_raw: bool,
+    /// What the policy grants the provisioner beyond the baseline (see [`crate::confine`]).
+    pub allow: crate::confine::Allowances,
     pub plugin_path: PathBuf,
     pub build: BuildInfo,
     /// The host's resolv.conf, to put in the image while provisioning.
@@ -143,8 +142,13 @@ fn send_result(pipe: RawFd, result: &ChildResult) {
 /// When PID 1 exits, the kernel kills whatever the provisioner left running in the namespace.
 /// (The plugin does not run as PID 1 itself: the kernel drops the signals PID 1 sends itself
 /// without a handler, so a plugin that aborts would not die as it should.)
-fn init_process(spec: &ExecutorSpec, plugin: &Plugin, pipe: RawFd) -> i32 {
-    if let Err(message) = child_setup(spec, pipe) {
+fn init_process(
+    spec: &ExecutorSpec,
+    plugin: &Plugin,
+    pipe: RawFd,
+    filter: &ScmpFilterContext,
+) -> i32 {
+    if let Err(message) = child_setup(spec, pipe, filter) {
         send_result(pipe, &ChildResult::SetupFailed(message));
         return 125;
     }
@@ -198,29 +202,6 @@ const POLICY_SAVED: &str = ".policy-rc.d.amidala-saved";
 const POLICY_RC_D: &str =
     "#!/bin/sh\n# Written by amidala for the duration of a build: no service starts.\nexit 101\n";
 const MOUNT_POINTS: [&str; 4] = ["proc", "sys", "dev", "workspace"];
-/// Capabilities the provisioner never has: they reach beyond the image.
-/// (MKNOD: a device node of the host's disk would be a way out; NET_ADMIN: the network
-/// namespace is the host's.)
-pub const DROPPED_CAPS: [caps::Capability; 17] = [
-    caps::Capability::CAP_SYS_ADMIN,
-    caps::Capability::CAP_SYS_MODULE,
-    caps::Capability::CAP_SYS_RAWIO,
-    caps::Capability::CAP_SYS_PTRACE,
-    caps::Capability::CAP_SYS_BOOT,
-    caps::Capability::CAP_SYS_TIME,
-    caps::Capability::CAP_MAC_ADMIN,
-    caps::Capability::CAP_MAC_OVERRIDE,
-    caps::Capability::CAP_SYSLOG,
-    caps::Capability::CAP_MKNOD,
-    caps::Capability::CAP_NET_ADMIN,
-    caps::Capability::CAP_SYS_PACCT,
-    caps::Capability::CAP_AUDIT_CONTROL,
-    caps::Capability::CAP_BPF,
-    caps::Capability::CAP_PERFMON,
-    caps::Capability::CAP_WAKE_ALARM,
-    caps::Capability::CAP_BLOCK_SUSPEND,
-];
-
 static CHILD: AtomicI32 = AtomicI32::new(0);
 
 extern "C" fn on_sigterm(_: libc::c_int) {
@@ -713,6 +694,10 @@ impl Drop for Prepared {
 
 fn provision(spec: &ExecutorSpec, plugin: &Plugin) -> Result<Outcome, Failure> {
     report(&Report::Phase(Phase::Provision));
+    let filter = crate::confine::provisioner_filter(&spec.allow).map_err(|message| Failure {
+        phase: Phase::Provision,
+        message,
+    })?;
     let (result_read, result_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
         .map_err(fail(Phase::Provision, "creating the result pipe"))?;
     // SAFETY: this process is single-threaded (the executor never starts a thread), so the
@@ -720,7 +705,7 @@ fn provision(spec: &ExecutorSpec, plugin: &Plugin) -> Result<Outcome, Failure> {
     match unsafe { fork() }.map_err(fail(Phase::Provision, "forking the provisioner"))? {
         ForkResult::Child => {
             drop(result_read);
-            let code = init_process(spec, plugin, result_write.as_raw_fd());
+            let code = init_process(spec, plugin, result_write.as_raw_fd(), &filter);
             // SAFETY: _exit ends the process without running the executor's exit handlers
             // (both the plugin process and PID 1 end here).
             unsafe { libc::_exit(code & 0xff) }
@@ -788,9 +773,10 @@ enum SetupStep {
     },
     /// Device nodes, directories and links in the fresh /dev.
     PopulateDev,
-    /// `<image>/target` bound onto itself read-only.
+    /// `<image>/target`, if it exists, bound onto itself read-only.
     ReadOnly(&'static str),
-    /// `<image>/target`, if it exists, hidden under a read-only /dev/null.
+    /// `<image>/target`, if it exists, hidden: a file under a read-only /dev/null, a
+    /// directory under an empty read-only tmpfs.
     Mask(&'static str),
 }
 
@@ -804,7 +790,7 @@ fn provisioner_mounts(workspace_rw: bool) -> Vec<SetupStep> {
     if !workspace_rw {
         workspace |= MsFlags::MS_RDONLY;
     }
-    vec![
+    let mut plan = vec![
         Mount {
             source: Some("."),
             target: "workspace",
@@ -846,11 +832,13 @@ fn provisioner_mounts(workspace_rw: bool) -> Vec<SetupStep> {
             what: "mounting /dev",
         },
         PopulateDev,
-        // Kernel settings are the host's: readable, not writable. And no sysrq, kcore, kmsg.
-        ReadOnly("proc/sys"),
-        Mask("proc/sysrq-trigger"),
-        Mask("proc/kcore"),
-        Mask("proc/kmsg"),
+    ];
+    // Kernel settings are the host's: readable, not writable. And what the runtimes hide
+    // (sysrq, kcore, the kernel log, timers, keys, firmware) hidden. After /dev: the masks
+    // need /dev/null.
+    plan.extend(crate::confine::READ_ONLY.iter().map(|&p| ReadOnly(p)));
+    plan.extend(crate::confine::MASKED.iter().map(|&p| Mask(p)));
+    plan.extend([
         Mount {
             source: Some("devpts"),
             target: "dev/pts",
@@ -867,11 +855,12 @@ fn provisioner_mounts(workspace_rw: bool) -> Vec<SetupStep> {
             data: Some("mode=1777"),
             what: "mounting /dev/shm",
         },
-    ]
+    ]);
+    plan
 }
 
 /// Runs in the provisioner process (PID 1 of the build's PID namespace) before the plugin.
-fn child_setup(spec: &ExecutorSpec, keep: RawFd) -> Result<(), String> {
+fn child_setup(spec: &ExecutorSpec, keep: RawFd, filter: &ScmpFilterContext) -> Result<(), String> {
     let root = &spec.mount_dir;
     unshare(CloneFlags::CLONE_NEWNS)
         .map_err(errno_context("creating the provisioner's mount namespace"))?;
@@ -895,12 +884,12 @@ fn child_setup(spec: &ExecutorSpec, keep: RawFd) -> Result<(), String> {
             } => mount(source, &root.join(target), fstype, flags, data)
                 .map_err(errno_context(what))?,
             SetupStep::PopulateDev => populate_dev(&root.join("dev"))?,
-            SetupStep::ReadOnly(target) => read_only_bind(&root.join(target), &root.join(target))?,
-            SetupStep::Mask(target) => {
+            SetupStep::ReadOnly(target) => {
                 if root.join(target).exists() {
-                    read_only_bind(&root.join("dev/null"), &root.join(target))?;
+                    read_only_bind(&root.join(target), &root.join(target))?
                 }
             }
+            SetupStep::Mask(target) => mask(&root.join(target), &root.join("dev/null"))?,
         }
     }
 
@@ -949,15 +938,10 @@ fn child_setup(spec: &ExecutorSpec, keep: RawFd) -> Result<(), String> {
 
     std::env::set_current_dir(&spec.build.workspace)
         .map_err(|e| format!("entering {}: {e}", spec.build.workspace))?;
-    let net_raw = spec.drop_net_raw.then_some(caps::Capability::CAP_NET_RAW);
-    for cap in DROPPED_CAPS.into_iter().chain(net_raw) {
-        caps::drop(None, caps::CapSet::Bounding, cap)
-            .map_err(|e| format!("dropping {cap} from the bounding set: {e}"))?;
-        caps::drop(None, caps::CapSet::Effective, cap)
-            .map_err(|e| format!("dropping {cap}: {e}"))?;
-        caps::drop(None, caps::CapSet::Permitted, cap)
-            .map_err(|e| format!("dropping {cap}: {e}"))?;
-    }
+    // The filter first, while CAP_SYS_ADMIN still lets it be loaded without no_new_privs;
+    // then every capability but the provisioner's baseline, from every set.
+    crate::confine::load(filter)?;
+    crate::confine::keep_only(&spec.allow.capabilities())?;
     scrub_environment(&spec.build);
     Ok(())
 }
@@ -982,6 +966,23 @@ fn read_only_bind(source: &Path, target: &Path) -> Result<(), String> {
         "making {} read-only",
         target.display()
     )))
+}
+
+/// Hides `target` if it exists: a file under `null` (read-only), a directory under an empty
+/// read-only tmpfs.
+fn mask(target: &Path, null: &Path) -> Result<(), String> {
+    match std::fs::symlink_metadata(target) {
+        Ok(meta) if meta.is_dir() => mount(
+            Some("tmpfs"),
+            target,
+            Some("tmpfs"),
+            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            Some("size=4k,nr_inodes=1,mode=555"),
+        )
+        .map_err(errno_context(format!("hiding {}", target.display()))),
+        Ok(_) => read_only_bind(null, target),
+        Err(_) => Ok(()),
+    }
 }
 
 fn populate_dev(dev: &Path) -> Result<(), String> {
@@ -1131,8 +1132,21 @@ mod tests {
         assert!(
             position(&SetupStep::PopulateDev) < position(&SetupStep::Mask("proc/sysrq-trigger"))
         );
-        for masked in ["proc/sysrq-trigger", "proc/kcore", "proc/kmsg"] {
+        for masked in [
+            "proc/sysrq-trigger",
+            "proc/kcore",
+            "proc/kmsg",
+            "proc/keys",
+            "proc/timer_list",
+            "sys/firmware",
+        ] {
             assert!(plan.contains(&SetupStep::Mask(masked)), "{masked}");
+        }
+        for read_only in ["proc/sys", "proc/irq", "proc/bus", "proc/fs"] {
+            assert!(
+                plan.contains(&SetupStep::ReadOnly(read_only)),
+                "{read_only}"
+            );
         }
     }
 

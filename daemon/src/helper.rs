@@ -23,7 +23,7 @@ pub const NAME: &str = "amidalad-exec";
 
 /// The version of what amidalad and its executor and validator say to each other (the
 /// executor's spec and reports, the validator's verdict); changed with any of them.
-const PROTOCOL: u32 = 1;
+const PROTOCOL: u32 = 2;
 
 /// What the program runs as when no helper is used.
 const SELF: &str = "/proc/self/exe";

@@ -13,6 +13,7 @@ pub mod build;
 pub mod catalog;
 pub mod cgroup;
 pub mod config;
+pub mod confine;
 pub mod disk;
 pub mod ec2;
 pub mod error;
@@ -82,31 +83,19 @@ pub struct Daemon {
 }
 
 /// Drops, from every set of this (still single-threaded) process, the capabilities neither the
-/// daemon nor any build needs: those the provisioner never has, except `CAP_SYS_ADMIN` (mounts,
-/// namespaces, loop devices, loading BPF programs), `CAP_MKNOD` (device nodes of a build's
-/// /dev) and `CAP_NET_ADMIN` (the loopback of a build without network, attaching network
-/// filters to a build's cgroup), which the daemon and its executors use. Threads and
+/// daemon nor any build needs: it keeps what a provisioner may keep
+/// ([`confine::PROVISIONER_CAPS`], and `CAP_NET_RAW` if the policy grants it to builds) and
+/// what the daemon and its executors use themselves ([`confine::DAEMON_CAPS`]). Threads and
 /// processes started afterwards inherit the reduced sets. Returns what is kept.
-pub fn drop_capabilities() -> Result<caps::CapsHashSet> {
-    use caps::{CapSet, Capability};
-    for cap in executor::DROPPED_CAPS {
-        if matches!(
-            cap,
-            Capability::CAP_SYS_ADMIN | Capability::CAP_MKNOD | Capability::CAP_NET_ADMIN
-        ) {
-            continue;
-        }
-        for set in [
-            CapSet::Bounding,
-            CapSet::Inheritable,
-            CapSet::Effective,
-            CapSet::Permitted,
-        ] {
-            caps::drop(None, set, cap)
-                .with_context(|| format!("dropping {cap} from the {set:?} set"))?;
-        }
+pub fn drop_capabilities(net_raw: bool) -> Result<caps::CapsHashSet> {
+    let mut keep: Vec<caps::Capability> = confine::Allowances {
+        net_raw,
+        user_namespaces: false,
     }
-    caps::read(None, CapSet::Effective).context("reading capabilities")
+    .capabilities();
+    keep.extend(confine::DAEMON_CAPS);
+    confine::keep_only(&keep).map_err(anyhow::Error::msg)?;
+    caps::read(None, caps::CapSet::Effective).context("reading capabilities")
 }
 
 /// Starts the daemon and serves until SIGTERM or SIGINT.

@@ -29,7 +29,7 @@ fn main() -> ExitCode {
     raise_descriptor_limit();
     // Before the runtime starts its threads: capabilities are per thread, and inherited.
     if nix::unistd::geteuid().is_root() {
-        match amidalad::drop_capabilities() {
+        match amidalad::drop_capabilities(config.policy.net_raw) {
             Ok(kept) => {
                 let mut kept: Vec<String> = kept.iter().map(|c| c.to_string()).collect();
                 kept.sort();

@@ -27,6 +27,11 @@ pub struct PolicyConfig {
     pub default_network: String,
     /// The networks members of the build groups may ask for (admins may use any).
     pub networks: Vec<String>,
+    /// Give builds `CAP_NET_RAW` and packet sockets (ping, capturing): with the host's
+    /// network they see every user's traffic on it. Never with `no-metadata`.
+    pub net_raw: bool,
+    /// Let provisioners make user namespaces of their own.
+    pub user_namespaces: bool,
 }
 
 impl Default for PolicyConfig {
@@ -34,8 +39,12 @@ impl Default for PolicyConfig {
         PolicyConfig {
             build_groups: vec!["amidala".into()],
             admin_groups: vec!["amidala-admin".into()],
-            default_network: "host".into(),
-            networks: NETWORKS.iter().map(|&n| n.to_owned()).collect(),
+            // The host's network without the instance metadata service: no build reaches the
+            // builder's IAM role unless an admin asks for the host's network.
+            default_network: "no-metadata".into(),
+            networks: vec!["no-metadata".into(), "none".into()],
+            net_raw: false,
+            user_namespaces: false,
         }
     }
 }
@@ -285,6 +294,11 @@ mod tests {
         let mut policy = Policy::with_gids(&[100], &[200]);
         let member = peer(1003, 1003, &[100]);
         let admin = peer(1001, 1001, &[200]);
+        // By default, no build gets the metadata service unless an admin asks for it.
+        assert_eq!(policy.network(&member, None).unwrap(), "no-metadata");
+        assert!(policy.network(&member, Some("host")).is_err());
+        policy.config.default_network = "host".into();
+        policy.config.networks = vec!["host".into()];
         assert_eq!(policy.network(&member, None).unwrap(), "host");
         policy.config.default_network = "no-metadata".into();
         policy.config.networks = vec!["no-metadata".into(), "none".into()];

@@ -251,9 +251,10 @@ impl Env {
         self.spawn_daemon(self.vars.clone());
     }
 
-    /// Starts a daemon like [`start`](Self::start), in the network namespace `netns`.
-    pub fn start_in(netns: &Netns) -> Env {
-        let mut env = Env::start();
+    /// Starts a daemon like [`start_with`](Self::start_with) `config`, in the network
+    /// namespace `netns`.
+    pub fn start_in(netns: &Netns, config: &str) -> Env {
+        let mut env = Env::start_with(config, &[]);
         env.stop();
         env.netns = Some(netns.path.clone());
         env.spawn_daemon(env.vars.clone());
@@ -1076,6 +1077,24 @@ pub fn uid_of(user: &str) -> u32 {
         .trim()
         .parse()
         .unwrap()
+}
+
+/// `tests/escape-probe.c`, compiled statically (once per test process), for builds to run.
+pub fn escape_probe() -> PathBuf {
+    static PROBE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PROBE
+        .get_or_init(|| {
+            let out = bin_dir().join("escape-probe");
+            let tmp = bin_dir().join(format!("escape-probe.{}", std::process::id()));
+            run(Command::new("gcc")
+                .args(["-static", "-O2", "-Wall", "-o"])
+                .arg(&tmp)
+                .arg(repo_dir().join("tests/escape-probe.c")))
+            .ok();
+            fs::rename(&tmp, &out).unwrap();
+            out
+        })
+        .clone()
 }
 
 /// `program` run as `user`, with that user's groups (`setpriv`).

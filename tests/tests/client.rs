@@ -170,7 +170,7 @@ fn validate_says_what_a_build_would_do_and_makes_nothing() {
         "image:         spec-bld-",
         "image tags:    role=web, team=ops",
         "snapshot tags: amidala=web",
-        "network:       host",
+        "network:       no-metadata",
         "timeout:       600s",
         "(local provider)",
     ] {
@@ -180,7 +180,7 @@ fn validate_says_what_a_build_would_do_and_makes_nothing() {
     assert_eq!(plan["checked_by_daemon"], true);
     assert_eq!(plan["plan"]["source_snapshot"]["id"], base.as_str());
     assert_eq!(plan["plan"]["provider"], "local");
-    assert_eq!(plan["plan"]["spec"]["network"], "host");
+    assert_eq!(plan["plan"]["spec"]["network"], "no-metadata");
     let example = field(&plan["plan"], "example_build_id");
     assert_eq!(plan["plan"]["image_name"], format!("spec-{example}"));
 

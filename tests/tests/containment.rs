@@ -3,7 +3,7 @@
 
 use std::fs;
 
-use amidala_tests::{field, Env, Mounted, Netns};
+use amidala_tests::{escape_probe, field, Env, Mounted, Netns};
 
 /// Each line: NAME and a command that succeeds only if the escape worked.
 const ATTEMPTS: &str = r#"
@@ -135,10 +135,15 @@ fn the_daemon_keeps_only_the_capabilities_its_work_needs() {
     for task in tasks {
         let (effective, bounding) = capabilities(&fs::read_to_string(task.join("status")).unwrap());
         for (name, bit) in [
+            ("CAP_DAC_READ_SEARCH", 2),
+            ("CAP_NET_RAW", 13),
+            ("CAP_IPC_LOCK", 14),
             ("CAP_SYS_MODULE", 16),
             ("CAP_SYS_RAWIO", 17),
             ("CAP_SYS_PTRACE", 19),
             ("CAP_SYS_BOOT", 22),
+            ("CAP_SYS_NICE", 23),
+            ("CAP_SYS_RESOURCE", 24),
             ("CAP_SYS_TIME", 25),
             ("CAP_MAC_ADMIN", 33),
             ("CAP_PERFMON", 38),
@@ -228,7 +233,8 @@ fn no_metadata_keeps_the_network_but_not_the_metadata_service() {
     ns.ip(&["addr", "add", "10.254.0.1/32", "dev", "lo"]);
     let addrs = ["169.254.169.254", "fd00:ec2::254", "10.254.0.1"].map(|a| a.parse().unwrap());
     ns.serve_http(&addrs, "role-credentials");
-    let env = Env::start_in(&ns);
+    // The policy grants CAP_NET_RAW, which no-metadata must take away regardless.
+    let env = Env::start_in(&ns, "[policy]\nnet_raw = true\n");
     env.import_busybox();
     let ws = env.workspace("ws", &[]);
     // busybox's static wget crashes looking up "http" without NSS libraries: plain nc.
@@ -251,14 +257,21 @@ fn no_metadata_keeps_the_network_but_not_the_metadata_service() {
         (out.read("/root/fetched"), bounding, errors)
     };
 
-    // The test can fail: with the host's network, all three answer.
-    let (host, host_caps, _) = fetched(&[]);
+    // The test can fail: with the host's network (which only admins, root here, may ask
+    // for), all three answer.
+    let (host, host_caps, _) = fetched(&["--network", "host"]);
     assert_eq!(
         host,
         "role-credentials 0\nrole-credentials 0\nrole-credentials 0\n"
     );
     const NET_RAW: u64 = 1 << 13;
-    assert_ne!(host_caps & NET_RAW, 0, "CAP_NET_RAW is kept by default");
+    assert_ne!(
+        host_caps & NET_RAW,
+        0,
+        "CAP_NET_RAW is kept where the policy grants it"
+    );
+    // no-metadata is the default network.
+    let (default, _, _) = fetched(&[]);
 
     let (filtered, filtered_caps, errors) = fetched(&["--network", "no-metadata"]);
     let lines: Vec<&str> = filtered.lines().collect();
@@ -285,7 +298,109 @@ fn no_metadata_keeps_the_network_but_not_the_metadata_service() {
         0,
         "no packet sockets to go around the filter"
     );
+    assert_eq!(default, filtered, "the default network is no-metadata");
     // The filter went with the build: the next build with the host's network reaches it all.
-    assert_eq!(fetched(&[]).0, host);
+    assert_eq!(fetched(&["--network", "host"]).0, host);
     env.assert_no_leaks();
+}
+
+/// Issue 14, points 3 and 9: the calls a provisioner never needs are refused by the seccomp
+/// filter (the file-handle escape, keyrings, user namespaces, BPF, ...), and what the
+/// container runtimes hide of /proc is hidden or read-only.
+#[test]
+fn refused_calls_and_hidden_proc_paths() {
+    let env = Env::start();
+    env.import_busybox();
+    let ws = env.workspace("ws", &[]);
+    fs::copy(escape_probe(), ws.join("escape-probe")).unwrap();
+    let script = "/workspace/escape-probe calls > /root/calls; \
+                  /workspace/escape-probe handle /workspace > /root/handle; \
+                  for f in timer_list keys kcore sched_debug; do \
+                    echo \"$f $(cat /proc/$f 2>/dev/null | wc -c)\"; done > /root/hidden; \
+                  for f in irq/default_smp_affinity sys/kernel/hostname; do \
+                    if ( cat /proc/$f > /proc/$f ) 2>/dev/null; then echo \"$f WRITTEN\"; \
+                    else echo \"$f read-only\"; fi; done > /root/readonly; \
+                  grep -E '^Cap(Bnd|Eff)' /proc/self/status > /root/caps";
+    let result = env.build(&ws, &["--", "/bin/sh", "-c", script]);
+    let out = Mounted::new(&env.snapshot_file(field(&result, "snapshot_id")), 0);
+    let calls = out.read("/root/calls");
+    let lines: Vec<&str> = calls.lines().collect();
+    assert!(lines.len() >= 16, "{calls}");
+    for line in &lines {
+        let (name, result) = line.split_once(' ').unwrap();
+        let expected = if name == "clone3" {
+            "errno 38 (Function not implemented)"
+        } else {
+            "errno 1 (Operation not permitted)"
+        };
+        assert_eq!(result, expected, "{name}:\n{calls}");
+    }
+    let handle = out.read("/root/handle");
+    assert_eq!(
+        handle, "open_by_handle_at errno 1 (Operation not permitted)\n",
+        "the shocker escape"
+    );
+    assert_eq!(
+        out.read("/root/hidden"),
+        "timer_list 0\nkeys 0\nkcore 0\nsched_debug 0\n"
+    );
+    assert_eq!(
+        out.read("/root/readonly"),
+        "irq/default_smp_affinity read-only\nsys/kernel/hostname read-only\n"
+    );
+    let caps = out.read("/root/caps");
+    const DAC_READ_SEARCH: u64 = 1 << 2;
+    const NET_RAW: u64 = 1 << 13;
+    for line in caps.lines() {
+        let bits = u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap();
+        assert_eq!(bits & (DAC_READ_SEARCH | NET_RAW), 0, "{line}");
+    }
+    drop(out);
+    env.assert_no_leaks();
+}
+
+/// Issue 14, point 7: with the host's network, a build cannot capture another build's traffic
+/// (no CAP_NET_RAW, no packet sockets) unless the policy grants raw sockets, which shows the
+/// test can fail.
+#[test]
+fn a_build_cannot_capture_another_builds_traffic() {
+    for (policy, expected) in [("", "refused"), ("[policy]\nnet_raw = true\n", "seen")] {
+        let env = Env::start_with(policy, &[]);
+        env.import_busybox();
+        let ws = env.workspace("ws", &[]);
+        fs::copy(escape_probe(), ws.join("escape-probe")).unwrap();
+        let marker = format!("amidala-secret-{}", std::process::id());
+        // Another build talks on the host's network for a while...
+        let talker = env.spawn_client(
+            &ws,
+            &[
+                "build",
+                "--network",
+                "host",
+                "--",
+                "/workspace/escape-probe",
+                "send",
+                &marker,
+                "30",
+            ],
+        );
+        // ... while this one listens to every interface.
+        let script = format!("/workspace/escape-probe capture {marker} 20 > /root/capture 2>&1");
+        let result = env.build(&ws, &["--network", "host", "--", "/bin/sh", "-c", &script]);
+        let out = Mounted::new(&env.snapshot_file(field(&result, "snapshot_id")), 0);
+        let capture = out.read("/root/capture");
+        drop(out);
+        let _ = amidala_tests::interrupt(talker);
+        match expected {
+            "refused" => assert_eq!(
+                capture, "packet-socket errno 1 (Operation not permitted)\n",
+                "default policy"
+            ),
+            _ => assert!(
+                capture.contains("packet-socket ok") && capture.contains("capture seen"),
+                "net_raw = true: {capture}"
+            ),
+        }
+        env.assert_no_leaks();
+    }
 }

@@ -341,7 +341,7 @@ fn check_contents(deb: &Path) {
     };
     assert_eq!(field_of("Package"), PACKAGE);
     let depends = field_of("Depends");
-    for needed in ["e2fsprogs", "libc6"] {
+    for needed in ["e2fsprogs", "libc6", "libseccomp2"] {
         assert!(
             depends.split(',').any(|d| d.trim().starts_with(needed)),
             "Depends: {depends} lacks {needed}"
