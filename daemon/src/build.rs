@@ -96,6 +96,9 @@ impl EventLog {
 pub struct BuildHandle {
     pub id: String,
     pub owner_uid: u32,
+    /// The primary group of the client that asked for the build (not recorded: only a running
+    /// build needs it, for its workspace).
+    pub owner_gid: u32,
     pub cancel: CancellationToken,
     pub log: EventLog,
     record: Mutex<BuildRecord>,
@@ -119,7 +122,11 @@ impl<T> At<T> for Result<T, Failure> {
 
 impl BuildHandle {
     /// Registers a new build: its record and its log exist before it is acknowledged.
-    pub fn create(catalog: &Catalog, record: BuildRecord) -> Result<BuildHandle, Failure> {
+    pub fn create(
+        catalog: &Catalog,
+        record: BuildRecord,
+        owner_gid: u32,
+    ) -> Result<BuildHandle, Failure> {
         let state_error = |what: &str, e: std::io::Error| {
             let full = e.raw_os_error() == Some(libc::ENOSPC);
             Failure::io(
@@ -144,6 +151,7 @@ impl BuildHandle {
         Ok(BuildHandle {
             id: record.id.clone(),
             owner_uid: record.owner_uid,
+            owner_gid,
             cancel: CancellationToken::new(),
             log,
             record: Mutex::new(record),
@@ -606,6 +614,10 @@ async fn provision(
         fs_type: attachment.fs.kernel_name().to_owned(),
         mount_dir: mount_dir.clone(),
         workspace_rw: record.spec.workspace_rw,
+        owner: crate::executor::Owner {
+            uid: handle.owner_uid,
+            gid: handle.owner_gid,
+        },
         isolate_network: record.spec.network.as_deref() == Some("none"),
         allow: crate::confine::Allowances {
             // A packet socket would send frames past the cgroup filter of no-metadata.

@@ -48,12 +48,13 @@ use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{fork, getppid, pivot_root, unlinkat, ForkResult, Pid, UnlinkatFlags};
 use serde::{Deserialize, Serialize};
 
+use crate::idmap;
 use crate::plugins::Plugin;
+use crate::workspace::Workspace;
 
 /// The argument that makes `amidalad` an executor.
 pub const EXECUTOR_ARG: &str = "__executor";
-/// The descriptor number of the workspace in the executor.
-pub const WORKSPACE_FD: RawFd = 3;
+pub use crate::workspace::{Owner, WORKSPACE_FD};
 
 /// What the daemon tells an executor.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -66,6 +67,8 @@ pub struct ExecutorSpec {
     /// An empty directory to mount it on (visible only inside this executor's namespace).
     pub mount_dir: PathBuf,
     pub workspace_rw: bool,
+    /// Whose build it is: the workspace is shown with their rights.
+    pub owner: Owner,
     /// Give the provisioner a network namespace of its own with only a loopback interface.
     #[serde(default)]
     pub isolate_network: bool,
@@ -147,8 +150,9 @@ fn init_process(
     plugin: &Plugin,
     pipe: RawFd,
     filter: &ScmpFilterContext,
+    workspace: &Workspace,
 ) -> i32 {
-    if let Err(message) = child_setup(spec, pipe, filter) {
+    if let Err(message) = child_setup(spec, pipe, filter, workspace) {
         send_result(pipe, &ChildResult::SetupFailed(message));
         return 125;
     }
@@ -270,11 +274,15 @@ fn run() -> Result<(), Failure> {
         Plugin::load(&spec.plugin_path).map_err(fail(Phase::Mount, "loading the provisioner"))?;
 
     report(&Report::Phase(Phase::Mount));
-    // The workspace descriptor's mount belongs to the daemon's namespace, where a bind mount
-    // cannot take it from once we have our own; the working directory, however, is carried
-    // into each new mount namespace. So the workspace becomes our working directory here and
-    // the provisioner process bind-mounts ".".
-    nix::unistd::fchdir(WORKSPACE_FD).map_err(fail(Phase::Mount, "entering the workspace"))?;
+    // The workspace descriptor's mount belongs to the daemon's namespace, the only one its
+    // mount can be cloned in: its views are made here, before the build's own namespaces.
+    // SAFETY: the daemon passes the workspace as this descriptor, open for the executor's life.
+    let dir = unsafe { BorrowedFd::borrow_raw(WORKSPACE_FD) };
+    let workspace =
+        Workspace::prepare(dir, spec.owner, spec.workspace_rw).map_err(|message| Failure {
+            phase: Phase::Mount,
+            message,
+        })?;
     // Mounts, processes, host name and System V IPC of the build are its own.
     let mut namespaces = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWPID
@@ -313,7 +321,7 @@ fn run() -> Result<(), Failure> {
         ),
     ))?;
 
-    let result = with_root_mounted(&spec, &plugin);
+    let result = with_root_mounted(&spec, &plugin, &workspace);
 
     report(&Report::Phase(Phase::Unmount));
     let unmounted = unmount_root(&spec.mount_dir);
@@ -323,15 +331,43 @@ fn run() -> Result<(), Failure> {
     Ok(())
 }
 
-fn with_root_mounted(spec: &ExecutorSpec, plugin: &Plugin) -> Result<(), Failure> {
+fn with_root_mounted(
+    spec: &ExecutorSpec,
+    plugin: &Plugin,
+    workspace: &Workspace,
+) -> Result<(), Failure> {
     let mut prepared = Prepared::new(spec)?;
-    let provisioned = provision(spec, plugin);
+    let started = now_secs();
+    let provisioned = provision(spec, plugin, workspace);
     if let Ok(outcome) = &provisioned {
         report(&Report::Provisioned(outcome.clone()));
     }
     let restored = prepared.restore();
+    // Every process of the build is gone (its PID namespace with them): what it left in the
+    // user's workspace is checked now.
+    let scrubbed = match workspace.scrub(started) {
+        Ok(0) => Ok(()),
+        Ok(n) => {
+            report(&Report::Note(format!(
+                "amidala: cleared the setuid and setgid bits and file capabilities of {n} files \
+                 the build left in the workspace"
+            )));
+            Ok(())
+        }
+        Err(message) => Err(Failure {
+            phase: Phase::Unmount,
+            message,
+        }),
+    };
     provisioned?;
-    restored
+    restored?;
+    scrubbed
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 fn unmount_root(dir: &Path) -> Result<(), Failure> {
@@ -692,7 +728,11 @@ impl Drop for Prepared {
     }
 }
 
-fn provision(spec: &ExecutorSpec, plugin: &Plugin) -> Result<Outcome, Failure> {
+fn provision(
+    spec: &ExecutorSpec,
+    plugin: &Plugin,
+    workspace: &Workspace,
+) -> Result<Outcome, Failure> {
     report(&Report::Phase(Phase::Provision));
     let filter = crate::confine::provisioner_filter(&spec.allow).map_err(|message| Failure {
         phase: Phase::Provision,
@@ -705,7 +745,7 @@ fn provision(spec: &ExecutorSpec, plugin: &Plugin) -> Result<Outcome, Failure> {
     match unsafe { fork() }.map_err(fail(Phase::Provision, "forking the provisioner"))? {
         ForkResult::Child => {
             drop(result_read);
-            let code = init_process(spec, plugin, result_write.as_raw_fd(), &filter);
+            let code = init_process(spec, plugin, result_write.as_raw_fd(), &filter, workspace);
             // SAFETY: _exit ends the process without running the executor's exit handlers
             // (both the plugin process and PID 1 end here).
             unsafe { libc::_exit(code & 0xff) }
@@ -771,6 +811,9 @@ enum SetupStep {
         data: Option<&'static str>,
         what: &'static str,
     },
+    /// The workspace's view (read-only unless asked, with the user's rights: see
+    /// [`crate::workspace`]) attached on `<image>/workspace`.
+    Workspace,
     /// Device nodes, directories and links in the fresh /dev.
     PopulateDev,
     /// `<image>/target`, if it exists, bound onto itself read-only.
@@ -782,31 +825,11 @@ enum SetupStep {
 
 /// What the provisioner sees, in the order it is set up: a plan rather than code, so the
 /// flags are checked by unit tests without root.
-fn provisioner_mounts(workspace_rw: bool) -> Vec<SetupStep> {
-    use SetupStep::{Mask, Mount, PopulateDev, ReadOnly};
+fn provisioner_mounts() -> Vec<SetupStep> {
+    use SetupStep::{Mask, Mount, PopulateDev, ReadOnly, Workspace};
     let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    let mut workspace =
-        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    if !workspace_rw {
-        workspace |= MsFlags::MS_RDONLY;
-    }
     let mut plan = vec![
-        Mount {
-            source: Some("."),
-            target: "workspace",
-            fstype: None,
-            flags: MsFlags::MS_BIND,
-            data: None,
-            what: "bind-mounting the workspace",
-        },
-        Mount {
-            source: None,
-            target: "workspace",
-            fstype: None,
-            flags: workspace,
-            data: None,
-            what: "setting the workspace's mount flags",
-        },
+        Workspace,
         Mount {
             source: Some("proc"),
             target: "proc",
@@ -860,7 +883,12 @@ fn provisioner_mounts(workspace_rw: bool) -> Vec<SetupStep> {
 }
 
 /// Runs in the provisioner process (PID 1 of the build's PID namespace) before the plugin.
-fn child_setup(spec: &ExecutorSpec, keep: RawFd, filter: &ScmpFilterContext) -> Result<(), String> {
+fn child_setup(
+    spec: &ExecutorSpec,
+    keep: RawFd,
+    filter: &ScmpFilterContext,
+    workspace: &Workspace,
+) -> Result<(), String> {
     let root = &spec.mount_dir;
     unshare(CloneFlags::CLONE_NEWNS)
         .map_err(errno_context("creating the provisioner's mount namespace"))?;
@@ -872,8 +900,10 @@ fn child_setup(spec: &ExecutorSpec, keep: RawFd, filter: &ScmpFilterContext) -> 
         None::<&str>,
     )
     .map_err(errno_context("making mounts private"))?;
-    for step in provisioner_mounts(spec.workspace_rw) {
+    for step in provisioner_mounts() {
         match step {
+            SetupStep::Workspace => idmap::attach(workspace.view.as_fd(), &root.join("workspace"))
+                .map_err(|e| format!("mounting the workspace: {e}"))?,
             SetupStep::Mount {
                 source,
                 target,
@@ -1079,8 +1109,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_provisioner_sees_a_read_only_workspace_and_sys() {
-        let plan = provisioner_mounts(false);
+    fn the_provisioner_sees_its_workspace_and_a_read_only_sys() {
+        let plan = provisioner_mounts();
         let flags_of = |target: &str| -> Vec<MsFlags> {
             plan.iter()
                 .filter_map(|s| match s {
@@ -1091,14 +1121,8 @@ mod tests {
                 })
                 .collect()
         };
-        let workspace = flags_of("workspace");
-        assert_eq!(workspace[0], MsFlags::MS_BIND, "bound first");
-        assert!(workspace[1].contains(
-            MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV
-        ));
-        assert!(!provisioner_mounts(true)
-            .iter()
-            .any(|s| matches!(s, SetupStep::Mount { target: "workspace", flags, .. } if flags.contains(MsFlags::MS_RDONLY))));
+        // The workspace's view (its flags: crate::idmap's tests) comes first, before /proc.
+        assert_eq!(plan[0], SetupStep::Workspace);
         assert!(flags_of("sys")[0]
             .contains(MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV));
         assert!(flags_of("proc")[0]

@@ -20,6 +20,7 @@ pub mod error;
 pub mod executor;
 pub mod gc;
 pub mod helper;
+pub mod idmap;
 pub mod ids;
 pub mod import;
 pub mod loopdev;
@@ -30,6 +31,7 @@ pub mod provider;
 pub mod server;
 pub mod spawn;
 pub mod store;
+pub mod workspace;
 
 use std::collections::HashMap;
 use std::fs;

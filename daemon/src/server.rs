@@ -764,7 +764,7 @@ async fn start_build(
         // Checked and registered under one lock: concurrent requests cannot both slip in.
         let mut builds = daemon.builds.lock().expect("builds lock");
         check_build_limits(daemon, &builds, peer)?;
-        let handle = Arc::new(BuildHandle::create(&daemon.catalog, record)?);
+        let handle = Arc::new(BuildHandle::create(&daemon.catalog, record, peer.gid)?);
         builds.insert(handle.id.clone(), handle.clone());
         handle
     };

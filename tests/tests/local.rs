@@ -627,6 +627,42 @@ fn bad_input_is_refused_clearly_and_the_daemon_keeps_serving() {
         "{}",
         import.stderr
     );
+    // Issue 14, point 1: a workspace descriptor that proves no read access (O_PATH, as one
+    // may have for a directory nobody may list) is refused.
+    {
+        use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+        let locked = env.dir.path().join("locked");
+        fs::create_dir(&locked).unwrap();
+        fs::set_permissions(&locked, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+        let path = nix::fcntl::open(
+            &locked,
+            nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY,
+            nix::sys::stat::Mode::empty(),
+        )
+        .unwrap();
+        // SAFETY: open just returned this descriptor; nothing else owns it.
+        let path = unsafe { OwnedFd::from_raw_fd(path) };
+        let spec: proto::BuildSpec = serde_json::from_value(serde_json::json!({
+            "source": {"tag": {"key": "amidala", "value": "base"}},
+            "provisioner": "shell",
+            "command": ["true"],
+        }))
+        .unwrap();
+        let mut client = amidala::Client::connect(&env.socket).unwrap();
+        client
+            .send(&proto::Request::Build(spec), Some(path.as_fd()))
+            .unwrap();
+        match client.recv() {
+            Err(amidala::ClientError::Daemon(e)) => {
+                assert_eq!(e.code, proto::ErrorCode::InvalidArgument);
+                assert!(
+                    e.message.contains("opened for reading (not O_PATH"),
+                    "{e:?}"
+                );
+            }
+            other => panic!("an O_PATH workspace: {other:?}"),
+        }
+    }
     // A FIFO is refused by the client at once, not waited on for a writer.
     let fifo = env.dir.path().join("a-fifo");
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use amidala_tests::{as_user, bin_dir, field, run, uid_of, Accounts, Env, Run};
+use amidala_tests::{as_user, bin_dir, field, run, uid_of, Accounts, Env, Mounted, Run};
+use std::os::unix::fs::FileTypeExt;
 
 const MEMBER: &str = "amidala-t-alice";
 const OTHER_MEMBER: &str = "amidala-t-bob";
@@ -303,4 +304,169 @@ fn a_non_member_cannot_keep_the_daemon_from_starting() {
         nix::sys::signal::Signal::SIGKILL,
     );
     let _ = holder.wait();
+}
+
+/// Issue 14, points 1 to 3: a member's build sees the workspace with the member's rights and
+/// writes to it only as the member: no host file they cannot read (from their own workspace or
+/// from `/etc`), no file owned by root or anyone else left behind, no setuid file, no device
+/// node, no file-handle escape.
+#[test]
+fn a_build_sees_the_workspace_with_its_users_rights() {
+    const ALICE: &str = "amidala-t-ws-alice";
+    const BOB: &str = "amidala-t-ws-bob";
+    let _accounts = Accounts::create(&[(ALICE, "amidala"), (BOB, "amidala")]);
+    let env = Env::start();
+    let client = env.dir.path().join("amidala");
+    fs::copy(bin_dir().join("amidala"), &client).unwrap();
+    let host = Host { env, client };
+    host.env.import_busybox();
+    let ws = host.workspace(ALICE);
+    use std::os::unix::fs::MetadataExt;
+    let owner = |path: &Path, user: &str, mode: u32| {
+        run(Command::new("chown")
+            .arg(format!("{user}:{user}"))
+            .arg(path))
+        .ok();
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+    };
+    fs::write(ws.join("mine"), "alice's\n").unwrap();
+    owner(&ws.join("mine"), ALICE, 0o600);
+    fs::write(ws.join("root-secret"), "root's\n").unwrap();
+    owner(&ws.join("root-secret"), "root", 0o600);
+    fs::write(ws.join("bob-secret"), "bob's\n").unwrap();
+    owner(&ws.join("bob-secret"), BOB, 0o640);
+    fs::create_dir(ws.join("root-dir")).unwrap();
+    owner(&ws.join("root-dir"), "root", 0o755);
+    fs::copy(amidala_tests::escape_probe(), ws.join("escape-probe")).unwrap();
+    owner(&ws.join("escape-probe"), ALICE, 0o755);
+
+    let attempt = |name: &str, command: &str| {
+        format!("if ( {command} ) >/dev/null 2>&1; then echo '{name} worked'; else echo '{name} refused'; fi >> /root/report\n")
+    };
+    let read_only: String = [
+        attempt("read-own-file", "cat /workspace/mine"),
+        attempt("read-roots-file", "cat /workspace/root-secret"),
+        attempt("read-bobs-file", "cat /workspace/bob-secret"),
+        attempt("write-read-only", "touch /workspace/new"),
+        "/workspace/escape-probe handle /workspace >> /root/report\n".into(),
+    ]
+    .concat();
+    let out = host.run_as(
+        ALICE,
+        &ws,
+        &["build", "--json", "--", "/bin/sh", "-c", &read_only],
+    );
+    let result = out.json();
+    let image = Mounted::new(&host.env.snapshot_file(field(&result, "snapshot_id")), 0);
+    assert_eq!(
+        image.read("/root/report"),
+        "read-own-file worked\nread-roots-file refused\nread-bobs-file refused\n\
+         write-read-only refused\nopen_by_handle_at errno 1 (Operation not permitted)\n"
+    );
+    drop(image);
+
+    // The issue's own probes: /etc and / as workspaces.
+    let shadow = host.run_as(
+        ALICE,
+        Path::new("/etc"),
+        &["build", "--", "cat", "/workspace/shadow"],
+    );
+    assert!(
+        shadow.err().contains("provisioner exited with status 1")
+            && shadow.stderr.contains("Permission denied"),
+        "{}",
+        shadow.stderr
+    );
+    assert!(!shadow.stderr.contains("root:"), "{}", shadow.stderr);
+    let root = host.run_as(
+        ALICE,
+        Path::new("/"),
+        &["build", "--", "ls", "/workspace/root"],
+    );
+    assert!(root.err().contains("Permission denied"), "{}", root.stderr);
+
+    // Read-write: whatever root in the build does, the host gets files of alice's only.
+    let read_write: String = [
+        attempt(
+            "setuid-root-copy",
+            "cp /bin/busybox /workspace/rs && chown 0:0 /workspace/rs && chmod 4755 /workspace/rs",
+        ),
+        attempt(
+            "chown-to-bob",
+            "touch /workspace/given && chown 1234 /workspace/given",
+        ),
+        attempt("write-in-roots-dir", "touch /workspace/root-dir/x"),
+        attempt("overwrite-roots-file", "echo x > /workspace/root-secret"),
+        attempt("mknod", "mknod /workspace/null c 1 3"),
+        attempt(
+            "setgid-dir-file",
+            "mkdir /workspace/d && touch /workspace/d/f && chmod 2755 /workspace/d/f",
+        ),
+    ]
+    .concat();
+    let out = host.run_as(
+        ALICE,
+        &ws,
+        &[
+            "build",
+            "--json",
+            "--workspace-rw",
+            "--",
+            "/bin/sh",
+            "-c",
+            &read_write,
+        ],
+    );
+    let log = out.stderr.clone();
+    let result = out.json();
+    let image = Mounted::new(&host.env.snapshot_file(field(&result, "snapshot_id")), 0);
+    assert_eq!(
+        image.read("/root/report"),
+        "setuid-root-copy worked\nchown-to-bob refused\nwrite-in-roots-dir refused\n\
+         overwrite-roots-file refused\nmknod refused\nsetgid-dir-file worked\n"
+    );
+    drop(image);
+    assert!(
+        log.contains("cleared the setuid and setgid bits and file capabilities of 2 files"),
+        "{log}\n{}",
+        run(Command::new("ls").arg("-lRn").arg(&ws)).stdout
+    );
+    let alice = amidala_tests::uid_of(ALICE);
+    for entry in walk(&ws) {
+        let meta = fs::symlink_metadata(&entry).unwrap();
+        let name = entry.strip_prefix(&ws).unwrap().display().to_string();
+        if ["root-secret", "root-dir", "bob-secret"].contains(&name.as_str()) {
+            continue;
+        }
+        assert_eq!(meta.uid(), alice, "{name} is alice's");
+        assert_eq!(
+            meta.mode() & 0o6000,
+            0,
+            "{name} is neither setuid nor setgid"
+        );
+        assert!(
+            !meta.file_type().is_char_device() && !meta.file_type().is_block_device(),
+            "{name}"
+        );
+    }
+    assert_eq!(
+        fs::read_to_string(ws.join("root-secret")).unwrap(),
+        "root's\n"
+    );
+    assert!(!ws.join("root-dir/x").exists());
+    assert!(ws.join("rs").exists(), "the copy was made, as alice's");
+    host.env.assert_no_leaks();
+}
+
+/// Every path below `dir`, not following symlinks.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if fs::symlink_metadata(&path).unwrap().is_dir() {
+            out.extend(walk(&path));
+        }
+        out.push(path);
+    }
+    out
 }
