@@ -4,7 +4,7 @@
 pub mod proto;
 
 use std::io::{IoSlice, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
@@ -157,6 +157,46 @@ impl Client {
             }
             let mut buf = [0u8; 16 * 1024];
             let n = self.stream.read(&mut buf)?;
+            if n == 0 {
+                self.decoder.finish()?;
+                return Err(ClientError::Closed);
+            }
+            self.decoder.push(&buf[..n]);
+        }
+    }
+
+    /// Reads the next frame, and the descriptor that came with it (`SCM_RIGHTS`), if any.
+    pub fn recv_with_fd(&mut self) -> Result<(Response, Option<OwnedFd>), ClientError> {
+        use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+        let mut received: Option<OwnedFd> = None;
+        loop {
+            if let Some(body) = self.decoder.next_frame()? {
+                return match decode::<Response>(&body)? {
+                    Response::Error(err) => Err(ClientError::Daemon(err)),
+                    other => Ok((other, received)),
+                };
+            }
+            let mut buf = [0u8; 16 * 1024];
+            let mut space = nix::cmsg_space!([std::os::fd::RawFd; 2]);
+            let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+            let msg = recvmsg::<()>(
+                self.stream.as_raw_fd(),
+                &mut iov,
+                Some(&mut space),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            )
+            .map_err(std::io::Error::from)?;
+            let n = msg.bytes;
+            for cmsg in msg.cmsgs().map_err(std::io::Error::from)? {
+                if let ControlMessageOwned::ScmRights(fds) = cmsg {
+                    for fd in fds {
+                        // SAFETY: the kernel just installed this descriptor for us; nothing
+                        // else owns it. All but the first are closed right away.
+                        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+                        received.get_or_insert(fd);
+                    }
+                }
+            }
             if n == 0 {
                 self.decoder.finish()?;
                 return Err(ClientError::Closed);

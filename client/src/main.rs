@@ -77,6 +77,26 @@ enum Command {
     },
     /// Cancel a build and wait for its teardown.
     Cancel { id: String },
+    /// Delete images and snapshots of yours (admins: anyone's): an image is deregistered and
+    /// its snapshot deleted (unless another image uses it or it is not yours); a snapshot is
+    /// deleted if no image uses it.
+    Delete {
+        /// Image (ami-...) or snapshot (snap-...) ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Copy the disk image (raw) of a snapshot, or of an image's snapshot, of yours or
+    /// published, into FILE; holes stay holes.
+    Export {
+        /// An image (ami-...) or snapshot (snap-...) id.
+        id: String,
+        /// The file to write; it must not exist, unless --force.
+        #[arg(short, long, value_name = "FILE")]
+        output: PathBuf,
+        /// Replace FILE if it exists.
+        #[arg(long)]
+        force: bool,
+    },
     /// List images.
     Images,
     /// List snapshots.
@@ -115,6 +135,21 @@ enum BaseCommand {
         /// Size of the snapshot, e.g. 2G (default: what the content needs).
         #[arg(long, value_parser = parse_size)]
         size: Option<u64>,
+        /// Publish the snapshot at once for every member's builds (admins only; see `base
+        /// publish`).
+        #[arg(long)]
+        publish: bool,
+    },
+    /// Publish a snapshot (admins only): every member's builds may then start from it, by id
+    /// or by its tags. A tag resolves among the caller's own snapshots and the published ones.
+    Publish {
+        /// The snapshot (snap-...).
+        snapshot: String,
+    },
+    /// Take a snapshot's publication back (admins only).
+    Unpublish {
+        /// The snapshot (snap-...).
+        snapshot: String,
     },
 }
 
@@ -453,8 +488,42 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Base {
-            command: BaseCommand::Import { src, tags, size },
-        } => import(&socket, out, &src, tags, size),
+            command:
+                BaseCommand::Import {
+                    src,
+                    tags,
+                    size,
+                    publish,
+                },
+        } => import(&socket, out, &src, tags, size, publish),
+        Command::Base {
+            command: BaseCommand::Publish { snapshot },
+        } => set_published(&socket, out, snapshot, true),
+        Command::Base {
+            command: BaseCommand::Unpublish { snapshot },
+        } => set_published(&socket, out, snapshot, false),
+        Command::Delete { ids } => {
+            let mut client = connect(&socket)?;
+            let mut removed = Vec::new();
+            for id in ids {
+                match client.call(&Request::Delete { id })? {
+                    Response::Deleted { ids } => {
+                        if !json {
+                            for id in &ids {
+                                println!("deleted {id}");
+                            }
+                        }
+                        removed.extend(ids);
+                    }
+                    other => return Err(unexpected(other).into()),
+                }
+            }
+            if json {
+                print_json(&serde_json::json!({ "deleted": removed }))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Export { id, output, force } => export(&socket, out, &id, &output, force),
         Command::Build(args) => build(&socket, out, *args),
         Command::Validate(args) => validate(&socket, out, *args),
         Command::List => {
@@ -613,12 +682,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 print_json(&snapshots)?;
             } else {
                 print_table(
-                    &["ID", "CREATED", "SIZE", "TAGS", "PATH"],
+                    &["ID", "CREATED", "SIZE", "OWNER", "TAGS", "PATH"],
                     snapshots.iter().map(|s| {
                         vec![
                             s.id.clone(),
                             s.created.clone(),
                             s.size.to_string(),
+                            format!(
+                                "{}{}",
+                                s.owner().unwrap_or("-"),
+                                if s.published() { " (published)" } else { "" }
+                            ),
                             format_tags(&s.tags),
                             s.path.clone().unwrap_or_default(),
                         ]
@@ -693,12 +767,118 @@ struct Output {
     quiet: bool,
 }
 
+fn set_published(
+    socket: &Path,
+    out: Output,
+    snapshot: String,
+    published: bool,
+) -> Result<ExitCode> {
+    match connect(socket)?.call(&Request::Publish {
+        snapshot,
+        published,
+    })? {
+        Response::Snapshot(info) => {
+            if out.json {
+                print_json(&info)?;
+            } else {
+                println!("{} ({})", info.id, info.whose());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        other => Err(unexpected(other).into()),
+    }
+}
+
+/// `amidala export`: the daemon hands over a read-only descriptor of the disk image, and this
+/// client, with the user's own rights, writes the copy (the daemon never writes a path a
+/// client names).
+fn export(socket: &Path, out: Output, id: &str, output: &Path, force: bool) -> Result<ExitCode> {
+    let mut client = connect(socket)?;
+    client.send(&Request::Export { id: id.to_owned() }, None)?;
+    let (info, fd) = match client.recv_with_fd()? {
+        (Response::Export(info), Some(fd)) => (info, fd),
+        (Response::Export(_), None) => {
+            return Err(anyhow::anyhow!(
+                "amidalad sent no disk image with its answer"
+            ))
+        }
+        (other, _) => return Err(unexpected(other).into()),
+    };
+    let source = File::from(fd);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true);
+    if force {
+        options.create(true).truncate(true);
+    } else {
+        options.create_new(true);
+    }
+    // Private to the user first: a disk image may hold anything.
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let target = options
+        .open(output)
+        .map_err(|e| BadInput(format!("creating {}: {e}", output.display())))?;
+    let written =
+        copy_sparse(&source, &target).with_context(|| format!("writing {}", output.display()))?;
+    target
+        .sync_all()
+        .with_context(|| format!("syncing {}", output.display()))?;
+    if out.json {
+        print_json(&serde_json::json!({
+            "snapshot": info,
+            "file": output.display().to_string(),
+            "size": info.size,
+            "data_bytes": written,
+        }))?;
+    } else if !out.quiet {
+        eprintln!(
+            "amidala: wrote {} ({}, {} of data) from {} ({})",
+            output.display(),
+            human_size(info.size),
+            human_size(written),
+            info.id,
+            info.whose()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Copies `src` into `dst` region by region, leaving holes where `src` has them; returns the
+/// bytes of data copied.
+fn copy_sparse(src: &File, dst: &File) -> Result<u64> {
+    use nix::unistd::{lseek, Whence};
+    let len = src.metadata()?.len();
+    dst.set_len(0)?;
+    dst.set_len(len)?;
+    let mut copied = 0;
+    let mut pos: i64 = 0;
+    while (pos as u64) < len {
+        let data = match lseek(src.as_raw_fd(), pos, Whence::SeekData) {
+            Ok(at) => at,
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let hole = lseek(src.as_raw_fd(), data, Whence::SeekHole)?;
+        let (mut from, mut to) = (data, data);
+        while from < hole {
+            let chunk = ((hole - from) as usize).min(1 << 30);
+            let n = nix::fcntl::copy_file_range(src, Some(&mut from), dst, Some(&mut to), chunk)?;
+            if n == 0 {
+                anyhow::bail!("the disk image ended early");
+            }
+            copied += n as u64;
+        }
+        pos = hole;
+    }
+    Ok(copied)
+}
+
 fn import(
     socket: &Path,
     out: Output,
     src: &Path,
     tags: Vec<Tag>,
     size: Option<u64>,
+    publish: bool,
 ) -> Result<ExitCode> {
     // Opened here, with the user's own rights; the daemon never opens a path we name.
     let source = open_source(src)?;
@@ -706,6 +886,7 @@ fn import(
     let spec = ImportSpec {
         tags,
         size,
+        publish,
         source_name: src.display().to_string(),
     };
     client.send(&Request::ImportBase(spec), Some(source.as_fd()))?;
@@ -917,9 +1098,10 @@ fn print_plan(spec_file: Option<&str>, spec: &BuildSpec, plan: Option<&BuildPlan
             row(
                 "source",
                 &format!(
-                    "{} → {} (created {}, {})",
+                    "{} → {} ({}; created {}, {})",
                     spec.source,
                     s.id,
+                    s.whose(),
                     s.created,
                     human_size(s.size)
                 ),

@@ -17,7 +17,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 /// Version of this protocol; both ends must speak the same one.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest frame body either end accepts, in bytes.
 pub const MAX_FRAME: usize = 1 << 20;
@@ -68,7 +68,23 @@ pub enum Request {
     /// Check a build as [`Request::Build`] would and say what it would do, making nothing and
     /// starting nothing (`amidala validate`); answered by [`Response::Plan`].
     Validate(BuildSpec),
+    /// Publish a snapshot for every member's builds (or take it back), admins only; answered
+    /// by [`Response::Snapshot`].
+    Publish { snapshot: String, published: bool },
+    /// Delete an image (and its snapshot, unless another image uses it) or a snapshot no
+    /// image uses; the owner's or an admin's. Answered by [`Response::Deleted`].
+    Delete { id: String },
+    /// The disk image of a snapshot (or of an image's snapshot), for the client to copy:
+    /// answered by [`Response::Export`] with a read-only descriptor of it.
+    Export { id: String },
 }
+
+/// The tag holding the user name of a snapshot's or image's owner.
+pub const OWNER_TAG: &str = "amidala:owner";
+/// The tag holding the uid of a snapshot's or image's owner.
+pub const OWNER_UID_TAG: &str = "amidala:owner-uid";
+/// The tag an admin's publication sets on a snapshot (its value: `true`).
+pub const PUBLISHED_TAG: &str = "amidala:published";
 
 /// Where a build starts from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -325,6 +341,9 @@ pub struct ImportSpec {
     pub tags: Vec<Tag>,
     /// Size of the snapshot in bytes; defaults to what the content needs.
     pub size: Option<u64>,
+    /// Publish it at once for every member's builds (admins only).
+    #[serde(default)]
+    pub publish: bool,
     /// The name the user gave the source, for messages only (the daemon never opens it).
     pub source_name: String,
 }
@@ -718,8 +737,47 @@ pub struct SnapshotInfo {
     pub tags: BTreeMap<String, String>,
     pub created: String,
     pub size: u64,
-    /// The raw disk image file (local provider).
+    /// The raw disk image file (local provider), readable by root (`amidala export` copies it).
     pub path: Option<String>,
+}
+
+impl SnapshotInfo {
+    /// The user name of its owner, as its tags say.
+    pub fn owner(&self) -> Option<&str> {
+        self.tags.get(OWNER_TAG).map(String::as_str)
+    }
+
+    /// Whether an admin published it for every member's builds.
+    pub fn published(&self) -> bool {
+        is_published(&self.tags)
+    }
+
+    /// Whose it is, for messages: "alice's", "root's, published".
+    pub fn whose(&self) -> String {
+        whose(&self.tags)
+    }
+}
+
+/// Whether a snapshot's `tags` say an admin published it.
+pub fn is_published(tags: &BTreeMap<String, String>) -> bool {
+    tags.get(PUBLISHED_TAG).is_some_and(|v| v == "true")
+}
+
+/// The owner's uid a snapshot's or image's `tags` name.
+pub fn owner_uid(tags: &BTreeMap<String, String>) -> Option<u32> {
+    tags.get(OWNER_UID_TAG).and_then(|u| u.parse().ok())
+}
+
+/// Whose a snapshot with `tags` is, for messages: "alice's", "root's, published".
+pub fn whose(tags: &BTreeMap<String, String>) -> String {
+    let owner = tags
+        .get(OWNER_TAG)
+        .map_or("an unknown user", String::as_str);
+    if is_published(tags) {
+        format!("{owner}'s, published")
+    } else {
+        format!("{owner}'s")
+    }
 }
 
 /// An image as `images` shows it.
@@ -805,6 +863,14 @@ pub enum Response {
     },
     /// What a build would do (the answer to [`Request::Validate`]).
     Plan(BuildPlan),
+    /// A snapshot as it is now (the answer to [`Request::Publish`]).
+    Snapshot(SnapshotInfo),
+    /// What a [`Request::Delete`] removed: image and snapshot ids.
+    Deleted {
+        ids: Vec<String>,
+    },
+    /// The snapshot whose disk image travels with this frame as a read-only descriptor.
+    Export(SnapshotInfo),
 }
 
 /// What a build of a checked spec would do, as `amidala validate` prints it.

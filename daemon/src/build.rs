@@ -16,7 +16,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use amidala::proto::{BuildFailure, BuildResult, BuildState, ErrorCode, Phase, Response};
+use amidala::proto::{
+    BuildFailure, BuildResult, BuildState, ErrorCode, Phase, Response, OWNER_TAG, OWNER_UID_TAG,
+};
 use amidala_plugin::BuildInfo as PluginBuildInfo;
 use chrono::Utc;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -99,6 +101,8 @@ pub struct BuildHandle {
     /// The primary group of the client that asked for the build (not recorded: only a running
     /// build needs it, for its workspace).
     pub owner_gid: u32,
+    /// Whose snapshots its source may be: the owner's role when they asked.
+    pub viewer: crate::provider::Viewer,
     pub cancel: CancellationToken,
     pub log: EventLog,
     record: Mutex<BuildRecord>,
@@ -126,6 +130,7 @@ impl BuildHandle {
         catalog: &Catalog,
         record: BuildRecord,
         owner_gid: u32,
+        viewer: crate::provider::Viewer,
     ) -> Result<BuildHandle, Failure> {
         let state_error = |what: &str, e: std::io::Error| {
             let full = e.raw_os_error() == Some(libc::ENOSPC);
@@ -152,6 +157,7 @@ impl BuildHandle {
             id: record.id.clone(),
             owner_uid: record.owner_uid,
             owner_gid,
+            viewer,
             cancel: CancellationToken::new(),
             log,
             record: Mutex::new(record),
@@ -309,8 +315,15 @@ async fn execute(
     let provider = &daemon.provider;
     let spec = handle.record().spec;
     handle.enter(Phase::Resolve)?;
-    let source = provider.resolve(&spec.source).await.at(Phase::Resolve)?;
-    handle.note(format!("amidala: starting from {}", source.id));
+    let source = provider
+        .resolve(&spec.source, handle.viewer)
+        .await
+        .at(Phase::Resolve)?;
+    handle.note(format!(
+        "amidala: starting from {} ({})",
+        source.id,
+        amidala::proto::whose(&source.tags)
+    ));
     handle.progress(|r| r.source_snapshot = Some(source.id.clone()));
 
     handle.enter(Phase::Volume)?;
@@ -453,8 +466,8 @@ async fn with_volume(
         .collect();
     snapshot_tags.insert("amidala:build".into(), handle.id.clone());
     snapshot_tags.insert("amidala:source-snapshot".into(), source.to_owned());
-    snapshot_tags.insert("amidala:owner".into(), owner.clone());
-    snapshot_tags.insert("amidala:owner-uid".into(), handle.owner_uid.to_string());
+    snapshot_tags.insert(OWNER_TAG.into(), owner.clone());
+    snapshot_tags.insert(OWNER_UID_TAG.into(), handle.owner_uid.to_string());
     snapshot_tags.insert("amidala:provisioner".into(), spec.provisioner.clone());
     handle.enter(Phase::Snapshot)?;
     let meta = SnapshotMeta {
@@ -505,8 +518,8 @@ async fn register(
         .map(|t| (t.key.clone(), t.value.clone()))
         .collect();
     image_tags.insert("amidala:build".into(), handle.id.clone());
-    image_tags.insert("amidala:owner".into(), owner);
-    image_tags.insert("amidala:owner-uid".into(), handle.owner_uid.to_string());
+    image_tags.insert(OWNER_TAG.into(), owner);
+    image_tags.insert(OWNER_UID_TAG.into(), handle.owner_uid.to_string());
     handle
         .enter(Phase::Register)
         .map_err(|(phase, f)| (phase, kept_snapshot(f, &snapshot.id)))?;

@@ -294,6 +294,14 @@ impl Catalog {
         store::write_json(&self.record("catalog/images", &record.id), record)
     }
 
+    /// Removes an image's record (one already gone is not an error).
+    pub fn delete_image(&self, id: &str) -> io::Result<()> {
+        match fs::remove_file(self.record("catalog/images", id)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => store::sync_dir(&self.root.join("catalog/images")),
+        }
+    }
+
     pub fn images(&self) -> io::Result<Vec<ImageRecord>> {
         store::list_json(&self.root.join("catalog/images"))
     }

@@ -324,6 +324,9 @@ fn run() -> Result<(), Failure> {
     let result = with_root_mounted(&spec, &plugin, &workspace);
 
     report(&Report::Phase(Phase::Unmount));
+    if result.is_ok() {
+        discard_free_blocks(&spec.mount_dir);
+    }
     let unmounted = unmount_root(&spec.mount_dir);
     result?;
     unmounted?;
@@ -368,6 +371,48 @@ fn now_secs() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// `struct fstrim_range` of `<linux/fs.h>`.
+#[repr(C)]
+struct FstrimRange {
+    start: u64,
+    len: u64,
+    minlen: u64,
+}
+
+nix::ioctl_readwrite!(fitrim, b'X', 121, FstrimRange);
+
+/// Discards the free blocks of the filesystem mounted on `dir` (after committing it, so that
+/// the blocks of files deleted just now are free): on a loop device, holes in the volume file,
+/// so that what the build deleted does not travel in the snapshot. Where the device cannot
+/// discard, the build's log says so.
+fn discard_free_blocks(dir: &Path) {
+    let trimmed = (|| -> nix::Result<()> {
+        let root = nix::fcntl::open(
+            dir,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
+        // SAFETY: open just returned this descriptor; nothing else owns it.
+        let root = unsafe { OwnedFd::from_raw_fd(root) };
+        nix::unistd::syncfs(root.as_raw_fd())?;
+        let mut range = FstrimRange {
+            start: 0,
+            len: u64::MAX,
+            minlen: 0,
+        };
+        // SAFETY: FITRIM reads and writes a `struct fstrim_range`, which `range` is (repr(C),
+        // the kernel's layout), for the duration of the call; `root` is an open directory.
+        unsafe { fitrim(root.as_raw_fd(), &mut range) }?;
+        Ok(())
+    })();
+    if let Err(e) = trimmed {
+        report(&Report::Note(format!(
+            "amidala: the free blocks of the volume could not be discarded ({e}): blocks of files \
+             the build deleted stay in the snapshot"
+        )));
+    }
 }
 
 fn unmount_root(dir: &Path) -> Result<(), Failure> {

@@ -23,7 +23,10 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use amidala::proto::{validate_source_name, validate_user_tags, ErrorCode, ImportSpec, Tag};
+use amidala::proto::{
+    validate_source_name, validate_user_tags, ErrorCode, ImportSpec, Tag, OWNER_TAG, OWNER_UID_TAG,
+    PUBLISHED_TAG,
+};
 
 use crate::catalog::SnapshotRecord;
 use crate::disk;
@@ -195,8 +198,11 @@ pub async fn import(
             .collect()
     };
     let owner = crate::build::owner_name(requester.uid);
-    tags.insert("amidala:owner".into(), owner.clone());
-    tags.insert("amidala:owner-uid".into(), requester.uid.to_string());
+    tags.insert(OWNER_TAG.into(), owner.clone());
+    tags.insert(OWNER_UID_TAG.into(), requester.uid.to_string());
+    if spec.publish {
+        tags.insert(PUBLISHED_TAG.into(), "true".into());
+    }
     note(format!(
         "amidala: storing the image as a {} snapshot",
         provider.name()
@@ -241,7 +247,7 @@ async fn make_image(
                         "--size {want} is smaller than the disk image ({len} bytes)"
                     )));
                 }
-                copy_to_new(&src, &image, 0o644, Keep::Durable)
+                copy_to_new(&src, &image, 0o600, Keep::Durable)
                     .map_err(|e| Failure::io("copying the disk image", e))?;
                 let out = OpenOptions::new()
                     .read(true)
@@ -460,7 +466,7 @@ async fn mkfs_from(
     }
     nix::sys::stat::fchmod(
         out.as_raw_fd(),
-        nix::sys::stat::Mode::from_bits_truncate(0o644),
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
     )
     .map_err(|e| Failure::io("setting the snapshot's mode", e))?;
     out.sync_all()

@@ -134,6 +134,10 @@ pub enum Action {
     Describe,
     /// Collecting what builds left behind (admins only).
     Gc,
+    /// Publishing a snapshot for everyone's builds, or taking it back (admins only).
+    Publish,
+    /// Deleting and exporting images and snapshots (their owners', checked once found).
+    ManageImages,
 }
 
 impl Action {
@@ -147,6 +151,8 @@ impl Action {
             Action::ListImages => "listing images and snapshots",
             Action::Describe => "asking for versions and plugins",
             Action::Gc => "collecting garbage",
+            Action::Publish => "publishing a snapshot",
+            Action::ManageImages => "deleting or exporting images and snapshots",
         }
     }
 }
@@ -221,7 +227,7 @@ impl Policy {
             (Role::Builder, Action::ReadBuild { owner } | Action::CancelBuild { owner }) => {
                 owner == peer.uid
             }
-            (Role::Builder, Action::Gc) => false,
+            (Role::Builder, Action::Gc | Action::Publish) => false,
             (Role::Builder, _) => true,
             (Role::Outsider, _) => false,
         };
@@ -235,7 +241,7 @@ impl Policy {
                     self.admins()
                 )
             }
-            (Role::Builder, Action::Gc) => {
+            (Role::Builder, Action::Gc | Action::Publish) => {
                 format!("only admins ({}) may", self.admins())
             }
             _ => format!(
@@ -248,6 +254,14 @@ impl Policy {
             ErrorCode::PermissionDenied,
             format!("{} refused: {why}", action.what()),
         ))
+    }
+
+    /// Whose snapshots `peer`'s lookups see (see [`crate::provider::Viewer`]).
+    pub fn viewer(&self, peer: &Peer) -> crate::provider::Viewer {
+        crate::provider::Viewer {
+            uid: Some(peer.uid),
+            admin: self.role(peer) == Role::Admin,
+        }
     }
 
     /// The network a build of `peer` gets when it asks for `requested`: the default if it
@@ -352,6 +366,10 @@ mod tests {
             (&admin, Action::Gc, true),
             (&member, Action::Gc, false),
             (&outsider, Action::Gc, false),
+            (&admin, Action::Publish, true),
+            (&member, Action::Publish, false),
+            (&member, Action::ManageImages, true),
+            (&outsider, Action::ManageImages, false),
         ] {
             assert_eq!(
                 policy.authorize(who, action).is_ok(),

@@ -227,7 +227,13 @@ pub async fn run(daemon: Arc<Daemon>) {
 /// there.
 async fn fill(daemon: &Daemon, lane: &Lane) -> bool {
     let provider = &daemon.provider;
-    let newest = match provider.resolve(&Source::Tag(lane.from.clone())).await {
+    let newest = match provider
+        .resolve(
+            &Source::Tag(lane.from.clone()),
+            crate::provider::Viewer::PUBLISHED,
+        )
+        .await
+    {
         Ok(s) => Some(s),
         Err(e) => {
             tracing::debug!(from = %lane.from, error = %e, "warm pool: no source");

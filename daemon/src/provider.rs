@@ -10,7 +10,9 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use amidala::proto::{validate_id, BuildSpec, ErrorCode, ImageInfo, SnapshotInfo, Source};
+use amidala::proto::{
+    is_published, validate_id, BuildSpec, ErrorCode, ImageInfo, SnapshotInfo, Source,
+};
 use async_trait::async_trait;
 use chrono::Utc;
 
@@ -124,8 +126,8 @@ pub trait Provider: Send + Sync + Debug {
     fn volume_size(&self, snapshot_size: u64, size: Option<u64>) -> u64 {
         size.map_or(snapshot_size, |s| s.max(snapshot_size))
     }
-    /// The snapshot a build starts from.
-    async fn resolve(&self, source: &Source) -> Result<SnapshotRecord, Failure>;
+    /// The snapshot a build of `viewer`'s starts from (see [`Viewer`]).
+    async fn resolve(&self, source: &Source, viewer: Viewer) -> Result<SnapshotRecord, Failure>;
     /// A new volume with the snapshot's content, of at least `size` bytes.
     async fn create_volume(
         &self,
@@ -180,6 +182,10 @@ pub trait Provider: Send + Sync + Debug {
     async fn reclaim_volume(&self, volume: &BuildVolume) -> Result<(), Failure>;
     /// Adds `tags` to a snapshot.
     async fn tag_snapshot(&self, id: &str, tags: &BTreeMap<String, String>) -> Result<(), Failure>;
+    /// Removes the tag `key` from a snapshot.
+    async fn untag_snapshot(&self, id: &str, key: &str) -> Result<(), Failure>;
+    /// Deregisters an image (its snapshot stays).
+    async fn deregister_image(&self, id: &str) -> Result<(), Failure>;
     /// Deletes a snapshot no image uses.
     async fn delete_snapshot(&self, id: &str) -> Result<(), Failure>;
 }
@@ -188,6 +194,65 @@ pub trait Provider: Send + Sync + Debug {
 /// is what a failed build left.
 pub fn usable_as_source(tags: &BTreeMap<String, String>) -> bool {
     !tags.contains_key(FAILED_BUILD_TAG)
+}
+
+/// The owner of a snapshot no user of amidala made (one made outside it, on EC2): no uid is.
+pub const NO_OWNER: u32 = u32::MAX;
+
+/// Whose snapshots a lookup is for: ownership is part of resolution. A user's tag resolves
+/// among their own snapshots and those an admin published, never another user's: one member's
+/// import tagged `amidala=base` is no one else's base.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Viewer {
+    /// `None`: published snapshots only (the warm pool, which serves every user).
+    pub uid: Option<u32>,
+    /// Admins may name (by id) any snapshot; their tags resolve as a member's do.
+    pub admin: bool,
+}
+
+impl Viewer {
+    /// What the warm pool may serve: published snapshots.
+    pub const PUBLISHED: Viewer = Viewer {
+        uid: None,
+        admin: false,
+    };
+
+    /// Whether a tag of this viewer may resolve to a snapshot of `owner` with `tags`.
+    pub fn resolves_to(&self, owner: u32, tags: &BTreeMap<String, String>) -> bool {
+        usable_as_source(tags) && (self.uid == Some(owner) || is_published(tags))
+    }
+
+    /// Whether this viewer may see, build from, or export a snapshot of `owner` with `tags`
+    /// that it names.
+    pub fn may_use(&self, owner: u32, tags: &BTreeMap<String, String>) -> bool {
+        self.admin || self.uid == Some(owner) || is_published(tags)
+    }
+
+    /// Whether this viewer may change or delete what `owner` owns.
+    pub fn owns(&self, owner: u32) -> bool {
+        self.admin || self.uid == Some(owner)
+    }
+}
+
+/// The refusal of a snapshot `id` the viewer may not use: said as if it did not exist, so that
+/// ids of others' snapshots are not confirmed.
+pub fn not_yours(kind: &str, id: &str) -> Failure {
+    Failure::new(
+        ErrorCode::NotFound,
+        format!("{kind} {id} does not exist, or is neither yours nor published"),
+    )
+}
+
+/// No snapshot of the viewer's, or published, has `tag`.
+pub fn no_snapshot_tagged(tag: &amidala::proto::Tag, place: &str) -> Failure {
+    Failure::new(
+        ErrorCode::NoSnapshot,
+        format!(
+            "no snapshot{place} of yours or published by an admin is tagged {tag} (import one \
+             with `amidala base import`, or ask an admin to publish one: `amidala base publish \
+             ID`)"
+        ),
+    )
 }
 
 /// Whether a copy must reach the disk before it is used.
@@ -280,7 +345,7 @@ impl Provider for LocalProvider {
         Ok(())
     }
 
-    async fn resolve(&self, source: &Source) -> Result<SnapshotRecord, Failure> {
+    async fn resolve(&self, source: &Source, viewer: Viewer) -> Result<SnapshotRecord, Failure> {
         let catalog = self.catalog.clone();
         let source = source.clone();
         blocking(move || match &source {
@@ -289,22 +354,14 @@ impl Provider for LocalProvider {
                 catalog
                     .get_snapshot(id)
                     .map_err(|e| Failure::io("reading the catalog", e))?
-                    .ok_or_else(|| {
-                        Failure::new(ErrorCode::NotFound, format!("snapshot {id} does not exist"))
-                    })
+                    .filter(|s| viewer.may_use(s.owner_uid, &s.tags))
+                    .ok_or_else(|| not_yours("snapshot", id))
             }
             Source::Tag(tag) => {
                 let newest = catalog
-                    .newest_snapshot_with_tag(tag, |s| usable_as_source(&s.tags))
+                    .newest_snapshot_with_tag(tag, |s| viewer.resolves_to(s.owner_uid, &s.tags))
                     .map_err(|e| Failure::io("reading the catalog", e))?;
-                newest.ok_or_else(|| {
-                    Failure::new(
-                        ErrorCode::NoSnapshot,
-                        format!(
-                            "no snapshot is tagged {tag} (make one with `amidala base import`)"
-                        ),
-                    )
-                })
+                newest.ok_or_else(|| no_snapshot_tagged(tag, ""))
             }
         })
         .await
@@ -512,6 +569,35 @@ impl Provider for LocalProvider {
         .await
     }
 
+    async fn untag_snapshot(&self, id: &str, key: &str) -> Result<(), Failure> {
+        let (catalog, id, key) = (self.catalog.clone(), id.to_owned(), key.to_owned());
+        blocking(move || {
+            let mut record = catalog
+                .get_snapshot(&id)
+                .map_err(|e| Failure::io("reading the catalog", e))?
+                .ok_or_else(|| {
+                    Failure::new(ErrorCode::NotFound, format!("snapshot {id} does not exist"))
+                })?;
+            if record.tags.remove(&key).is_none() {
+                return Ok(());
+            }
+            catalog
+                .put_snapshot(&record)
+                .map_err(|e| Failure::io("writing the snapshot record", e))
+        })
+        .await
+    }
+
+    async fn deregister_image(&self, id: &str) -> Result<(), Failure> {
+        let (catalog, id) = (self.catalog.clone(), id.to_owned());
+        blocking(move || {
+            catalog
+                .delete_image(&id)
+                .map_err(|e| Failure::io("deleting the image record", e))
+        })
+        .await
+    }
+
     async fn delete_snapshot(&self, id: &str) -> Result<(), Failure> {
         let (catalog, id) = (self.catalog.clone(), id.to_owned());
         blocking(move || {
@@ -547,19 +633,19 @@ pub fn build_of_volume(volume_id: &str) -> Option<String> {
 }
 
 /// Makes the detached volume file at `volume` the snapshot staged at `staged`: synced,
-/// readable by all as snapshots are, and moved, not copied (the build deletes its volume next,
+/// root's alone (0600) as snapshots are, and moved, not copied (the build deletes its volume next,
 /// so nothing of a no-op build is written twice). Copied if the two are on different
 /// filesystems. On failure the volume is where it was and nothing is at `staged`.
 fn take_volume(volume: &Path, staged: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let file = File::open(volume)?;
-    file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     // Synced before it is renamed: a rename of unsynced data can leave neither after a power
     // loss (XFS, ext4 without auto_da_alloc).
     file.sync_all()?;
     match std::fs::rename(volume, staged) {
         Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-            copy_to_new(&file, staged, 0o644, Keep::Durable).map(drop)
+            copy_to_new(&file, staged, 0o600, Keep::Durable).map(drop)
         }
         other => other,
     }

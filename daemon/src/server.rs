@@ -4,15 +4,15 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use amidala::proto::{
-    self, decode, encode_frame, validate_id, validate_user_tags, BuildPlan, BuildSpec, BuildState,
-    ErrorCode, FrameDecoder, FrameError, ImportSpec, Request, Response, Source, MAX_COMMAND_ARGS,
-    MAX_COMMAND_BYTES, PROTOCOL_VERSION,
+    self, decode, encode_frame, owner_uid, validate_id, validate_user_tags, BuildPlan, BuildSpec,
+    BuildState, ErrorCode, FrameDecoder, FrameError, ImageInfo, ImportSpec, Request, Response,
+    SnapshotInfo, Source, MAX_COMMAND_ARGS, MAX_COMMAND_BYTES, PROTOCOL_VERSION, PUBLISHED_TAG,
 };
 use chrono::Utc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
@@ -24,6 +24,7 @@ use crate::catalog::{BuildRecord, SnapshotRecord};
 use crate::error::Failure;
 use crate::ids::new_id;
 use crate::import::{self, Requester};
+use crate::provider::{not_yours, Viewer, NO_OWNER};
 use crate::Daemon;
 
 /// Most descriptors one request may carry.
@@ -167,6 +168,27 @@ impl Conn {
     async fn send(&mut self, response: &Response) -> io::Result<()> {
         let frame = encode_frame(response).map_err(io::Error::other)?;
         self.stream.write_all(&frame).await
+    }
+
+    /// Sends `response` with `fd` attached (`SCM_RIGHTS`) to its first bytes.
+    async fn send_with_fd(&mut self, response: &Response, fd: BorrowedFd<'_>) -> io::Result<()> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        let frame = encode_frame(response).map_err(io::Error::other)?;
+        let fds = [fd.as_raw_fd()];
+        let sent = self
+            .stream
+            .async_io(Interest::WRITABLE, || {
+                sendmsg::<()>(
+                    self.stream.as_raw_fd(),
+                    &[io::IoSlice::new(&frame)],
+                    &[ControlMessage::ScmRights(&fds)],
+                    MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+                    None,
+                )
+                .map_err(io::Error::from)
+            })
+            .await?;
+        self.stream.write_all(&frame[sent..]).await
     }
 
     async fn send_error(&mut self, failure: &Failure) -> io::Result<()> {
@@ -369,6 +391,9 @@ fn action_of(request: &Request) -> Action {
         Request::Images | Request::Snapshots => Action::ListImages,
         Request::Hello { .. } | Request::Plugins | Request::Version => Action::Describe,
         Request::Gc { .. } => Action::Gc,
+        Request::Publish { .. } => Action::Publish,
+        // Judged against the owner once the image or snapshot is found.
+        Request::Delete { .. } | Request::Export { .. } => Action::ManageImages,
         // Judged against the build's owner once it is found; builders at least.
         Request::Status { .. } | Request::Logs { .. } | Request::Cancel { .. } => {
             Action::ListBuilds
@@ -471,12 +496,41 @@ async fn dispatch(
             Ok(record) => conn.send(&Response::Build(record.info())).await,
             Err(f) => conn.send_error(&f).await,
         },
+        // A member sees their own images, and their own snapshots and the published ones (the
+        // ones their builds may start from); admins see all.
         Request::Images => match daemon.provider.list_images().await {
-            Ok(images) => conn.send(&Response::Images(images)).await,
+            Ok(mut images) => {
+                let viewer = daemon.policy.viewer(peer);
+                images.retain(|i| viewer.owns(owner_uid(&i.tags).unwrap_or(NO_OWNER)));
+                conn.send(&Response::Images(images)).await
+            }
             Err(f) => conn.send_error(&f).await,
         },
         Request::Snapshots => match daemon.provider.list_snapshots().await {
-            Ok(snapshots) => conn.send(&Response::Snapshots(snapshots)).await,
+            Ok(mut snapshots) => {
+                let viewer = daemon.policy.viewer(peer);
+                snapshots
+                    .retain(|s| viewer.may_use(owner_uid(&s.tags).unwrap_or(NO_OWNER), &s.tags));
+                conn.send(&Response::Snapshots(snapshots)).await
+            }
+            Err(f) => conn.send_error(&f).await,
+        },
+        Request::Publish {
+            snapshot,
+            published,
+        } => match publish(daemon, peer, &snapshot, published).await {
+            Ok(info) => conn.send(&Response::Snapshot(info)).await,
+            Err(f) => conn.send_error(&f).await,
+        },
+        Request::Delete { id } => match delete(daemon, peer, &id).await {
+            Ok(ids) => conn.send(&Response::Deleted { ids }).await,
+            Err(f) => conn.send_error(&f).await,
+        },
+        Request::Export { id } => match export(daemon, peer, &id).await {
+            Ok((info, file)) => {
+                conn.send_with_fd(&Response::Export(info), file.as_fd())
+                    .await
+            }
             Err(f) => conn.send_error(&f).await,
         },
         Request::Plugins => conn.send(&Response::Plugins(daemon.plugins.infos())).await,
@@ -697,6 +751,136 @@ async fn checked_build(
     Ok((record, plugin))
 }
 
+/// The snapshot `id` names (a snapshot, or an image's snapshot), if `viewer` may use it; and
+/// the image, if it named one.
+async fn find_snapshot(
+    daemon: &Daemon,
+    viewer: Viewer,
+    id: &str,
+) -> Result<(SnapshotInfo, Option<ImageInfo>), Failure> {
+    let (snapshot_id, image) = if id.starts_with("ami-") {
+        validate_id("ami", id)?;
+        let image = daemon
+            .provider
+            .list_images()
+            .await?
+            .into_iter()
+            .find(|i| i.id == id && viewer.owns(owner_uid(&i.tags).unwrap_or(NO_OWNER)))
+            .ok_or_else(|| not_yours("image", id))?;
+        (image.snapshot_id.clone(), Some(image))
+    } else {
+        validate_id("snap", id)?;
+        (id.to_owned(), None)
+    };
+    let snapshot = daemon
+        .provider
+        .list_snapshots()
+        .await?
+        .into_iter()
+        .find(|s| {
+            s.id == snapshot_id && viewer.may_use(owner_uid(&s.tags).unwrap_or(NO_OWNER), &s.tags)
+        })
+        .ok_or_else(|| not_yours("snapshot", &snapshot_id))?;
+    Ok((snapshot, image))
+}
+
+/// Publishes a snapshot for every member's builds, or takes it back (admins only).
+async fn publish(
+    daemon: &Daemon,
+    peer: &Peer,
+    id: &str,
+    published: bool,
+) -> Result<SnapshotInfo, Failure> {
+    validate_id("snap", id)?;
+    let (snapshot, _) = find_snapshot(daemon, daemon.policy.viewer(peer), id).await?;
+    if published {
+        let tags = [(PUBLISHED_TAG.to_owned(), "true".to_owned())].into();
+        daemon.provider.tag_snapshot(id, &tags).await?;
+    } else {
+        daemon.provider.untag_snapshot(id, PUBLISHED_TAG).await?;
+    }
+    tracing::info!(uid = peer.uid, snapshot = id, published, owner = ?snapshot.tags.get(amidala::proto::OWNER_TAG), "publication changed");
+    // The warm pool serves published snapshots.
+    daemon.pool.wake();
+    let (snapshot, _) = find_snapshot(daemon, daemon.policy.viewer(peer), id).await?;
+    Ok(snapshot)
+}
+
+/// Deletes an image and its snapshot, or a snapshot no image uses: the caller's, or any for an
+/// admin. The snapshot of a deleted image stays if it is not the caller's, another image uses
+/// it, or a running build starts from it. Returns the ids of what it removed.
+async fn delete(daemon: &Daemon, peer: &Peer, id: &str) -> Result<Vec<String>, Failure> {
+    let viewer = daemon.policy.viewer(peer);
+    let (snapshot, image) = find_snapshot(daemon, viewer, id).await?;
+    let owned = viewer.owns(owner_uid(&snapshot.tags).unwrap_or(NO_OWNER));
+    if image.is_none() && !owned {
+        return Err(not_yours("snapshot", id));
+    }
+    let used_by: Vec<String> = daemon
+        .provider
+        .list_images()
+        .await?
+        .into_iter()
+        .filter(|i| i.snapshot_id == snapshot.id && Some(&i.id) != image.as_ref().map(|i| &i.id))
+        .map(|i| i.id)
+        .collect();
+    let building = daemon
+        .builds
+        .lock()
+        .expect("builds lock")
+        .values()
+        .any(|b| b.record().source_snapshot.as_deref() == Some(snapshot.id.as_str()));
+    let mut removed = Vec::new();
+    match &image {
+        Some(image) => {
+            daemon.provider.deregister_image(&image.id).await?;
+            tracing::info!(uid = peer.uid, image = %image.id, "image deregistered");
+            removed.push(image.id.clone());
+        }
+        None if !used_by.is_empty() => {
+            return Err(Failure::invalid(format!(
+                "snapshot {} is the snapshot of image {}: delete the image",
+                snapshot.id,
+                used_by.join(", ")
+            )))
+        }
+        None if building => {
+            return Err(Failure::invalid(format!(
+                "snapshot {} is the source of a running build: delete it once the build ends",
+                snapshot.id
+            )))
+        }
+        None => {}
+    }
+    if owned && used_by.is_empty() && !building {
+        daemon.provider.delete_snapshot(&snapshot.id).await?;
+        tracing::info!(uid = peer.uid, snapshot = %snapshot.id, "snapshot deleted");
+        removed.push(snapshot.id);
+    }
+    Ok(removed)
+}
+
+/// A read-only descriptor of the disk image of the snapshot `id` names, for its owner (or an
+/// admin, or anyone for a published one), and the snapshot.
+async fn export(
+    daemon: &Daemon,
+    peer: &Peer,
+    id: &str,
+) -> Result<(SnapshotInfo, std::fs::File), Failure> {
+    let (snapshot, _) = find_snapshot(daemon, daemon.policy.viewer(peer), id).await?;
+    let path = daemon.provider.snapshot_path(&snapshot.id).ok_or_else(|| {
+        Failure::invalid(format!(
+            "snapshot {} is an EBS snapshot: the {} provider has no file of it to export",
+            snapshot.id,
+            daemon.provider.name()
+        ))
+    })?;
+    let file = std::fs::File::open(&path)
+        .map_err(|e| Failure::io(format!("opening {}", path.display()), e))?;
+    tracing::info!(uid = peer.uid, snapshot = %snapshot.id, "export");
+    Ok((snapshot, file))
+}
+
 /// A snapshot as the client shows it, with its disk image's path where the provider has one.
 fn snapshot_info(daemon: &Daemon, record: &SnapshotRecord) -> amidala::proto::SnapshotInfo {
     amidala::proto::SnapshotInfo {
@@ -724,7 +908,10 @@ async fn plan_build(daemon: &Daemon, peer: &Peer, spec: BuildSpec) -> Result<Bui
     refuse_when_shutting_down(daemon)?;
     check_build_limits(daemon, &daemon.builds.lock().expect("builds lock"), peer)?;
     let (record, plugin) = checked_build(daemon, peer, spec).await?;
-    let source = daemon.provider.resolve(&record.spec.source).await?;
+    let source = daemon
+        .provider
+        .resolve(&record.spec.source, daemon.policy.viewer(peer))
+        .await?;
     let image_name = build::image_name(record.spec.name.as_deref(), &record.id, &record.created)?;
     Ok(BuildPlan {
         provider: daemon.provider.name().to_owned(),
@@ -764,7 +951,12 @@ async fn start_build(
         // Checked and registered under one lock: concurrent requests cannot both slip in.
         let mut builds = daemon.builds.lock().expect("builds lock");
         check_build_limits(daemon, &builds, peer)?;
-        let handle = Arc::new(BuildHandle::create(&daemon.catalog, record, peer.gid)?);
+        let handle = Arc::new(BuildHandle::create(
+            &daemon.catalog,
+            record,
+            peer.gid,
+            daemon.policy.viewer(peer),
+        )?);
         builds.insert(handle.id.clone(), handle.clone());
         handle
     };
@@ -794,6 +986,11 @@ async fn import_base(
         Ok(fd) => fd,
         Err(f) => return conn.send_error(&f).await,
     };
+    if spec.publish {
+        if let Err(refused) = daemon.policy.authorize(peer, Action::Publish) {
+            return conn.send_error(&refused).await;
+        }
+    }
     // Debug-formatted: the name is the client's, and may hold anything until it is checked.
     tracing::info!(uid = peer.uid, pid = ?peer.pid, source = ?spec.source_name, "base import");
     let (tx, mut notes) = tokio::sync::mpsc::unbounded_channel();

@@ -27,10 +27,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
         crate::ids::new_id("w")
     ));
     let result = (|| {
+        // Root's alone: records say who built what, from what, and how it failed.
         let mut file = OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(0o644)
+            .mode(0o600)
             .open(&tmp)?;
         file.write_all(bytes)?;
         file.sync_all()?;
@@ -94,7 +95,7 @@ impl Journal {
         let mut file = OpenOptions::new()
             .append(true)
             .create_new(true)
-            .mode(0o644)
+            .mode(0o600)
             .open(path)?;
         let dir = path.parent().expect("record paths have a parent");
         let written = file

@@ -384,11 +384,12 @@ impl Env {
             .expect("starting amidala")
     }
 
-    /// Imports a fresh busybox root filesystem as the base (tagged `amidala=base`); returns
+    /// Imports a fresh busybox root filesystem as the base (tagged `amidala=base`), published
+    /// (as root, an admin): every user's builds and the warm pool may start from it. Returns
     /// the snapshot id.
     #[track_caller]
     pub fn import_busybox(&self) -> String {
-        self.import(&self.busybox_rootfs("rootfs"), &[])
+        self.import(&self.busybox_rootfs("rootfs"), &["--publish"])
     }
 
     /// A fresh busybox root filesystem tree in the test directory.

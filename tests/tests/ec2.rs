@@ -275,7 +275,8 @@ fn ec2_device_that_never_appears_is_detached_and_deleted() {
         "ebs",
         "device_names = [\"/dev/sdw\"]\n[ec2.timeouts]\ndevice = 2\n",
     );
-    let snapshot = ec2.make_snapshot(&[("amidala", "base")]);
+    // Made outside amidala, so no user's: builds start from it by tag once it is published.
+    let snapshot = ec2.make_snapshot(&[("amidala", "base"), ("amidala:published", "true")]);
     let ws = env.workspace("ws", &[]);
     let err = env.amidala_in(&ws, &["build", "--", "/bin/true"]);
     let stderr = err.err();

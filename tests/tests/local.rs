@@ -544,7 +544,8 @@ fn bad_input_is_refused_clearly_and_the_daemon_keeps_serving() {
     let no_tag = env.amidala_in(&ws, &["build", "--from", "nosuch=tag", "--", "/bin/true"]);
     let err = no_tag.err();
     assert!(
-        err.contains("failed in phase resolve") && err.contains("no snapshot is tagged nosuch=tag"),
+        err.contains("failed in phase resolve")
+            && err.contains("no snapshot of yours or published by an admin is tagged nosuch=tag"),
         "{err}"
     );
     let missing = env.amidala_in(
@@ -558,9 +559,9 @@ fn bad_input_is_refused_clearly_and_the_daemon_keeps_serving() {
         ],
     );
     assert!(
-        missing
-            .err()
-            .contains("snapshot snap-00000000000000000 does not exist"),
+        missing.err().contains(
+            "snapshot snap-00000000000000000 does not exist, or is neither yours nor published"
+        ),
         "{}",
         missing.stderr
     );

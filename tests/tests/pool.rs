@@ -32,7 +32,7 @@ fn build_log(env: &Env, build: &str) -> String {
 fn builds_take_warm_volumes_and_the_pool_refills_and_refreshes() {
     let mut env = Env::start_with(POOL, &[]);
     let rootfs = env.busybox_rootfs("rootfs");
-    let first = env.import(&rootfs, &[]);
+    let first = env.import(&rootfs, &["--publish"]);
     wait_ready(&env, 1);
 
     // While the pool holds a volume (and its loop device), gc finds nothing.
@@ -61,7 +61,7 @@ fn builds_take_warm_volumes_and_the_pool_refills_and_refreshes() {
     assert!(!log.contains("from the warm pool"), "{log}");
 
     // A newer base with the tag: the pool discards the older volume and makes one of it.
-    let second = env.import(&rootfs, &[]);
+    let second = env.import(&rootfs, &["--publish"]);
     wait_ready(&env, 3);
     let result = env.build(&ws, &["--", "true"]);
     let log = build_log(&env, field(&result, "build_id"));

@@ -470,3 +470,181 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// Issue 14, points 5 and 6: a tag resolves among the caller's own snapshots and the published
+/// ones, never another member's (a member's trojan base is no one else's); snapshots, images
+/// and logs are their owners', on disk and through the socket, and the blocks of files a
+/// build deleted do not travel in its snapshot.
+#[test]
+fn bases_snapshots_and_logs_are_their_owners() {
+    const ALICE: &str = "amidala-t-own-alice";
+    const MALLORY: &str = "amidala-t-own-mallory";
+    let _accounts = Accounts::create(&[(ALICE, "amidala"), (MALLORY, "amidala")]);
+    let env = Env::start();
+    let client = env.dir.path().join("amidala");
+    fs::copy(bin_dir().join("amidala"), &client).unwrap();
+    let host = Host { env, client };
+    // The admin's published base.
+    let base = host.env.import_busybox();
+    // Mallory's trojan base, newer, tagged as everyone's default.
+    let trojan = host.env.busybox_rootfs("trojan");
+    fs::write(trojan.join("root/trojan"), "mallory was here\n").unwrap();
+    run(Command::new("chmod").arg("-R").arg("a+rX").arg(&trojan)).ok();
+    let poisoned = host.as_user(MALLORY, &["base", "import", trojan.to_str().unwrap()]);
+    let poisoned = poisoned.ok().trim().to_owned();
+    assert!(poisoned.starts_with("snap-"), "{poisoned}");
+    // Publishing is for admins.
+    let refused = host.as_user(MALLORY, &["base", "publish", &poisoned]);
+    assert!(
+        refused.err().contains("permission_denied"),
+        "{}",
+        refused.stderr
+    );
+
+    // Alice's default build, and what validate says it would use: the published base.
+    let ws = host.workspace(ALICE);
+    let plan = host.run_as(ALICE, &ws, &["validate", "--", "true"]);
+    assert!(
+        plan.ok().contains(&format!("→ {base} (root's, published;")),
+        "{}",
+        plan.stdout
+    );
+    // A secret written, synced to the volume, and deleted: it must not travel.
+    let script = "a=SECRET; b=$(echo 7f3a); echo \"$a-$b-data\" > /root/secret; sync; \
+                  rm /root/secret; sync; test ! -e /root/trojan";
+    let out = host.run_as(
+        ALICE,
+        &ws,
+        &["build", "--json", "--", "/bin/sh", "-c", script],
+    );
+    let log = out.stderr.clone();
+    let alice_result = out.json();
+    assert!(
+        log.contains(&format!("starting from {base} (root's, published)")),
+        "{log}"
+    );
+    let alice_snapshot = field(&alice_result, "snapshot_id").to_owned();
+    let alice_build = field(&alice_result, "build_id").to_owned();
+    let file = host.env.snapshot_file(&alice_snapshot);
+    let bytes = fs::read(&file).unwrap();
+    assert!(
+        !bytes.windows(16).any(|w| w == b"SECRET-7f3a-data"),
+        "the deleted secret is in the snapshot file"
+    );
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(fs::metadata(&file).unwrap().mode() & 0o777, 0o600);
+    // Mallory's own build starts from her own newest base; root's (an admin's) does not.
+    let mine = host.run_as(
+        MALLORY,
+        &host.workspace(MALLORY),
+        &["build", "--", "test", "-e", "/root/trojan"],
+    );
+    assert!(
+        mine.ok().starts_with("ami-")
+            && mine
+                .stderr
+                .contains(&format!("starting from {poisoned} ({MALLORY}'s)")),
+        "{}",
+        mine.stderr
+    );
+    let root_build = host
+        .env
+        .build(&ws, &["--", "/bin/sh", "-c", "test ! -e /root/trojan"]);
+    assert!(root_build["image_id"].is_string());
+
+    // Through the socket: Mallory sees her snapshots and the published ones, not Alice's.
+    let listed = host.as_user(MALLORY, &["snapshots", "--json"]).json();
+    let ids: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert!(
+        ids.contains(&base.as_str()) && ids.contains(&poisoned.as_str()),
+        "{listed}"
+    );
+    assert!(!ids.contains(&alice_snapshot.as_str()), "{listed}");
+    let images = host.as_user(MALLORY, &["images", "--json"]).json();
+    assert!(
+        images
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["tags"]["amidala:owner"] == MALLORY),
+        "{images}"
+    );
+    let target = host.env.dir.path().join("exports");
+    fs::create_dir(&target).unwrap();
+    fs::set_permissions(&target, fs::Permissions::from_mode(0o1777)).unwrap();
+    let stolen = target.join("stolen.img");
+    let export = host.as_user(
+        MALLORY,
+        &["export", &alice_snapshot, "-o", stolen.to_str().unwrap()],
+    );
+    assert!(
+        export.err().contains("not_found") && export.stderr.contains("neither yours nor published"),
+        "{}",
+        export.stderr
+    );
+    assert!(!stolen.exists());
+    let logs = host.as_user(MALLORY, &["logs", &alice_build]);
+    assert!(logs.err().contains("permission_denied"), "{}", logs.stderr);
+    // On disk: neither the snapshot file nor the log can be read by another user.
+    for path in [
+        file.clone(),
+        host.env
+            .state
+            .join("builds")
+            .join(format!("{alice_build}.log")),
+    ] {
+        let read = run(as_user(MALLORY, "cat").arg(&path));
+        assert!(
+            read.err().contains("Permission denied"),
+            "{}",
+            path.display()
+        );
+    }
+
+    // Alice gets her own image's disk through the daemon, as a file of hers.
+    let own = target.join("alice.img");
+    host.as_user(
+        ALICE,
+        &[
+            "export",
+            field(&alice_result, "image_id"),
+            "-o",
+            own.to_str().unwrap(),
+        ],
+    )
+    .ok();
+    assert_eq!(fs::metadata(&own).unwrap().uid(), uid_of(ALICE));
+    assert_eq!(
+        fs::read(&own).unwrap(),
+        bytes,
+        "the copy is the snapshot's disk"
+    );
+    let again = host.as_user(
+        ALICE,
+        &["export", &alice_snapshot, "-o", own.to_str().unwrap()],
+    );
+    assert!(again.err().contains("File exists"), "{}", again.stderr);
+
+    // And deletes it: the image and its snapshot go; Mallory cannot delete what is not hers.
+    let refused = host.as_user(MALLORY, &["delete", field(&alice_result, "image_id")]);
+    assert!(refused.err().contains("not_found"), "{}", refused.stderr);
+    let deleted = host.as_user(ALICE, &["delete", field(&alice_result, "image_id")]);
+    assert_eq!(
+        deleted.ok(),
+        format!(
+            "deleted {}\ndeleted {alice_snapshot}\n",
+            field(&alice_result, "image_id")
+        )
+    );
+    assert!(!file.exists());
+    assert!(!host
+        .as_user(ALICE, &["snapshots"])
+        .ok()
+        .contains(&alice_snapshot));
+    host.env.assert_no_leaks();
+}

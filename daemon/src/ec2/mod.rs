@@ -35,8 +35,8 @@ use crate::config::{DataPlane, Ec2Config, Ec2Timeouts};
 use crate::disk;
 use crate::error::{blocking, Failure};
 use crate::provider::{
-    copy_to_new, grow, remove_if_present, usable_as_source, Attachment, BuildVolume, ImageMeta,
-    Keep, Provider, SnapshotMeta, Volume, FAILED_BUILD_TAG,
+    copy_to_new, grow, no_snapshot_tagged, not_yours, remove_if_present, Attachment, BuildVolume,
+    ImageMeta, Keep, Provider, SnapshotMeta, Viewer, Volume, FAILED_BUILD_TAG, NO_OWNER,
 };
 use devices::{DeviceAllocator, DeviceLease};
 use wait::wait_for;
@@ -563,7 +563,7 @@ impl Ec2Provider {
             blocking(move || {
                 let file = File::open(&src)
                     .map_err(|e| Failure::io(format!("opening {}", src.display()), e))?;
-                copy_to_new(&file, &dst, 0o644, Keep::Durable)
+                copy_to_new(&file, &dst, 0o600, Keep::Durable)
                     .map_err(|e| Failure::io("storing the snapshot's content", e))?;
                 Ok(())
             })
@@ -594,10 +594,9 @@ impl Ec2Provider {
             id: s.snapshot_id().unwrap_or_default().to_owned(),
             created: to_chrono(s.start_time()),
             size: s.volume_size().map_or(0, |g| g as u64 * GIB),
-            owner_uid: tags
-                .get("amidala:owner-uid")
-                .and_then(|u| u.parse().ok())
-                .unwrap_or(0),
+            // A snapshot made outside amidala belongs to no user of it: builds start from it by
+            // tag only once an admin has published it.
+            owner_uid: amidala::proto::owner_uid(&tags).unwrap_or(NO_OWNER),
             build_id: tags.get("amidala:build").cloned(),
             source_snapshot: tags.get("amidala:source-snapshot").cloned(),
             tags,
@@ -623,7 +622,7 @@ impl Ec2Provider {
     fn resource_tags(&self, build_or_job: &str, owner: &str) -> BTreeMap<String, String> {
         [
             ("amidala:build".to_owned(), build_or_job.to_owned()),
-            ("amidala:owner".to_owned(), owner.to_owned()),
+            (amidala::proto::OWNER_TAG.to_owned(), owner.to_owned()),
             ("amidala:host".to_owned(), self.host.clone()),
         ]
         .into()
@@ -677,13 +676,18 @@ impl Provider for Ec2Provider {
         volume_gib(snapshot_size, size) * GIB
     }
 
-    async fn resolve(&self, source: &Source) -> Result<SnapshotRecord, Failure> {
+    async fn resolve(&self, source: &Source, viewer: Viewer) -> Result<SnapshotRecord, Failure> {
         match source {
             Source::Snapshot(id) => {
                 validate_id("snap", id)?;
-                let snapshot = self.describe_snapshot(id).await?.ok_or_else(|| {
-                    Failure::new(ErrorCode::NotFound, format!("snapshot {id} does not exist"))
-                })?;
+                let snapshot = self
+                    .describe_snapshot(id)
+                    .await?
+                    .filter(|s| {
+                        let record = self.record_of(s);
+                        viewer.may_use(record.owner_uid, &record.tags)
+                    })
+                    .ok_or_else(|| not_yours("snapshot", id))?;
                 if snapshot.state() != Some(&SnapshotState::Completed) {
                     return Err(Failure::invalid(format!(
                         "snapshot {id} is {}, not completed",
@@ -715,15 +719,15 @@ impl Provider for Ec2Provider {
                         page.snapshots()
                             .iter()
                             .filter(|s| s.state() == Some(&SnapshotState::Completed))
-                            .filter(|s| usable_as_source(&tags_of(s.tags())))
+                            .filter(|s| {
+                                let record = self.record_of(s);
+                                viewer.resolves_to(record.owner_uid, &record.tags)
+                            })
                             .cloned(),
                     );
                 }
                 newest(&found).map(|s| self.record_of(s)).ok_or_else(|| {
-                    Failure::new(
-                        ErrorCode::NoSnapshot,
-                        format!("no completed snapshot of this account in {} is tagged {tag} (make one with `amidala base import`)", self.region),
-                    )
+                    no_snapshot_tagged(tag, &format!(" (completed, in {})", self.region))
                 })
             }
         }
@@ -963,10 +967,12 @@ impl Provider for Ec2Provider {
             .client
             .describe_snapshots()
             .owner_ids("self")
+            // amidala's own snapshots, and those made outside it that an admin published.
             .filters(
                 Filter::builder()
                     .name("tag-key")
-                    .values("amidala:owner")
+                    .values(amidala::proto::OWNER_TAG)
+                    .values(amidala::proto::PUBLISHED_TAG)
                     .build(),
             )
             .into_paginator()
@@ -1118,6 +1124,27 @@ impl Provider for Ec2Provider {
 
     async fn tag_snapshot(&self, id: &str, tags: &BTreeMap<String, String>) -> Result<(), Failure> {
         self.tag_resource(id, tags).await
+    }
+
+    async fn untag_snapshot(&self, id: &str, key: &str) -> Result<(), Failure> {
+        self.client
+            .delete_tags()
+            .resources(id)
+            .tags(Tag::builder().key(key).build())
+            .send()
+            .await
+            .map_err(cloud("DeleteTags"))?;
+        Ok(())
+    }
+
+    async fn deregister_image(&self, id: &str) -> Result<(), Failure> {
+        self.client
+            .deregister_image()
+            .image_id(id)
+            .send()
+            .await
+            .map_err(cloud("DeregisterImage"))?;
+        Ok(())
     }
 
     async fn delete_snapshot(&self, id: &str) -> Result<(), Failure> {
