@@ -738,6 +738,8 @@ async fn run_executor(
         cgroup: cgroup
             .as_ref()
             .map(|(dir, procs)| (dir.as_fd(), procs.as_fd())),
+        creds: None,
+        stdout: None,
     })
     .map_err(|e| (phase, Failure::io("starting the executor", e)))?;
     drop(workspace);

@@ -141,6 +141,9 @@ pub struct FileConfig {
     /// Package caches builds may ask for (`--cache NAME`): name → directory in the image.
     #[serde(default)]
     pub caches: BTreeMap<String, String>,
+    /// The first of the 65536 host ids an import's sandbox runs as (no host user may have
+    /// one of them).
+    pub import_id_base: Option<u32>,
 }
 
 /// The `[limits]` section: bounds on what one client or user may hold.
@@ -157,6 +160,28 @@ pub struct Limits {
     pub max_connections: usize,
     /// Builds that may wait in the queue, over all users, beyond those running.
     pub max_queued_builds: usize,
+    /// Space of the state directory's filesystem no import may take, in bytes (`"1G"` or a
+    /// number); by default 5 % of the filesystem, at most 1 GiB.
+    #[serde(deserialize_with = "size")]
+    pub min_free_space: Option<u64>,
+    /// Seconds each pass of an import may take.
+    pub import_timeout: u64,
+}
+
+/// A size, as bytes or as a string such as `"1G"`.
+fn size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+    match Size::deserialize(d)? {
+        Size::Bytes(n) => Ok(Some(n)),
+        Size::Text(text) => amidala::proto::parse_size(&text)
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+    }
 }
 
 impl Default for Limits {
@@ -167,6 +192,8 @@ impl Default for Limits {
             max_connections_per_user: 32,
             max_connections: 512,
             max_queued_builds: 64,
+            min_free_space: None,
+            import_timeout: 7200,
         }
     }
 }
@@ -184,7 +211,12 @@ pub struct Config {
     pub limits: Limits,
     pub warm_pool: Vec<crate::pool::PoolConfig>,
     pub caches: BTreeMap<String, String>,
+    pub import_id_base: u32,
 }
+
+/// The default first id of an import's sandbox: 0x7FFF0000, below 2^31 (which some tools take
+/// for negative) and far above any user's (systemd leaves 0x70000000 to 0x7FFFFFFF unused).
+pub const DEFAULT_IMPORT_ID_BASE: u32 = 0x7FFF_0000;
 
 impl Config {
     /// Reads the file named by `--config` (which must exist) or the default file (which may
@@ -234,7 +266,16 @@ impl Config {
             limits: file.limits,
             warm_pool: file.warm_pool,
             caches: file.caches,
+            import_id_base: file.import_id_base.unwrap_or(DEFAULT_IMPORT_ID_BASE),
         };
+        if config.import_id_base == 0
+            || config
+                .import_id_base
+                .checked_add(crate::unpack::MAPPED_IDS as u32)
+                .is_none()
+        {
+            bail!("import_id_base must leave room for 65536 ids above it, and not be 0");
+        }
         if config.max_builds == 0 {
             bail!("max_builds must be at least 1");
         }

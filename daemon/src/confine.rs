@@ -212,16 +212,19 @@ pub fn load(filter: &ScmpFilterContext) -> Result<(), String> {
 /// effective, permitted, ambient), so that neither it nor anything it runs can have more.
 pub fn keep_only(keep: &[Capability]) -> Result<(), String> {
     // Those this kernel knows: dropping one it does not is an error, and it has none of them.
-    for cap in caps::runtime::thread_all_supported() {
-        if keep.contains(&cap) {
-            continue;
-        }
-        for set in [
-            caps::CapSet::Bounding,
-            caps::CapSet::Inheritable,
-            caps::CapSet::Effective,
-            caps::CapSet::Permitted,
-        ] {
+    // Set by set, the bounding set first: dropping from it takes CAP_SETPCAP, which may be
+    // among those dropped from the effective set.
+    let dropped: Vec<Capability> = caps::runtime::thread_all_supported()
+        .into_iter()
+        .filter(|cap| !keep.contains(cap))
+        .collect();
+    for set in [
+        caps::CapSet::Bounding,
+        caps::CapSet::Inheritable,
+        caps::CapSet::Effective,
+        caps::CapSet::Permitted,
+    ] {
+        for &cap in &dropped {
             caps::drop(None, set, cap)
                 .map_err(|err| format!("dropping {cap} from the {set:?} set: {err}"))?;
         }

@@ -316,6 +316,53 @@ pub fn elf_arch(header: &[u8]) -> Option<&'static str> {
     }
 }
 
+/// The bytes of `file`'s data regions (what it holds; a file system that cannot tell holes,
+/// or a block device, holds all of its `len` bytes).
+pub fn data_bytes(file: &File, len: u64) -> io::Result<u64> {
+    let mut bytes = 0;
+    let mut pos: i64 = 0;
+    while (pos as u64) < len {
+        let data = match lseek(file.as_raw_fd(), pos, Whence::SeekData) {
+            Ok(at) => at,
+            Err(Errno::ENXIO) => break,
+            Err(Errno::EINVAL | Errno::EOPNOTSUPP) => return Ok(len),
+            Err(e) => return Err(e.into()),
+        };
+        let hole = lseek(file.as_raw_fd(), data, Whence::SeekHole)
+            .map_err(io::Error::from)?
+            .min(len as i64);
+        bytes += (hole - data) as u64;
+        pos = hole;
+    }
+    Ok(bytes)
+}
+
+/// `struct fstrim_range` of `<linux/fs.h>`.
+#[repr(C)]
+struct FstrimRange {
+    start: u64,
+    len: u64,
+    minlen: u64,
+}
+
+nix::ioctl_readwrite!(fitrim, b'X', 121, FstrimRange);
+
+/// Commits the filesystem of `fs` (a directory of it), so that the blocks of files deleted
+/// just now are free, then discards its free blocks (`FITRIM`): on a loop device, holes in the
+/// backing file, so that the data of deleted files is gone from it.
+pub fn discard_free_blocks(fs: std::os::fd::BorrowedFd<'_>) -> nix::Result<()> {
+    nix::unistd::syncfs(fs.as_raw_fd())?;
+    let mut range = FstrimRange {
+        start: 0,
+        len: u64::MAX,
+        minlen: 0,
+    };
+    // SAFETY: FITRIM reads and writes a `struct fstrim_range`, which `range` is (repr(C), the
+    // kernel's layout), for the duration of the call; `fs` is an open directory.
+    unsafe { fitrim(fs.as_raw_fd(), &mut range) }?;
+    Ok(())
+}
+
 /// How a file was copied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CopyMethod {

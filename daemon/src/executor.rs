@@ -295,14 +295,7 @@ fn run() -> Result<(), Failure> {
     if spec.isolate_network {
         loopback_up().map_err(fail(Phase::Mount, "bringing up the loopback interface"))?;
     }
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(fail(Phase::Mount, "making mounts private"))?;
+    crate::sys::make_mounts_private().map_err(fail(Phase::Mount, "making mounts private"))?;
     mount(
         Some(&spec.device),
         &spec.mount_dir,
@@ -373,40 +366,20 @@ fn now_secs() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-/// `struct fstrim_range` of `<linux/fs.h>`.
-#[repr(C)]
-struct FstrimRange {
-    start: u64,
-    len: u64,
-    minlen: u64,
-}
-
-nix::ioctl_readwrite!(fitrim, b'X', 121, FstrimRange);
-
-/// Discards the free blocks of the filesystem mounted on `dir` (after committing it, so that
-/// the blocks of files deleted just now are free): on a loop device, holes in the volume file,
-/// so that what the build deleted does not travel in the snapshot. Where the device cannot
-/// discard, the build's log says so.
+/// Discards the free blocks of the filesystem mounted on `dir` (see
+/// [`crate::disk::discard_free_blocks`]), so that what the build deleted does not travel in
+/// the snapshot. Where the device cannot discard, the build's log says so.
 fn discard_free_blocks(dir: &Path) {
-    let trimmed = (|| -> nix::Result<()> {
-        let root = nix::fcntl::open(
-            dir,
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )?;
+    let trimmed = nix::fcntl::open(
+        dir,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .and_then(|root| {
         // SAFETY: open just returned this descriptor; nothing else owns it.
         let root = unsafe { OwnedFd::from_raw_fd(root) };
-        nix::unistd::syncfs(root.as_raw_fd())?;
-        let mut range = FstrimRange {
-            start: 0,
-            len: u64::MAX,
-            minlen: 0,
-        };
-        // SAFETY: FITRIM reads and writes a `struct fstrim_range`, which `range` is (repr(C),
-        // the kernel's layout), for the duration of the call; `root` is an open directory.
-        unsafe { fitrim(root.as_raw_fd(), &mut range) }?;
-        Ok(())
-    })();
+        crate::disk::discard_free_blocks(root.as_fd())
+    });
     if let Err(e) = trimmed {
         report(&Report::Note(format!(
             "amidala: the free blocks of the volume could not be discarded ({e}): blocks of files \
@@ -436,14 +409,7 @@ fn unmount_root(dir: &Path) -> Result<(), Failure> {
 }
 
 fn open_dir_at(dir: BorrowedFd<'_>, name: &str) -> nix::Result<OwnedFd> {
-    let fd = nix::fcntl::openat(
-        Some(dir.as_raw_fd()),
-        name,
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )?;
-    // SAFETY: openat just returned this descriptor, and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    crate::sys::open_at(dir, name, OFlag::O_RDONLY | OFlag::O_DIRECTORY)
 }
 
 /// The directory `rel` (components separated by `/`) below `dir`, following no symlink.
@@ -511,42 +477,10 @@ fn loopback_up() -> io::Result<()> {
     Ok(())
 }
 
-/// `RESOLVE_IN_ROOT` of openat2(2): resolve the path, symlinks included, as if the directory
-/// were the root.
-const RESOLVE_IN_ROOT: u64 = 0x10;
-
-/// `struct open_how` of `<linux/openat2.h>`.
-#[repr(C)]
-struct OpenHow {
-    flags: u64,
-    mode: u64,
-    resolve: u64,
-}
-
 /// The architecture of the image's `/bin/sh`, following its symlinks inside the image only.
 fn image_architecture(root: BorrowedFd<'_>) -> Option<String> {
-    let how = OpenHow {
-        flags: (libc::O_RDONLY | libc::O_CLOEXEC) as u64,
-        mode: 0,
-        resolve: RESOLVE_IN_ROOT,
-    };
-    let path = c"bin/sh";
-    // SAFETY: openat2 reads the path and `how` (of the size passed) during the call only;
-    // `root` is an open directory descriptor.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            root.as_raw_fd(),
-            path.as_ptr(),
-            &how as *const OpenHow,
-            std::mem::size_of::<OpenHow>(),
-        )
-    };
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: openat2 just returned this descriptor, and nothing else owns it.
-    let mut file = unsafe { File::from_raw_fd(fd as RawFd) };
+    let mut file =
+        File::from(crate::sys::open_in_root(root, Path::new("bin/sh"), libc::O_RDONLY).ok()?);
     let mut header = [0u8; 64];
     file.read_exact(&mut header).ok()?;
     crate::disk::elf_arch(&header).map(str::to_owned)
@@ -937,14 +871,7 @@ fn child_setup(
     let root = &spec.mount_dir;
     unshare(CloneFlags::CLONE_NEWNS)
         .map_err(errno_context("creating the provisioner's mount namespace"))?;
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(errno_context("making mounts private"))?;
+    crate::sys::make_mounts_private().map_err(errno_context("making mounts private"))?;
     for step in provisioner_mounts() {
         match step {
             SetupStep::Workspace => idmap::attach(workspace.view.as_fd(), &root.join("workspace"))

@@ -36,8 +36,8 @@ pub fn version_line() -> String {
     format!("{NAME} {} (protocol {PROTOCOL})", env!("CARGO_PKG_VERSION"))
 }
 
-/// Becomes the executor (`__executor BUILD`) or a validator (`__validate PLUGIN`) if the
-/// command line says so, and never returns then; returns otherwise. The first thing amidalad
+/// Becomes the executor (`__executor BUILD`), a validator (`__validate PLUGIN`), an import
+/// helper (`__import`) or a directory's packer (`__pack count|tar`) if the command line says so, and never returns then; returns otherwise. The first thing amidalad
 /// and amidalad-exec do.
 pub fn run_if_asked() {
     let mut args = std::env::args_os().skip(1);
@@ -49,6 +49,14 @@ pub fn run_if_asked() {
         (Some(a), Some(plugin)) if a == crate::plugins::VALIDATOR_ARG => {
             name_process(c"amidalad-valid");
             crate::plugins::validator_main(Path::new(&plugin))
+        }
+        (Some(a), _) if a == crate::importer::IMPORT_ARG => {
+            name_process(c"amidalad-import");
+            crate::importer::main()
+        }
+        (Some(a), Some(mode)) if a == crate::pack::PACK_ARG => {
+            name_process(c"amidalad-pack");
+            crate::pack::main(&mode)
         }
         _ => {}
     }

@@ -1,27 +1,34 @@
 //! `amidala base import`: a directory, a rootfs tarball or a raw disk image becomes a snapshot.
 //!
-//! The source reaches the daemon as a descriptor the client opened, never as a path:
+//! The source reaches the daemon as a descriptor the client opened, never as a path. No
+//! privileged process parses what it holds:
 //!
-//! - a directory is copied into a new ext4 filesystem by `mkfs.ext4 -d`, run with the
-//!   client's uid and gid, so it reads only what the client may read; ownership and modes
-//!   are kept as they are in the directory;
-//! - a tarball (plain, gzip or xz, recognised by content) is unpacked by root into a private
-//!   staging directory, keeping the ownership, modes and xattrs the archive records, then
-//!   copied into a new ext4 filesystem;
+//! - a tarball (plain, gzip or xz, recognised by its first bytes) is read, decompressed and
+//!   unpacked only by the import's sandbox ([`crate::importer`], [`crate::unpack`]): an
+//!   unprivileged process of ids no host user has, in namespaces of its own, with a seccomp
+//!   allow-list. A first pass measures what the archive holds (files' data, not the lengths of
+//!   sparse ones), against what the import may take ([`Bounds`]: the state directory's free
+//!   space and the user's quota); the daemon then makes an empty ext4 filesystem of that size
+//!   (mkfs sees no byte of the user's), and a second pass unpacks the archive into it through
+//!   the kernel, which cannot let it outgrow the filesystem. With `--size`, the first pass is
+//!   skipped. Owners, modes, times, links, file capabilities and device nodes are kept;
+//! - a directory is read by a process with the user's own credentials ([`crate::pack`]),
+//!   which measures it, then writes it as a tar stream for the same sandbox;
 //! - a raw disk image (a whole-disk ext4/xfs/btrfs filesystem, or an MBR/GPT disk with one
-//!   in a partition) is copied as it is, holes kept, and grown to `--size` if that is larger.
+//!   in a partition) is copied as it is, holes kept, and grown to `--size` if that is larger;
+//!   the daemon reads its partition table and superblock magic itself (bounds-checked Rust).
 //!
-//! The snapshot file is written under a temporary name and renamed into place before its
+//! The image file is root's (0600, in a directory of root's) from its first byte, and no
+//! process of the user's ever holds it open: its filesystem is written through a loop device
+//! and a mount in the helper's namespace. The snapshot file is renamed into place before its
 //! catalog record is written; on any failure nothing is left behind.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek};
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt};
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt};
+use std::path::Path;
 
 use amidala::proto::{
     validate_source_name, validate_user_tags, ErrorCode, ImportSpec, Tag, OWNER_TAG, OWNER_UID_TAG,
@@ -32,6 +39,8 @@ use crate::catalog::SnapshotRecord;
 use crate::disk;
 use crate::error::{blocking, Failure};
 use crate::ids::new_id;
+use crate::importer::{Job, Outcome, Task, IMPORT_ARG, INPUT_FD};
+use crate::pack::PACK_ARG;
 use crate::provider::{copy_to_new, Keep, Provider, SnapshotMeta};
 
 /// Largest snapshot size accepted (EBS's own limit is 64 TiB; a local file this large is a typo).
@@ -39,10 +48,22 @@ pub const MAX_SIZE: u64 = 16 << 40;
 const MIB: u64 = 1 << 20;
 
 /// The peer the import is for.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Requester {
     pub uid: u32,
     pub gid: u32,
+    /// Supplementary groups, as the client process held them.
+    pub groups: Vec<u32>,
+}
+
+/// What an import may take: the space it may fill (free space of the state directory beyond
+/// its reserve, the user's quota) and where its sandbox's ids start.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    pub bytes: u64,
+    pub id_base: u32,
+    /// Most seconds each pass may take.
+    pub timeout: std::time::Duration,
 }
 
 /// What kind of source a descriptor holds.
@@ -53,12 +74,7 @@ pub enum SourceKind {
     RawDisk,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Compression {
-    None,
-    Gzip,
-    Xz,
-}
+pub use crate::unpack::{Compression, Usage};
 
 /// Recognises a regular file by its first bytes; says what it is not, and why, if it is none
 /// of the sources amidala takes.
@@ -142,6 +158,7 @@ pub async fn import(
     spec: ImportSpec,
     source: OwnedFd,
     requester: Requester,
+    bounds: Bounds,
     note: impl Fn(String),
 ) -> Result<SnapshotRecord, Failure> {
     validate_source_name(&spec.source_name)?;
@@ -179,10 +196,14 @@ pub async fn import(
     let job = new_id("import");
     let work = staging_dir.join(&job);
     let image = staging_dir.join(format!("{job}.img"));
-    let result = make_image(kind, &source, &spec, requester, &work, &image, &note).await;
-    if work.exists() {
-        // A staging tree: never mounted, so a recursive removal cannot reach anything else.
-        let _ = fs::remove_dir_all(&work);
+    let result = make_image(
+        kind, &source, &spec, &requester, bounds, &work, &image, &note,
+    )
+    .await;
+    // Mount points of the import's helper, mounted only in its own namespace, which is gone:
+    // empty directories here, removed one by one (never recursively).
+    for dir in [work.join("raw"), work.join("view"), work.clone()] {
+        let _ = fs::remove_dir(dir);
     }
     if let Err(e) = result {
         let _ = fs::remove_file(&image);
@@ -221,161 +242,408 @@ pub async fn import(
         .await
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn make_image(
     kind: SourceKind,
     source: &File,
     spec: &ImportSpec,
-    requester: Requester,
+    requester: &Requester,
+    bounds: Bounds,
     work: &Path,
     image: &Path,
     note: &impl Fn(String),
 ) -> Result<u64, Failure> {
-    match kind {
-        SourceKind::RawDisk => {
-            note(format!("amidala: copying disk image {}", spec.source_name));
-            let src = source
-                .try_clone()
-                .map_err(|e| Failure::io("reading the source", e))?;
-            let (image, want) = (image.to_owned(), spec.size);
-            blocking(move || {
-                let len = src
-                    .metadata()
-                    .map_err(|e| Failure::io("reading the source", e))?
-                    .len();
-                if let Some(want) = want.filter(|&w| w < len) {
-                    return Err(Failure::invalid(format!(
-                        "--size {want} is smaller than the disk image ({len} bytes)"
-                    )));
-                }
-                copy_to_new(&src, &image, 0o600, Keep::Durable)
-                    .map_err(|e| Failure::io("copying the disk image", e))?;
-                let out = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(&image)
-                    .map_err(|e| Failure::io("opening the snapshot", e))?;
-                let size = want.unwrap_or(len).max(len);
-                out.set_len(size)
-                    .and_then(|()| out.sync_all())
-                    .map_err(|e| Failure::io("sizing the snapshot", e))?;
-                disk::locate_root(&out, None).map_err(|e| {
-                    Failure::invalid(format!("the disk image has no usable root filesystem: {e}"))
-                })?;
-                Ok(size)
-            })
-            .await
-        }
-        SourceKind::Directory => {
-            let src = source
-                .try_clone()
-                .map_err(|e| Failure::io("reading the source", e))?;
-            let usage = blocking(move || {
-                tree_usage(&PathBuf::from(format!("/proc/self/fd/{}", src.as_raw_fd())))
-            })
-            .await?;
-            let size = filesystem_size(usage, spec.size)?;
-            note(format!(
-                "amidala: copying directory {} ({} MiB in {} files) into a {} MiB ext4 filesystem",
-                spec.source_name,
-                usage.bytes.div_ceil(MIB),
-                usage.inodes,
-                size / MIB
-            ));
-            mkfs_from(
-                OwnedFd::from(
-                    source
-                        .try_clone()
-                        .map_err(|e| Failure::io("reading the source", e))?,
-                ),
-                image,
-                size,
-                Some(requester),
-            )
-            .await?;
-            Ok(size)
-        }
-        SourceKind::Tar(compression) => {
-            note(format!(
-                "amidala: unpacking {} ({compression:?})",
-                spec.source_name
-            ));
-            let mut src = source
-                .try_clone()
-                .map_err(|e| Failure::io("reading the source", e))?;
-            let staging = work.join("root");
-            let staging2 = staging.clone();
-            let usage = blocking(move || {
-                fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(staging2.parent().expect("has parent"))
-                    .map_err(|e| Failure::io("creating the staging directory", e))?;
-                fs::create_dir(&staging2)
-                    .map_err(|e| Failure::io("creating the staging directory", e))?;
-                src.rewind()
-                    .map_err(|e| Failure::io("reading the archive", e))?;
-                let reader: Box<dyn Read> = match compression {
-                    Compression::None => Box::new(io::BufReader::new(src)),
-                    Compression::Gzip => {
-                        Box::new(flate2::read::MultiGzDecoder::new(io::BufReader::new(src)))
-                    }
-                    Compression::Xz => Box::new(liblzma::read::XzDecoder::new_multi_decoder(
-                        io::BufReader::new(src),
-                    )),
-                };
-                let mut archive = tar::Archive::new(reader);
-                archive.set_preserve_permissions(true);
-                archive.set_preserve_ownerships(true);
-                archive.set_preserve_mtime(true);
-                archive.set_unpack_xattrs(true);
-                archive.set_overwrite(true);
-                archive
-                    .unpack(&staging2)
-                    .map_err(|e| Failure::invalid(format!("unpacking the archive: {e}")))?;
-                tree_usage(&staging2)
-            })
-            .await?;
-            let size = filesystem_size(usage, spec.size)?;
-            note(format!(
-                "amidala: copying {} MiB in {} files into a {} MiB ext4 filesystem",
-                usage.bytes.div_ceil(MIB),
-                usage.inodes,
-                size / MIB
-            ));
-            let dir = File::open(&staging)
-                .map_err(|e| Failure::io("opening the staging directory", e))?;
-            mkfs_from(OwnedFd::from(dir), image, size, None).await?;
-            Ok(size)
-        }
+    let compression = match kind {
+        SourceKind::RawDisk => return copy_disk(source, spec, bounds, image, note).await,
+        SourceKind::Directory => Compression::None,
+        SourceKind::Tar(compression) => compression,
+    };
+    let cloned = || {
+        source
+            .try_clone()
+            .map_err(|e| Failure::io("reading the source", e))
+    };
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(work)
+        .map_err(|e| Failure::io("creating the import's directory", e))?;
+    for dir in ["raw", "view"] {
+        fs::create_dir(work.join(dir))
+            .map_err(|e| Failure::io("creating the import's directory", e))?;
     }
-}
-
-/// Space a tree takes: bytes rounded to blocks, and inodes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    pub bytes: u64,
-    pub inodes: u64,
-}
-
-fn tree_usage(root: &Path) -> Result<Usage, Failure> {
-    let mut usage = Usage::default();
-    let mut stack = vec![root.to_owned()];
-    while let Some(dir) = stack.pop() {
-        let entries =
-            fs::read_dir(&dir).map_err(|e| Failure::io(format!("reading {}", dir.display()), e))?;
-        for entry in entries {
-            let entry = entry.map_err(|e| Failure::io(format!("reading {}", dir.display()), e))?;
-            let meta = entry
-                .metadata()
-                .map_err(|e| Failure::io(format!("reading {}", entry.path().display()), e))?;
-            usage.inodes += 1;
-            usage.bytes += meta.size().div_ceil(4096) * 4096;
-            if meta.is_dir() {
-                stack.push(entry.path());
+    // 1. What the content holds, so that the image is made to its size (unless --size says).
+    let usage = match spec.size {
+        Some(_) => Usage::default(),
+        None => {
+            note(format!("amidala: measuring {}", spec.source_name));
+            let usage = match kind {
+                SourceKind::Directory => {
+                    let counted = run_packer(requester, cloned()?, "count", None, bounds).await?;
+                    serde_json::from_slice::<Usage>(&counted).map_err(|_| {
+                        Failure::invalid("reading the directory: the packer said nothing usable")
+                    })?
+                }
+                _ => {
+                    let job = helper_job(
+                        Task::Scan {
+                            budget: bounds.bytes,
+                        },
+                        compression,
+                        true,
+                        bounds,
+                        work,
+                    );
+                    match run_helper(&job, OwnedFd::from(cloned()?), bounds).await? {
+                        Outcome::Scanned(usage) => usage,
+                        other => return Err(refused(other, &spec.source_name)),
+                    }
+                }
+            };
+            usage
+        }
+    };
+    let size = filesystem_size(usage, spec.size)?;
+    // What the image file will take: the filesystem's size with --size (the archive was not
+    // measured; the kernel keeps it within), else what the content holds and the
+    // filesystem's own structures (the image file is sparse: the rest is never written).
+    let takes = match spec.size {
+        Some(_) => size,
+        None => usage.bytes + usage.bytes / 20 + usage.inodes * 512 + 16 * MIB,
+    };
+    if takes > bounds.bytes {
+        return Err(Failure::new(
+            ErrorCode::LimitExceeded,
+            format!(
+                "{}: {} MiB is more than this import may take ({} MiB: the state directory's \
+                 free space beyond its reserve, and your quota)",
+                spec.source_name,
+                takes.div_ceil(MIB),
+                bounds.bytes / MIB
+            ),
+        ));
+    }
+    // 2. An empty filesystem of that size: mkfs sees no byte of the user's.
+    note(format!(
+        "amidala: unpacking {}{} into a {} MiB ext4 filesystem",
+        spec.source_name,
+        if spec.size.is_none() {
+            format!(
+                " ({} MiB in {} files)",
+                usage.bytes.div_ceil(MIB),
+                usage.inodes
+            )
+        } else {
+            String::new()
+        },
+        size / MIB
+    ));
+    {
+        let (image, inodes) = (image.to_owned(), usage.inodes);
+        blocking(move || empty_filesystem(&image, size, inodes)).await?;
+    }
+    // 3. The sandbox unpacks the content into it, through the kernel.
+    let device = {
+        let image = image.to_owned();
+        blocking(move || {
+            crate::loopdev::LoopDevice::attach(&image, 0, 0, false)
+                .map_err(|e| Failure::io("attaching the new image", e))
+        })
+        .await?
+    };
+    let task = Task::Unpack {
+        device: device.path().to_owned(),
+        mount_dir: work.join("raw"),
+    };
+    let unpacked = match kind {
+        SourceKind::Directory => {
+            let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .map_err(|e| Failure::io("making a pipe", e))?;
+            let job = helper_job(task, compression, false, bounds, work);
+            let packer = run_packer(requester, cloned()?, "tar", Some(write), bounds);
+            let helper = run_helper(&job, read, bounds);
+            let (packed, unpacked) = tokio::join!(packer, helper);
+            match (packed, unpacked) {
+                (Ok(_), unpacked) => unpacked,
+                // The packer's own error says what it could not read.
+                (Err(e), Ok(Outcome::Failed(_)) | Err(_)) => Err(e),
+                (Err(e), Ok(_)) => Err(e),
             }
         }
+        _ => {
+            let job = helper_job(task, compression, true, bounds, work);
+            run_helper(&job, OwnedFd::from(cloned()?), bounds).await
+        }
+    };
+    let released = blocking(move || {
+        device
+            .wait_unused(crate::provider::RELEASE_TIMEOUT)
+            .and_then(|()| device.detach(crate::provider::RELEASE_TIMEOUT))
+            .map_err(|e| Failure::io("detaching the new image", e))
+    })
+    .await;
+    match unpacked? {
+        Outcome::Unpacked {
+            entries,
+            specials,
+            skipped_xattrs,
+            discarded,
+        } => {
+            released?;
+            note(format!("amidala: unpacked {entries} entries"));
+            if specials > 0 {
+                note(format!("amidala: made {specials} device nodes and FIFOs"));
+            }
+            if skipped_xattrs > 0 {
+                note(format!(
+                    "amidala: skipped {skipped_xattrs} extended attributes an import may not set \
+                     (security labels, trusted.*)"
+                ));
+            }
+            if !discarded {
+                note("amidala: the image's free blocks could not be discarded".into());
+            }
+        }
+        other => return Err(refused(other, &spec.source_name)),
     }
-    Ok(usage)
+    Ok(size)
+}
+
+/// The refusal of an import whose pass did not succeed.
+fn refused(outcome: Outcome, name: &str) -> Failure {
+    match outcome {
+        Outcome::Failed(why) if why.contains("holds more than") => Failure::new(
+            ErrorCode::LimitExceeded,
+            format!("{name}: not imported: {why}"),
+        ),
+        Outcome::Failed(why) => Failure::invalid(format!("{name}: not imported: {why}")),
+        other => Failure::new(
+            ErrorCode::Internal,
+            format!("the import helper answered {other:?}"),
+        ),
+    }
+}
+
+fn helper_job(
+    task: Task,
+    compression: Compression,
+    positioned: bool,
+    bounds: Bounds,
+    work: &Path,
+) -> Job {
+    Job {
+        task,
+        compression,
+        positioned,
+        id_base: bounds.id_base,
+        view_dir: work.join("view"),
+    }
+}
+
+/// Runs a pass of the import helper on `input` (the archive, descriptor 3) and returns what
+/// it says.
+async fn run_helper(job: &Job, input: OwnedFd, bounds: Bounds) -> Result<Outcome, Failure> {
+    use tokio::io::AsyncWriteExt;
+    let mut child = crate::spawn::spawn(&crate::spawn::Spec {
+        program: crate::helper::program().as_os_str(),
+        args: vec!["amidalad-import".as_ref(), IMPORT_ARG.as_ref()],
+        env: vec![("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")],
+        pass: Some((input.as_fd(), INPUT_FD)),
+        cgroup: None,
+        creds: None,
+        stdout: None,
+    })
+    .map_err(|e| Failure::io("starting the import helper", e))?;
+    drop(input);
+    let mut stdin = child.stdin.take().expect("piped");
+    let job = serde_json::to_vec(job).expect("jobs serialize");
+    stdin
+        .write_all(&job)
+        .await
+        .map_err(|e| Failure::io("sending the import helper its job", e))?;
+    drop(stdin);
+    let (status, out, err) = collect(child, bounds.timeout, "the import").await?;
+    serde_json::from_slice::<Outcome>(&out).map_err(|_| {
+        let err = String::from_utf8_lossy(&err);
+        Failure::new(
+            ErrorCode::Internal,
+            format!(
+                "the import helper ended ({status}) without an answer: {}",
+                err.trim().lines().last().unwrap_or("")
+            ),
+        )
+    })
+}
+
+/// Runs the packer with the requester's credentials on the directory `dir`: `count` returns
+/// what it printed, `tar` writes the stream to `out`.
+async fn run_packer(
+    requester: &Requester,
+    dir: File,
+    mode: &str,
+    out: Option<OwnedFd>,
+    bounds: Bounds,
+) -> Result<Vec<u8>, Failure> {
+    let mut child = crate::spawn::spawn(&crate::spawn::Spec {
+        program: crate::helper::program().as_os_str(),
+        args: vec!["amidalad-pack".as_ref(), PACK_ARG.as_ref(), mode.as_ref()],
+        env: vec![("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")],
+        pass: Some((dir.as_fd(), crate::pack::DIR_FD)),
+        cgroup: None,
+        creds: Some(crate::spawn::Creds {
+            uid: requester.uid,
+            gid: requester.gid,
+            groups: requester.groups.clone(),
+        }),
+        stdout: out.as_ref().map(|fd| fd.as_fd()),
+    })
+    .map_err(|e| Failure::io("starting the directory's reader", e))?;
+    drop((dir, out));
+    drop(child.stdin.take());
+    let (status, said, err) = collect(child, bounds.timeout, "reading the directory").await?;
+    if !status.success() {
+        let err = String::from_utf8_lossy(&err);
+        return Err(Failure::invalid(format!(
+            "reading the directory with your rights: {}",
+            err.trim().lines().last().unwrap_or("it failed")
+        )));
+    }
+    Ok(said)
+}
+
+/// What a child says (at most 1 MiB on stdout, 64 KiB on stderr) until it ends, and how it
+/// ended; past `timeout`, it is killed and `what` did not finish.
+async fn collect(
+    mut child: crate::spawn::Child,
+    timeout: std::time::Duration,
+    what: &str,
+) -> Result<(std::process::ExitStatus, Vec<u8>, Vec<u8>), Failure> {
+    use tokio::io::AsyncReadExt;
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let mut stdout = child.stdout.take().expect("piped").take(1 << 20);
+    let mut stderr = child.stderr.take().expect("piped").take(64 << 10);
+    let read = tokio::time::timeout(timeout, async {
+        let (o, e) = tokio::join!(stdout.read_to_end(&mut out), stderr.read_to_end(&mut err));
+        o.and(e)
+    })
+    .await;
+    let io = |e| Failure::io(format!("{what}: waiting for its process"), e);
+    match read {
+        Ok(read) => {
+            read.map_err(io)?;
+            let status = child.wait().await.map_err(io)?;
+            Ok((status, out, err))
+        }
+        Err(_) => {
+            child.kill().await.map_err(io)?;
+            Err(Failure::new(
+                ErrorCode::Timeout,
+                format!(
+                    "{what} did not finish within {} s ([limits] import_timeout)",
+                    timeout.as_secs()
+                ),
+            ))
+        }
+    }
+}
+
+/// A new, empty ext4 filesystem of `size` bytes in the new (sparse) file `image` (root's,
+/// 0600), with room for `files` inodes at least.
+fn empty_filesystem(image: &Path, size: u64, files: u64) -> Result<(), Failure> {
+    let out = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(image)
+        .map_err(|e| Failure::io(format!("creating {}", image.display()), e))?;
+    out.set_len(size)
+        .map_err(|e| Failure::io("sizing the image", e))?;
+    // The default of one inode per 16 KiB, or more for a tree of many small files.
+    let inodes = (size / 16384).max(files + files / 4 + 1024);
+    let output = std::process::Command::new("mkfs.ext4")
+        .args([
+            "-q",
+            "-F",
+            "-L",
+            "rootfs",
+            "-E",
+            "root_owner=0:0,nodiscard",
+            "-N",
+        ])
+        .arg(inodes.to_string())
+        .arg(image)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| Failure::io("running mkfs.ext4 (is e2fsprogs installed?)", e))?;
+    if !output.status.success() {
+        return Err(Failure::new(
+            ErrorCode::Io,
+            format!(
+                "mkfs.ext4 failed ({}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A raw disk image, copied as it is (holes kept), after checking it fits.
+async fn copy_disk(
+    source: &File,
+    spec: &ImportSpec,
+    bounds: Bounds,
+    image: &Path,
+    note: &impl Fn(String),
+) -> Result<u64, Failure> {
+    note(format!("amidala: copying disk image {}", spec.source_name));
+    let src = source
+        .try_clone()
+        .map_err(|e| Failure::io("reading the source", e))?;
+    let (image, want, name) = (image.to_owned(), spec.size, spec.source_name.clone());
+    blocking(move || {
+        let len = disk::disk_size(&src).map_err(|e| Failure::io("reading the source", e))?;
+        if let Some(want) = want.filter(|&w| w < len) {
+            return Err(Failure::invalid(format!(
+                "--size {want} is smaller than the disk image ({len} bytes)"
+            )));
+        }
+        let size = want.unwrap_or(len).max(len);
+        if size > MAX_SIZE {
+            return Err(Failure::invalid(format!(
+                "{name}: a disk of {size} bytes is larger than the limit of 16 TiB"
+            )));
+        }
+        // What it holds (its data regions), against what the import may take.
+        let data = disk::data_bytes(&src, len).map_err(|e| Failure::io("reading the source", e))?;
+        if data > bounds.bytes {
+            return Err(Failure::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "{name}: {} MiB of data is more than this import may take ({} MiB: the \
+                     state directory's free space beyond its reserve, and your quota)",
+                    data / MIB,
+                    bounds.bytes / MIB
+                ),
+            ));
+        }
+        copy_to_new(&src, &image, 0o600, Keep::Durable)
+            .map_err(|e| Failure::io("copying the disk image", e))?;
+        let out = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&image)
+            .map_err(|e| Failure::io("opening the snapshot", e))?;
+        out.set_len(size)
+            .and_then(|()| out.sync_all())
+            .map_err(|e| Failure::io("sizing the snapshot", e))?;
+        disk::locate_root(&out, None).map_err(|e| {
+            Failure::invalid(format!("the disk image has no usable root filesystem: {e}"))
+        })?;
+        Ok(size)
+    })
+    .await
 }
 
 /// A filesystem size that holds `usage` with room to spare, or the requested size if it does.
@@ -391,86 +659,6 @@ pub fn filesystem_size(usage: Usage, requested: Option<u64>) -> Result<u64, Fail
         Some(size) => Ok(size.div_ceil(MIB) * MIB),
         None => Ok(needed),
     }
-}
-
-/// Runs `mkfs.ext4 -d` from the directory `dir` into a new file `image` of `size` bytes; as
-/// the requester if given (the file is theirs while mkfs runs, root's afterwards).
-async fn mkfs_from(
-    dir: OwnedFd,
-    image: &Path,
-    size: u64,
-    as_user: Option<Requester>,
-) -> Result<(), Failure> {
-    let out = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(image)
-        .map_err(|e| Failure::io(format!("creating {}", image.display()), e))?;
-    out.set_len(size)
-        .map_err(|e| Failure::io("sizing the snapshot", e))?;
-    let user = as_user.filter(|r| r.uid != 0);
-    if let Some(r) = user {
-        nix::unistd::fchown(out.as_raw_fd(), Some(r.uid.into()), Some(r.gid.into()))
-            .map_err(|e| Failure::io("handing the image to mkfs", e))?;
-    }
-    let (src_fd, out_fd) = (dir.as_raw_fd(), out.as_raw_fd());
-    let mut cmd = std::process::Command::new("mkfs.ext4");
-    cmd.args([
-        "-q",
-        "-F",
-        "-L",
-        "rootfs",
-        "-E",
-        "root_owner=0:0",
-        "-d",
-        "/proc/self/fd/3",
-        "/proc/self/fd/4",
-    ])
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    if let Some(r) = user {
-        cmd.uid(r.uid).gid(r.gid);
-    }
-    // SAFETY: between fork and exec only dup2, which is async-signal-safe, on descriptors that
-    // stay open until the command has been spawned.
-    unsafe {
-        cmd.pre_exec(move || {
-            for (from, to) in [(src_fd, 3), (out_fd, 4)] {
-                if libc::dup2(from, to) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
-    let output = tokio::process::Command::from(cmd)
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(|e| Failure::io("running mkfs.ext4 (is e2fsprogs installed?)", e))?;
-    drop(dir);
-    if !output.status.success() {
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        return Err(Failure::new(
-            ErrorCode::Io,
-            format!("mkfs.ext4 failed ({}): {}", output.status, stderr.trim()),
-        ));
-    }
-    if user.is_some() {
-        nix::unistd::fchown(out.as_raw_fd(), Some(0.into()), Some(0.into()))
-            .map_err(|e| Failure::io("taking back the image", e))?;
-    }
-    nix::sys::stat::fchmod(
-        out.as_raw_fd(),
-        nix::sys::stat::Mode::from_bits_truncate(0o600),
-    )
-    .map_err(|e| Failure::io("setting the snapshot's mode", e))?;
-    out.sync_all()
-        .map_err(|e| Failure::io("syncing the snapshot", e))
 }
 
 #[cfg(test)]

@@ -1000,6 +1000,11 @@ async fn import_base(
     let requester = Requester {
         uid: peer.uid,
         gid: peer.gid,
+        groups: peer.groups.clone(),
+    };
+    let bounds = match import_bounds(daemon) {
+        Ok(bounds) => bounds,
+        Err(f) => return conn.send_error(&f).await,
     };
     // Runs to its end (and cleans up) even if the client goes away.
     let task = daemon.build_tasks.spawn(async move {
@@ -1010,6 +1015,7 @@ async fn import_base(
             spec,
             source,
             requester,
+            bounds,
             move |line| {
                 let _ = tx.send(line);
             },
@@ -1038,6 +1044,42 @@ async fn import_base(
             .await
         }
     }
+}
+
+/// What an import may take now: the state directory's free space beyond its reserve.
+fn import_bounds(daemon: &Daemon) -> Result<import::Bounds, Failure> {
+    let limits = &daemon.config.limits;
+    let (free, total) = free_space(daemon.catalog.root())?;
+    let reserve = limits.min_free_space.unwrap_or((total / 20).min(1 << 30));
+    let bytes = free.saturating_sub(reserve).min(import::MAX_SIZE);
+    if bytes == 0 {
+        return Err(Failure::new(
+            ErrorCode::LimitExceeded,
+            format!(
+                "the state directory {} has {} MiB free, within its reserve of {} MiB \
+                 ([limits] min_free_space): no import fits",
+                daemon.catalog.root().display(),
+                free >> 20,
+                reserve >> 20
+            ),
+        ));
+    }
+    Ok(import::Bounds {
+        bytes,
+        id_base: daemon.config.import_id_base,
+        timeout: Duration::from_secs(limits.import_timeout),
+    })
+}
+
+/// Bytes free for the daemon on the filesystem of `dir`, and its size.
+fn free_space(dir: &Path) -> Result<(u64, u64), Failure> {
+    let stat = nix::sys::statvfs::statvfs(dir)
+        .map_err(|e| Failure::io(format!("reading the free space of {}", dir.display()), e))?;
+    let block = stat.fragment_size() as u64;
+    Ok((
+        stat.blocks_available() as u64 * block,
+        stat.blocks() as u64 * block,
+    ))
 }
 
 /// Returns once the peer has closed its end of `stream` (or the connection failed); what it

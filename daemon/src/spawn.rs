@@ -54,6 +54,19 @@ pub struct Spec<'a> {
     pub pass: Option<(BorrowedFd<'a>, RawFd)>,
     /// The cgroup directory to start in, and its `cgroup.procs` (the fallback).
     pub cgroup: Option<(BorrowedFd<'a>, BorrowedFd<'a>)>,
+    /// The credentials to run with (a user's: uid, gid and supplementary groups), instead of
+    /// the daemon's.
+    pub creds: Option<Creds>,
+    /// A descriptor to be the child's stdout, instead of a pipe to the caller.
+    pub stdout: Option<BorrowedFd<'a>>,
+}
+
+/// A user's credentials, for a child that acts with their rights.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Creds {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
 }
 
 /// A running child, with pipes on its standard streams. Killed and reaped on drop if it was
@@ -136,11 +149,41 @@ pub fn spawn(spec: &Spec<'_>) -> io::Result<Child> {
         procs = procs_file.as_raw_fd();
     }
     let pass = spec.pass.map(|(fd, to)| (fd.as_raw_fd(), to));
+    // A given stdout is lifted like the pipes, so that the dup2s cannot overwrite it.
+    let given_stdout = spec
+        .stdout
+        .map(|fd| -> io::Result<OwnedFd> {
+            let high =
+                nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(floor))?;
+            // SAFETY: fcntl just returned this new descriptor, owned by nobody else.
+            Ok(unsafe { OwnedFd::from_raw_fd(high) })
+        })
+        .transpose()?;
     let fds = [
         (stdin_r.as_raw_fd(), 0),
-        (stdout_w.as_raw_fd(), 1),
+        (
+            given_stdout
+                .as_ref()
+                .map_or(stdout_w.as_raw_fd(), |fd| fd.as_raw_fd()),
+            1,
+        ),
         (stderr_w.as_raw_fd(), 2),
     ];
+    let creds = spec.creds.as_ref().map(|c| {
+        let groups: Vec<libc::gid_t> = c.groups.clone();
+        (c.uid, c.gid, groups)
+    });
+    // A child that takes a user's credentials closes every descriptor it does not need before
+    // it does (it is the user's from then on): all above its standard streams and passed
+    // descriptor but the error pipe and the program's own, if it runs through /proc/self/fd.
+    let program_fd: RawFd = spec
+        .program
+        .to_str()
+        .and_then(|p| p.strip_prefix("/proc/self/fd/"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(-1);
+    let mut keep = [err_w.as_raw_fd(), program_fd];
+    keep.sort_unstable();
     let err_fd = err_w.as_raw_fd();
 
     let mut moved_by_hand = false;
@@ -162,6 +205,9 @@ pub fn spawn(spec: &Spec<'_>) -> io::Result<Child> {
                     moved_by_hand.then_some(procs),
                     &fds,
                     pass,
+                    creds
+                        .as_ref()
+                        .map(|(u, g, groups)| (*u, *g, groups.as_slice(), keep)),
                     err_fd,
                     &program,
                     &argv,
@@ -191,7 +237,7 @@ pub fn spawn(spec: &Spec<'_>) -> io::Result<Child> {
     }
     // SAFETY: clone3 stored a new pidfd, owned by nobody else, for the child it made.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
-    drop((stdin_r, stdout_w, stderr_w, err_w));
+    drop((stdin_r, stdout_w, stderr_w, err_w, given_stdout));
     // Exec closed the error pipe (EOF), or the child wrote why it could not.
     let mut errno = [0u8; 4];
     let mut got = 0;
@@ -287,10 +333,12 @@ fn kill_and_reap(pidfd: BorrowedFd<'_>) {
 ///
 /// # Safety
 /// Only in the child of clone3, with pointers valid in its copy of the address space.
+#[allow(clippy::too_many_arguments)]
 unsafe fn child(
     procs: Option<RawFd>,
     fds: &[(RawFd, RawFd); 3],
     pass: Option<(RawFd, RawFd)>,
+    creds: Option<(u32, u32, &[libc::gid_t], [RawFd; 2])>,
     err: RawFd,
     program: &CString,
     argv: &[*const libc::c_char],
@@ -322,6 +370,35 @@ unsafe fn child(
                     fail(err);
                 }
             } else if libc::dup2(from, to) < 0 {
+                fail(err);
+            }
+        }
+        // Raw system calls, not the C library's wrappers: those would signal the parent's
+        // threads, which this copy of its memory still lists, to change their credentials too.
+        if let Some((uid, gid, groups, keep)) = creds {
+            let first = pass.map_or(3, |(_, to)| to + 1);
+            let mut from = first;
+            for kept in keep.into_iter().filter(|&k| k >= first) {
+                if kept > from {
+                    libc::syscall(
+                        libc::SYS_close_range,
+                        from as libc::c_uint,
+                        (kept - 1) as libc::c_uint,
+                        0u32,
+                    );
+                }
+                from = kept + 1;
+            }
+            libc::syscall(
+                libc::SYS_close_range,
+                from as libc::c_uint,
+                libc::c_uint::MAX,
+                0u32,
+            );
+            if libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) != 0
+                || libc::syscall(libc::SYS_setresgid, gid, gid, gid) != 0
+                || libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0
+            {
                 fail(err);
             }
         }
@@ -431,6 +508,8 @@ mod tests {
             env: vec![("PATH", "/usr/bin:/bin"), ("GREETING", "hello")],
             pass: None,
             cgroup: None,
+            creds: None,
+            stdout: None,
         }
     }
 

@@ -23,13 +23,13 @@
 
 use std::ffi::{CString, OsStr};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::rc::Rc;
 
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag};
-use nix::sys::stat::{fstatat, Mode, SFlag};
+use nix::sys::stat::{fstatat, SFlag};
 
 use crate::idmap;
 
@@ -130,23 +130,12 @@ fn has_file_caps(proc_path: &CString) -> bool {
     n >= 0
 }
 
-fn open_at(dir: BorrowedFd<'_>, name: &OsStr, flags: OFlag) -> nix::Result<OwnedFd> {
-    let fd = nix::fcntl::openat(
-        Some(dir.as_raw_fd()),
-        name,
-        flags | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )?;
-    // SAFETY: openat just returned this descriptor; nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 /// Walks the tree of `root` (one filesystem, no symlink followed) and scrubs the regular files
 /// changed since `since`. Directories are opened one level at a time: the descriptors held are
 /// those of the directories whose entries are still to be walked.
 fn scrub_tree(root: BorrowedFd<'_>, since: i64) -> io::Result<usize> {
     // A mount's descriptor (from open_tree) is a path, not an open directory: one to read.
-    let root = Rc::new(open_at(
+    let root = Rc::new(crate::sys::open_at(
         root,
         OsStr::new("."),
         OFlag::O_RDONLY | OFlag::O_DIRECTORY,
@@ -157,7 +146,7 @@ fn scrub_tree(root: BorrowedFd<'_>, since: i64) -> io::Result<usize> {
     let mut dirs = vec![root];
     while let Some(dir) = dirs.pop().or_else(|| {
         pending.pop().and_then(|(parent, name)| {
-            open_at(parent.as_fd(), &name, OFlag::O_RDONLY | OFlag::O_DIRECTORY)
+            crate::sys::open_at(parent.as_fd(), &name, OFlag::O_RDONLY | OFlag::O_DIRECTORY)
                 .ok()
                 .map(Rc::new)
         })
@@ -194,7 +183,7 @@ fn scrub_tree(root: BorrowedFd<'_>, since: i64) -> io::Result<usize> {
 /// `dir`, if it has any; whether it had. Acts on the file opened (`O_PATH`, not following a
 /// symlink), never on what a name resolves to later.
 fn scrub_file(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<bool> {
-    let file = match open_at(dir, name, OFlag::O_PATH) {
+    let file = match crate::sys::open_at(dir, name, OFlag::O_PATH) {
         Ok(file) => file,
         Err(Errno::ENOENT | Errno::ELOOP) => return Ok(false),
         Err(e) => return Err(e.into()),

@@ -888,3 +888,218 @@ fn the_executor_runs_as_the_helper_or_else_as_amidalad() {
     env.stop();
     env.assert_no_leaks();
 }
+
+/// A root tree as debootstrap leaves one: device nodes, a FIFO, setuid files, file
+/// capabilities, owners other than root, hard links, a sparse file, extended attributes.
+fn rich_tree(env: &Env) -> std::path::PathBuf {
+    let tree = env.busybox_rootfs("rich");
+    let sh = |script: &str| {
+        run(Command::new("sh").arg("-ec").arg(script).current_dir(&tree)).ok();
+    };
+    sh("mknod -m 666 dev/null c 1 3
+        mknod -m 600 dev/initctl p
+        cp bin/busybox usr/bin/su-like && chmod 4755 usr/bin/su-like
+        cp bin/busybox usr/bin/ping-like && setcap cap_net_raw+ep usr/bin/ping-like
+        mkdir -p home/u && echo private > home/u/file && chown -R 1234:2345 home/u && chmod 640 home/u/file
+        echo linked > etc/hard1 && ln etc/hard1 etc/hard2
+        truncate -s 100M var/sparse && printf data | dd of=var/sparse bs=1 seek=50000000 conv=notrunc 2>/dev/null
+        python3 -c \"import os; os.setxattr('etc/hostname', 'user.comment', b'kept')\"");
+    tree
+}
+
+/// Asserts an image holds what [`rich_tree`] put in it (its extended attributes and file
+/// capabilities if `xattrs`, its sparse file sparse if `holes`).
+fn assert_rich(image: &Mounted, xattrs: bool, holes: bool) {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let null = fs::symlink_metadata(image.path("/dev/null")).unwrap();
+    assert!(null.file_type().is_char_device(), "a device node");
+    assert_eq!(
+        (null.rdev() >> 8, null.rdev() & 0xff, null.mode() & 0o7777),
+        (1, 3, 0o666)
+    );
+    assert!(fs::symlink_metadata(image.path("/dev/initctl"))
+        .unwrap()
+        .file_type()
+        .is_fifo());
+    assert_eq!(
+        fs::metadata(image.path("/usr/bin/su-like")).unwrap().mode() & 0o7777,
+        0o4755
+    );
+    if xattrs {
+        let caps = run(Command::new("getcap").arg(image.path("/usr/bin/ping-like")));
+        assert!(caps.ok().contains("cap_net_raw=ep"), "{}", caps.stdout);
+        let comment = run(Command::new("python3")
+            .arg("-c")
+            .arg("import os, sys; print(os.getxattr(sys.argv[1], 'user.comment').decode())")
+            .arg(image.path("/etc/hostname")));
+        assert_eq!(comment.ok(), "kept\n");
+    }
+    let file = fs::metadata(image.path("/home/u/file")).unwrap();
+    assert_eq!(
+        (file.uid(), file.gid(), file.mode() & 0o777),
+        (1234, 2345, 0o640)
+    );
+    assert_eq!(
+        fs::metadata(image.path("/etc/hard1")).unwrap().ino(),
+        fs::metadata(image.path("/etc/hard2")).unwrap().ino()
+    );
+    let sparse = fs::metadata(image.path("/var/sparse")).unwrap();
+    assert_eq!(sparse.len(), 100 << 20);
+    if holes {
+        assert!(
+            sparse.blocks() * 512 < 1 << 20,
+            "holes stay holes: {} blocks",
+            sparse.blocks()
+        );
+    }
+}
+
+/// Issue 14, point 4: directories and tarballs are unpacked by the sandbox, not by a privileged
+/// tool, and keep everything a root tree holds.
+#[test]
+fn root_trees_keep_what_they_hold_through_the_sandbox() {
+    let env = Env::start();
+    let tree = rich_tree(&env);
+    let from_dir = env.import(&tree, &[]);
+    let image = Mounted::new(&env.snapshot_file(&from_dir), 0);
+    assert_rich(&image, true, true);
+    drop(image);
+    // GNU tar keeps extended attributes in the POSIX format, and holes in its own.
+    let tar = |name: &str, flags: &[&str]| {
+        let tarball = env.dir.path().join(name);
+        run(Command::new("tar")
+            .args(flags)
+            .arg(&tarball)
+            .arg("-C")
+            .arg(&tree)
+            .arg("."))
+        .ok();
+        tarball
+    };
+    let posix = env.import(
+        &tar(
+            "rich-posix.tar.gz",
+            &["--xattrs", "--xattrs-include=*", "-czf"],
+        ),
+        &[],
+    );
+    let image = Mounted::new(&env.snapshot_file(&posix), 0);
+    assert_rich(&image, true, false);
+    drop(image);
+    let gnu = env.import(
+        &tar("rich-gnu.tar.xz", &["--format=gnu", "-S", "-cJf"]),
+        &[],
+    );
+    let image = Mounted::new(&env.snapshot_file(&gnu), 0);
+    assert_rich(&image, false, true);
+    drop(image);
+    // Sized by what the tree holds (the 100 MiB sparse file holds 4 bytes).
+    for snap in [&from_dir, &gnu] {
+        let size = fs::metadata(env.snapshot_file(snap)).unwrap().len();
+        assert!(size < 96 << 20, "{snap}: {size} bytes");
+    }
+    // A sparse file in the POSIX format is refused by name, not unpacked as its encoding.
+    let refused = env.amidala(&[
+        "base",
+        "import",
+        tar("rich-pax-sparse.tar", &["--xattrs", "-S", "-cf"])
+            .to_str()
+            .unwrap(),
+    ]);
+    assert!(
+        refused.err().contains("a sparse file in the POSIX format"),
+        "{}",
+        refused.stderr
+    );
+    env.assert_no_leaks();
+}
+
+/// A GNU tar archive at `path` of one sparse file of `apparent` bytes holding one byte.
+fn gnu_sparse_bomb(path: &Path, apparent: u64) {
+    // One byte of data at the end of an `apparent`-byte sparse file, by GNU tar itself.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("huge");
+    let f = fs::File::create(&file).unwrap();
+    f.set_len(apparent).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(b"x", apparent - 1).unwrap();
+    run(Command::new("tar")
+        .args(["--format=gnu", "-S", "-cf"])
+        .arg(path)
+        .arg("-C")
+        .arg(dir.path())
+        .arg("huge"))
+    .ok();
+}
+
+/// Issue 14, points 4 and 14: a 1500-deep tree (which made mke2fs corrupt its heap) imports;
+/// a tiny archive of a 1 TiB sparse file makes a small snapshot, not a 1.2 TiB one; an xz
+/// bomb that holds more than the import may take is refused while it is measured, before
+/// anything is made; nothing is left behind.
+#[test]
+fn deep_trees_import_and_size_bombs_are_bounded() {
+    let free = nix::sys::statvfs::statvfs(&std::env::temp_dir()).unwrap();
+    let free = free.blocks_available() as u64 * free.fragment_size() as u64;
+    // Imports here may take at most 512 MiB.
+    let reserve = free.saturating_sub(512 << 20);
+    let env = Env::start_with(&format!("[limits]\nmin_free_space = {reserve}\n"), &[]);
+
+    let deep = env.dir.path().join("deep.tar");
+    {
+        let mut tar = tar::Builder::new(fs::File::create(&deep).unwrap());
+        let path = "d/".repeat(1500) + "bottom";
+        let mut header = tar::Header::new_gnu();
+        header.set_size(5);
+        header.set_mode(0o644);
+        header.set_uid(0);
+        header.set_gid(0);
+        tar.append_data(&mut header, &path, &b"deep\n"[..]).unwrap();
+        tar.finish().unwrap();
+    }
+    let snap = env.import(&deep, &[]);
+    let image = Mounted::new(&env.snapshot_file(&snap), 0);
+    assert_eq!(image.read(&("d/".repeat(1500) + "bottom")), "deep\n");
+    drop(image);
+
+    let sparse = env.dir.path().join("sparse-bomb.tar");
+    gnu_sparse_bomb(&sparse, 1 << 40);
+    assert!(fs::metadata(&sparse).unwrap().len() < 64 << 10);
+    let snap = env.import(&sparse, &[]);
+    let size = fs::metadata(env.snapshot_file(&snap)).unwrap().len();
+    assert!(
+        size < 128 << 20,
+        "a snapshot of {size} bytes for a 1-byte file"
+    );
+    let image = Mounted::new(&env.snapshot_file(&snap), 0);
+    assert_eq!(fs::metadata(image.path("huge")).unwrap().len(), 1 << 40);
+    drop(image);
+
+    // 2 GiB of zeros, compressed to a few hundred KiB.
+    let bomb = env.dir.path().join("bomb.tar.xz");
+    run(Command::new("sh")
+        .arg("-ec")
+        .arg(format!(
+            "cd {} && truncate -s 2G zeros && tar --format=gnu -cf - zeros | xz -1 -T0 > {} && rm zeros",
+            env.dir.path().display(),
+            bomb.display()
+        )))
+    .ok();
+    assert!(fs::metadata(&bomb).unwrap().len() < 1 << 20);
+    let before: Vec<_> = fs::read_dir(env.state.join("snapshots")).unwrap().collect();
+    let refused = env.amidala(&["base", "import", bomb.to_str().unwrap()]);
+    assert!(
+        refused.err().contains("limit_exceeded") && refused.stderr.contains("holds more than"),
+        "{}",
+        refused.stderr
+    );
+    assert!(
+        !refused.stderr.contains("unpacking"),
+        "refused while it was measured, before an image was made: {}",
+        refused.stderr
+    );
+    assert_eq!(
+        fs::read_dir(env.state.join("snapshots")).unwrap().count(),
+        before.len()
+    );
+    env.assert_no_leaks();
+}

@@ -648,3 +648,95 @@ fn bases_snapshots_and_logs_are_their_owners() {
         .contains(&alice_snapshot));
     host.env.assert_no_leaks();
 }
+
+/// Descriptors of the processes of `uid`: (pid, what each refers to).
+fn descriptors_of(uid: u32) -> Vec<(String, String)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        if fs::metadata(entry.path()).map(|m| m.uid()).ok() != Some(uid) {
+            continue;
+        }
+        for fd in fs::read_dir(entry.path().join("fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Ok(target) = fs::read_link(fd.path()) {
+                out.push((pid.clone(), target.display().to_string()));
+            }
+        }
+    }
+    out
+}
+
+/// Issue 14, point 8: no process of the importing user ever holds the new image (no file of
+/// the state directory, no loop device): the directory is read by a process of theirs, the
+/// image is written by the sandbox through the kernel.
+#[test]
+fn an_import_gives_its_user_no_handle_on_the_snapshot() {
+    const IMPORTER: &str = "amidala-t-importer";
+    let _accounts = Accounts::create(&[(IMPORTER, "amidala")]);
+    let env = Env::start();
+    let client = env.dir.path().join("amidala");
+    fs::copy(bin_dir().join("amidala"), &client).unwrap();
+    let host = Host { env, client };
+    let tree = host.env.busybox_rootfs("big-tree");
+    // Enough data for the import to last a while, read by the user's own process.
+    run(Command::new("dd")
+        .arg("if=/dev/urandom")
+        .arg(format!("of={}", tree.join("root/blob").display()))
+        .args(["bs=1M", "count=192", "status=none"]))
+    .ok();
+    run(Command::new("chown")
+        .args(["-R", &format!("{IMPORTER}:{IMPORTER}")])
+        .arg(&tree))
+    .ok();
+    let uid = uid_of(IMPORTER);
+    let mut import = host
+        .command(
+            IMPORTER,
+            host.env.dir.path(),
+            &["base", "import", tree.to_str().unwrap()],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let state = host.env.state.display().to_string();
+    let mut seen = Vec::new();
+    while import.try_wait().unwrap().is_none() {
+        seen.extend(descriptors_of(uid));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let out = import.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let snapshot = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(
+        seen.iter().any(|(_, t)| t.contains("big-tree")),
+        "the user's processes were seen reading the tree: {seen:?}"
+    );
+    let held: Vec<_> = seen
+        .iter()
+        .filter(|(_, t)| t.starts_with(&state) || t.starts_with("/dev/loop"))
+        .collect();
+    assert!(held.is_empty(), "the user held the image: {held:?}");
+    let write = run(as_user(IMPORTER, "sh").arg("-c").arg(format!(
+        "echo x >> {}",
+        host.env.snapshot_file(&snapshot).display()
+    )));
+    assert!(
+        write.err().contains("Permission denied"),
+        "{}",
+        write.stderr
+    );
+    host.env.assert_no_leaks();
+}

@@ -962,33 +962,33 @@ impl Provider for Ec2Provider {
     }
 
     async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>, Failure> {
-        let mut out = Vec::new();
-        let mut pages = self
-            .client
-            .describe_snapshots()
-            .owner_ids("self")
-            // amidala's own snapshots, and those made outside it that an admin published.
-            .filters(
-                Filter::builder()
-                    .name("tag-key")
-                    .values(amidala::proto::OWNER_TAG)
-                    .values(amidala::proto::PUBLISHED_TAG)
-                    .build(),
-            )
-            .into_paginator()
-            .send();
-        while let Some(page) = pages.next().await {
-            for s in page.map_err(cloud("DescribeSnapshots"))?.snapshots() {
-                let record = self.record_of(s);
-                out.push(SnapshotInfo {
-                    path: self
-                        .snapshot_path(&record.id)
-                        .map(|p| p.display().to_string()),
-                    id: record.id,
-                    created: rfc3339(&record.created),
-                    size: record.size,
-                    tags: record.tags,
-                });
+        let mut out: Vec<SnapshotInfo> = Vec::new();
+        // amidala's own snapshots, and those made outside it that an admin published (two
+        // queries: one filter's values are alternatives on EC2, not on every emulator).
+        for key in [amidala::proto::OWNER_TAG, amidala::proto::PUBLISHED_TAG] {
+            let mut pages = self
+                .client
+                .describe_snapshots()
+                .owner_ids("self")
+                .filters(Filter::builder().name("tag-key").values(key).build())
+                .into_paginator()
+                .send();
+            while let Some(page) = pages.next().await {
+                for s in page.map_err(cloud("DescribeSnapshots"))?.snapshots() {
+                    let record = self.record_of(s);
+                    if out.iter().any(|o| o.id == record.id) {
+                        continue;
+                    }
+                    out.push(SnapshotInfo {
+                        path: self
+                            .snapshot_path(&record.id)
+                            .map(|p| p.display().to_string()),
+                        id: record.id,
+                        created: rfc3339(&record.created),
+                        size: record.size,
+                        tags: record.tags,
+                    });
+                }
             }
         }
         out.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.id.cmp(&b.id)));
