@@ -103,6 +103,8 @@ pub struct BuildHandle {
     pub owner_gid: u32,
     /// Whose snapshots its source may be: the owner's role when they asked.
     pub viewer: crate::provider::Viewer,
+    /// The size of its volume, once it has one (its owner's quota counts it).
+    volume_bytes: AtomicU64,
     pub cancel: CancellationToken,
     pub log: EventLog,
     record: Mutex<BuildRecord>,
@@ -158,12 +160,18 @@ impl BuildHandle {
             owner_uid: record.owner_uid,
             owner_gid,
             viewer,
+            volume_bytes: AtomicU64::new(0),
             cancel: CancellationToken::new(),
             log,
             record: Mutex::new(record),
             journal: Mutex::new(journal),
             catalog: catalog.clone(),
         })
+    }
+
+    /// The bytes of its volume (0 before it has one).
+    pub fn volume_bytes(&self) -> u64 {
+        self.volume_bytes.load(Ordering::Relaxed)
     }
 
     pub fn record(&self) -> BuildRecord {
@@ -243,7 +251,7 @@ fn cancel_message(daemon: &Daemon) -> &'static str {
 pub async fn run(daemon: Arc<Daemon>, handle: Arc<BuildHandle>, workspace: OwnedFd) {
     let outcome = async {
         let _slot = tokio::select! {
-            slot = daemon.slots.clone().acquire_owned() => slot.map_err(|_| (Phase::Queued, Failure::new(ErrorCode::ShuttingDown, "amidalad is shutting down")))?,
+            slot = daemon.scheduler.acquire(handle.owner_uid) => slot.map_err(|_| (Phase::Queued, Failure::new(ErrorCode::ShuttingDown, "amidalad is shutting down")))?,
             () = handle.cancel.cancelled() => return Err((Phase::Queued, Failure::new(ErrorCode::Cancelled, cancel_message(&daemon)))),
         };
         handle.progress(|r| r.state = BuildState::Running);
@@ -327,6 +335,15 @@ async fn execute(
     handle.progress(|r| r.source_snapshot = Some(source.id.clone()));
 
     handle.enter(Phase::Volume)?;
+    // Within its owner's quota, the volume counted as the owner's until the build ends (its
+    // snapshot then).
+    let bytes = provider.volume_size(source.size, spec.size);
+    crate::quota::check(daemon, handle.viewer, bytes, "the build's volume")
+        .await
+        .at(Phase::Volume)?;
+    handle
+        .volume_bytes
+        .store(bytes, std::sync::atomic::Ordering::Relaxed);
     // A volume of the warm pool, if one is of this snapshot and the size is the snapshot's.
     let warm = spec
         .size
@@ -696,13 +713,25 @@ async fn in_cgroup(
     let Some(hierarchy) = &daemon.cgroups else {
         return run_executor(handle, spec, workspace, None).await;
     };
-    let cgroup = crate::cgroup::BuildCgroup::create(hierarchy, &handle.id)
-        .map_err(|e| (Phase::Mount, Failure::io("making the build's cgroup", e)))?;
+    let limits = &daemon.config.limits;
+    let cgroup = crate::cgroup::BuildCgroup::create(
+        hierarchy,
+        &handle.id,
+        crate::cgroup::BuildLimits {
+            memory: limits.build_memory,
+            pids: limits.build_pids,
+        },
+    )
+    .map_err(|e| (Phase::Mount, Failure::io("making the build's cgroup", e)))?;
     let setup = (|| {
         if handle.record().spec.network.as_deref() == Some("no-metadata") {
             cgroup.deny_egress(&crate::cgroup::METADATA_V4, &crate::cgroup::METADATA_V6)?;
         }
-        Ok::<_, std::io::Error>((File::open(cgroup.dir())?, cgroup.procs_file()?))
+        Ok::<_, std::io::Error>(CgroupFiles {
+            dir: File::open(cgroup.dir())?,
+            procs: cgroup.procs_file()?,
+            v1: cgroup.v1_procs_files()?,
+        })
     })();
     let result = match setup {
         Ok(files) => run_executor(handle, spec, workspace, Some(files)).await,
@@ -718,11 +747,19 @@ async fn in_cgroup(
     result
 }
 
+/// What the executor needs of its cgroups to be born in them.
+struct CgroupFiles {
+    dir: File,
+    procs: File,
+    /// `cgroup.procs` of its v1 cgroups (hybrid hosts' memory and pids controllers).
+    v1: Vec<File>,
+}
+
 async fn run_executor(
     handle: &BuildHandle,
     spec: &ExecutorSpec,
     workspace: OwnedFd,
-    cgroup: Option<(File, File)>,
+    cgroup: Option<CgroupFiles>,
 ) -> PhaseResult<Option<String>> {
     let mut phase = Phase::Mount;
     // Born in the build's cgroup (see crate::spawn), with the workspace as descriptor 3.
@@ -735,9 +772,11 @@ async fn run_executor(
         ],
         env: vec![("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")],
         pass: Some((workspace.as_fd(), WORKSPACE_FD)),
-        cgroup: cgroup
+        cgroup: cgroup.as_ref().map(|c| (c.dir.as_fd(), c.procs.as_fd())),
+        join: cgroup
             .as_ref()
-            .map(|(dir, procs)| (dir.as_fd(), procs.as_fd())),
+            .map(|c| c.v1.iter().map(|f| f.as_fd()).collect())
+            .unwrap_or_default(),
         creds: None,
         stdout: None,
     })

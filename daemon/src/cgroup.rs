@@ -27,10 +27,63 @@ pub const METADATA_V6: [Ipv6Addr; 1] = [Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0,
 /// Prefix of the names of build cgroups.
 pub const PREFIX: &str = "amidala-";
 
-/// Where the daemon creates its builds' cgroups: its own cgroup in the v2 hierarchy.
+/// Where the daemon creates its builds' cgroups: its own cgroup in the v2 hierarchy, and, for
+/// the controllers that limit a build's memory and processes, wherever the host has them.
 #[derive(Debug, Clone)]
 pub struct Hierarchy {
     dir: PathBuf,
+    limits: Vec<Limiter>,
+}
+
+/// A controller that limits builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Controller {
+    Memory,
+    Pids,
+}
+
+impl Controller {
+    fn name(self) -> &'static str {
+        match self {
+            Controller::Memory => "memory",
+            Controller::Pids => "pids",
+        }
+    }
+
+    /// The file holding the limit, in v2 and in v1.
+    fn limit_file(self, v2: bool) -> &'static str {
+        match (self, v2) {
+            (Controller::Memory, true) => "memory.max",
+            (Controller::Memory, false) => "memory.limit_in_bytes",
+            (Controller::Pids, _) => "pids.max",
+        }
+    }
+}
+
+/// Where a controller's limits of builds are set: in the build's v2 cgroup, or in a cgroup of
+/// the build's own under the daemon's in the controller's v1 hierarchy (hybrid hosts, where
+/// memory and pids are not in the unified tree).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limiter {
+    pub controller: Controller,
+    /// `None`: the v2 build cgroup; else the daemon's cgroup of the v1 hierarchy.
+    pub v1_dir: Option<PathBuf>,
+}
+
+/// A build's limits: bytes of memory, number of processes and threads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BuildLimits {
+    pub memory: Option<u64>,
+    pub pids: Option<u64>,
+}
+
+impl BuildLimits {
+    fn of(&self, controller: Controller) -> Option<u64> {
+        match controller {
+            Controller::Memory => self.memory,
+            Controller::Pids => self.pids,
+        }
+    }
 }
 
 impl Hierarchy {
@@ -65,7 +118,96 @@ impl Hierarchy {
             )
         })?;
         fs::remove_dir(&probe)?;
-        Ok(Hierarchy { dir })
+        let mut hierarchy = Hierarchy {
+            dir,
+            limits: Vec::new(),
+        };
+        hierarchy.limits = hierarchy.find_limiters(&mountinfo, &own);
+        Ok(hierarchy)
+    }
+
+    /// Where each limiting controller is, without changing anything: enabled for the build
+    /// cgroups in the v2 tree, else the daemon's cgroup of its v1 hierarchy.
+    fn find_limiters(&self, mountinfo: &str, own: &str) -> Vec<Limiter> {
+        let enabled =
+            fs::read_to_string(self.dir.join("cgroup.subtree_control")).unwrap_or_default();
+        let mut found = Vec::new();
+        for controller in [Controller::Memory, Controller::Pids] {
+            if enabled.split_whitespace().any(|c| c == controller.name()) {
+                found.push(Limiter {
+                    controller,
+                    v1_dir: None,
+                });
+            } else if let Some(dir) = v1_dir(mountinfo, own, controller.name()) {
+                found.push(Limiter {
+                    controller,
+                    v1_dir: Some(dir),
+                });
+            }
+        }
+        found
+    }
+
+    /// Makes the limiting controllers available to build cgroups, for the daemon: enables
+    /// those its v2 cgroup has but does not pass on (which needs the cgroup to hold no process:
+    /// where the daemon is its only one, as a systemd service with `Delegate=yes` is, it moves
+    /// itself into a leaf `amidalad` first). Returns what builds cannot be limited by, and why.
+    pub fn prepare_limits(&mut self) -> Vec<String> {
+        let available = fs::read_to_string(self.dir.join("cgroup.controllers")).unwrap_or_default();
+        let mut missing = Vec::new();
+        for controller in [Controller::Memory, Controller::Pids] {
+            if self.limits.iter().any(|l| l.controller == controller) {
+                continue;
+            }
+            if !available.split_whitespace().any(|c| c == controller.name()) {
+                missing.push(format!(
+                    "{}: neither amidalad's v2 cgroup {} nor a v1 hierarchy has it",
+                    controller.name(),
+                    self.dir.display()
+                ));
+                continue;
+            }
+            match self.enable(controller) {
+                Ok(()) => self.limits.push(Limiter {
+                    controller,
+                    v1_dir: None,
+                }),
+                Err(e) => missing.push(format!("{}: {e}", controller.name())),
+            }
+        }
+        missing
+    }
+
+    fn enable(&self, controller: Controller) -> io::Result<()> {
+        let control = self.dir.join("cgroup.subtree_control");
+        let write = || fs::write(&control, format!("+{}", controller.name()));
+        match write() {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                let procs = fs::read_to_string(self.dir.join("cgroup.procs"))?;
+                let ours = std::process::id().to_string();
+                if procs.lines().any(|p| p.trim() != ours) {
+                    return Err(io::Error::other(format!(
+                        "{} holds other processes than amidalad, so it cannot pass controllers \
+                         on (run amidalad as a systemd service with Delegate=yes)",
+                        self.dir.display()
+                    )));
+                }
+                let leaf = self.dir.join("amidalad");
+                match fs::create_dir(&leaf) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(e),
+                }
+                fs::write(leaf.join("cgroup.procs"), &ours)?;
+                write()
+            }
+            other => other,
+        }
+    }
+
+    /// The controllers builds are limited by (for the log).
+    pub fn limiters(&self) -> &[Limiter] {
+        &self.limits
     }
 
     pub fn dir(&self) -> &Path {
@@ -77,24 +219,68 @@ impl Hierarchy {
         self.dir.join(format!("{PREFIX}{id}"))
     }
 
-    /// Build ids of the build cgroups that exist now.
+    /// The cgroups of build `id` that exist: its v2 cgroup and those of v1 hierarchies.
+    pub fn build_dirs(&self, id: &str) -> Vec<PathBuf> {
+        std::iter::once(self.build_dir(id))
+            .chain(
+                self.limits
+                    .iter()
+                    .filter_map(|l| l.v1_dir.as_ref())
+                    .map(|dir| dir.join(format!("{PREFIX}{id}"))),
+            )
+            .filter(|dir| dir.is_dir())
+            .collect()
+    }
+
+    /// Build ids of the build cgroups that exist now (in the v2 tree and the v1 hierarchies).
     pub fn build_ids(&self) -> io::Result<Vec<String>> {
         let mut ids = Vec::new();
-        for entry in fs::read_dir(&self.dir)? {
-            let entry = entry?;
-            if let Some(id) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.strip_prefix(PREFIX))
-            {
-                if entry.file_type()?.is_dir() {
-                    ids.push(id.to_owned());
+        let v1 = self.limits.iter().filter_map(|l| l.v1_dir.as_deref());
+        for dir in std::iter::once(self.dir.as_path()).chain(v1) {
+            for entry in fs::read_dir(dir)? {
+                let entry = entry?;
+                if let Some(id) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_prefix(PREFIX))
+                {
+                    if entry.file_type()?.is_dir() {
+                        ids.push(id.to_owned());
+                    }
                 }
             }
         }
         ids.sort();
+        ids.dedup();
         Ok(ids)
     }
+}
+
+/// The daemon's cgroup in the v1 hierarchy of `controller`, if one is mounted, from
+/// mountinfo's and /proc/self/cgroup's texts.
+fn v1_dir(mountinfo: &str, own: &str, controller: &str) -> Option<PathBuf> {
+    let mount = mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let mut fields = right.split(' ');
+        if fields.next()? != "cgroup" {
+            return None;
+        }
+        let options = fields.nth(1)?;
+        if !options.split(',').any(|o| o == controller) {
+            return None;
+        }
+        Some(PathBuf::from(unescape_mountinfo(left.split(' ').nth(4)?)))
+    })?;
+    let path = own.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        controllers
+            .split(',')
+            .any(|c| c == controller)
+            .then_some(path)
+    })?;
+    let dir = mount.join(path.trim_start_matches('/'));
+    dir.join("cgroup.procs").is_file().then_some(dir)
 }
 
 /// The mount point of the cgroup2 filesystem, from mountinfo's text.
@@ -135,20 +321,60 @@ fn own_cgroup(text: &str) -> Option<&str> {
     text.lines().find_map(|l| l.strip_prefix("0::"))
 }
 
-/// One build's cgroup.
+/// One build's cgroup, and its cgroups in the v1 hierarchies of the limiting controllers.
 #[derive(Debug)]
 pub struct BuildCgroup {
     dir: PathBuf,
+    v1: Vec<PathBuf>,
 }
 
 impl BuildCgroup {
-    /// Makes the cgroup of build `id`.
-    pub fn create(hierarchy: &Hierarchy, id: &str) -> io::Result<BuildCgroup> {
+    /// Makes the cgroups of build `id`, with `limits`.
+    pub fn create(hierarchy: &Hierarchy, id: &str, limits: BuildLimits) -> io::Result<BuildCgroup> {
+        let mkdir = |dir: &Path| {
+            fs::create_dir(dir).map_err(|e| {
+                io::Error::new(e.kind(), format!("creating cgroup {}: {e}", dir.display()))
+            })
+        };
         let dir = hierarchy.build_dir(id);
-        fs::create_dir(&dir).map_err(|e| {
-            io::Error::new(e.kind(), format!("creating cgroup {}: {e}", dir.display()))
-        })?;
-        Ok(BuildCgroup { dir })
+        mkdir(&dir)?;
+        let mut cgroup = BuildCgroup {
+            dir,
+            v1: Vec::new(),
+        };
+        for limiter in &hierarchy.limits {
+            let Some(limit) = limits.of(limiter.controller) else {
+                continue;
+            };
+            let place = match &limiter.v1_dir {
+                None => cgroup.dir.clone(),
+                Some(parent) => {
+                    let dir = parent.join(format!("{PREFIX}{id}"));
+                    // Dropped with `cgroup` (removed) if what follows fails.
+                    mkdir(&dir)?;
+                    cgroup.v1.push(dir.clone());
+                    dir
+                }
+            };
+            let file = place.join(limiter.controller.limit_file(limiter.v1_dir.is_none()));
+            fs::write(&file, limit.to_string()).map_err(|e| {
+                io::Error::new(e.kind(), format!("writing {}: {e}", file.display()))
+            })?;
+        }
+        Ok(cgroup)
+    }
+
+    /// The `cgroup.procs` files of its v1 cgroups, for the executor to write "0" to before it
+    /// runs anything (the v2 cgroup it is born in).
+    pub fn v1_procs_files(&self) -> io::Result<Vec<fs::File>> {
+        self.v1
+            .iter()
+            .map(|dir| {
+                fs::OpenOptions::new()
+                    .write(true)
+                    .open(dir.join("cgroup.procs"))
+            })
+            .collect()
     }
 
     pub fn dir(&self) -> &Path {
@@ -185,9 +411,28 @@ impl BuildCgroup {
         Ok(())
     }
 
-    /// Kills every process in the cgroup and removes it.
-    pub fn remove(self) -> io::Result<()> {
-        remove(&self.dir)
+    /// Kills every process in the cgroup and removes it, and its v1 cgroups.
+    pub fn remove(mut self) -> io::Result<()> {
+        let v1 = std::mem::take(&mut self.v1);
+        let dir = std::mem::take(&mut self.dir);
+        let mut result = remove(&dir);
+        for dir in v1 {
+            if let Err(e) = remove(&dir) {
+                result = result.and(Err(e));
+            }
+        }
+        result
+    }
+}
+
+impl Drop for BuildCgroup {
+    /// A cgroup not removed (its making failed halfway) is removed now.
+    fn drop(&mut self) {
+        for dir in std::iter::once(&self.dir).chain(&self.v1) {
+            if !dir.as_os_str().is_empty() {
+                let _ = remove(dir);
+            }
+        }
     }
 }
 
@@ -592,6 +837,36 @@ mod bpf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_v1_hierarchies_of_limiting_controllers() {
+        let mountinfo =
+            "35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n\
+                         39 31 0:36 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids\n\
+                         41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
+        let own = "8:pids:/\n4:memory:/process_api/x\n0::/\n";
+        // Only those whose cgroup directory exists (on this host: none of these, probably).
+        let found = |c| v1_dir(mountinfo, own, c);
+        for (c, dir) in [
+            ("memory", "/sys/fs/cgroup/memory/process_api/x"),
+            ("pids", "/sys/fs/cgroup/pids"),
+        ] {
+            assert_eq!(
+                found(c),
+                Path::new(dir)
+                    .join("cgroup.procs")
+                    .is_file()
+                    .then(|| PathBuf::from(dir)),
+                "{c}"
+            );
+        }
+        assert_eq!(found("cpu"), None, "not mounted");
+        assert_eq!(
+            v1_dir(mountinfo, "0::/\n", "memory"),
+            None,
+            "no v1 path of ours"
+        );
+    }
 
     #[test]
     fn finds_the_unified_hierarchy() {

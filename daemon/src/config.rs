@@ -154,6 +154,9 @@ pub struct Limits {
     pub request_timeout: u64,
     /// Builds one user may have queued or running at once.
     pub max_builds_per_user: usize,
+    /// Builds one user may have running at once (the others wait, and builds of users who run
+    /// fewer go first); by default half of `max_builds`, at least 1.
+    pub max_running_builds_per_user: Option<usize>,
     /// Connections one user may have open at once.
     pub max_connections_per_user: usize,
     /// Connections open at once over all users (admins may exceed it).
@@ -166,6 +169,28 @@ pub struct Limits {
     pub min_free_space: Option<u64>,
     /// Seconds each pass of an import may take.
     pub import_timeout: u64,
+    /// Memory one build may use (its processes together), in bytes (`"4G"` or a number).
+    #[serde(deserialize_with = "size")]
+    pub build_memory: Option<u64>,
+    /// Processes and threads one build may have at once.
+    pub build_pids: Option<u64>,
+    /// Seconds a build's provisioner may run when it asks for no `--timeout`.
+    pub build_timeout: u64,
+    /// The longest `--timeout` members may ask for, in seconds (admins may ask for more).
+    pub max_build_timeout: u64,
+    /// Bytes of snapshots and running builds' volumes one member may have (`"100G"` or a
+    /// number; admins have no quota).
+    #[serde(deserialize_with = "size")]
+    pub user_quota: Option<u64>,
+}
+
+impl Limits {
+    /// The builds one user may run at once, with `max_builds` slots.
+    pub fn running_builds_per_user(&self, max_builds: usize) -> usize {
+        self.max_running_builds_per_user
+            .unwrap_or(max_builds / 2)
+            .clamp(1, max_builds.max(1))
+    }
 }
 
 /// A size, as bytes or as a string such as `"1G"`.
@@ -189,11 +214,17 @@ impl Default for Limits {
         Limits {
             request_timeout: 60,
             max_builds_per_user: 8,
+            max_running_builds_per_user: None,
             max_connections_per_user: 32,
             max_connections: 512,
             max_queued_builds: 64,
             min_free_space: None,
             import_timeout: 7200,
+            build_memory: Some(4 << 30),
+            build_pids: Some(4096),
+            build_timeout: 7200,
+            max_build_timeout: 86400,
+            user_quota: Some(100 << 30),
         }
     }
 }
@@ -280,6 +311,14 @@ impl Config {
             bail!("max_builds must be at least 1");
         }
         let limits = &config.limits;
+        if limits.build_memory.is_some_and(|m| m < 16 << 20)
+            || limits.build_pids.is_some_and(|p| p < 16)
+        {
+            bail!("limits: build_memory must be at least 16M and build_pids at least 16");
+        }
+        if limits.build_timeout == 0 || limits.build_timeout > limits.max_build_timeout {
+            bail!("limits: build_timeout must be at least 1 and at most max_build_timeout");
+        }
         if limits.max_connections_per_user == 0
             || limits.max_connections_per_user >= limits.max_connections
         {

@@ -75,11 +75,14 @@ pub async fn collect(daemon: &Daemon, scope: Scope) -> Result<Vec<GcItem>, Failu
                 {
                     // Only this daemon's builds: other daemons may share the parent cgroup.
                     if known.contains(&id) {
-                        found.push(Found {
-                            thing: Thing::Cgroup(h.build_dir(&id)),
-                            build: Some(id),
-                            detail: "cgroup of a build that is not running".into(),
-                        });
+                        // Its v2 cgroup first: removing it kills what runs in the build.
+                        for dir in h.build_dirs(&id) {
+                            found.push(Found {
+                                thing: Thing::Cgroup(dir),
+                                build: Some(id.clone()),
+                                detail: "cgroup of a build that is not running".into(),
+                            });
+                        }
                     }
                 }
             }

@@ -449,6 +449,7 @@ async fn run_helper(job: &Job, input: OwnedFd, bounds: Bounds) -> Result<Outcome
         env: vec![("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")],
         pass: Some((input.as_fd(), INPUT_FD)),
         cgroup: None,
+        join: Vec::new(),
         creds: None,
         stdout: None,
     })
@@ -489,6 +490,7 @@ async fn run_packer(
         env: vec![("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")],
         pass: Some((dir.as_fd(), crate::pack::DIR_FD)),
         cgroup: None,
+        join: Vec::new(),
         creds: Some(crate::spawn::Creds {
             uid: requester.uid,
             gid: requester.gid,

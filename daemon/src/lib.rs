@@ -30,7 +30,9 @@ pub mod plugins;
 pub mod policy;
 pub mod pool;
 pub mod provider;
+pub mod quota;
 pub mod sandbox;
+pub mod schedule;
 pub mod server;
 pub mod spawn;
 pub mod store;
@@ -51,7 +53,6 @@ use anyhow::{bail, Context, Result};
 use chrono::Utc;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -74,8 +75,8 @@ pub struct Daemon {
     pub connections: Mutex<HashMap<u32, usize>>,
     /// Builds queued or running, by id.
     pub builds: Mutex<HashMap<String, Arc<BuildHandle>>>,
-    /// One permit per build allowed to run at once.
-    pub slots: Arc<Semaphore>,
+    /// The build slots and their fair queue.
+    pub scheduler: Arc<schedule::Scheduler>,
     /// Cancelled on SIGTERM or SIGINT.
     pub shutdown: CancellationToken,
     /// Builds and imports, awaited on shutdown so their teardown completes.
@@ -113,7 +114,21 @@ pub async fn run(config: Config) -> Result<()> {
     let catalog = Catalog::open(&config.state_dir)
         .with_context(|| format!("opening the state directory {}", config.state_dir.display()))?;
     let cgroups = match cgroup::Hierarchy::discover() {
-        Ok(h) => Some(h),
+        Ok(mut h) => {
+            for why in h.prepare_limits() {
+                tracing::warn!("builds are not limited by {why}");
+            }
+            let limiters: Vec<String> = h
+                .limiters()
+                .iter()
+                .map(|l| match &l.v1_dir {
+                    None => format!("{:?} (v2)", l.controller),
+                    Some(dir) => format!("{:?} (v1, {})", l.controller, dir.display()),
+                })
+                .collect();
+            tracing::info!(limiters = %limiters.join(", "), "build cgroups");
+            Some(h)
+        }
         Err(e) => {
             tracing::warn!(error = %e, "no cgroup v2 hierarchy: builds run without a cgroup of their own, and --network no-metadata is refused");
             None
@@ -146,7 +161,10 @@ pub async fn run(config: Config) -> Result<()> {
     let policy = policy::Policy::new(config.policy.clone());
     let pool = pool::Pool::new(&config.warm_pool).map_err(anyhow::Error::msg)?;
     let daemon = Arc::new(Daemon {
-        slots: Arc::new(Semaphore::new(config.max_builds)),
+        scheduler: schedule::Scheduler::new(
+            config.max_builds,
+            config.limits.running_builds_per_user(config.max_builds),
+        ),
         config,
         catalog,
         provider,
@@ -220,7 +238,7 @@ pub async fn run(config: Config) -> Result<()> {
     for handle in running {
         handle.cancel.cancel();
     }
-    daemon.slots.close();
+    daemon.scheduler.close();
     daemon.build_tasks.close();
     daemon.build_tasks.wait().await;
     tracing::info!("amidalad stopped");

@@ -723,6 +723,7 @@ async fn checked_build(
 ) -> Result<(BuildRecord, Arc<crate::plugins::Plugin>), Failure> {
     proto::validate_build_options(&spec)?;
     spec.network = Some(daemon.policy.network(peer, spec.network.as_deref())?);
+    spec.timeout = Some(build_timeout(daemon, peer, spec.timeout)?);
     check_spec(daemon, &spec)?;
     let record = BuildRecord {
         id: new_id("bld"),
@@ -881,6 +882,27 @@ async fn export(
     Ok((snapshot, file))
 }
 
+/// The provisioner's time limit of a build of `peer`'s that asks for `requested` seconds: the
+/// default when it asks for none; refused beyond the longest a member may ask for.
+fn build_timeout(daemon: &Daemon, peer: &Peer, requested: Option<u64>) -> Result<u64, Failure> {
+    let limits = &daemon.config.limits;
+    let Some(asked) = requested else {
+        return Ok(limits.build_timeout);
+    };
+    let admin = daemon.policy.role(peer) == crate::policy::Role::Admin;
+    if asked > limits.max_build_timeout && !admin {
+        return Err(Failure::new(
+            ErrorCode::LimitExceeded,
+            format!(
+                "--timeout {asked}s is longer than builds may run here ({}s, [limits] \
+                 max_build_timeout)",
+                limits.max_build_timeout
+            ),
+        ));
+    }
+    Ok(asked)
+}
+
 /// A snapshot as the client shows it, with its disk image's path where the provider has one.
 fn snapshot_info(daemon: &Daemon, record: &SnapshotRecord) -> amidala::proto::SnapshotInfo {
     amidala::proto::SnapshotInfo {
@@ -1002,7 +1024,7 @@ async fn import_base(
         gid: peer.gid,
         groups: peer.groups.clone(),
     };
-    let bounds = match import_bounds(daemon) {
+    let bounds = match import_bounds(daemon, peer).await {
         Ok(bounds) => bounds,
         Err(f) => return conn.send_error(&f).await,
     };
@@ -1047,11 +1069,18 @@ async fn import_base(
 }
 
 /// What an import may take now: the state directory's free space beyond its reserve.
-fn import_bounds(daemon: &Daemon) -> Result<import::Bounds, Failure> {
+async fn import_bounds(daemon: &Daemon, peer: &Peer) -> Result<import::Bounds, Failure> {
     let limits = &daemon.config.limits;
     let (free, total) = free_space(daemon.catalog.root())?;
     let reserve = limits.min_free_space.unwrap_or((total / 20).min(1 << 30));
-    let bytes = free.saturating_sub(reserve).min(import::MAX_SIZE);
+    let mut bytes = free.saturating_sub(reserve).min(import::MAX_SIZE);
+    if let Some(left) = crate::quota::left(daemon, daemon.policy.viewer(peer)).await? {
+        if left == 0 {
+            // Said the quota's way: what is used, and what to do.
+            crate::quota::check(daemon, daemon.policy.viewer(peer), 1, "an import").await?;
+        }
+        bytes = bytes.min(left);
+    }
     if bytes == 0 {
         return Err(Failure::new(
             ErrorCode::LimitExceeded,

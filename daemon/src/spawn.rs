@@ -54,6 +54,8 @@ pub struct Spec<'a> {
     pub pass: Option<(BorrowedFd<'a>, RawFd)>,
     /// The cgroup directory to start in, and its `cgroup.procs` (the fallback).
     pub cgroup: Option<(BorrowedFd<'a>, BorrowedFd<'a>)>,
+    /// More `cgroup.procs` files (of v1 hierarchies) the child joins before it executes.
+    pub join: Vec<BorrowedFd<'a>>,
     /// The credentials to run with (a user's: uid, gid and supplementary groups), instead of
     /// the daemon's.
     pub creds: Option<Creds>,
@@ -143,6 +145,7 @@ pub fn spawn(spec: &Spec<'_>) -> io::Result<Child> {
         ..CloneArgs::default()
     };
     let mut procs: RawFd = -1;
+    let join: Vec<RawFd> = spec.join.iter().map(|fd| fd.as_raw_fd()).collect();
     if let Some((dir, procs_file)) = spec.cgroup {
         args.flags |= CLONE_INTO_CGROUP;
         args.cgroup = dir.as_raw_fd() as u64;
@@ -188,6 +191,13 @@ pub fn spawn(spec: &Spec<'_>) -> io::Result<Child> {
 
     let mut moved_by_hand = false;
     loop {
+        // The cgroups the child joins by hand: the v1 ones, and its v2 one where it could not
+        // be born in it. Made here: the child may not allocate.
+        let joined: Vec<RawFd> = join
+            .iter()
+            .copied()
+            .chain(moved_by_hand.then_some(procs))
+            .collect();
         // SAFETY: clone3 with a valid clone_args of the size given; without CLONE_VM the child
         // gets a copy of this address space and, until execve, runs only the async-signal-safe
         // calls below on memory made before the clone.
@@ -202,7 +212,7 @@ pub fn spawn(spec: &Spec<'_>) -> io::Result<Child> {
             // SAFETY: in the child: see above; every pointer is to memory of the parent's copy.
             unsafe {
                 child(
-                    moved_by_hand.then_some(procs),
+                    &joined,
                     &fds,
                     pass,
                     creds
@@ -335,7 +345,7 @@ fn kill_and_reap(pidfd: BorrowedFd<'_>) {
 /// Only in the child of clone3, with pointers valid in its copy of the address space.
 #[allow(clippy::too_many_arguments)]
 unsafe fn child(
-    procs: Option<RawFd>,
+    join: &[RawFd],
     fds: &[(RawFd, RawFd); 3],
     pass: Option<(RawFd, RawFd)>,
     creds: Option<(u32, u32, &[libc::gid_t], [RawFd; 2])>,
@@ -354,7 +364,7 @@ unsafe fn child(
     };
     // SAFETY: async-signal-safe calls on descriptors open in this process (see `spawn`).
     unsafe {
-        if let Some(procs) = procs {
+        for &procs in join {
             if libc::write(procs, b"0".as_ptr().cast(), 1) != 1 {
                 fail(err);
             }
@@ -508,6 +518,7 @@ mod tests {
             env: vec![("PATH", "/usr/bin:/bin"), ("GREETING", "hello")],
             pass: None,
             cgroup: None,
+            join: Vec::new(),
             creds: None,
             stdout: None,
         }

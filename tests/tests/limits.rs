@@ -266,3 +266,74 @@ fn connections_beyond_the_limits_are_refused_at_once() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Issue 14, point 13: a fork bomb and a memory hog fail their own build only (per-build
+/// `pids.max` and memory limit), while another build runs beside them; a build that asks for
+/// no timeout gets the default one.
+#[test]
+fn a_fork_bomb_and_a_memory_hog_fail_their_own_build_only() {
+    let env = Env::start_with(
+        "max_builds = 4\n[limits]\nbuild_pids = 64\nbuild_memory = \"96M\"\nbuild_timeout = 20\nmax_running_builds_per_user = 4\n",
+        &[],
+    );
+    env.import_busybox();
+    let ws = env.workspace("ws", &[]);
+    let bomb = env.spawn_client(
+        &ws,
+        &[
+            "build",
+            "--timeout",
+            "8",
+            "--",
+            "/bin/sh",
+            "-c",
+            "f() { f | f & }; f; sleep 60",
+        ],
+    );
+    let hog = env.spawn_client(
+        &ws,
+        &[
+            "build",
+            "--",
+            "/bin/sh",
+            "-c",
+            "dd if=/dev/zero of=/dev/null bs=400M count=1",
+        ],
+    );
+    // Meanwhile, a build beside them, and the host's own processes, are fine.
+    std::thread::sleep(Duration::from_secs(2));
+    let beside = env.build(
+        &ws,
+        &[
+            "--",
+            "/bin/sh",
+            "-c",
+            "for i in 1 2 3 4 5 6 7 8; do true & done; wait",
+        ],
+    );
+    assert!(beside["image_id"].is_string(), "{beside}");
+    let host = std::process::Command::new("true").status().unwrap();
+    assert!(host.success(), "the host can still fork");
+    let bomb = bomb.wait_with_output().unwrap();
+    let bomb_err = String::from_utf8_lossy(&bomb.stderr);
+    assert!(
+        !bomb.status.success() && bomb_err.contains("timeout") && bomb_err.contains("can't fork"),
+        "{bomb_err}"
+    );
+    let hog = hog.wait_with_output().unwrap();
+    let hog_err = String::from_utf8_lossy(&hog.stderr);
+    assert!(
+        !hog.status.success() && hog_err.contains("failed in phase provision"),
+        "{hog_err}"
+    );
+    // No --timeout: the default of 20 s applies.
+    let started = Instant::now();
+    let slow = env.amidala_in(&ws, &["build", "--", "sleep", "120"]);
+    assert!(
+        slow.err().contains("did not finish within --timeout 20s"),
+        "{}",
+        slow.stderr
+    );
+    assert!(started.elapsed() < Duration::from_secs(100));
+    env.assert_no_leaks();
+}

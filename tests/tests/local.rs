@@ -458,8 +458,12 @@ fn layers_chain_base_system_app_by_tags() {
 
 #[test]
 fn eight_builds_at_once_have_distinct_results() {
-    // Eight at once: more loop devices than the host has at boot, all running together.
-    let env = Env::start_with("max_builds = 8\n", &[]);
+    // Eight at once: more loop devices than the host has at boot, all running together
+    // (one user, so their share of the slots is raised to all of them).
+    let env = Env::start_with(
+        "max_builds = 8\n[limits]\nmax_running_builds_per_user = 8\n",
+        &[],
+    );
     env.import_busybox();
     let children: Vec<_> = (0..8)
         .map(|i| {

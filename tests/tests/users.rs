@@ -740,3 +740,90 @@ fn an_import_gives_its_user_no_handle_on_the_snapshot() {
     );
     host.env.assert_no_leaks();
 }
+
+/// Issue 14, point 13: one member's builds cannot keep another's waiting (a fair queue, and a
+/// share of the slots each), a member cannot ask for an endless build, and each member's
+/// snapshots and volumes stay within a quota.
+#[test]
+fn no_member_starves_another_or_fills_the_disk() {
+    const GREEDY: &str = "amidala-t-greedy";
+    const PATIENT: &str = "amidala-t-patient";
+    let _accounts = Accounts::create(&[(GREEDY, "amidala"), (PATIENT, "amidala")]);
+    let env = Env::start_with(
+        "max_builds = 2\n[limits]\nmax_builds_per_user = 8\nmax_running_builds_per_user = 1\n\
+         build_timeout = 600\nmax_build_timeout = 600\nuser_quota = \"150M\"\n",
+        &[],
+    );
+    let client = env.dir.path().join("amidala");
+    fs::copy(bin_dir().join("amidala"), &client).unwrap();
+    let host = Host { env, client };
+    host.env.import_busybox();
+
+    // The greedy member queues four long builds: one runs, three wait, a slot stays free.
+    let greedy: Vec<Child> = (0..4)
+        .map(|_| host.spawn_build(GREEDY, "sleep 300"))
+        .collect();
+    host.running_build_of(GREEDY);
+    // The patient member's build runs at once, not after the greedy one's.
+    let ws = host.workspace(PATIENT);
+    let started = Instant::now();
+    host.run_as(PATIENT, &ws, &["build", "--", "true"]).ok();
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "waited {:?} behind another member's builds",
+        started.elapsed()
+    );
+    let list = host.as_user(GREEDY, &["list", "--json"]).json();
+    let running = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["state"] == "running")
+        .count();
+    assert_eq!(
+        running, 1,
+        "one build of the greedy member's at a time: {list}"
+    );
+    for child in greedy {
+        let id = child.id();
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(id as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let _ = child.wait_with_output();
+    }
+
+    // No endless builds for members.
+    let endless = host.run_as(PATIENT, &ws, &["build", "--timeout", "2h", "--", "true"]);
+    assert!(
+        endless.err().contains("limit_exceeded") && endless.stderr.contains("max_build_timeout"),
+        "{}",
+        endless.stderr
+    );
+
+    // The quota: an import of their own (68 MiB) fits, a second does not, nor a build of it
+    // whose volume would pass the quota; deleting frees the space.
+    let tree = host.env.busybox_rootfs("patient-tree");
+    run(Command::new("chmod").arg("-R").arg("a+rX").arg(&tree)).ok();
+    let own = host.as_user(
+        PATIENT,
+        &["base", "import", tree.to_str().unwrap(), "--tag", "mine=1"],
+    );
+    let own = own.ok().trim().to_owned();
+    let second = host.as_user(PATIENT, &["base", "import", tree.to_str().unwrap()]);
+    assert!(
+        second.err().contains("limit_exceeded") && second.stderr.contains("quota"),
+        "{}",
+        second.stderr
+    );
+    let over = host.run_as(PATIENT, &ws, &["build", "--from", "mine=1", "--", "true"]);
+    assert!(
+        over.err().contains("failed in phase volume") && over.stderr.contains("user_quota"),
+        "{}",
+        over.stderr
+    );
+    host.as_user(PATIENT, &["delete", &own]).ok();
+    host.as_user(PATIENT, &["base", "import", tree.to_str().unwrap()])
+        .ok();
+    host.env.assert_no_leaks();
+}

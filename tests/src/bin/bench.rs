@@ -13,7 +13,12 @@
 //!    against one);
 //! 4. `first-output`: from starting `amidala build` to the provisioner's first line of output,
 //!    local and ec2, cold and with a warm pool;
-//! 5. `daemon`: the daemon's idle RSS and the round trip of a status request.
+//! 5. `daemon`: the daemon's idle RSS and the round trip of a status request;
+//! 6. `isolation`: what showing the workspace with its user's rights costs (a no-op build by a
+//!    member, whose workspace is idmapped and, read-write, scrubbed afterwards, against one by
+//!    root, whose workspace is shown as it is, the way every workspace was before), with a
+//!    10 MiB and a 1 GiB workspace; and what the provisioner's seccomp filter costs a build
+//!    that runs 10 000 short processes.
 //!
 //! Prints medians of `--runs` runs (default 5), where the time of a build goes (its phases, as
 //! the client sees them arrive), and a table of the results against their targets. It is a
@@ -35,7 +40,7 @@ use serde_json::json;
 /// The daemon's log level in the benchmarks: what a deployed daemon would log.
 const DAEMON_VARS: [(&str, &str); 1] = [("RUST_LOG", "info")];
 
-const SECTIONS: [(&str, &str); 5] = [
+const SECTIONS: [(&str, &str); 6] = [
     (
         "local",
         "1. local no-op build vs a shell script; 1G and 16G bases; default fs and XFS",
@@ -52,6 +57,10 @@ const SECTIONS: [(&str, &str); 5] = [
     (
         "daemon",
         "5. the daemon's idle RSS and the round trip of a status request",
+    ),
+    (
+        "isolation",
+        "6. the workspace with its user's rights, and the seccomp filter: their cost",
     ),
 ];
 
@@ -792,7 +801,11 @@ fn ec2_section(opts: &Opts, report: &mut Report) {
 fn concurrent_section(opts: &Opts, report: &mut Report) {
     const S: &str = "3";
     const N: usize = 8;
-    let env = local_env(None, &format!("max_builds = {N}\n"));
+    // All builds are root's here: its share of the slots is all of them.
+    let env = local_env(
+        None,
+        &format!("max_builds = {N}\n[limits]\nmax_running_builds_per_user = {N}\n"),
+    );
     let rootfs = env.busybox_rootfs("rootfs");
     let base = env.import(&rootfs, &["--size", "1G"]);
     let ws = env.workspace("ws", &[]);
@@ -986,7 +999,8 @@ fn first_output(opts: &Opts, report: &mut Report, on_ec2: bool, pool: bool) {
         Err(e) => panic!("{e}"),
     };
     let rootfs = env.busybox_rootfs("rootfs");
-    env.import(&rootfs, &["--size", "1G"]);
+    // Published: the warm pool serves what every user may start from.
+    env.import(&rootfs, &["--size", "1G", "--publish"]);
     let ws = env.workspace("ws", &[]);
     if let Some(ec2) = &ec2 {
         emulate_ec2_delays(ec2);
@@ -1254,7 +1268,148 @@ fn print_table(report: &Report) {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// 6. The cost of isolation.
+
+/// A member of group amidala for the benchmark, made and removed by it.
+const BENCH_USER: &str = "amidala-bench";
+
+/// A no-op build run as `user` (through setpriv, for root as for the member), timed.
+fn build_as(env: &Env, user: &str, ws: &Path, rw: bool) -> f64 {
+    let mut args = vec!["build", "--json"];
+    if rw {
+        args.push("--workspace-rw");
+    }
+    args.extend(["--", "true"]);
+    let start = Instant::now();
+    let out = amidala_tests::as_user(user, amidala_tests::bin_dir().join("amidala"))
+        .args(&args)
+        .current_dir(ws)
+        .env("AMIDALA_SOCKET", &env.socket)
+        .output()
+        .expect("running amidala build");
+    let wall = start.elapsed().as_secs_f64();
+    if !out.status.success() {
+        build_failed(env, &String::from_utf8_lossy(&out.stderr));
+    }
+    wall
+}
+
+/// A workspace of `files` files of 1 MiB each, owned by `user`.
+fn workspace_of(env: &Env, name: &str, files: usize, user: &str) -> PathBuf {
+    let ws = env.workspace(name, &[]);
+    let block = vec![7u8; 1 << 20];
+    for i in 0..files {
+        fs::write(ws.join(format!("f{i:04}")), &block).expect("writing the workspace");
+    }
+    run(Command::new("chown")
+        .args(["-R", &format!("{user}:{user}")])
+        .arg(&ws))
+    .ok();
+    ws
+}
+
+const SECCOMP_RUN: &str = "__seccomp-run";
+
+/// `amidala-bench __seccomp-run CMD...`: loads the provisioner's seccomp filter (as a build
+/// with the default policy has it) and executes CMD. Runs before anything starts a thread.
+fn seccomp_run(cmd: &[String]) -> ! {
+    use std::os::unix::process::CommandExt;
+    let filter = amidalad::confine::provisioner_filter(&amidalad::confine::Allowances::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    amidalad::confine::load(&filter).unwrap_or_else(|e| panic!("{e}"));
+    let err = Command::new(&cmd[0]).args(&cmd[1..]).exec();
+    panic!("executing {}: {err}", cmd[0]);
+}
+
+fn isolation_section(opts: &Opts, report: &mut Report) {
+    const S: &str = "6";
+    let _accounts = amidala_tests::Accounts::create(&[(BENCH_USER, "amidala")]);
+    let env = local_env(None, "[limits]\nmax_running_builds_per_user = 8\n");
+    let rootfs = env.busybox_rootfs("rootfs");
+    env.import(&rootfs, &["--size", "1G", "--publish"]);
+    for (label, files) in [("10 MiB", 10), ("1 GiB", 1024)] {
+        for rw in [false, true] {
+            let mode = if rw { "read-write" } else { "read-only" };
+            let mine = workspace_of(&env, &format!("ws-{files}-{rw}-member"), files, BENCH_USER);
+            let roots = workspace_of(&env, &format!("ws-{files}-{rw}-root"), files, "root");
+            // One of each first: caches warm, and the ratio compares like with like.
+            build_as(&env, "root", &roots, rw);
+            build_as(&env, BENCH_USER, &mine, rw);
+            let (mut plain, mut mapped) = (Vec::new(), Vec::new());
+            for _ in 0..opts.runs {
+                check_interrupted();
+                plain.push(build_as(&env, "root", &roots, rw));
+                mapped.push(build_as(&env, BENCH_USER, &mine, rw));
+            }
+            let (plain, mapped) = (median(&plain), median(&mapped));
+            report.row(
+                S,
+                format!("no-op build, {label} workspace, {mode}: member / root"),
+                format!(
+                    "member (idmapped{}) {}, root (as it is) {}, {:.2}x",
+                    if rw { ", scrubbed" } else { "" },
+                    secs(mapped),
+                    secs(plain),
+                    mapped / plain
+                ),
+                "",
+                Verdict::Info,
+            );
+            let _ = fs::remove_dir_all(&mine);
+            let _ = fs::remove_dir_all(&roots);
+        }
+    }
+    drop(env);
+
+    // The filter's cost: 10 000 short processes (busybox, statically linked) under it,
+    // against the same without it.
+    let script = "i=0; while [ $i -lt 10000 ]; do busybox true; i=$((i+1)); done";
+    let bench = std::env::current_exe().expect("the bench's own path");
+    let time = |filtered: bool| {
+        let mut cmd = if filtered {
+            let mut cmd = Command::new(&bench);
+            cmd.arg(SECCOMP_RUN);
+            cmd
+        } else {
+            Command::new("env")
+        };
+        cmd.args(["busybox", "sh", "-c", script]);
+        let start = Instant::now();
+        let status = cmd.status().expect("running the loop");
+        assert!(status.success(), "the loop failed");
+        start.elapsed().as_secs_f64()
+    };
+    time(false);
+    time(true);
+    let (mut bare, mut filtered) = (Vec::new(), Vec::new());
+    for _ in 0..opts.runs {
+        check_interrupted();
+        bare.push(time(false));
+        filtered.push(time(true));
+    }
+    let (bare, filtered) = (median(&bare), median(&filtered));
+    report.row(
+        S,
+        "10 000 short processes: with the seccomp filter / without",
+        format!(
+            "with {}, without {}, {:.2}x ({:.1} µs more a process)",
+            secs(filtered),
+            secs(bare),
+            filtered / bare,
+            (filtered - bare) / 10_000.0 * 1e6
+        ),
+        "",
+        Verdict::Info,
+    );
+}
+
 fn main() {
+    // The seccomp row's runner: load the provisioner's filter, then become the command.
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(SECCOMP_RUN) {
+        seccomp_run(&args[2..]);
+    }
     let opts = match parse_args() {
         Ok(opts) => opts,
         Err(e) => {
@@ -1289,7 +1444,8 @@ fn main() {
             "ec2" => ec2_section,
             "concurrent" => concurrent_section,
             "first-output" => first_output_section,
-            _ => daemon_section,
+            "daemon" => daemon_section,
+            _ => isolation_section,
         };
         let started = Instant::now();
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| section(&opts, &mut report)));
