@@ -77,11 +77,12 @@ enum Command {
     },
     /// Cancel a build and wait for its teardown.
     Cancel { id: String },
-    /// Delete images and snapshots of yours (admins: anyone's): an image is deregistered and
-    /// its snapshot deleted (unless another image uses it or it is not yours); a snapshot is
-    /// deleted if no image uses it.
+    /// Delete images, snapshots and builds of yours (admins: anyone's): an image is
+    /// deregistered and its snapshot deleted (unless another image uses it or it is not
+    /// yours); a snapshot is deleted if no image uses it; a finished build's record and log
+    /// are removed. All count against your quota.
     Delete {
-        /// Image (ami-...) or snapshot (snap-...) ids.
+        /// Image (ami-...), snapshot (snap-...) or build (bld-...) ids.
         #[arg(required = true)]
         ids: Vec<String>,
     },
@@ -204,8 +205,9 @@ struct SpecArgs {
     /// Stop the provisioner and fail the build if it runs longer than this (90, 90s, 15m, 2h).
     #[arg(long, value_name = "DURATION", value_parser = parse_timeout)]
     timeout: Option<u64>,
-    /// The provisioner's network: host (default), no-metadata (the host's network without
-    /// the instance metadata service) or none (loopback only: no network, no metadata).
+    /// The provisioner's network: host, no-metadata (the host's network without the instance
+    /// metadata service) or none (loopback only: no network, no metadata). Default: the
+    /// daemon's policy (no-metadata unless configured); members may use only what it allows.
     #[arg(long, value_name = "host|no-metadata|none")]
     network: Option<String>,
     /// Mount the daemon's package cache NAME (see `[caches]` in amidalad.toml) into the image,
@@ -409,6 +411,15 @@ fn on_host(host: &str, cli: Cli, argv: &[std::ffi::OsString]) -> Result<ExitCode
     };
     let (upload, source) = match &cli.command {
         Command::Completions { .. } | Command::Man => return run(cli),
+        Command::Export { .. } => {
+            return Err(BadInput(
+                "export with --host: the file would be written on the builder, in a scratch \
+                 directory removed when the command ends; run amidala export on the builder \
+                 (ssh HOST amidala export ID -o FILE) and copy the file from there"
+                    .into(),
+            )
+            .into())
+        }
         Command::Build(build) => {
             if build.detach {
                 return Err(BadInput(

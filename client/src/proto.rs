@@ -71,8 +71,9 @@ pub enum Request {
     /// Publish a snapshot for every member's builds (or take it back), admins only; answered
     /// by [`Response::Snapshot`].
     Publish { snapshot: String, published: bool },
-    /// Delete an image (and its snapshot, unless another image uses it) or a snapshot no
-    /// image uses; the owner's or an admin's. Answered by [`Response::Deleted`].
+    /// Delete an image (and its snapshot, unless another image uses it), a snapshot no image
+    /// uses, or a finished build's record and log; the owner's or an admin's. Answered by
+    /// [`Response::Deleted`].
     Delete { id: String },
     /// The disk image of a snapshot (or of an image's snapshot), for the client to copy:
     /// answered by [`Response::Export`] with a read-only descriptor of it.

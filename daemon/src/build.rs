@@ -45,21 +45,39 @@ pub struct LogProgress {
 }
 
 /// A build's event log: JSON lines of [`Response`] events, appended whole.
+///
+/// The provisioner's output is kept up to `limit` bytes of log (`[limits] build_log`); past it
+/// its lines are dropped, once with a line that says so, and the build goes on. Phases and the
+/// build's end are always written: they are few and small.
 #[derive(Debug)]
 pub struct EventLog {
-    file: Mutex<(File, u64)>,
+    file: Mutex<LogFile>,
     progress: watch::Sender<LogProgress>,
 }
 
+#[derive(Debug)]
+struct LogFile {
+    file: File,
+    len: u64,
+    limit: u64,
+    /// Whether output has been dropped (and the line saying so written).
+    full: bool,
+}
+
 impl EventLog {
-    pub fn create(path: &Path) -> std::io::Result<EventLog> {
+    pub fn create(path: &Path, limit: u64) -> std::io::Result<EventLog> {
         let file = OpenOptions::new()
             .append(true)
             .create_new(true)
             .mode(0o600)
             .open(path)?;
         Ok(EventLog {
-            file: Mutex::new((file, 0)),
+            file: Mutex::new(LogFile {
+                file,
+                len: 0,
+                limit,
+                full: false,
+            }),
             progress: watch::Sender::new(LogProgress {
                 len: 0,
                 done: false,
@@ -68,14 +86,30 @@ impl EventLog {
     }
 
     pub fn append(&self, event: &Response) {
-        let mut line = serde_json::to_vec(event).expect("events serialize");
-        line.push(b'\n');
-        let mut guard = self.file.lock().expect("log lock");
-        let (file, len) = &mut *guard;
-        match file.write_all(&line) {
+        let line = |event: &Response| {
+            let mut line = serde_json::to_vec(event).expect("events serialize");
+            line.push(b'\n');
+            line
+        };
+        let mut bytes = line(event);
+        let mut log = self.file.lock().expect("log lock");
+        if matches!(event, Response::Log { .. }) && log.len + bytes.len() as u64 > log.limit {
+            if log.full {
+                return;
+            }
+            log.full = true;
+            bytes = line(&Response::Log {
+                line: format!(
+                    "amidala: the build's output passed {} of log ([limits] build_log): the \
+                     rest is not kept; the build goes on",
+                    size_text(log.limit)
+                ),
+            });
+        }
+        match log.file.write_all(&bytes) {
             Ok(()) => {
-                *len += line.len() as u64;
-                let len = *len;
+                log.len += bytes.len() as u64;
+                let len = log.len;
                 self.progress.send_modify(|p| p.len = len);
             }
             Err(e) => tracing::error!(error = %e, "writing a build log"),
@@ -84,12 +118,21 @@ impl EventLog {
 
     pub fn finish(&self) {
         let guard = self.file.lock().expect("log lock");
-        let _ = guard.0.sync_data();
+        let _ = guard.file.sync_data();
         self.progress.send_modify(|p| p.done = true);
     }
 
     pub fn subscribe(&self) -> watch::Receiver<LogProgress> {
         self.progress.subscribe()
+    }
+}
+
+/// `bytes` for people: in MiB, or KiB below one.
+fn size_text(bytes: u64) -> String {
+    if bytes >= 1 << 20 {
+        format!("{} MiB", bytes >> 20)
+    } else {
+        format!("{} KiB", bytes >> 10)
     }
 }
 
@@ -133,6 +176,7 @@ impl BuildHandle {
         record: BuildRecord,
         owner_gid: u32,
         viewer: crate::provider::Viewer,
+        log_limit: u64,
     ) -> Result<BuildHandle, Failure> {
         let state_error = |what: &str, e: std::io::Error| {
             let full = e.raw_os_error() == Some(libc::ENOSPC);
@@ -146,8 +190,8 @@ impl BuildHandle {
             )
         };
         let log_path = catalog.build_log(&record.id);
-        let log =
-            EventLog::create(&log_path).map_err(|e| state_error("creating the build log", e))?;
+        let log = EventLog::create(&log_path, log_limit)
+            .map_err(|e| state_error("creating the build log", e))?;
         let journal = match catalog.create_build_journal(&record) {
             Ok(journal) => journal,
             Err(e) => {

@@ -123,6 +123,10 @@ pub struct Catalog {
     /// reading hundreds of records from disk for each build cost more than a no-op build.
     /// `None` until read, and again after a write whose outcome on disk is unknown.
     snapshots: Arc<Mutex<Option<BTreeMap<String, SnapshotRecord>>>>,
+    /// The owner and bytes (record and log) of each finished build seen by
+    /// [`build_bytes_of`](Self::build_bytes_of): a finished build's files no longer change, so
+    /// a quota check reads only the records of builds it has not seen finished.
+    finished_builds: Arc<Mutex<BTreeMap<String, (u32, u64)>>>,
 }
 
 impl Catalog {
@@ -132,6 +136,7 @@ impl Catalog {
         let catalog = Catalog {
             root: state_dir.to_owned(),
             snapshots: Arc::default(),
+            finished_builds: Arc::default(),
         };
         // Root's alone: snapshots, images and logs are their owners' (who get them through
         // the daemon), and the lock file must be out of everyone else's reach.
@@ -321,6 +326,58 @@ impl Catalog {
 
     pub fn builds(&self) -> io::Result<Vec<BuildRecord>> {
         store::list_json(&self.root.join("builds"))
+    }
+
+    /// Bytes the records and logs of `uid`'s builds take.
+    pub fn build_bytes_of(&self, uid: u32) -> io::Result<u64> {
+        let dir = self.root.join("builds");
+        let mut ids = std::collections::BTreeSet::new();
+        for entry in fs::read_dir(&dir)? {
+            let name = entry?.file_name();
+            let name = name.to_string_lossy();
+            if let Some(id) = name.strip_suffix(".json") {
+                if !name.starts_with(store::TMP_PREFIX) {
+                    ids.insert(id.to_owned());
+                }
+            }
+        }
+        let mut finished = self.finished_builds.lock().expect("build usage lock");
+        finished.retain(|id, _| ids.contains(id));
+        let mut bytes = 0;
+        for id in &ids {
+            if let Some(&(owner, size)) = finished.get(id) {
+                if owner == uid {
+                    bytes += size;
+                }
+                continue;
+            }
+            let Ok(Some(record)) = self.get_build(id) else {
+                continue;
+            };
+            let size: u64 = [self.record("builds", id), self.build_log(id)]
+                .iter()
+                .map(|path| fs::metadata(path).map(|m| m.len()).unwrap_or(0))
+                .sum();
+            if record.finished.is_some() {
+                finished.insert(id.clone(), (record.owner_uid, size));
+            }
+            if record.owner_uid == uid {
+                bytes += size;
+            }
+        }
+        Ok(bytes)
+    }
+
+    /// Removes a finished build's record and log (the record last: a crash between leaves a
+    /// record whose log is gone, which reads as an empty log).
+    pub fn delete_build(&self, id: &str) -> io::Result<()> {
+        for path in [self.build_log(id), self.record("builds", id)] {
+            match fs::remove_file(&path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        store::sync_dir(&self.root.join("builds"))
     }
 
     pub fn snapshot_info(&self, s: &SnapshotRecord) -> SnapshotInfo {

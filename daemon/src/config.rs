@@ -174,6 +174,10 @@ pub struct Limits {
     pub build_memory: Option<u64>,
     /// Processes and threads one build may have at once.
     pub build_pids: Option<u64>,
+    /// Bytes of a build's log (`"64M"` or a number): output beyond it is dropped, with a line
+    /// that says so, and the build goes on.
+    #[serde(deserialize_with = "size_required")]
+    pub build_log: u64,
     /// Seconds a build's provisioner may run when it asks for no `--timeout`.
     pub build_timeout: u64,
     /// The longest `--timeout` members may ask for, in seconds (admins may ask for more).
@@ -209,6 +213,10 @@ fn size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error>
     }
 }
 
+fn size_required<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    Ok(size(d)?.unwrap_or_default())
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -222,6 +230,7 @@ impl Default for Limits {
             import_timeout: 7200,
             build_memory: Some(4 << 30),
             build_pids: Some(4096),
+            build_log: 64 << 20,
             build_timeout: 7200,
             max_build_timeout: 86400,
             user_quota: Some(100 << 30),
@@ -315,6 +324,9 @@ impl Config {
             || limits.build_pids.is_some_and(|p| p < 16)
         {
             bail!("limits: build_memory must be at least 16M and build_pids at least 16");
+        }
+        if limits.build_log < 64 << 10 {
+            bail!("limits: build_log must be at least 64K");
         }
         if limits.build_timeout == 0 || limits.build_timeout > limits.max_build_timeout {
             bail!("limits: build_timeout must be at least 1 and at most max_build_timeout");
@@ -478,6 +490,11 @@ mod tests {
         assert_eq!(
             config.limits,
             Limits::default(),
+            "the example shows the defaults"
+        );
+        assert_eq!(
+            config.policy,
+            crate::policy::PolicyConfig::default(),
             "the example shows the defaults"
         );
         assert_eq!(config.warm_pool.len(), 1);

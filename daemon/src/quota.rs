@@ -1,6 +1,7 @@
 //! Each member's share of the builder's storage: the bytes of their snapshots (as the provider
-//! counts them: a local snapshot's disk size, an EBS snapshot's volume size) and of the
-//! volumes of their running builds, against `[limits] user_quota`. Admins have none.
+//! counts them: a local snapshot's disk size, an EBS snapshot's volume size), of the volumes of
+//! their running builds, and of their builds' records and logs, against `[limits]
+//! user_quota`. Admins have none.
 
 use amidala::proto::{owner_uid, ErrorCode};
 
@@ -19,7 +20,8 @@ pub async fn left(daemon: &Daemon, viewer: Viewer) -> Result<Option<u64>, Failur
     Ok(Some(quota.saturating_sub(used(daemon, uid).await?)))
 }
 
-/// Bytes `uid` has: snapshots, and the volumes of their running builds.
+/// Bytes `uid` has: snapshots, the volumes of their running builds, and their builds' records
+/// and logs.
 async fn used(daemon: &Daemon, uid: u32) -> Result<u64, Failure> {
     let snapshots: u64 = daemon
         .provider
@@ -37,7 +39,14 @@ async fn used(daemon: &Daemon, uid: u32) -> Result<u64, Failure> {
         .filter(|b| b.owner_uid == uid)
         .map(|b| b.volume_bytes())
         .sum();
-    Ok(snapshots + volumes)
+    let catalog = daemon.catalog.clone();
+    let builds = crate::error::blocking(move || {
+        catalog
+            .build_bytes_of(uid)
+            .map_err(|e| Failure::io("reading the build records", e))
+    })
+    .await?;
+    Ok(snapshots + volumes + builds)
 }
 
 /// Refuses `need` more bytes for `viewer` if their quota does not leave them.
@@ -50,9 +59,9 @@ pub async fn check(daemon: &Daemon, viewer: Viewer, need: u64, what: &str) -> Re
         return Err(Failure::new(
             ErrorCode::LimitExceeded,
             format!(
-                "{what} needs {} MiB, and your snapshots and running builds leave {} MiB of your \
-                 quota of {} MiB ([limits] user_quota): delete images or snapshots you no longer \
-                 need (amidala delete ID)",
+                "{what} needs {} MiB, and your snapshots, running builds and build logs leave {} \
+                 MiB of your quota of {} MiB ([limits] user_quota): delete images, snapshots or \
+                 builds you no longer need (amidala delete ID)",
                 need.div_ceil(1 << 20),
                 left >> 20,
                 quota >> 20

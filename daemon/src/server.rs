@@ -811,6 +811,9 @@ async fn publish(
 /// admin. The snapshot of a deleted image stays if it is not the caller's, another image uses
 /// it, or a running build starts from it. Returns the ids of what it removed.
 async fn delete(daemon: &Daemon, peer: &Peer, id: &str) -> Result<Vec<String>, Failure> {
+    if id.starts_with("bld-") {
+        return delete_build(daemon, peer, id).await;
+    }
     let viewer = daemon.policy.viewer(peer);
     let (snapshot, image) = find_snapshot(daemon, viewer, id).await?;
     let owned = viewer.owns(owner_uid(&snapshot.tags).unwrap_or(NO_OWNER));
@@ -859,6 +862,31 @@ async fn delete(daemon: &Daemon, peer: &Peer, id: &str) -> Result<Vec<String>, F
         removed.push(snapshot.id);
     }
     Ok(removed)
+}
+
+/// Removes the record and log of a finished build of `peer`'s (an admin: anyone's).
+async fn delete_build(daemon: &Daemon, peer: &Peer, id: &str) -> Result<Vec<String>, Failure> {
+    let record = readable_build(daemon, peer, id)?;
+    // Checked and removed with the builds locked: a build is registered under this lock, and
+    // leaves it only once its record is final.
+    let builds = daemon.builds.lock().expect("builds lock");
+    if builds.contains_key(id) {
+        return Err(Failure::invalid(format!(
+            "build {id} is {}: cancel it first (amidala cancel {id}), or delete it once it ends",
+            if record.state == BuildState::Queued {
+                "queued"
+            } else {
+                "running"
+            }
+        )));
+    }
+    daemon
+        .catalog
+        .delete_build(id)
+        .map_err(|e| Failure::io(format!("deleting the record and log of {id}"), e))?;
+    drop(builds);
+    tracing::info!(uid = peer.uid, build = %id, "build record and log deleted");
+    Ok(vec![id.to_owned()])
 }
 
 /// A read-only descriptor of the disk image of the snapshot `id` names, for its owner (or an
@@ -978,6 +1006,7 @@ async fn start_build(
             record,
             peer.gid,
             daemon.policy.viewer(peer),
+            daemon.config.limits.build_log,
         )?);
         builds.insert(handle.id.clone(), handle.clone());
         handle

@@ -315,6 +315,15 @@ fn what_cannot_work_remotely_says_why() {
         "{}",
         detached.stderr
     );
+    // An export would write its file into the builder's scratch directory, then lose it.
+    let export = builder.run(&ws, &["export", "snap-0123456789abcdef0", "-o", "disk.img"]);
+    assert_eq!(export.code, Some(2), "{}", export.stderr);
+    assert!(
+        export.stderr.contains("export with --host"),
+        "{}",
+        export.stderr
+    );
+    assert!(!ws.join("disk.img").exists());
     // What cannot be sent (a socket in the workspace) fails the command here, at once, and
     // the builder, told the upload ended, leaves nothing.
     let sockets = builder.env.workspace("sockets", &[("file", "x")]);

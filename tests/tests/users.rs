@@ -827,3 +827,83 @@ fn no_member_starves_another_or_fills_the_disk() {
         .ok();
     host.env.assert_no_leaks();
 }
+
+#[test]
+fn a_builds_output_is_bounded_and_counts_against_its_owners_quota() {
+    // Point 13: a build that prints without end fills no disk: its log stops at build_log,
+    // and logs count against their owner's quota until the owner deletes the build.
+    const CHATTY: &str = "amidala-t-chatty";
+    const NEIGHBOUR: &str = "amidala-t-neighbour";
+    let _accounts = Accounts::create(&[(CHATTY, "amidala"), (NEIGHBOUR, "amidala")]);
+    let probe = Env::start();
+    probe.import_busybox();
+    let size = probe.amidala(&["snapshots", "--json"]).json()[0]["size"]
+        .as_u64()
+        .unwrap();
+    drop(probe);
+    // Room for two snapshots of the base and 512 KiB more.
+    let quota = 2 * size + (512 << 10);
+    let env = Env::start_with(
+        &format!("[limits]\nbuild_log = \"1M\"\nuser_quota = {quota}\n"),
+        &[],
+    );
+    let client = env.dir.path().join("amidala");
+    fs::copy(bin_dir().join("amidala"), &client).unwrap();
+    let host = Host { env, client };
+    host.env.import_busybox();
+    let ws = host.workspace(CHATTY);
+    // A build is not deleted while it runs.
+    let sleeper = host.spawn_build(CHATTY, "sleep 60");
+    let running = host.running_build_of(CHATTY);
+    let busy = host.as_user(CHATTY, &["delete", &running]);
+    assert!(busy.err().contains("cancel it first"), "{}", busy.stderr);
+    host.as_user(CHATTY, &["cancel", &running]).ok();
+    let _ = sleeper.wait_with_output();
+
+    let noisy = "yes | head -c 3000000; echo end";
+    let chatty = host
+        .run_as(
+            CHATTY,
+            &ws,
+            &["build", "--json", "--", "/bin/sh", "-c", noisy],
+        )
+        .json();
+    let id = field(&chatty, "build_id").to_owned();
+    let log = host.env.state.join("builds").join(format!("{id}.log"));
+    let len = fs::metadata(&log).unwrap().len();
+    // Past the limit: only the line that says so, the last phases and the build's end.
+    assert!(
+        (1 << 20) - (1 << 10) < len && len <= (1 << 20) + (4 << 10),
+        "the log holds {len} bytes, against a build_log of 1 MiB"
+    );
+    let shown = host.as_user(CHATTY, &["logs", &id]);
+    assert!(
+        shown.ok().contains("[limits] build_log") && !shown.ok().contains("\nend\n"),
+        "{}",
+        shown.stderr
+    );
+
+    // Its snapshot and its 1 MiB of log leave less than a volume of the base.
+    let over = host.run_as(CHATTY, &ws, &["build", "--", "true"]);
+    assert!(
+        over.err().contains("failed in phase volume") && over.stderr.contains("build logs"),
+        "{}",
+        over.stderr
+    );
+    // Only its owner (or an admin) deletes a build.
+    denied(
+        &host.as_user(NEIGHBOUR, &["delete", &id]),
+        "reading another user's build",
+    );
+    let deleted = host.as_user(CHATTY, &["delete", &id]);
+    assert!(
+        deleted.ok().contains(&format!("deleted {id}")),
+        "{}",
+        deleted.stdout
+    );
+    assert!(!log.exists(), "the log is gone");
+    let gone = host.as_user(CHATTY, &["status", &id]);
+    assert!(gone.err().contains("does not exist"), "{}", gone.stderr);
+    host.run_as(CHATTY, &ws, &["build", "--", "true"]).ok();
+    host.env.assert_no_leaks();
+}
