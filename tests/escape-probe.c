@@ -9,6 +9,13 @@
  *   escape-probe capture MARKER SECS packet socket on every interface; "capture seen" if a
  *                                    frame holding MARKER passes within SECS seconds
  *   escape-probe send MARKER SECS    UDP datagrams holding MARKER to 127.0.0.1:9 for SECS s
+ *   escape-probe recvfd SOCKET FILE...
+ *                                    a descriptor received over the Unix socket SOCKET (as a
+ *                                    host process hands one in), then each FILE opened
+ *                                    relative to it: "open FILE ok" and its first line
+ *   escape-probe recvfd-connect SOCKET
+ *                                    a descriptor of a socket received over SOCKET, connected
+ *                                    to through /proc/self/fd
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -22,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -121,6 +129,62 @@ static int calls(void) {
     return 0;
 }
 
+/* Connects to the Unix socket PATH and receives one descriptor; -1 if none came. */
+static int receive_fd(const char *path) {
+    int s = socket(AF_UNIX, SOCK_STREAM, 0);
+    struct sockaddr_un to = {.sun_family = AF_UNIX};
+    strncpy(to.sun_path, path, sizeof to.sun_path - 1);
+    if (connect(s, (struct sockaddr *)&to, sizeof to) < 0) {
+        said("connect", -1);
+        return -1;
+    }
+    char byte;
+    struct iovec iov = {&byte, 1};
+    union {
+        struct cmsghdr h;
+        char buf[CMSG_SPACE(sizeof(int))];
+    } control;
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf,
+                         .msg_controllen = sizeof control.buf};
+    long n = recvmsg(s, &msg, 0);
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    int fd = -1;
+    if (n > 0 && c && c->cmsg_type == SCM_RIGHTS)
+        memcpy(&fd, CMSG_DATA(c), sizeof fd);
+    printf("received %s\n", fd >= 0 ? "ok" : "nothing");
+    return fd;
+}
+
+static int recvfd(const char *path, int count, char **files) {
+    int dir = receive_fd(path);
+    if (dir < 0)
+        return 0;
+    for (int i = 0; i < count; i++) {
+        char name[300];
+        snprintf(name, sizeof name, "open %s", files[i]);
+        int fd = openat(dir, files[i], O_RDONLY);
+        said(name, fd);
+        if (fd >= 0) {
+            char line[200] = {0};
+            read(fd, line, sizeof line - 1);
+            line[strcspn(line, "\n")] = 0;
+            printf("first-line %s\n", line);
+        }
+    }
+    return 0;
+}
+
+static int recvfd_connect(const char *path) {
+    int fd = receive_fd(path);
+    if (fd < 0)
+        return 0;
+    int s = socket(AF_UNIX, SOCK_STREAM, 0);
+    struct sockaddr_un to = {.sun_family = AF_UNIX};
+    snprintf(to.sun_path, sizeof to.sun_path, "/proc/self/fd/%d", fd);
+    said("connect-passed", connect(s, (struct sockaddr *)&to, sizeof to));
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc == 3 && !strcmp(argv[1], "handle"))
         return handle(argv[2]);
@@ -130,6 +194,11 @@ int main(int argc, char **argv) {
         return capture(argv[2], atoi(argv[3]));
     if (argc == 4 && !strcmp(argv[1], "send"))
         return send_marker(argv[2], atoi(argv[3]));
-    fprintf(stderr, "usage: escape-probe handle DIR | calls | capture MARKER SECS | send MARKER SECS\n");
+    if (argc >= 4 && !strcmp(argv[1], "recvfd"))
+        return recvfd(argv[2], argc - 3, argv + 3);
+    if (argc == 3 && !strcmp(argv[1], "recvfd-connect"))
+        return recvfd_connect(argv[2]);
+    fprintf(stderr, "usage: escape-probe handle DIR | calls | capture MARKER SECS | send MARKER SECS | "
+                    "recvfd SOCKET FILE... | recvfd-connect SOCKET\n");
     return 2;
 }

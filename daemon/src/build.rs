@@ -326,7 +326,7 @@ pub async fn run(daemon: Arc<Daemon>, handle: Arc<BuildHandle>, workspace: Owned
             if failure.code == ErrorCode::Cancelled {
                 failure.message = cancel_message(&daemon).to_owned();
             }
-            tracing::warn!(build = %handle.id, %phase, code = %failure.code, error = %failure.message, "build failed");
+            tracing::warn!(build = %handle.id, %phase, code = %failure.code, error = ?failure.message, "build failed");
             let report = BuildFailure {
                 build_id: handle.id.clone(),
                 phase,
@@ -704,6 +704,8 @@ async fn provision(
         resolv_conf: std::fs::read("/etc/resolv.conf")
             .ok()
             .map(|b| String::from_utf8_lossy(&b).into_owned()),
+        // A member's provisioner is root of its own user namespace, not of the host.
+        id_base: (handle.owner_uid != 0).then_some(daemon.config.import_id_base),
     };
     let result = in_cgroup(daemon, handle, &spec, workspace).await;
     // Only ever mounted inside the executor's namespace, which is gone: a plain rmdir, never
@@ -817,23 +819,42 @@ async fn run_executor(
         env: vec![("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")],
         pass: Some((workspace.as_fd(), WORKSPACE_FD)),
         cgroup: cgroup.as_ref().map(|c| (c.dir.as_fd(), c.procs.as_fd())),
-        join: cgroup
-            .as_ref()
-            .map(|c| c.v1.iter().map(|f| f.as_fd()).collect())
-            .unwrap_or_default(),
         creds: None,
         stdout: None,
     })
     .map_err(|e| (phase, Failure::io("starting the executor", e)))?;
     drop(workspace);
-    drop(cgroup);
-    let input = serde_json::to_vec(spec).expect("executor spec serializes");
+    let v1 = cgroup.map(|c| c.v1).unwrap_or_default();
+    let mut input = serde_json::to_vec(spec).expect("executor spec serializes");
+    input.push(b'\n');
     let mut stdin = child.stdin.take().expect("piped");
     if let Err(e) = stdin.write_all(&input).await {
         let _ = child.kill().await;
         return Err((phase, Failure::io("sending the executor its spec", e)));
     }
-    drop(stdin);
+    // The executor's v1 cgroups (hybrid hosts' memory and pids controllers), joined while it
+    // mounts the image: moving a process waits for an RCU grace period (10-20 ms), which a
+    // process born in its cgroup does not, but clone3 can be born in a v2 cgroup only. The
+    // executor starts nothing of the build's before the word that it is in them (see
+    // crate::executor::await_cgroups); the pid is its own until it is reaped, after this.
+    let pid = child.pid();
+    let placed = async move {
+        let joined = blocking(move || {
+            for procs in &v1 {
+                (&*procs)
+                    .write_all(pid.to_string().as_bytes())
+                    .map_err(|e| Failure::io("moving the executor into the build's cgroups", e))?;
+            }
+            Ok(())
+        })
+        .await;
+        if joined.is_ok() {
+            let _ = stdin.write_all(crate::executor::IN_CGROUPS).await;
+        }
+        // Without the word, the executor ends before it provisions.
+        drop(stdin);
+        joined.err()
+    };
 
     let stderr = child.stderr.take().expect("piped");
     let output = async {
@@ -893,12 +914,16 @@ async fn run_executor(
         }
         (outcome, architecture, failed, done)
     };
-    let ((outcome, architecture, failed, done), ()) = tokio::join!(reports, output);
+    let ((outcome, architecture, failed, done), (), misplaced) =
+        tokio::join!(reports, output, placed);
     let status = child
         .wait()
         .await
         .map_err(|e| (phase, Failure::io("waiting for the executor", e)))?;
 
+    if let Some(failure) = misplaced {
+        return Err((Phase::Mount, failure));
+    }
     if let Some((p, message)) = failed {
         let code = if handle.cancel.is_cancelled() {
             ErrorCode::Cancelled

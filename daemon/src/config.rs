@@ -141,8 +141,8 @@ pub struct FileConfig {
     /// Package caches builds may ask for (`--cache NAME`): name → directory in the image.
     #[serde(default)]
     pub caches: BTreeMap<String, String>,
-    /// The first of the 65536 host ids an import's sandbox runs as (no host user may have
-    /// one of them).
+    /// The first of the 65536 host ids an import's sandbox and a member's provisioner run as
+    /// (no host user may have one of them).
     pub import_id_base: Option<u32>,
 }
 

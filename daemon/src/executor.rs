@@ -4,7 +4,8 @@
 //! The daemon starts it as `amidalad __executor BUILD_ID` (a re-exec of its own binary, so the
 //! two can never be of different versions) with:
 //!
-//! - stdin: the [`ExecutorSpec`] as JSON, then end of file;
+//! - stdin: the [`ExecutorSpec`] as one JSON line; then [`IN_CGROUPS`] once the daemon has
+//!   moved it into the build's v1 cgroups (at once where there are none), then end of file;
 //! - stdout: [`Report`]s as JSON lines, for the daemon;
 //! - stderr: the provisioner's output (its stdout and stderr), for the build log;
 //! - fd 3: the workspace directory, as the client opened it.
@@ -21,15 +22,18 @@
 //!    starts blocked by a policy-rc.d.
 //! 5. Fork the provisioner, PID 1 of the new PID namespace. It unshares a further mount
 //!    namespace, mounts the workspace (read-only unless asked), proc, sys (read-only), a
-//!    private /dev and devpts, pivots into the image and detaches the host's tree, closes
-//!    every inherited descriptor, drops capabilities that reach beyond the image from its
-//!    bounding set, scrubs its environment and calls the plugin.
+//!    private /dev and devpts, pivots into the image and detaches the host's tree; for a
+//!    member's build (the image then seen through an idmapped mount) it enters a user
+//!    namespace of its own and becomes its root, so that its capabilities reach the image and
+//!    nothing of the host's. It closes every inherited descriptor, drops capabilities that
+//!    reach beyond the image from its bounding set, scrubs its environment and calls the
+//!    plugin.
 //! 6. Wait for it. On SIGTERM (cancel) kill it. Its exit also kills every process it left in
 //!    its PID namespace, and ends its mount namespace with all the mounts made in step 5.
 //! 7. Restore the image's files, unmount the root filesystem and report.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -39,7 +43,7 @@ use amidala::proto::Phase;
 use amidala_plugin::BuildInfo;
 use libseccomp::ScmpFilterContext;
 use nix::errno::Errno;
-use nix::fcntl::{renameat, OFlag};
+use nix::fcntl::{renameat, AtFlags, OFlag};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{unshare, CloneFlags};
 use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
@@ -51,6 +55,9 @@ use serde::{Deserialize, Serialize};
 use crate::idmap;
 use crate::plugins::Plugin;
 use crate::workspace::Workspace;
+
+/// What the daemon writes to an executor once it is in every cgroup of its build.
+pub const IN_CGROUPS: &[u8] = b"in cgroups\n";
 
 /// The argument that makes `amidalad` an executor.
 pub const EXECUTOR_ARG: &str = "__executor";
@@ -81,6 +88,13 @@ pub struct ExecutorSpec {
     /// Package caches to bind-mount into the image.
     #[serde(default)]
     pub caches: Vec<CacheMount>,
+    /// For a member's build: the provisioner is root of a user namespace of its own, whose
+    /// ids 0 to 65 535 are host ids `id_base` and up (see [`crate::sandbox::id_maps`]), and it
+    /// sees the image through an idmapped mount with the same mapping, so that the image's
+    /// root is its root and nothing else on the host is. `None`: root's builds, whose
+    /// provisioner is host root (with the baseline's capabilities).
+    #[serde(default)]
+    pub id_base: Option<u32>,
 }
 
 /// A host directory mounted on a directory of the image while provisioning.
@@ -151,8 +165,9 @@ fn init_process(
     pipe: RawFd,
     filter: &ScmpFilterContext,
     workspace: &Workspace,
+    userns: Option<&OwnedFd>,
 ) -> i32 {
-    if let Err(message) = child_setup(spec, pipe, filter, workspace) {
+    if let Err(message) = child_setup(spec, pipe, filter, workspace, userns) {
         send_result(pipe, &ChildResult::SetupFailed(message));
         return 125;
     }
@@ -266,7 +281,8 @@ fn run() -> Result<(), Failure> {
     }
     let mut input = Vec::new();
     io::stdin()
-        .read_to_end(&mut input)
+        .lock()
+        .read_until(b'\n', &mut input)
         .map_err(fail(Phase::Mount, "reading the executor spec"))?;
     let spec: ExecutorSpec =
         serde_json::from_slice(&input).map_err(fail(Phase::Mount, "decoding the executor spec"))?;
@@ -278,11 +294,27 @@ fn run() -> Result<(), Failure> {
     // mount can be cloned in: its views are made here, before the build's own namespaces.
     // SAFETY: the daemon passes the workspace as this descriptor, open for the executor's life.
     let dir = unsafe { BorrowedFd::borrow_raw(WORKSPACE_FD) };
-    let workspace =
-        Workspace::prepare(dir, spec.owner, spec.workspace_rw).map_err(|message| Failure {
-            phase: Phase::Mount,
-            message,
-        })?;
+    let userns = spec
+        .id_base
+        .map(|base| {
+            let maps = crate::sandbox::id_maps(base);
+            idmap::user_namespace(&maps, &maps)
+        })
+        .transpose()
+        .map_err(fail(
+            Phase::Mount,
+            "making the provisioner's user namespace",
+        ))?;
+    let workspace = Workspace::prepare(
+        dir,
+        spec.owner,
+        spec.workspace_rw,
+        spec.id_base.unwrap_or(0),
+    )
+    .map_err(|message| Failure {
+        phase: Phase::Mount,
+        message,
+    })?;
     // Mounts, processes, host name and System V IPC of the build are its own.
     let mut namespaces = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWPID
@@ -314,7 +346,7 @@ fn run() -> Result<(), Failure> {
         ),
     ))?;
 
-    let result = with_root_mounted(&spec, &plugin, &workspace);
+    let result = with_root_mounted(&spec, &plugin, &workspace, userns.as_ref());
 
     report(&Report::Phase(Phase::Unmount));
     if result.is_ok() && !can_discard(&spec.device) {
@@ -335,10 +367,11 @@ fn with_root_mounted(
     spec: &ExecutorSpec,
     plugin: &Plugin,
     workspace: &Workspace,
+    userns: Option<&OwnedFd>,
 ) -> Result<(), Failure> {
     let mut prepared = Prepared::new(spec)?;
     let started = now_secs();
-    let provisioned = provision(spec, plugin, workspace);
+    let provisioned = provision(spec, plugin, workspace, userns);
     if let Ok(outcome) = &provisioned {
         report(&Report::Provisioned(outcome.clone()));
     }
@@ -723,7 +756,9 @@ fn provision(
     spec: &ExecutorSpec,
     plugin: &Plugin,
     workspace: &Workspace,
+    userns: Option<&OwnedFd>,
 ) -> Result<Outcome, Failure> {
+    await_cgroups()?;
     report(&Report::Phase(Phase::Provision));
     let filter = crate::confine::provisioner_filter(&spec.allow).map_err(|message| Failure {
         phase: Phase::Provision,
@@ -736,7 +771,14 @@ fn provision(
     match unsafe { fork() }.map_err(fail(Phase::Provision, "forking the provisioner"))? {
         ForkResult::Child => {
             drop(result_read);
-            let code = init_process(spec, plugin, result_write.as_raw_fd(), &filter, workspace);
+            let code = init_process(
+                spec,
+                plugin,
+                result_write.as_raw_fd(),
+                &filter,
+                workspace,
+                userns,
+            );
             // SAFETY: _exit ends the process without running the executor's exit handlers
             // (both the plugin process and PID 1 end here).
             unsafe { libc::_exit(code & 0xff) }
@@ -784,6 +826,24 @@ fn provision(
     }
 }
 
+/// Waits for the daemon's word that this process is in every cgroup of the build (the rest of
+/// stdin, after the spec): nothing of the build may start outside its limits.
+fn await_cgroups() -> Result<(), Failure> {
+    let mut word = Vec::new();
+    io::stdin()
+        .lock()
+        .take(IN_CGROUPS.len() as u64 + 1)
+        .read_to_end(&mut word)
+        .map_err(fail(Phase::Mount, "waiting to be in the build's cgroups"))?;
+    if word != IN_CGROUPS {
+        return Err(Failure {
+            phase: Phase::Mount,
+            message: "the daemon did not put the executor into the build's cgroups".into(),
+        });
+    }
+    Ok(())
+}
+
 fn errno_context(what: impl std::fmt::Display) -> impl FnOnce(Errno) -> String {
     move |e| format!("{what}: {e}")
 }
@@ -799,7 +859,7 @@ enum SetupStep {
         target: &'static str,
         fstype: Option<&'static str>,
         flags: MsFlags,
-        data: Option<&'static str>,
+        data: Option<String>,
         what: &'static str,
     },
     /// The workspace's view (read-only unless asked, with the user's rights: see
@@ -815,8 +875,10 @@ enum SetupStep {
 }
 
 /// What the provisioner sees, in the order it is set up: a plan rather than code, so the
-/// flags are checked by unit tests without root.
-fn provisioner_mounts() -> Vec<SetupStep> {
+/// flags are checked by unit tests without root. `root` is the host id of the provisioner's
+/// root (0, or its user namespace's base): the fresh /dev, its ptys and shared memory are
+/// that root's.
+fn provisioner_mounts(root: u32) -> Vec<SetupStep> {
     use SetupStep::{Mask, Mount, PopulateDev, ReadOnly, Workspace};
     let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     let mut plan = vec![
@@ -842,7 +904,7 @@ fn provisioner_mounts() -> Vec<SetupStep> {
             target: "dev",
             fstype: Some("tmpfs"),
             flags: MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-            data: Some("mode=755,size=16m"),
+            data: Some(format!("mode=755,size=16m,uid={root},gid={root}")),
             what: "mounting /dev",
         },
         PopulateDev,
@@ -858,7 +920,11 @@ fn provisioner_mounts() -> Vec<SetupStep> {
             target: "dev/pts",
             fstype: Some("devpts"),
             flags: MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-            data: Some("newinstance,ptmxmode=0666,mode=620,gid=5"),
+            // The image's tty group (5), as the provisioner's namespace numbers it.
+            data: Some(format!(
+                "newinstance,ptmxmode=0666,mode=620,gid={}",
+                root + 5
+            )),
             what: "mounting /dev/pts",
         },
         Mount {
@@ -866,7 +932,7 @@ fn provisioner_mounts() -> Vec<SetupStep> {
             target: "dev/shm",
             fstype: Some("tmpfs"),
             flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            data: Some("mode=1777"),
+            data: Some(format!("mode=1777,uid={root},gid={root}")),
             what: "mounting /dev/shm",
         },
     ]);
@@ -879,12 +945,21 @@ fn child_setup(
     keep: RawFd,
     filter: &ScmpFilterContext,
     workspace: &Workspace,
+    userns: Option<&OwnedFd>,
 ) -> Result<(), String> {
     let root = &spec.mount_dir;
+    let root_id = spec.id_base.filter(|_| userns.is_some()).unwrap_or(0);
     unshare(CloneFlags::CLONE_NEWNS)
         .map_err(errno_context("creating the provisioner's mount namespace"))?;
     crate::sys::make_mounts_private().map_err(errno_context("making mounts private"))?;
-    for step in provisioner_mounts() {
+    if let Some(userns) = userns {
+        // The image as the provisioner's namespace sees it: its owners 0 to 65 535 are the
+        // namespace's, everything else on the host no one's it knows.
+        let image = File::open(root).map_err(|e| format!("opening the image's root: {e}"))?;
+        idmap::attach_mapped(image.as_fd(), userns.as_fd(), 0, root)
+            .map_err(|e| format!("mapping the image's owners into the build's namespace: {e}"))?;
+    }
+    for step in provisioner_mounts(root_id) {
         match step {
             SetupStep::Workspace => idmap::attach(workspace.view.as_fd(), &root.join("workspace"))
                 .map_err(|e| format!("mounting the workspace: {e}"))?,
@@ -895,9 +970,9 @@ fn child_setup(
                 flags,
                 data,
                 what,
-            } => mount(source, &root.join(target), fstype, flags, data)
+            } => mount(source, &root.join(target), fstype, flags, data.as_deref())
                 .map_err(errno_context(what))?,
-            SetupStep::PopulateDev => populate_dev(&root.join("dev"))?,
+            SetupStep::PopulateDev => populate_dev(&root.join("dev"), root_id)?,
             SetupStep::ReadOnly(target) => {
                 if root.join(target).exists() {
                     read_only_bind(&root.join(target), &root.join(target))?
@@ -911,6 +986,19 @@ fn child_setup(
     // before provisioning, and nothing of the image has run since.
     for cache in &spec.caches {
         let target = root.join(&cache.target);
+        if let Some(userns) = userns {
+            // Root's directory, seen as the namespace's root's (and written as root's).
+            let host = File::open(&cache.host)
+                .map_err(|e| format!("opening the cache for /{}: {e}", cache.target))?;
+            idmap::attach_mapped(
+                host.as_fd(),
+                userns.as_fd(),
+                idmap::MOUNT_ATTR_NOSUID | idmap::MOUNT_ATTR_NODEV,
+                &target,
+            )
+            .map_err(|e| format!("mounting the cache on /{}: {e}", cache.target))?;
+            continue;
+        }
         mount(
             Some(&cache.host),
             &target,
@@ -940,6 +1028,9 @@ fn child_setup(
     pivot_root(".", ".").map_err(errno_context("pivoting into the image"))?;
     umount2(".", MntFlags::MNT_DETACH).map_err(errno_context("detaching the host's tree"))?;
     std::env::set_current_dir("/").map_err(|e| format!("entering /: {e}"))?;
+    if let Some(userns) = userns {
+        enter_user_namespace(userns.as_fd())?;
+    }
 
     // Standard streams: stdin empty, stdout and stderr the build log. Nothing else inherited.
     let null = File::open("/dev/null").map_err(|e| format!("opening /dev/null: {e}"))?;
@@ -958,6 +1049,24 @@ fn child_setup(
     crate::confine::keep_only(&spec.allow.capabilities())?;
     scrub_environment(&spec.build);
     Ok(())
+}
+
+/// Makes this process root of the build's user namespace: every mount is made (the mount
+/// namespace stays the host root's, so nothing in the build can change it), and from here on
+/// its capabilities count only in that namespace and over files whose owners it maps. A
+/// descriptor of a host file handed into the build (over a socket in the workspace, say) is
+/// then opened with no more rights than any other user's: host root's files are not the
+/// namespace's.
+fn enter_user_namespace(userns: BorrowedFd<'_>) -> Result<(), String> {
+    nix::sched::setns(userns, CloneFlags::CLONE_NEWUSER)
+        .map_err(errno_context("entering the build's user namespace"))?;
+    let root_gid = nix::unistd::Gid::from_raw(0);
+    let root_uid = nix::unistd::Uid::from_raw(0);
+    nix::unistd::setgroups(&[]).map_err(errno_context("clearing supplementary groups"))?;
+    nix::unistd::setresgid(root_gid, root_gid, root_gid)
+        .map_err(errno_context("becoming the namespace's root group"))?;
+    nix::unistd::setresuid(root_uid, root_uid, root_uid)
+        .map_err(errno_context("becoming the namespace's root"))
 }
 
 /// Binds `source` onto `target` and makes that mount read-only, nosuid, nodev and noexec.
@@ -999,7 +1108,9 @@ fn mask(target: &Path, null: &Path) -> Result<(), String> {
     }
 }
 
-fn populate_dev(dev: &Path) -> Result<(), String> {
+/// Makes the build's device nodes, directories and links in `dev`, owned by host id `owner`
+/// (the provisioner's root).
+fn populate_dev(dev: &Path, owner: u32) -> Result<(), String> {
     for (name, major, minor) in [
         ("null", 1, 3),
         ("zero", 1, 5),
@@ -1036,6 +1147,16 @@ fn populate_dev(dev: &Path) -> Result<(), String> {
     ] {
         std::os::unix::fs::symlink(target, dev.join(link))
             .map_err(|e| format!("creating /dev/{link}: {e}"))?;
+    }
+    if owner != 0 {
+        let id = Some(nix::unistd::Uid::from_raw(owner));
+        let gid = Some(nix::unistd::Gid::from_raw(owner));
+        for entry in std::fs::read_dir(dev).map_err(|e| format!("reading /dev: {e}"))? {
+            let path = entry.map_err(|e| format!("reading /dev: {e}"))?.path();
+            nix::unistd::fchownat(None, &path, id, gid, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(
+                errno_context(format!("giving {} to the build's root", path.display())),
+            )?;
+        }
     }
     Ok(())
 }
@@ -1094,7 +1215,7 @@ mod tests {
 
     #[test]
     fn the_provisioner_sees_its_workspace_and_a_read_only_sys() {
-        let plan = provisioner_mounts();
+        let plan = provisioner_mounts(0);
         let flags_of = |target: &str| -> Vec<MsFlags> {
             plan.iter()
                 .filter_map(|s| match s {

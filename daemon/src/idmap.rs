@@ -17,7 +17,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
@@ -153,6 +153,19 @@ pub fn attach(tree: BorrowedFd<'_>, target: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Attaches on `target` a view of the mount `dir` is on (rooted at `dir`) with the mapping of
+/// `userns` and the further attributes `attrs`.
+pub fn attach_mapped(
+    dir: BorrowedFd<'_>,
+    userns: BorrowedFd<'_>,
+    attrs: u64,
+    target: &Path,
+) -> io::Result<()> {
+    let tree = clone_tree(dir)?;
+    set_attrs(tree.as_fd(), MOUNT_ATTR_IDMAP | attrs, Some(userns))?;
+    attach(tree.as_fd(), target)
+}
+
 /// The attributes of a build's workspace mount: never setuid or device files, read-only unless
 /// asked, and the user's ownership mapped (see the module) unless the user is root, whose
 /// rights are the host's anyway.
@@ -167,10 +180,11 @@ pub fn workspace_attrs(read_write: bool, mapped: bool) -> u64 {
     attrs
 }
 
-/// The `uid_map` and `gid_map` lines that show `uid`'s files as root's, and write root's new
-/// files as `uid`'s and `gid`'s: on-disk `uid` is in-namespace `uid`, which maps to 0.
-pub fn user_as_root(uid: u32, gid: u32) -> (String, String) {
-    (format!("{uid} 0 1\n"), format!("{gid} 0 1\n"))
+/// The `uid_map` and `gid_map` lines that show `uid`'s files as owned by host id `root` (the
+/// build's root: host 0, or the base of its user namespace's range), and write that root's new
+/// files as `uid`'s and `gid`'s: on-disk `uid` is in-namespace `uid`, which maps to `root`.
+pub fn user_as_root(uid: u32, gid: u32, root: u32) -> (String, String) {
+    (format!("{uid} {root} 1\n"), format!("{gid} {root} 1\n"))
 }
 
 /// The name of the filesystem type of `fd`'s filesystem, for messages.
@@ -218,8 +232,12 @@ mod tests {
             "root's own"
         );
         assert_eq!(
-            user_as_root(1000, 100),
+            user_as_root(1000, 100, 0),
             ("1000 0 1\n".into(), "100 0 1\n".into())
+        );
+        assert_eq!(
+            user_as_root(1000, 100, 3_000_000),
+            ("1000 3000000 1\n".into(), "100 3000000 1\n".into())
         );
     }
 }

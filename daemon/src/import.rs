@@ -449,7 +449,6 @@ async fn run_helper(job: &Job, input: OwnedFd, bounds: Bounds) -> Result<Outcome
         env: vec![("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")],
         pass: Some((input.as_fd(), INPUT_FD)),
         cgroup: None,
-        join: Vec::new(),
         creds: None,
         stdout: None,
     })
@@ -490,7 +489,6 @@ async fn run_packer(
         env: vec![("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")],
         pass: Some((dir.as_fd(), crate::pack::DIR_FD)),
         cgroup: None,
-        join: Vec::new(),
         creds: Some(crate::spawn::Creds {
             uid: requester.uid,
             gid: requester.gid,
@@ -640,6 +638,21 @@ async fn copy_disk(
         out.set_len(size)
             .and_then(|()| out.sync_all())
             .map_err(|e| Failure::io("sizing the snapshot", e))?;
+        // Measured again on the copy: the source is the user's, who may have filled it in
+        // since it was measured.
+        let copied =
+            disk::data_bytes(&out, size).map_err(|e| Failure::io("reading the snapshot", e))?;
+        if copied > bounds.bytes {
+            return Err(Failure::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "{name} changed while it was copied: {} MiB of data is more than this import \
+                     may take ({} MiB)",
+                    copied / MIB,
+                    bounds.bytes / MIB
+                ),
+            ));
+        }
         disk::locate_root(&out, None).map_err(|e| {
             Failure::invalid(format!("the disk image has no usable root filesystem: {e}"))
         })?;

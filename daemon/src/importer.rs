@@ -153,18 +153,13 @@ fn run() -> Result<Outcome, String> {
                 .map_err(|err| format!("opening the image: {err}"))?;
             // The sandbox's view: the image with its owners 0 to 65535 shown as the sandbox's
             // ids, so that in-namespace root's chown to 1000 stores 1000.
-            idmap::clone_tree(root.as_fd())
-                .and_then(|tree| {
-                    idmap::set_attrs(
-                        tree.as_fd(),
-                        idmap::MOUNT_ATTR_IDMAP
-                            | idmap::MOUNT_ATTR_NOSUID
-                            | idmap::MOUNT_ATTR_NODEV,
-                        Some(userns.as_fd()),
-                    )?;
-                    idmap::attach(tree.as_fd(), &job.view_dir)
-                })
-                .map_err(|err| format!("making the sandbox's view of the image: {err}"))?;
+            idmap::attach_mapped(
+                root.as_fd(),
+                userns.as_fd(),
+                idmap::MOUNT_ATTR_NOSUID | idmap::MOUNT_ATTR_NODEV,
+                &job.view_dir,
+            )
+            .map_err(|err| format!("making the sandbox's view of the image: {err}"))?;
             let result = crate::sys::open_dir(&job.view_dir)
                 .map_err(|err| format!("opening the sandbox's view: {err}"))
                 .and_then(|view| sandboxed(&job, userns.as_fd(), view.as_fd()));

@@ -1084,7 +1084,7 @@ async fn import_base(
                 .await
         }
         Ok(Err(f)) => {
-            tracing::warn!(error = %f, "base import failed");
+            tracing::warn!(error = ?f.to_string(), "base import failed");
             conn.send_error(&f).await
         }
         Err(e) => {

@@ -54,8 +54,6 @@ pub struct Spec<'a> {
     pub pass: Option<(BorrowedFd<'a>, RawFd)>,
     /// The cgroup directory to start in, and its `cgroup.procs` (the fallback).
     pub cgroup: Option<(BorrowedFd<'a>, BorrowedFd<'a>)>,
-    /// More `cgroup.procs` files (of v1 hierarchies) the child joins before it executes.
-    pub join: Vec<BorrowedFd<'a>>,
     /// The credentials to run with (a user's: uid, gid and supplementary groups), instead of
     /// the daemon's.
     pub creds: Option<Creds>,
@@ -76,6 +74,7 @@ pub struct Creds {
 #[derive(Debug)]
 pub struct Child {
     pidfd: AsyncFd<OwnedFd>,
+    pid: u32,
     pub stdin: Option<pipe::Sender>,
     pub stdout: Option<pipe::Receiver>,
     pub stderr: Option<pipe::Receiver>,
@@ -145,7 +144,6 @@ pub fn spawn(spec: &Spec<'_>) -> io::Result<Child> {
         ..CloneArgs::default()
     };
     let mut procs: RawFd = -1;
-    let join: Vec<RawFd> = spec.join.iter().map(|fd| fd.as_raw_fd()).collect();
     if let Some((dir, procs_file)) = spec.cgroup {
         args.flags |= CLONE_INTO_CGROUP;
         args.cgroup = dir.as_raw_fd() as u64;
@@ -190,14 +188,10 @@ pub fn spawn(spec: &Spec<'_>) -> io::Result<Child> {
     let err_fd = err_w.as_raw_fd();
 
     let mut moved_by_hand = false;
-    loop {
-        // The cgroups the child joins by hand: the v1 ones, and its v2 one where it could not
-        // be born in it. Made here: the child may not allocate.
-        let joined: Vec<RawFd> = join
-            .iter()
-            .copied()
-            .chain(moved_by_hand.then_some(procs))
-            .collect();
+    let pid = loop {
+        // The cgroup the child joins by hand, where it could not be born in it. Made here: the
+        // child may not allocate.
+        let joined: Vec<RawFd> = moved_by_hand.then_some(procs).into_iter().collect();
         // SAFETY: clone3 with a valid clone_args of the size given; without CLONE_VM the child
         // gets a copy of this address space and, until execve, runs only the async-signal-safe
         // calls below on memory made before the clone.
@@ -226,7 +220,7 @@ pub fn spawn(spec: &Spec<'_>) -> io::Result<Child> {
             }
         }
         if pid > 0 {
-            break;
+            break pid;
         }
         let e = io::Error::last_os_error();
         // A kernel without CLONE_INTO_CGROUP (before 5.7): the child moves itself.
@@ -244,7 +238,7 @@ pub fn spawn(spec: &Spec<'_>) -> io::Result<Child> {
             ));
         }
         return Err(e);
-    }
+    };
     // SAFETY: clone3 stored a new pidfd, owned by nobody else, for the child it made.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     drop((stdin_r, stdout_w, stderr_w, err_w, given_stdout));
@@ -288,6 +282,7 @@ pub fn spawn(spec: &Spec<'_>) -> io::Result<Child> {
     match unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) } {
         Ok(pidfd) => Ok(Child {
             pidfd,
+            pid: pid as u32,
             stdin: Some(stdin),
             stdout: Some(stdout),
             stderr: Some(stderr),
@@ -480,6 +475,11 @@ impl Child {
         self.wait().await
     }
 
+    /// The child's pid: its own until it is reaped (by [`Child::wait`] or on drop).
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
     pub fn pidfd(&self) -> BorrowedFd<'_> {
         self.pidfd.get_ref().as_fd()
     }
@@ -518,7 +518,6 @@ mod tests {
             env: vec![("PATH", "/usr/bin:/bin"), ("GREETING", "hello")],
             pass: None,
             cgroup: None,
-            join: Vec::new(),
             creds: None,
             stdout: None,
         }

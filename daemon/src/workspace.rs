@@ -55,23 +55,26 @@ pub struct Owner {
 }
 
 impl Workspace {
-    /// The views of the workspace at `dir` for a build of `owner`.
+    /// The views of the workspace at `dir` for a build of `owner` whose root is host id
+    /// `root` (0, or the base of the provisioner's user namespace). The scrub's view shows
+    /// the user's files as host root's, for the executor, which is.
     pub fn prepare(
         dir: BorrowedFd<'_>,
         owner: Owner,
         read_write: bool,
+        root: u32,
     ) -> Result<Workspace, String> {
         let mapped = owner.uid != 0;
-        let userns = if mapped {
-            let (uids, gids) = idmap::user_as_root(owner.uid, owner.gid);
-            Some(
-                idmap::user_namespace(&uids, &gids)
-                    .map_err(|e| format!("making the workspace's id mapping: {e}"))?,
-            )
-        } else {
-            None
-        };
-        let view = |read_write: bool| -> Result<OwnedFd, String> {
+        let view = |read_write: bool, root: u32| -> Result<OwnedFd, String> {
+            let userns = if mapped {
+                let (uids, gids) = idmap::user_as_root(owner.uid, owner.gid, root);
+                Some(
+                    idmap::user_namespace(&uids, &gids)
+                        .map_err(|e| format!("making the workspace's id mapping: {e}"))?,
+                )
+            } else {
+                None
+            };
             let tree = idmap::clone_tree(dir).map_err(|e| match e.raw_os_error() {
                 Some(libc::EINVAL) => "the workspace is not in amidalad's mount namespace (a \
                                        client in a container cannot hand one over): build from a \
@@ -94,9 +97,9 @@ impl Workspace {
             Ok(tree)
         };
         Ok(Workspace {
-            view: view(read_write)?,
+            view: view(read_write, root)?,
             scrub_view: if read_write && mapped {
-                Some(view(true)?)
+                Some(view(true, 0)?)
             } else {
                 None
             },

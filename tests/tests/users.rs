@@ -458,6 +458,95 @@ fn a_build_sees_the_workspace_with_its_users_rights() {
     host.env.assert_no_leaks();
 }
 
+/// Issue 14, points 1 and 3, the class rather than the probe: a descriptor of a host file handed
+/// into a member's build (a host process of theirs passes it over a Unix socket in the
+/// workspace) opens nothing the member could not open. The provisioner is root only of a user
+/// namespace of its own: root's files on the host are no more its than another user's, and the
+/// daemon's socket, passed as an `O_PATH` descriptor, does not let it in as root.
+#[test]
+fn a_descriptor_handed_into_a_build_opens_nothing_its_user_could_not() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixListener;
+    const CAROL: &str = "amidala-t-fd-carol";
+    let _accounts = Accounts::create(&[(CAROL, "amidala")]);
+    let env = Env::start();
+    let client = env.dir.path().join("amidala");
+    fs::copy(bin_dir().join("amidala"), &client).unwrap();
+    let host = Host { env, client };
+    host.env.import_busybox();
+    let ws = host.workspace(CAROL);
+    fs::copy(amidala_tests::escape_probe(), ws.join("escape-probe")).unwrap();
+    let listener = UnixListener::bind(ws.join("pass.sock")).unwrap();
+    run(Command::new("chown")
+        .arg(format!("{CAROL}:{CAROL}"))
+        .arg(ws.join("escape-probe"))
+        .arg(ws.join("pass.sock")))
+    .ok();
+    // What the member's process hands in: the host's root directory, then the daemon's socket.
+    let handed = [
+        fs::File::open("/").unwrap(),
+        nix::fcntl::open(
+            &host.env.socket,
+            nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map(|fd| {
+            // SAFETY: open just returned this descriptor, owned by nobody else.
+            unsafe { <fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+        })
+        .unwrap(),
+    ];
+    let sender = std::thread::spawn(move || {
+        for fd in &handed {
+            let (conn, _) = listener.accept().unwrap();
+            nix::sys::socket::sendmsg::<()>(
+                conn.as_raw_fd(),
+                &[std::io::IoSlice::new(b"x")],
+                &[nix::sys::socket::ControlMessage::ScmRights(&[
+                    fd.as_raw_fd()
+                ])],
+                nix::sys::socket::MsgFlags::empty(),
+                None,
+            )
+            .unwrap();
+        }
+    });
+    // Root of its image all the same: its files keep the owners the build gives them.
+    let script = "/workspace/escape-probe recvfd /workspace/pass.sock etc/passwd etc/shadow; \
+                  /workspace/escape-probe recvfd-connect /workspace/pass.sock; \
+                  touch /root/given && chown 1234:2345 /root/given && chmod 4755 /root/given && \
+                  echo ok > /dev/null && echo \"root-in-image $(id -u):$(stat -c %u /etc/passwd)\"";
+    let out = host.run_as(
+        CAROL,
+        &ws,
+        &["build", "--json", "--", "/bin/sh", "-c", script],
+    );
+    let result = out.json();
+    sender.join().unwrap();
+    let image = Mounted::new(&host.env.snapshot_file(field(&result, "snapshot_id")), 0);
+    use std::os::unix::fs::MetadataExt;
+    let given = fs::symlink_metadata(image.path("/root/given")).unwrap();
+    assert_eq!(
+        (given.uid(), given.gid(), given.mode() & 0o7777),
+        (1234, 2345, 0o4755)
+    );
+    let passwd = fs::symlink_metadata(image.path("/etc/passwd")).unwrap();
+    assert_eq!(passwd.uid(), 0, "the image's own files are untouched");
+    drop(image);
+    let log = &out.stderr;
+    assert!(log.contains("root-in-image 0:0"), "{log}");
+    assert!(log.contains("received ok"), "{log}");
+    // The descriptor works, for what anyone may read...
+    assert!(
+        log.contains("open etc/passwd ok") && log.contains("first-line root:"),
+        "{log}"
+    );
+    // ...and for nothing more.
+    assert!(log.contains("open etc/shadow errno 13"), "{log}");
+    assert!(log.contains("connect-passed errno 13"), "{log}");
+    host.env.assert_no_leaks();
+}
+
 /// Every path below `dir`, not following symlinks.
 fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
