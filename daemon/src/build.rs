@@ -682,6 +682,16 @@ async fn provision(
     })?;
     let caches = cache_mounts(daemon, handle.owner_uid, &record.spec.caches)
         .map_err(|f| (Phase::Mount, f))?;
+    let id_base = match handle.owner_uid {
+        0 => None,
+        // A small file written once per member, at their first build.
+        uid => Some(
+            daemon
+                .id_ranges
+                .base_of(uid)
+                .map_err(|f| (Phase::Mount, f))?,
+        ),
+    };
     let spec = ExecutorSpec {
         caches,
         device: attachment.device.clone(),
@@ -704,8 +714,9 @@ async fn provision(
         resolv_conf: std::fs::read("/etc/resolv.conf")
             .ok()
             .map(|b| String::from_utf8_lossy(&b).into_owned()),
-        // A member's provisioner is root of its own user namespace, not of the host.
-        id_base: (handle.owner_uid != 0).then_some(daemon.config.import_id_base),
+        // A member's provisioner is root of its own user namespace, not of the host, with
+        // host ids of that member's alone (see crate::idrange).
+        id_base,
     };
     let result = in_cgroup(daemon, handle, &spec, workspace).await;
     // Only ever mounted inside the executor's namespace, which is gone: a plain rmdir, never

@@ -141,9 +141,13 @@ pub struct FileConfig {
     /// Package caches builds may ask for (`--cache NAME`): name → directory in the image.
     #[serde(default)]
     pub caches: BTreeMap<String, String>,
-    /// The first of the 65536 host ids an import's sandbox and a member's provisioner run as
-    /// (no host user may have one of them).
+    /// The first of the 65536 host ids an import's sandbox runs as (no host user may have one
+    /// of them).
     pub import_id_base: Option<u32>,
+    /// The first host id of the ranges of members' builds (see [`crate::idrange`]).
+    pub build_id_base: Option<u32>,
+    /// How many ranges of 65536 ids there are from `build_id_base`: one per member who builds.
+    pub build_id_ranges: Option<u32>,
 }
 
 /// The `[limits]` section: bounds on what one client or user may hold.
@@ -252,11 +256,18 @@ pub struct Config {
     pub warm_pool: Vec<crate::pool::PoolConfig>,
     pub caches: BTreeMap<String, String>,
     pub import_id_base: u32,
+    pub build_id_base: u32,
+    pub build_id_ranges: u32,
 }
 
 /// The default first id of an import's sandbox: 0x7FFF0000, below 2^31 (which some tools take
 /// for negative) and far above any user's (systemd leaves 0x70000000 to 0x7FFFFFFF unused).
 pub const DEFAULT_IMPORT_ID_BASE: u32 = 0x7FFF_0000;
+
+/// The default first id of members' builds' ranges: 0x70000000, above systemd's container
+/// ranges (up to 0x6FFFFFFF), with 4094 ranges up to 0x7FFE0000 (systemd's "foreign" range).
+pub const DEFAULT_BUILD_ID_BASE: u32 = 0x7000_0000;
+pub const DEFAULT_BUILD_ID_RANGES: u32 = 4094;
 
 impl Config {
     /// Reads the file named by `--config` (which must exist) or the default file (which may
@@ -307,6 +318,8 @@ impl Config {
             warm_pool: file.warm_pool,
             caches: file.caches,
             import_id_base: file.import_id_base.unwrap_or(DEFAULT_IMPORT_ID_BASE),
+            build_id_base: file.build_id_base.unwrap_or(DEFAULT_BUILD_ID_BASE),
+            build_id_ranges: file.build_id_ranges.unwrap_or(DEFAULT_BUILD_ID_RANGES),
         };
         if config.import_id_base == 0
             || config
@@ -315,6 +328,21 @@ impl Config {
                 .is_none()
         {
             bail!("import_id_base must leave room for 65536 ids above it, and not be 0");
+        }
+        let builds = u64::from(config.build_id_base)
+            ..u64::from(config.build_id_base)
+                + u64::from(config.build_id_ranges) * u64::from(crate::idrange::RANGE);
+        let imports = u64::from(config.import_id_base)
+            ..u64::from(config.import_id_base) + u64::from(crate::idrange::RANGE);
+        if config.build_id_base == 0
+            || config.build_id_ranges == 0
+            || builds.end > u64::from(u32::MAX)
+            || (builds.start < imports.end && imports.start < builds.end)
+        {
+            bail!(
+                "build_id_base and build_id_ranges must name at least one range of 65536 ids, \
+                 not 0, below 2^32 and apart from the import_id_base range"
+            );
         }
         if config.max_builds == 0 {
             bail!("max_builds must be at least 1");

@@ -1031,6 +1031,10 @@ fn child_setup(
     if let Some(userns) = userns {
         enter_user_namespace(userns.as_fd())?;
     }
+    // Killed with the executor (set after the credentials change, which clears it): a build
+    // never outlives the process that unmounts and reports it.
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
+        .map_err(errno_context("setting PID 1's parent-death signal"))?;
 
     // Standard streams: stdin empty, stdout and stderr the build log. Nothing else inherited.
     let null = File::open("/dev/null").map_err(|e| format!("opening /dev/null: {e}"))?;
@@ -1066,7 +1070,18 @@ fn enter_user_namespace(userns: BorrowedFd<'_>) -> Result<(), String> {
     nix::unistd::setresgid(root_gid, root_gid, root_gid)
         .map_err(errno_context("becoming the namespace's root group"))?;
     nix::unistd::setresuid(root_uid, root_uid, root_uid)
-        .map_err(errno_context("becoming the namespace's root"))
+        .map_err(errno_context("becoming the namespace's root"))?;
+    // PID 1 holds what the build must not hand on (the result pipe, the daemon's memory
+    // copied at fork): not open to ptrace or /proc/1/fd from the build's ids, whatever
+    // fs.suid_dumpable says.
+    // SAFETY: prctl with PR_SET_DUMPABLE and plain integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        return Err(format!(
+            "making PID 1 undumpable: {}",
+            io::Error::last_os_error()
+        ));
+    }
+    Ok(())
 }
 
 /// Binds `source` onto `target` and makes that mount read-only, nosuid, nodev and noexec.

@@ -21,6 +21,7 @@ pub mod executor;
 pub mod gc;
 pub mod helper;
 pub mod idmap;
+pub mod idrange;
 pub mod ids;
 pub mod import;
 pub mod importer;
@@ -88,6 +89,8 @@ pub struct Daemon {
     pub imports: std::sync::atomic::AtomicUsize,
     /// Volumes made ahead of time (`[[warm_pool]]`).
     pub pool: pool::Pool,
+    /// Whose host ids members' builds run as.
+    pub id_ranges: idrange::IdRanges,
 }
 
 /// Drops, from every set of this (still single-threaded) process, the capabilities neither the
@@ -160,6 +163,32 @@ pub async fn run(config: Config) -> Result<()> {
     );
     let policy = policy::Policy::new(config.policy.clone());
     let pool = pool::Pool::new(&config.warm_pool).map_err(anyhow::Error::msg)?;
+    // Ids of sandboxes and builds are no host user's or group's: whoever had one would own
+    // what builds leave, and could signal and trace them.
+    let files = idrange::host_id_files();
+    let mut holders = idrange::holders_in(
+        config.build_id_base,
+        u64::from(config.build_id_ranges) * u64::from(idrange::RANGE),
+        &files,
+    );
+    holders.extend(idrange::holders_in(
+        config.import_id_base,
+        u64::from(idrange::RANGE),
+        &files,
+    ));
+    if !holders.is_empty() {
+        bail!(
+            "host users or groups have ids of builds' or imports' sandboxes (build_id_base, \
+             import_id_base): {}",
+            holders.join(", ")
+        );
+    }
+    let id_ranges = idrange::IdRanges::open(
+        &config.state_dir,
+        config.build_id_base,
+        config.build_id_ranges,
+    )
+    .context("reading the id ranges of builds")?;
     let daemon = Arc::new(Daemon {
         scheduler: schedule::Scheduler::new(
             config.max_builds,
@@ -177,6 +206,7 @@ pub async fn run(config: Config) -> Result<()> {
         cgroups,
         imports: std::sync::atomic::AtomicUsize::new(0),
         pool,
+        id_ranges,
     });
     recover(&daemon)
         .await

@@ -462,13 +462,16 @@ fn a_build_sees_the_workspace_with_its_users_rights() {
 /// into a member's build (a host process of theirs passes it over a Unix socket in the
 /// workspace) opens nothing the member could not open. The provisioner is root only of a user
 /// namespace of its own: root's files on the host are no more its than another user's, and the
-/// daemon's socket, passed as an `O_PATH` descriptor, does not let it in as root.
+/// daemon's socket, passed as an `O_PATH` descriptor, does not let it in as root. And each
+/// member's builds run as host ids of their own: the host's `/proc` handed in does not lead
+/// into another member's running build (`/proc/PID/root`, which same ids would open).
 #[test]
 fn a_descriptor_handed_into_a_build_opens_nothing_its_user_could_not() {
     use std::os::fd::AsRawFd;
     use std::os::unix::net::UnixListener;
     const CAROL: &str = "amidala-t-fd-carol";
-    let _accounts = Accounts::create(&[(CAROL, "amidala")]);
+    const DAVE: &str = "amidala-t-fd-dave";
+    let _accounts = Accounts::create(&[(CAROL, "amidala"), (DAVE, "amidala")]);
     let env = Env::start();
     let client = env.dir.path().join("amidala");
     fs::copy(bin_dir().join("amidala"), &client).unwrap();
@@ -482,7 +485,31 @@ fn a_descriptor_handed_into_a_build_opens_nothing_its_user_could_not() {
         .arg(ws.join("escape-probe"))
         .arg(ws.join("pass.sock")))
     .ok();
-    // What the member's process hands in: the host's root directory, then the daemon's socket.
+    // Another member's build, running, with a secret in its image.
+    let dave = host.spawn_build(
+        DAVE,
+        "echo dave > /root/secret; chmod 600 /root/secret; sleep 30",
+    );
+    let dave_id = host.running_build_of(DAVE);
+    let dave_pid = (|| {
+        for entry in fs::read_dir("/proc").ok()? {
+            let path = entry.ok()?.path();
+            let status = fs::read_to_string(path.join("status")).unwrap_or_default();
+            let uid: u64 = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|l| l.split_whitespace().next())
+                .and_then(|u| u.parse().ok())
+                .unwrap_or(0);
+            if status.starts_with("Name:\tsleep") && uid >= 0x7000_0000 {
+                return path.file_name()?.to_str().map(str::to_owned);
+            }
+        }
+        None
+    })()
+    .expect("dave's provisioner, running as dave's build ids");
+    // What the member's process hands in: the host's root directory, the daemon's socket, and
+    // the host's /proc.
     let handed = [
         fs::File::open("/").unwrap(),
         nix::fcntl::open(
@@ -495,6 +522,7 @@ fn a_descriptor_handed_into_a_build_opens_nothing_its_user_could_not() {
             unsafe { <fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) }
         })
         .unwrap(),
+        fs::File::open("/proc").unwrap(),
     ];
     let sender = std::thread::spawn(move || {
         for fd in &handed {
@@ -512,17 +540,22 @@ fn a_descriptor_handed_into_a_build_opens_nothing_its_user_could_not() {
         }
     });
     // Root of its image all the same: its files keep the owners the build gives them.
-    let script = "/workspace/escape-probe recvfd /workspace/pass.sock etc/passwd etc/shadow; \
-                  /workspace/escape-probe recvfd-connect /workspace/pass.sock; \
-                  touch /root/given && chown 1234:2345 /root/given && chmod 4755 /root/given && \
-                  echo ok > /dev/null && echo \"root-in-image $(id -u):$(stat -c %u /etc/passwd)\"";
+    let script = format!(
+        "/workspace/escape-probe recvfd /workspace/pass.sock etc/passwd etc/shadow; \
+         /workspace/escape-probe recvfd-connect /workspace/pass.sock; \
+         /workspace/escape-probe recvfd /workspace/pass.sock {dave_pid}/root/root/secret; \
+         touch /root/given && chown 1234:2345 /root/given && chmod 4755 /root/given && \
+         echo ok > /dev/null && echo \"root-in-image $(id -u):$(stat -c %u /etc/passwd)\""
+    );
     let out = host.run_as(
         CAROL,
         &ws,
-        &["build", "--json", "--", "/bin/sh", "-c", script],
+        &["build", "--json", "--", "/bin/sh", "-c", &script],
     );
     let result = out.json();
     sender.join().unwrap();
+    host.as_user(DAVE, &["cancel", &dave_id]).ok();
+    let _ = dave.wait_with_output();
     let image = Mounted::new(&host.env.snapshot_file(field(&result, "snapshot_id")), 0);
     use std::os::unix::fs::MetadataExt;
     let given = fs::symlink_metadata(image.path("/root/given")).unwrap();
@@ -544,6 +577,11 @@ fn a_descriptor_handed_into_a_build_opens_nothing_its_user_could_not() {
     // ...and for nothing more.
     assert!(log.contains("open etc/shadow errno 13"), "{log}");
     assert!(log.contains("connect-passed errno 13"), "{log}");
+    assert!(
+        log.contains(&format!("open {dave_pid}/root/root/secret errno 13")),
+        "{log}"
+    );
+    assert!(!log.contains("first-line dave"), "{log}");
     host.env.assert_no_leaks();
 }
 
