@@ -932,7 +932,8 @@ async fn run_executor(
         .await
         .map_err(|e| (phase, Failure::io("waiting for the executor", e)))?;
 
-    if let Some(failure) = misplaced {
+    // (A build cancelled at once may have ended before it could be moved: cancelled, then.)
+    if let Some(failure) = misplaced.filter(|_| !handle.cancel.is_cancelled()) {
         return Err((Phase::Mount, failure));
     }
     if let Some((p, message)) = failed {

@@ -364,8 +364,8 @@ impl BuildCgroup {
         Ok(cgroup)
     }
 
-    /// The `cgroup.procs` files of its v1 cgroups, for the executor to write "0" to before it
-    /// runs anything (the v2 cgroup it is born in).
+    /// The `cgroup.procs` files of its v1 cgroups, for the daemon to write the executor's pid
+    /// to before the executor starts anything of the build's (its v2 cgroup it is born in).
     pub fn v1_procs_files(&self) -> io::Result<Vec<fs::File>> {
         self.v1
             .iter()
