@@ -270,6 +270,18 @@ pub const DEFAULT_BUILD_ID_BASE: u32 = 0x7000_0000;
 pub const DEFAULT_BUILD_ID_RANGES: u32 = 4094;
 
 impl Config {
+    /// The host ids of members' builds and of import sandboxes, in that order: no host user
+    /// or group may have one.
+    pub fn sandbox_ids(&self) -> [std::ops::Range<u64>; 2] {
+        let range = u64::from(crate::idrange::RANGE);
+        let builds = u64::from(self.build_id_base);
+        let imports = u64::from(self.import_id_base);
+        [
+            builds..builds + u64::from(self.build_id_ranges) * range,
+            imports..imports + range,
+        ]
+    }
+
     /// Reads the file named by `--config` (which must exist) or the default file (which may
     /// be absent), then lets the flags win.
     pub fn load(cli: &Cli) -> Result<Config> {
@@ -329,11 +341,7 @@ impl Config {
         {
             bail!("import_id_base must leave room for 65536 ids above it, and not be 0");
         }
-        let builds = u64::from(config.build_id_base)
-            ..u64::from(config.build_id_base)
-                + u64::from(config.build_id_ranges) * u64::from(crate::idrange::RANGE);
-        let imports = u64::from(config.import_id_base)
-            ..u64::from(config.import_id_base) + u64::from(crate::idrange::RANGE);
+        let [builds, imports] = config.sandbox_ids();
         if config.build_id_base == 0
             || config.build_id_ranges == 0
             || builds.end > u64::from(u32::MAX)

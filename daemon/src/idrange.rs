@@ -94,10 +94,9 @@ impl IdRanges {
 }
 
 /// Host users and groups (from passwd, group, subuid and subgid files) whose ids fall in
-/// `[first, first + len)`, one line each: none may, or their owner would own builds' files.
-pub fn holders_in(first: u32, len: u64, files: &[(&Path, IdFile)]) -> Vec<String> {
-    let end = u64::from(first) + len;
-    let inside = |id: u64, n: u64| id < end && id + n > u64::from(first);
+/// `ids`, one line each: none may, or their owner would own builds' files.
+pub fn holders_in(ids: std::ops::Range<u64>, files: &[(&Path, IdFile)]) -> Vec<String> {
+    let inside = |id: u64, n: u64| id < ids.end && id + n > ids.start;
     let mut found = Vec::new();
     for (path, kind) in files {
         let Ok(text) = std::fs::read_to_string(path) else {
@@ -181,12 +180,12 @@ mod tests {
             (passwd.as_path(), IdFile::Passwd),
             (subuid.as_path(), IdFile::Sub),
         ];
-        let found = holders_in(0x7000_0000, 65536, &files);
+        let found = holders_in(0x7000_0000..0x7001_0000, &files);
         assert_eq!(found.len(), 2, "{found:?}");
         assert!(
             found[0].ends_with(": odd") && found[1].ends_with(": bob"),
             "{found:?}"
         );
-        assert!(holders_in(0x7100_0000, 65536, &files).is_empty());
+        assert!(holders_in(0x7100_0000..0x7101_0000, &files).is_empty());
     }
 }

@@ -166,16 +166,11 @@ pub async fn run(config: Config) -> Result<()> {
     // Ids of sandboxes and builds are no host user's or group's: whoever had one would own
     // what builds leave, and could signal and trace them.
     let files = idrange::host_id_files();
-    let mut holders = idrange::holders_in(
-        config.build_id_base,
-        u64::from(config.build_id_ranges) * u64::from(idrange::RANGE),
-        &files,
-    );
-    holders.extend(idrange::holders_in(
-        config.import_id_base,
-        u64::from(idrange::RANGE),
-        &files,
-    ));
+    let holders: Vec<String> = config
+        .sandbox_ids()
+        .into_iter()
+        .flat_map(|ids| idrange::holders_in(ids, &files))
+        .collect();
     if !holders.is_empty() {
         bail!(
             "host users or groups have ids of builds' or imports' sandboxes (build_id_base, \

@@ -867,10 +867,10 @@ async fn delete(daemon: &Daemon, peer: &Peer, id: &str) -> Result<Vec<String>, F
 /// Removes the record and log of a finished build of `peer`'s (an admin: anyone's).
 async fn delete_build(daemon: &Daemon, peer: &Peer, id: &str) -> Result<Vec<String>, Failure> {
     let record = readable_build(daemon, peer, id)?;
-    // Checked and removed with the builds locked: a build is registered under this lock, and
-    // leaves it only once its record is final.
-    let builds = daemon.builds.lock().expect("builds lock");
-    if builds.contains_key(id) {
+    // A build leaves the live builds only once its record is final, and an id is never live
+    // again: one not live now is finished for good, and its files can go without the lock.
+    let live = daemon.builds.lock().expect("builds lock").contains_key(id);
+    if live {
         return Err(Failure::invalid(format!(
             "build {id} is {}: cancel it first (amidala cancel {id}), or delete it once it ends",
             if record.state == BuildState::Queued {
@@ -880,11 +880,13 @@ async fn delete_build(daemon: &Daemon, peer: &Peer, id: &str) -> Result<Vec<Stri
             }
         )));
     }
-    daemon
-        .catalog
-        .delete_build(id)
-        .map_err(|e| Failure::io(format!("deleting the record and log of {id}"), e))?;
-    drop(builds);
+    let (catalog, owned_id) = (daemon.catalog.clone(), id.to_owned());
+    crate::error::blocking(move || {
+        catalog
+            .delete_build(&owned_id)
+            .map_err(|e| Failure::io(format!("deleting the record and log of {owned_id}"), e))
+    })
+    .await?;
     tracing::info!(uid = peer.uid, build = %id, "build record and log deleted");
     Ok(vec![id.to_owned()])
 }
