@@ -1,7 +1,7 @@
 #!/bin/sh
 # The whole bake on this machine with the local provider: builds amidala, starts amidalad on a
-# scratch state directory, imports a busybox base, bakes an image from examples/hello, prints
-# the image id and its disk image, and stops the daemon. Needs root (for the daemon).
+# scratch state directory, imports a bootable Debian base, bakes an image from examples/hello
+# and boot-tests it in QEMU, prints the image id and its disk image, and stops the daemon. Needs root (for the daemon).
 set -eu
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
@@ -41,16 +41,18 @@ until [ -S "$AMIDALA_SOCKET" ]; do
     sleep 0.1
 done
 
-echo "==> importing a busybox base snapshot"
-tests/make-busybox-rootfs.sh "$scratch/rootfs"
-"$bin/amidala" base import "$scratch/rootfs"
+# A Debian tree with a kernel (made once by tests/install-deps.sh, kept outside the checkout):
+# it becomes a bootable disk (GPT, GRUB for legacy BIOS and UEFI).
+tree=${AMIDALA_DEBIAN_BOOT_ROOTFS:-/var/cache/amidala-tests/debian-bookworm-boot}
+echo "==> importing $tree as a bootable base snapshot"
+"$bin/amidala" base import "$tree"
 
 echo "==> checking the spec of examples/hello (amidala.toml)"
 cd examples/hello
 "$bin/amidala" validate
 
-echo "==> baking examples/hello"
-result=$("$bin/amidala" build --json)
+echo "==> baking examples/hello, and boot-testing the image in QEMU (legacy BIOS and UEFI)"
+result=$("$bin/amidala" build --json --boot-test)
 image=$(printf '%s\n' "$result" | sed -n 's/.*"image_id": "\(.*\)".*/\1/p')
 disk=$(printf '%s\n' "$result" | sed -n 's/.*"snapshot_path": "\(.*\)".*/\1/p')
 stop_daemon
@@ -59,5 +61,7 @@ trap - EXIT
 echo
 echo "image:      $image"
 echo "disk image: $disk"
-echo "look inside: mount -o loop,ro $disk /mnt && cat /mnt/etc/motd; umount /mnt"
+echo "boot test:  passed (a build whose image does not boot fails, and registers nothing)"
+echo "look inside: mount -o loop,ro,offset=$((66 << 20)) $disk /mnt && cat /mnt/etc/motd; umount /mnt"
+echo "boot it:    qemu-system-x86_64 -m 1024 -nographic -drive file=$disk,format=raw,snapshot=on"
 echo "daemon log: $scratch/amidalad.log (remove $scratch when done)"

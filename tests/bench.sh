@@ -4,7 +4,7 @@
 # (tests/src/bin/bench.rs), which prints medians of several runs and a table of the results
 # against their targets. Needs root (loop devices, mounts). Arguments go to amidala-bench:
 #   tests/bench.sh [--runs N] [--requests N] [--only SECTION,...] [--skip SECTION,...]
-# (sections: local ec2 concurrent first-output daemon isolation; `tests/bench.sh --help` lists them).
+# (sections: local ec2 concurrent first-output daemon isolation boot; `tests/bench.sh --help` lists them).
 # Exits 0 when it measured everything, whether the targets are met or not.
 set -euo pipefail
 cd "$(dirname "$0")/.."

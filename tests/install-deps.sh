@@ -3,7 +3,10 @@
 # builds with (libseccomp-dev), the tools it calls (mkfs.ext4, from e2fsprogs), the ones the
 # tests use (sfdisk, mount, losetup, tar, xz, systemd-analyze and systemd-socket-activate, ssh
 # and sshd, gcc and a static libc for tests/escape-probe.c), busybox-static for the test root
-# filesystem, and a Python venv with moto server (the EC2 API emulator of the ec2 tests) in
+# filesystem, GRUB's images (grub-pc-bin, grub-efi-amd64-bin), mtools, QEMU and OVMF for
+# bootable disks and their boot test, a bootable Debian rootfs (cloud kernel, systemd) in
+# $AMIDALA_DEBIAN_BOOT_ROOTFS, by default /var/cache/amidala-tests/debian-bookworm-boot, and a
+# Python venv with moto server (the EC2 API emulator of the ec2 tests) in
 # $AMIDALA_MOTO_VENV, by default /var/cache/amidala-tests/moto-venv, and a Debian rootfs with
 # ansible-core for the ansible tests in $AMIDALA_DEBIAN_ROOTFS, by default
 # /var/cache/amidala-tests/debian-bookworm-ansible, both outside the checkout and kept between
@@ -26,6 +29,14 @@ need xz xz-utils
 need dpkg-deb dpkg
 need debootstrap debootstrap
 need ip iproute2
+# Bootable disks of root trees: GRUB's images for legacy BIOS and UEFI, mtools for the ESP.
+need grub-mkimage grub-common
+[ -e /usr/lib/grub/i386-pc/boot.img ] || missing="$missing grub-pc-bin"
+[ -e /usr/lib/grub/x86_64-efi/normal.mod ] || missing="$missing grub-efi-amd64-bin"
+need mformat mtools
+# The boot test (and the demo's): QEMU, SeaBIOS (its dependency) and OVMF.
+need qemu-system-x86_64 qemu-system-x86
+[ -e /usr/share/OVMF/OVMF_CODE_4M.fd ] || missing="$missing ovmf"
 # The systemd tests: systemd-analyze verify on the units, systemd-socket-activate.
 if [ "${1:-}" != --demo ]; then
     need systemd-analyze systemd
@@ -84,6 +95,16 @@ if [ -n "$missing" ]; then
         exit 1
     }
     [ -z "$policy" ] || rm -f "$policy"
+fi
+
+# A bootable Debian root filesystem (cloud kernel, systemd, udev) for the boot tests and the
+# demo, which boot-tests what it bakes.
+boot=${AMIDALA_DEBIAN_BOOT_ROOTFS:-/var/cache/amidala-tests/debian-bookworm-boot}
+if [ "$mode" != --deb ] && ! ls "$boot"/boot/vmlinuz-* >/dev/null 2>&1; then
+    echo "making $boot with debootstrap (two to four minutes)" >&2
+    rm -rf "$boot"
+    mkdir -p "$(dirname "$boot")"
+    "$(dirname "$0")/make-debian-boot-rootfs.sh" "$boot"
 fi
 
 # The demo (examples/bake-local.sh --demo) needs nothing more; the tests need what follows.

@@ -11,8 +11,8 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use amidala::proto::{
-    parse_size, BuildFailure, BuildInfo, BuildPlan, BuildSpec, ImportSpec, Request, Response,
-    Source, Tag,
+    parse_size, BootTestSpec, BuildFailure, BuildInfo, BuildPlan, BuildSpec, ImportSpec, Request,
+    Response, Source, Tag,
 };
 use amidala::{unexpected, Client, ClientError, DEFAULT_SOCKET};
 
@@ -140,6 +140,12 @@ enum BaseCommand {
         /// publish`).
         #[arg(long)]
         publish: bool,
+        /// Make a directory or tarball a bootable disk (GPT, GRUB for legacy BIOS and UEFI,
+        /// fstab and kernel command line by UUID, serial console): `auto` if the tree holds a
+        /// kernel and an initramfs, `yes` (it must), `no` (one ext4 filesystem, as a tree
+        /// without a kernel is).
+        #[arg(long, value_name = "auto|yes|no", default_value = "auto", value_parser = parse_boot)]
+        boot: BootChoice,
     },
     /// Publish a snapshot (admins only): every member's builds may then start from it, by id
     /// or by its tags. A tag resolves among the caller's own snapshots and the published ones.
@@ -152,6 +158,19 @@ enum BaseCommand {
         /// The snapshot (snap-...).
         snapshot: String,
     },
+}
+
+/// `--boot auto|yes|no` of `base import`.
+#[derive(Debug, Clone, Copy)]
+struct BootChoice(Option<bool>);
+
+fn parse_boot(s: &str) -> Result<BootChoice, String> {
+    match s {
+        "auto" => Ok(BootChoice(None)),
+        "yes" => Ok(BootChoice(Some(true))),
+        "no" => Ok(BootChoice(Some(false))),
+        other => Err(format!("{other:?}: auto, yes or no")),
+    }
 }
 
 /// What makes a build's spec: the spec file and the options that override it.
@@ -214,6 +233,21 @@ struct SpecArgs {
     /// kept between your builds (repeatable).
     #[arg(long = "cache", value_name = "NAME")]
     caches: Vec<String>,
+    /// Boot the new image in a VM before it is registered (local provider: QEMU, KVM where it
+    /// works, else TCG); a build whose image does not boot fails, its snapshot kept.
+    #[arg(long)]
+    boot_test: bool,
+    /// The boot test's firmware: bios, uefi or bios+uefi (default: what the image was made
+    /// for). Implies --boot-test.
+    #[arg(long, value_name = "bios|uefi|bios+uefi")]
+    boot_firmware: Option<String>,
+    /// Text on the serial console that shows the image booted (default: a login prompt).
+    /// Implies --boot-test.
+    #[arg(long, value_name = "TEXT")]
+    boot_marker: Option<String>,
+    /// How long each boot may take (default: the daemon's, 5 minutes). Implies --boot-test.
+    #[arg(long, value_name = "DURATION", value_parser = parse_timeout)]
+    boot_timeout: Option<u64>,
     /// An option for the provisioner (repeatable; added to the spec file's options).
     #[arg(long = "opt", value_name = "KEY=VALUE", value_parser = parse_option)]
     options: Vec<(String, String)>,
@@ -505,8 +539,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     tags,
                     size,
                     publish,
+                    boot,
                 },
-        } => import(&socket, out, &src, tags, size, publish),
+        } => import(&socket, out, &src, tags, size, publish, boot.0),
         Command::Base {
             command: BaseCommand::Publish { snapshot },
         } => set_published(&socket, out, snapshot, true),
@@ -890,6 +925,7 @@ fn import(
     tags: Vec<Tag>,
     size: Option<u64>,
     publish: bool,
+    boot: Option<bool>,
 ) -> Result<ExitCode> {
     // Opened here, with the user's own rights; the daemon never opens a path we name.
     let source = open_source(src)?;
@@ -899,6 +935,7 @@ fn import(
         size,
         publish,
         source_name: src.display().to_string(),
+        boot,
     };
     client.send(&Request::ImportBase(spec), Some(source.as_fd()))?;
     drop(source);
@@ -1012,8 +1049,28 @@ fn build_spec(args: SpecArgs) -> Result<(BuildSpec, Option<PathBuf>)> {
         detach: false,
         timeout: args.timeout.or(file.timeout),
         caches: or_file(args.caches, file.caches),
+        boot_test: boot_test_spec(
+            args.boot_test || file.boot_test.unwrap_or(false),
+            args.boot_firmware.or(file.boot_firmware),
+            args.boot_marker.or(file.boot_marker),
+            args.boot_timeout.or(file.boot_timeout),
+        ),
     };
     Ok((spec, path))
+}
+
+/// The boot test asked for, if any: by `--boot-test` or any of its settings.
+fn boot_test_spec(
+    asked: bool,
+    firmware: Option<String>,
+    marker: Option<String>,
+    timeout: Option<u64>,
+) -> Option<BootTestSpec> {
+    (asked || firmware.is_some() || marker.is_some() || timeout.is_some()).then_some(BootTestSpec {
+        firmware,
+        marker,
+        timeout,
+    })
 }
 
 /// The spec file's tags with those given as options: an option replaces a tag of its key.

@@ -161,7 +161,32 @@ pub struct BuildSpec {
     /// when empty, so a daemon that predates caches takes the request.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub caches: Vec<String>,
+    /// Boot the new image before it is registered, and fail the build if it does not boot.
+    /// Left out when `None`, so a daemon that predates boot tests takes the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_test: Option<BootTestSpec>,
 }
+
+/// How to boot-test an image (`--boot-test`, `amidala boot-test`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootTestSpec {
+    /// `bios`, `uefi` or `bios+uefi`; default: what the image was made for (its
+    /// [`BOOT_TAG`]).
+    #[serde(default)]
+    pub firmware: Option<String>,
+    /// Text on the serial console that shows the guest booted; default: a login prompt.
+    #[serde(default)]
+    pub marker: Option<String>,
+    /// Seconds each boot may take; default: the daemon's `[boot_test] timeout`.
+    #[serde(default)]
+    pub timeout: Option<u64>,
+}
+
+/// The tag of an image whose boot test passed (`passed`), and the one saying with which
+/// firmware, accelerator and in how long.
+pub const BOOT_TEST_TAG: &str = "amidala:boot-test";
+pub const BOOT_TEST_DETAIL_TAG: &str = "amidala:boot-test-detail";
 
 /// Most `--cache` names one build may ask for.
 pub const MAX_CACHES: usize = 8;
@@ -347,7 +372,17 @@ pub struct ImportSpec {
     pub publish: bool,
     /// The name the user gave the source, for messages only (the daemon never opens it).
     pub source_name: String,
+    /// A directory or tarball made a bootable disk (GPT, GRUB for BIOS and UEFI): `Some(true)`
+    /// always (the tree must hold a kernel and an initramfs), `Some(false)` never, `None` if
+    /// the tree holds a kernel and an initramfs. Left out when `None`, so a daemon that
+    /// predates bootable disks takes the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<bool>,
 }
+
+/// The tag of a snapshot and an image saying how it boots: `bios+uefi`, `bios`, `uefi`, or
+/// `none` (a tree without a kernel, or a disk without a boot loader amidala can see).
+pub const BOOT_TAG: &str = "amidala:boot";
 
 /// A `key=value` tag.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -546,6 +581,8 @@ pub enum Phase {
     Unmount,
     Detach,
     Snapshot,
+    /// The new image booted in a VM before it is registered (`--boot-test`).
+    BootTest,
     Register,
     Cleanup,
 }
@@ -562,6 +599,7 @@ impl Phase {
             Phase::Unmount => "unmount",
             Phase::Detach => "detach",
             Phase::Snapshot => "snapshot",
+            Phase::BootTest => "boot_test",
             Phase::Register => "register",
             Phase::Cleanup => "cleanup",
         }
@@ -610,6 +648,8 @@ pub enum ErrorCode {
     LimitExceeded,
     /// The cloud API refused or failed a call.
     Cloud,
+    /// The new image did not boot in its boot test.
+    BootTestFailed,
     /// A bug in amidala.
     Internal,
 }
@@ -633,6 +673,7 @@ impl ErrorCode {
             ErrorCode::Timeout => "timeout",
             ErrorCode::LimitExceeded => "limit_exceeded",
             ErrorCode::Cloud => "cloud",
+            ErrorCode::BootTestFailed => "boot_test_failed",
             ErrorCode::Internal => "internal",
         }
     }
@@ -1034,6 +1075,10 @@ mod tests {
             detach: false,
             timeout: None,
             caches: vec!["apt".into()],
+            boot_test: Some(BootTestSpec {
+                firmware: Some("uefi".into()),
+                ..BootTestSpec::default()
+            }),
         });
         let mut bytes = encode_frame(&req).unwrap();
         bytes.extend(encode_frame(&Request::List).unwrap());
@@ -1151,6 +1196,7 @@ mod tests {
                 detach: false,
                 timeout: None,
                 caches: vec![],
+                boot_test: None,
             };
             f(&mut s);
             validate_build_options(&s)

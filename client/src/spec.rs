@@ -53,6 +53,12 @@ pub struct SpecFile {
     /// Package caches of the daemon to mount.
     #[serde(default)]
     pub caches: Vec<String>,
+    /// Boot-test the image before it is registered (`--boot-test`), and how.
+    pub boot_test: Option<bool>,
+    pub boot_firmware: Option<String>,
+    pub boot_marker: Option<String>,
+    #[serde(default, deserialize_with = "timeout")]
+    pub boot_timeout: Option<u64>,
     /// The command to run in the image, a list of strings.
     pub command: Option<Vec<String>>,
     #[serde(default)]

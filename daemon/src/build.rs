@@ -17,7 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use amidala::proto::{
-    BuildFailure, BuildResult, BuildState, ErrorCode, Phase, Response, OWNER_TAG, OWNER_UID_TAG,
+    BootTestSpec, BuildFailure, BuildResult, BuildState, ErrorCode, Phase, Response, BOOT_TAG,
+    BOOT_TEST_DETAIL_TAG, BOOT_TEST_TAG, OWNER_TAG, OWNER_UID_TAG,
 };
 use amidala_plugin::BuildInfo as PluginBuildInfo;
 use chrono::Utc;
@@ -377,6 +378,19 @@ async fn execute(
         amidala::proto::whose(&source.tags)
     ));
     handle.progress(|r| r.source_snapshot = Some(source.id.clone()));
+    if let Some(test) = &spec.boot_test {
+        if test.firmware.is_none() && source.tags.get(BOOT_TAG).map(String::as_str) == Some("none")
+        {
+            return Err((
+                Phase::Resolve,
+                Failure::invalid(format!(
+                    "--boot-test: {} cannot boot: it was imported from a tree without a kernel \
+                     (amidala:boot = none); import a tree with a kernel and an initramfs",
+                    source.id
+                )),
+            ));
+        }
+    }
 
     handle.enter(Phase::Volume)?;
     // Within its owner's quota, the volume counted as the owner's until the build ends (its
@@ -419,7 +433,17 @@ async fn execute(
     };
     handle.progress(|r| r.volume_id = Some(volume.id.clone()));
 
-    let result = with_volume(daemon, handle, &source.id, &volume, attached, workspace).await;
+    let source_boot = source.tags.get(BOOT_TAG).cloned();
+    let result = with_volume(
+        daemon,
+        handle,
+        &source.id,
+        source_boot,
+        &volume,
+        attached,
+        workspace,
+    )
+    .await;
 
     handle.enter_teardown(Phase::Cleanup);
     let volume_id = volume.id.clone();
@@ -477,6 +501,7 @@ async fn with_volume(
     daemon: &Daemon,
     handle: &BuildHandle,
     source: &str,
+    source_boot: Option<String>,
     volume: &Volume,
     attached: Option<Attachment>,
     workspace: OwnedFd,
@@ -530,6 +555,10 @@ async fn with_volume(
     snapshot_tags.insert(OWNER_TAG.into(), owner.clone());
     snapshot_tags.insert(OWNER_UID_TAG.into(), handle.owner_uid.to_string());
     snapshot_tags.insert("amidala:provisioner".into(), spec.provisioner.clone());
+    // A build changes the image's files, not its disk's layout: it boots as its source did.
+    if let Some(boot) = &source_boot {
+        snapshot_tags.insert(BOOT_TAG.into(), boot.clone());
+    }
     handle.enter(Phase::Snapshot)?;
     let meta = SnapshotMeta {
         tags: snapshot_tags,
@@ -543,7 +572,35 @@ async fn with_volume(
         .at(Phase::Snapshot)?;
     handle.progress(|r| r.snapshot_id = Some(snapshot.id.clone()));
 
-    let registered = register(daemon, handle, &record, &snapshot, source, detected_arch).await;
+    let mut image_tags = BTreeMap::new();
+    if let Some(boot) = &source_boot {
+        image_tags.insert(BOOT_TAG.to_owned(), boot.clone());
+    }
+    let registered = match &spec.boot_test {
+        Some(test) => boot_test(daemon, handle, &snapshot, source_boot.as_deref(), test)
+            .await
+            .map(|detail| {
+                image_tags.insert(BOOT_TEST_TAG.to_owned(), "passed".to_owned());
+                image_tags.insert(BOOT_TEST_DETAIL_TAG.to_owned(), detail);
+            })
+            .map_err(|(phase, f)| (phase, kept_snapshot(f, &snapshot.id))),
+        None => Ok(()),
+    };
+    let registered = match registered {
+        Ok(()) => {
+            register(
+                daemon,
+                handle,
+                &record,
+                &snapshot,
+                source,
+                detected_arch,
+                image_tags,
+            )
+            .await
+        }
+        Err(e) => Err(e),
+    };
     if registered.is_err() {
         // Kept, but never to be taken as the source of a build by its tags.
         let tags = [(FAILED_BUILD_TAG.to_owned(), handle.id.clone())].into();
@@ -569,6 +626,7 @@ async fn register(
     snapshot: &SnapshotRecord,
     source: &str,
     detected_arch: Option<String>,
+    amidala_tags: BTreeMap<String, String>,
 ) -> PhaseResult<ImageRecord> {
     let provider = &daemon.provider;
     let spec = &record.spec;
@@ -578,6 +636,7 @@ async fn register(
         .iter()
         .map(|t| (t.key.clone(), t.value.clone()))
         .collect();
+    image_tags.extend(amidala_tags);
     image_tags.insert("amidala:build".into(), handle.id.clone());
     image_tags.insert(OWNER_TAG.into(), owner);
     image_tags.insert(OWNER_UID_TAG.into(), handle.owner_uid.to_string());
@@ -600,6 +659,35 @@ async fn register(
         .await
         .map_err(|f| kept_snapshot(f, &snapshot.id))
         .at(Phase::Register)
+}
+
+/// The boot test of a build's snapshot: each firmware asked for (else each the image was made
+/// for) boots it in turn. Returns what the image's detail tag says: firmware, time, accelerator.
+async fn boot_test(
+    daemon: &Daemon,
+    handle: &BuildHandle,
+    snapshot: &SnapshotRecord,
+    boot: Option<&str>,
+    test: &BootTestSpec,
+) -> PhaseResult<String> {
+    handle.enter(Phase::BootTest)?;
+    let image = daemon
+        .provider
+        .snapshot_path(&snapshot.id)
+        .ok_or_else(|| {
+            Failure::invalid(format!(
+                "the {} provider cannot boot-test images yet",
+                daemon.provider.name()
+            ))
+        })
+        .at(Phase::BootTest)?;
+    let console = |line: String| handle.note(line);
+    let passed = tokio::select! {
+        passed = crate::bootvm::boot_all(daemon, handle.owner_uid, &image, boot, test, &console) => passed,
+        () = handle.cancel.cancelled() => Err(Failure::new(ErrorCode::Cancelled, "build cancelled")),
+    }
+    .at(Phase::BootTest)?;
+    Ok(crate::bootvm::detail(&passed))
 }
 
 fn kept_snapshot(mut failure: Failure, snapshot: &str) -> Failure {

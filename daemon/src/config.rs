@@ -148,6 +148,9 @@ pub struct FileConfig {
     pub build_id_base: Option<u32>,
     /// How many ranges of 65536 ids there are from `build_id_base`: one per member who builds.
     pub build_id_ranges: Option<u32>,
+    /// The `[boot_test]` section: how boot tests run their VMs.
+    #[serde(default)]
+    pub boot_test: crate::bootvm::Settings,
 }
 
 /// The `[limits]` section: bounds on what one client or user may hold.
@@ -258,6 +261,7 @@ pub struct Config {
     pub import_id_base: u32,
     pub build_id_base: u32,
     pub build_id_ranges: u32,
+    pub boot_test: crate::bootvm::Settings,
 }
 
 /// The default first id of an import's sandbox: 0x7FFF0000, below 2^31 (which some tools take
@@ -332,7 +336,20 @@ impl Config {
             import_id_base: file.import_id_base.unwrap_or(DEFAULT_IMPORT_ID_BASE),
             build_id_base: file.build_id_base.unwrap_or(DEFAULT_BUILD_ID_BASE),
             build_id_ranges: file.build_id_ranges.unwrap_or(DEFAULT_BUILD_ID_RANGES),
+            boot_test: file.boot_test,
         };
+        let vm = &config.boot_test;
+        if vm.memory_mib < 128
+            || vm.cpus == 0
+            || vm.cpus > 64
+            || vm.timeout < 10
+            || vm.timeout > vm.max_timeout
+        {
+            bail!(
+                "boot_test: memory_mib must be at least 128, cpus 1 to 64, and timeout at least \
+                 10 and at most max_timeout"
+            );
+        }
         if config.import_id_base == 0
             || config
                 .import_id_base

@@ -73,6 +73,8 @@ pub struct Partition {
     pub size: u64,
     /// GPT: the partition type is "Linux root" for x86-64 or arm64.
     pub linux_root_type: bool,
+    /// GPT: an EFI system partition; MBR: type 0xEF.
+    pub esp: bool,
 }
 
 /// The kind of partition table found.
@@ -87,6 +89,11 @@ const GPT_ROOT_X86_64: [u8; 16] = [
 ];
 const GPT_ROOT_ARM64: [u8; 16] = [
     0x45, 0xB0, 0x21, 0xB9, 0xF0, 0x1D, 0xC3, 0x41, 0xAF, 0x44, 0x4C, 0x6F, 0x28, 0x0D, 0x3F, 0xAE,
+];
+
+/// C12A7328-F81F-11D2-BA4B-00A0C93EC93B, as GPT stores it.
+const GPT_ESP: [u8; 16] = [
+    0x28, 0x73, 0x2A, 0xC1, 0x1F, 0xF8, 0xD2, 0x11, 0xBA, 0x4B, 0x00, 0xA0, 0xC9, 0x3E, 0xC9, 0x3B,
 ];
 
 fn le32(b: &[u8], at: usize) -> u32 {
@@ -137,6 +144,7 @@ pub fn read_partitions(
             start: lba * SECTOR,
             size: sectors * SECTOR,
             linux_root_type: false,
+            esp: kind == 0xEF,
         });
     }
     if parts.is_empty() {
@@ -189,6 +197,7 @@ fn read_gpt(file: &File, header: &[u8], disk_size: u64) -> io::Result<Vec<Partit
             start,
             size,
             linux_root_type: type_guid == GPT_ROOT_X86_64 || type_guid == GPT_ROOT_ARM64,
+            esp: type_guid == GPT_ESP,
         });
     }
     check_bounds(&parts, disk_size)?;

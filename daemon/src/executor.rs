@@ -376,6 +376,9 @@ fn with_root_mounted(
         report(&Report::Provisioned(outcome.clone()));
     }
     let restored = prepared.restore();
+    if matches!(provisioned, Ok(Outcome::Exited(0))) && restored.is_ok() {
+        refresh_boot_menu(spec, prepared.root.as_fd());
+    }
     // Every process of the build is gone (its PID namespace with them): what it left in the
     // user's workspace is checked now.
     let scrubbed = match workspace.scrub(started) {
@@ -395,6 +398,26 @@ fn with_root_mounted(
     provisioned?;
     restored?;
     scrubbed
+}
+
+/// Writes amidala's boot menu again for the kernels the build left (see [`crate::bootcfg`]);
+/// a menu that is not amidala's is left alone. Said in the log; a failure to write it too,
+/// which the boot test would show.
+fn refresh_boot_menu(spec: &ExecutorSpec, root: BorrowedFd<'_>) {
+    if spec.fs_type != "ext4" {
+        return;
+    }
+    let uuid = match std::fs::File::open(&spec.device).and_then(|d| crate::bootcfg::ext4_uuid(&d)) {
+        Ok(Some(uuid)) => uuid,
+        _ => return,
+    };
+    match crate::bootcfg::refresh(root, &uuid) {
+        Ok(Some(said)) => report(&Report::Note(said)),
+        Ok(None) => {}
+        Err(why) => report(&Report::Note(format!(
+            "amidala: warning: the boot menu could not be written again: {why}"
+        ))),
+    }
 }
 
 fn now_secs() -> i64 {
@@ -1178,7 +1201,7 @@ fn populate_dev(dev: &Path, owner: u32) -> Result<(), String> {
 
 /// Closes descriptors `first..=last`; nothing in the provisioner process uses them any more
 /// (the plugin library is mapped, not held open).
-fn close_range(first: u32, last: u32) {
+pub(crate) fn close_range(first: u32, last: u32) {
     if first > last {
         return;
     }

@@ -54,6 +54,10 @@ pub fn run_if_asked() {
             name_process(c"amidalad-import");
             crate::importer::main()
         }
+        (Some(a), _) if a == crate::bootvm::BOOTVM_ARG => {
+            name_process(c"amidalad-bootvm");
+            crate::bootvm::helper_main()
+        }
         (Some(a), Some(mode)) if a == crate::pack::PACK_ARG => {
             name_process(c"amidalad-pack");
             crate::pack::main(&mode)

@@ -31,8 +31,8 @@ use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
 use amidala::proto::{
-    validate_source_name, validate_user_tags, ErrorCode, ImportSpec, Tag, OWNER_TAG, OWNER_UID_TAG,
-    PUBLISHED_TAG,
+    validate_source_name, validate_user_tags, ErrorCode, ImportSpec, Tag, BOOT_TAG, OWNER_TAG,
+    OWNER_UID_TAG, PUBLISHED_TAG,
 };
 
 use crate::catalog::SnapshotRecord;
@@ -200,15 +200,27 @@ pub async fn import(
         kind, &source, &spec, &requester, bounds, &work, &image, &note,
     )
     .await;
+    // The boot loader's files, made by the daemon from the host's GRUB.
+    for file in ["BOOTX64.EFI", "core.img"] {
+        let _ = fs::remove_file(work.join("grub").join(file));
+    }
     // Mount points of the import's helper, mounted only in its own namespace, which is gone:
     // empty directories here, removed one by one (never recursively).
-    for dir in [work.join("raw"), work.join("view"), work.clone()] {
+    for dir in [
+        work.join("raw"),
+        work.join("view"),
+        work.join("grub"),
+        work.clone(),
+    ] {
         let _ = fs::remove_dir(dir);
     }
-    if let Err(e) = result {
-        let _ = fs::remove_file(&image);
-        return Err(e);
-    }
+    let boot = match result {
+        Ok((_, boot)) => boot,
+        Err(e) => {
+            let _ = fs::remove_file(&image);
+            return Err(e);
+        }
+    };
 
     let mut tags: BTreeMap<String, String> = if spec.tags.is_empty() {
         [("amidala".to_owned(), "base".to_owned())].into()
@@ -224,6 +236,7 @@ pub async fn import(
     if spec.publish {
         tags.insert(PUBLISHED_TAG.into(), "true".into());
     }
+    tags.insert(BOOT_TAG.into(), boot.into());
     note(format!(
         "amidala: storing the image as a {} snapshot",
         provider.name()
@@ -242,6 +255,7 @@ pub async fn import(
         .await
 }
 
+/// Makes the image file; returns its size and how it boots (the [`BOOT_TAG`] value).
 #[allow(clippy::too_many_arguments)]
 async fn make_image(
     kind: SourceKind,
@@ -252,9 +266,21 @@ async fn make_image(
     work: &Path,
     image: &Path,
     note: &impl Fn(String),
-) -> Result<u64, Failure> {
+) -> Result<(u64, &'static str), Failure> {
     let compression = match kind {
-        SourceKind::RawDisk => return copy_disk(source, spec, bounds, image, note).await,
+        SourceKind::RawDisk => {
+            if spec.boot.is_some() {
+                return Err(Failure::invalid(
+                    "--boot is for directories and tarballs: a disk image is imported as it is, \
+                     its own boot loader included",
+                ));
+            }
+            let size = copy_disk(source, spec, bounds, image, note).await?;
+            let boot = File::open(image)
+                .and_then(|f| crate::bootdisk::boot_modes(&f))
+                .map_err(|e| Failure::io("reading the snapshot", e))?;
+            return Ok((size, boot));
+        }
         SourceKind::Directory => Compression::None,
         SourceKind::Tar(compression) => compression,
     };
@@ -271,10 +297,12 @@ async fn make_image(
         fs::create_dir(work.join(dir))
             .map_err(|e| Failure::io("creating the import's directory", e))?;
     }
-    // 1. What the content holds, so that the image is made to its size (unless --size says).
-    let usage = match spec.size {
-        Some(_) => Usage::default(),
-        None => {
+    // 1. What the content holds, so that the image is made to its size (unless --size says),
+    // and whether it holds a kernel (unless --boot says what to do).
+    let measure = spec.size.is_none() || spec.boot.is_none();
+    let usage = match measure {
+        false => Usage::default(),
+        true => {
             note(format!("amidala: measuring {}", spec.source_name));
             let usage = match kind {
                 SourceKind::Directory => {
@@ -302,14 +330,54 @@ async fn make_image(
             usage
         }
     };
-    let size = filesystem_size(usage, spec.size)?;
+    let bootable = spec.boot.unwrap_or(usage.bootable());
+    if spec.boot == Some(true) && measure && !usage.bootable() {
+        return Err(Failure::invalid(format!(
+            "{}: --boot yes, but the tree holds no kernel ({}) with an initramfs ({})",
+            spec.source_name,
+            "/boot/vmlinuz-VERSION or /lib/modules/VERSION/vmlinuz",
+            "/boot/initrd.img-VERSION or /boot/initramfs-VERSION.img"
+        )));
+    }
+    if bootable {
+        if let Some(missing) = crate::bootdisk::missing_tools() {
+            return Err(Failure::new(
+                ErrorCode::Io,
+                format!(
+                    "{}: the tree holds a kernel, and this host cannot make bootable disks: it \
+                     lacks {missing} (or import with --boot no)",
+                    spec.source_name
+                ),
+            ));
+        }
+    }
+    // The root filesystem's size: --size is the whole disk's, partitions included.
+    let around = if bootable {
+        crate::bootdisk::ROOT_START + crate::bootdisk::TAIL
+    } else {
+        0
+    };
+    let requested = match spec.size {
+        Some(size) if size <= around => {
+            return Err(Failure::invalid(format!(
+                "--size {} MiB is too small for a bootable disk, whose partitions before and \
+                 after the root filesystem take {} MiB",
+                size / MIB,
+                around / MIB
+            )))
+        }
+        other => other.map(|size| size - around),
+    };
+    let size = filesystem_size(usage, requested)?;
+    let layout = bootable.then(|| crate::bootdisk::Layout::new(size));
     // What the image file will take: the filesystem's size with --size (the archive was not
     // measured; the kernel keeps it within), else what the content holds and the
-    // filesystem's own structures (the image file is sparse: the rest is never written).
+    // filesystem's own structures (the image file is sparse: the rest is never written);
+    // and the boot loader's few MiB.
     let takes = match spec.size {
         Some(_) => size,
         None => usage.bytes + usage.bytes / 20 + usage.inodes * 512 + 16 * MIB,
-    };
+    } + if bootable { 4 * MIB } else { 0 };
     if takes > bounds.bytes {
         return Err(Failure::new(
             ErrorCode::LimitExceeded,
@@ -322,11 +390,12 @@ async fn make_image(
             ),
         ));
     }
-    // 2. An empty filesystem of that size: mkfs sees no byte of the user's.
+    // 2. An empty filesystem of that size (in partition 3 of a new GPT disk if bootable): mkfs
+    // sees no byte of the user's.
     note(format!(
-        "amidala: unpacking {}{} into a {} MiB ext4 filesystem",
+        "amidala: unpacking {}{} into a {} MiB ext4 filesystem{}",
         spec.source_name,
-        if spec.size.is_none() {
+        if measure {
             format!(
                 " ({} MiB in {} files)",
                 usage.bytes.div_ceil(MIB),
@@ -335,17 +404,35 @@ async fn make_image(
         } else {
             String::new()
         },
-        size / MIB
+        size / MIB,
+        if bootable {
+            " on a bootable GPT disk"
+        } else {
+            ""
+        }
     ));
+    let placement = Placement {
+        offset: if bootable {
+            crate::bootdisk::ROOT_START
+        } else {
+            0
+        },
+        size,
+        disk_size: layout.as_ref().map_or(size, |l| l.disk_size()),
+        inodes: usage.inodes,
+        uuid: layout.as_ref().map(|l| l.root_uuid.clone()),
+    };
     {
-        let (image, inodes) = (image.to_owned(), usage.inodes);
-        blocking(move || empty_filesystem(&image, size, inodes)).await?;
+        let (image, layout, placement) = (image.to_owned(), layout.clone(), placement.clone());
+        blocking(move || empty_filesystem(&image, &placement, layout.as_ref())).await?;
     }
-    // 3. The sandbox unpacks the content into it, through the kernel.
+    // 3. The sandbox unpacks the content into it, through the kernel; the helper then writes
+    // the boot menu and fstab (if bootable).
     let device = {
-        let image = image.to_owned();
+        let (image, offset) = (image.to_owned(), placement.offset);
+        let len = if bootable { size } else { 0 };
         blocking(move || {
-            crate::loopdev::LoopDevice::attach(&image, 0, 0, false)
+            crate::loopdev::LoopDevice::attach(&image, offset, len, false)
                 .map_err(|e| Failure::io("attaching the new image", e))
         })
         .await?
@@ -353,6 +440,10 @@ async fn make_image(
     let task = Task::Unpack {
         device: device.path().to_owned(),
         mount_dir: work.join("raw"),
+        boot: layout.as_ref().map(|l| crate::bootcfg::Setup {
+            root_uuid: l.root_uuid.clone(),
+            esp_uuid: l.esp_uuid(),
+        }),
     };
     let unpacked = match kind {
         SourceKind::Directory => {
@@ -387,6 +478,7 @@ async fn make_image(
             specials,
             skipped_xattrs,
             discarded,
+            boot,
         } => {
             released?;
             note(format!("amidala: unpacked {entries} entries"));
@@ -402,10 +494,35 @@ async fn make_image(
             if !discarded {
                 note("amidala: the image's free blocks could not be discarded".into());
             }
+            if let Some(done) = boot {
+                note(format!(
+                    "amidala: boot menu for kernel {}{}",
+                    done.kernels.join(", "),
+                    if done.wrote_fstab {
+                        "; /etc/fstab written (root and ESP by UUID)"
+                    } else {
+                        "; the tree's own /etc/fstab kept"
+                    }
+                ));
+            }
         }
         other => return Err(refused(other, &spec.source_name)),
     }
-    Ok(size)
+    // 4. The boot loader, for legacy BIOS and UEFI.
+    if let Some(layout) = layout {
+        note("amidala: installing GRUB for legacy BIOS and UEFI".into());
+        let (image, dir, size) = (image.to_owned(), work.join("grub"), layout.disk_size());
+        blocking(move || {
+            fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&dir)
+                .map_err(|e| Failure::io("creating the boot loader's directory", e))?;
+            crate::bootdisk::install_loader(&image, &layout, &dir)
+        })
+        .await?;
+        return Ok((size, "bios+uefi"));
+    }
+    Ok((size, "none"))
 }
 
 /// The refusal of an import whose pass did not succeed.
@@ -546,9 +663,27 @@ async fn collect(
     }
 }
 
-/// A new, empty ext4 filesystem of `size` bytes in the new (sparse) file `image` (root's,
-/// 0600), with room for `files` inodes at least.
-fn empty_filesystem(image: &Path, size: u64, files: u64) -> Result<(), Failure> {
+/// Where the root filesystem goes in a new image file.
+#[derive(Debug, Clone)]
+struct Placement {
+    /// Its offset in the file and its size.
+    offset: u64,
+    size: u64,
+    /// The file's size.
+    disk_size: u64,
+    /// Inodes it must have room for, at least.
+    inodes: u64,
+    /// Its UUID (else mkfs chooses).
+    uuid: Option<String>,
+}
+
+/// A new, empty ext4 filesystem placed as `at` says in the new (sparse) file `image` (root's,
+/// 0600), after the partition table of `layout` if it is a bootable disk.
+fn empty_filesystem(
+    image: &Path,
+    at: &Placement,
+    layout: Option<&crate::bootdisk::Layout>,
+) -> Result<(), Failure> {
     let out = OpenOptions::new()
         .read(true)
         .write(true)
@@ -557,22 +692,24 @@ fn empty_filesystem(image: &Path, size: u64, files: u64) -> Result<(), Failure> 
         .custom_flags(libc::O_CLOEXEC)
         .open(image)
         .map_err(|e| Failure::io(format!("creating {}", image.display()), e))?;
-    out.set_len(size)
+    out.set_len(at.disk_size)
         .map_err(|e| Failure::io("sizing the image", e))?;
+    if let Some(layout) = layout {
+        crate::bootdisk::partition(image, layout)?;
+    }
     // The default of one inode per 16 KiB, or more for a tree of many small files.
-    let inodes = (size / 16384).max(files + files / 4 + 1024);
-    let output = std::process::Command::new("mkfs.ext4")
-        .args([
-            "-q",
-            "-F",
-            "-L",
-            "rootfs",
-            "-E",
-            "root_owner=0:0,nodiscard",
-            "-N",
-        ])
-        .arg(inodes.to_string())
+    let inodes = (at.size / 16384).max(at.inodes + at.inodes / 4 + 1024);
+    let mut mkfs = std::process::Command::new("mkfs.ext4");
+    mkfs.args(["-q", "-F", "-L", crate::bootcfg::ROOT_LABEL, "-E"])
+        .arg(format!("root_owner=0:0,nodiscard,offset={}", at.offset))
+        .arg("-N")
+        .arg(inodes.to_string());
+    if let Some(uuid) = &at.uuid {
+        mkfs.args(["-U", uuid]);
+    }
+    let output = mkfs
         .arg(image)
+        .arg(format!("{}k", at.size / 1024))
         .stdin(std::process::Stdio::null())
         .output()
         .map_err(|e| Failure::io("running mkfs.ext4 (is e2fsprogs installed?)", e))?;
@@ -686,6 +823,7 @@ mod tests {
         let usage = Usage {
             bytes: 100 * MIB,
             inodes: 1000,
+            ..Usage::default()
         };
         let auto = filesystem_size(usage, None).unwrap();
         assert!(auto >= 120 * MIB && auto % MIB == 0, "{auto}");

@@ -55,8 +55,14 @@ pub struct Job {
 pub enum Task {
     /// Measure the archive, failing once it holds more than `budget` bytes.
     Scan { budget: u64 },
-    /// Unpack it into the (empty) ext4 filesystem on `device`, mounted on `mount_dir`.
-    Unpack { device: PathBuf, mount_dir: PathBuf },
+    /// Unpack it into the (empty) ext4 filesystem on `device`, mounted on `mount_dir`; with
+    /// `boot`, then make the tree bootable ([`crate::bootcfg::set_up`]).
+    Unpack {
+        device: PathBuf,
+        mount_dir: PathBuf,
+        #[serde(default)]
+        boot: Option<crate::bootcfg::Setup>,
+    },
 }
 
 /// What a pass did.
@@ -70,6 +76,9 @@ pub enum Outcome {
         skipped_xattrs: u64,
         /// Whether the free blocks could be discarded (holes in the image file).
         discarded: bool,
+        /// What was done to make the tree bootable, if asked.
+        #[serde(default)]
+        boot: Option<crate::bootcfg::Done>,
     },
     Failed(String),
 }
@@ -139,7 +148,11 @@ fn run() -> Result<Outcome, String> {
                 }
             })
         }
-        Task::Unpack { device, mount_dir } => {
+        Task::Unpack {
+            device,
+            mount_dir,
+            boot,
+        } => {
             mount(
                 Some(device.as_path()),
                 mount_dir,
@@ -167,12 +180,18 @@ fn run() -> Result<Outcome, String> {
             let outcome = match result? {
                 SandboxResult::Unpacked(done) => {
                     let specials = make_specials(root.as_fd(), &done.specials)?;
+                    // Root's, in the image only: every path resolved inside it.
+                    let boot = match boot {
+                        Some(setup) => Some(crate::bootcfg::set_up(root.as_fd(), setup)?),
+                        None => None,
+                    };
                     let discarded = crate::disk::discard_free_blocks(root.as_fd()).is_ok();
                     Outcome::Unpacked {
                         entries: done.entries,
                         specials,
                         skipped_xattrs: done.skipped_xattrs,
                         discarded,
+                        boot,
                     }
                 }
                 SandboxResult::Failed(why) => Outcome::Failed(why),

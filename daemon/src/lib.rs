@@ -9,6 +9,9 @@
 //! - [`catalog`], [`store`]: crash-safe records; [`disk`], [`loopdev`]: disks and devices;
 //! - [`plugins`]: provisioner plugins.
 
+pub mod bootcfg;
+pub mod bootdisk;
+pub mod bootvm;
 pub mod build;
 pub mod catalog;
 pub mod cgroup;

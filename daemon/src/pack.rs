@@ -105,6 +105,7 @@ fn walk(
             None
         };
         usage.inodes += 1;
+        usage.saw(&path, meta.is_file());
         if link_to.is_none() {
             usage.bytes += if meta.is_file() {
                 // What the file holds (its blocks), not its length: holes stay holes.

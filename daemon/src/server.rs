@@ -652,6 +652,9 @@ fn check_spec(daemon: &Daemon, spec: &BuildSpec) -> Result<(), Failure> {
     validate_user_tags("snapshot tags", &spec.snapshot_tags)?;
     proto::validate_build_options(spec)?;
     daemon.provider.check_options(spec)?;
+    if let Some(test) = &spec.boot_test {
+        crate::bootvm::check_test(test, &daemon.config.boot_test, daemon.provider.name())?;
+    }
     if spec.network.as_deref() == Some("no-metadata") && daemon.cgroups.is_none() {
         return Err(Failure::invalid(
             "--network no-metadata needs a cgroup v2 hierarchy to filter the build's traffic, and \

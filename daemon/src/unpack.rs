@@ -54,6 +54,30 @@ const BLOCK: u64 = 4096;
 pub struct Usage {
     pub bytes: u64,
     pub inodes: u64,
+    /// The tree holds a kernel and an initramfs where amidala looks for them
+    /// ([`crate::bootcfg::boot_file`]): it can be made a bootable disk.
+    #[serde(default)]
+    pub kernel: bool,
+    #[serde(default)]
+    pub initramfs: bool,
+}
+
+impl Usage {
+    /// Notes what the entry at `path` (relative to the tree's root) is to booting.
+    pub fn saw(&mut self, path: &Path, regular_file: bool) {
+        if regular_file {
+            match crate::bootcfg::boot_file(path) {
+                Some(true) => self.kernel = true,
+                Some(false) => self.initramfs = true,
+                None => {}
+            }
+        }
+    }
+
+    /// Whether the tree can be made a bootable disk.
+    pub fn bootable(&self) -> bool {
+        self.kernel && self.initramfs
+    }
 }
 
 /// A device node or FIFO for the importer to make.
@@ -226,6 +250,7 @@ pub fn scan(archive: impl Read, budget: u64) -> Result<Usage, String> {
         // What the entry's data takes (a sparse member: its data, not its length).
         let size = header.entry_size().map_err(|e| at(&path, e))?;
         usage.inodes += 1;
+        usage.saw(&path, kind.is_file());
         usage.bytes = usage
             .bytes
             .saturating_add(size.div_ceil(BLOCK) * BLOCK)
@@ -722,7 +747,8 @@ mod tests {
             usage,
             Usage {
                 bytes: 3 * 4096 + 4096,
-                inodes: 2
+                inodes: 2,
+                ..Usage::default()
             }
         );
         let err = scan(&tar[..], 8192).unwrap_err();

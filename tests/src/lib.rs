@@ -1057,6 +1057,43 @@ pub fn debian_rootfs() -> PathBuf {
     path
 }
 
+/// The bootable Debian root filesystem (cloud kernel, systemd, udev) of the boot tests, made
+/// by tests/install-deps.sh with tests/make-debian-boot-rootfs.sh.
+pub fn debian_boot_rootfs() -> PathBuf {
+    let path = std::env::var_os("AMIDALA_DEBIAN_BOOT_ROOTFS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/amidala-tests/debian-bookworm-boot"));
+    assert!(
+        path.join("boot").read_dir().is_ok_and(|mut d| d.any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("vmlinuz-"))),
+        "{} has no kernel: run tests/install-deps.sh",
+        path.display()
+    );
+    path
+}
+
+/// QEMU processes running on this host (pid and command line).
+pub fn qemu_processes() -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.starts_with("qemu-system") {
+            found.push(format!("{pid}: {cmdline}"));
+        }
+    }
+    found
+}
+
 /// Presses Ctrl-C on a client (SIGINT) and waits for it to end: its exit status and stderr.
 pub fn interrupt(client: Child) -> (Option<i32>, String) {
     nix::sys::signal::kill(

@@ -341,7 +341,15 @@ fn check_contents(deb: &Path) {
     };
     assert_eq!(field_of("Package"), PACKAGE);
     let depends = field_of("Depends");
-    for needed in ["e2fsprogs", "libc6", "libseccomp2"] {
+    for needed in [
+        "e2fsprogs",
+        "libc6",
+        "libseccomp2",
+        "fdisk",
+        "mtools",
+        "grub-pc-bin",
+        "grub-efi-amd64-bin",
+    ] {
         assert!(
             depends.split(',').any(|d| d.trim().starts_with(needed)),
             "Depends: {depends} lacks {needed}"
@@ -351,6 +359,11 @@ fn check_contents(deb: &Path) {
         field_of("Suggests"),
         "openssh-client",
         "amidala --host runs ssh"
+    );
+    assert_eq!(
+        field_of("Recommends"),
+        "qemu-system-x86, ovmf",
+        "the boot test runs QEMU"
     );
     let conffiles = run(Command::new("dpkg-deb")
         .arg("--info")

@@ -18,7 +18,12 @@
 //!    member, whose workspace is idmapped and, read-write, scrubbed afterwards, against one by
 //!    root, whose workspace is shown as it is, the way every workspace was before), with a
 //!    10 MiB and a 1 GiB workspace; and what the provisioner's seccomp filter costs a build
-//!    that runs 10 000 short processes.
+//!    that runs 10 000 short processes;
+//! 7. `boot`: `base import` of the bootable Debian tree against `mkfs.ext4 -d` of the same
+//!    tree alone; the boot test, legacy BIOS and UEFI, from QEMU's start to the boot signal
+//!    (the login prompt), against QEMU alone booting the same disk as root, unsandboxed, to
+//!    the same prompt, with the accelerator named; and a whole build with `--boot-test`
+//!    against the same build without it. Boots are slow under TCG: at most 3 runs.
 //!
 //! Prints medians of `--runs` runs (default 5), where the time of a build goes (its phases, as
 //! the client sees them arrive), and a table of the results against their targets. It is a
@@ -40,7 +45,7 @@ use serde_json::json;
 /// The daemon's log level in the benchmarks: what a deployed daemon would log.
 const DAEMON_VARS: [(&str, &str); 1] = [("RUST_LOG", "info")];
 
-const SECTIONS: [(&str, &str); 6] = [
+const SECTIONS: [(&str, &str); 7] = [
     (
         "local",
         "1. local no-op build vs a shell script; 1G and 16G bases; default fs and XFS",
@@ -61,6 +66,10 @@ const SECTIONS: [(&str, &str); 6] = [
     (
         "isolation",
         "6. the workspace with its user's rights, and the seccomp filter: their cost",
+    ),
+    (
+        "boot",
+        "7. bootable import, boot test (BIOS, UEFI) and a build with it: their cost",
     ),
 ];
 
@@ -1269,6 +1278,191 @@ fn print_table(report: &Report) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// 7. Bootable images.
+
+/// QEMU alone, as root and without amidala's sandbox, booting `disk` with `firmware` and `accel`
+/// until its console shows a login prompt: seconds from its start.
+fn qemu_alone(disk: &Path, firmware: &str, accel: &str, work: &Path) -> f64 {
+    let mut args: Vec<String> = [
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+        "-no-reboot",
+        "-machine",
+        "q35",
+        "-m",
+        "1024",
+        "-smp",
+        "1",
+        "-serial",
+        "stdio",
+        "-device",
+        "virtio-blk-pci,drive=disk",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.push("-drive".into());
+    args.push(format!(
+        "if=none,id=disk,file={},format=raw,read-only=on,snapshot=on",
+        disk.display()
+    ));
+    if accel == "kvm" {
+        args.extend(["-accel", "kvm", "-cpu", "host"].map(String::from));
+    } else {
+        args.extend(["-accel", "tcg,tb-size=256"].map(String::from));
+    }
+    if firmware == "uefi" {
+        let vars = work.join("vars.fd");
+        fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).unwrap();
+        args.push("-drive".into());
+        args.push(
+            "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd".into(),
+        );
+        args.push("-drive".into());
+        args.push(format!(
+            "if=pflash,format=raw,unit=1,file={}",
+            vars.display()
+        ));
+    }
+    let start = Instant::now();
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(&args)
+        .env("TMPDIR", work)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting qemu-system-x86_64");
+    let mut out = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let booted = loop {
+        match out.read(&mut buf) {
+            Ok(0) | Err(_) => break None,
+            Ok(n) => {
+                seen.extend_from_slice(&buf[..n]);
+                let tail =
+                    String::from_utf8_lossy(&seen[seen.len().saturating_sub(200)..]).into_owned();
+                if tail.trim_end().ends_with(" login:") {
+                    break Some(start.elapsed().as_secs_f64());
+                }
+                if start.elapsed() > Duration::from_secs(600) {
+                    break None;
+                }
+            }
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    booted.unwrap_or_else(|| {
+        panic!("QEMU alone did not reach the login prompt ({firmware}, {accel})")
+    })
+}
+
+/// The seconds and accelerator of `firmware`'s passed boot test, from a build's log.
+fn boot_test_seconds(log: &str, firmware: &str) -> (f64, String) {
+    let prefix = format!("amidala: boot test ({firmware}, ");
+    log.lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .find_map(|rest| {
+            let (accel, rest) = rest.split_once(") passed in ")?;
+            Some((rest.strip_suffix(" s")?.parse().ok()?, accel.to_owned()))
+        })
+        .unwrap_or_else(|| panic!("no passed {firmware} boot test in the log:\n{log}"))
+}
+
+fn boot_section(opts: &Opts, report: &mut Report) {
+    const S: &str = "7";
+    let runs = opts.runs.min(3);
+    let tree = amidala_tests::debian_boot_rootfs();
+    let env = local_env(None, "");
+    let ws = env.workspace("ws", &[]);
+    let work = env.dir.path().join("bench-boot");
+    fs::create_dir(&work).unwrap();
+    // The import, against mkfs.ext4 -d of the same tree into a file of the same size.
+    let (mut imports, mut mkfs, mut base) = (Vec::new(), Vec::new(), String::new());
+    for run_no in 0..runs {
+        check_interrupted();
+        let start = Instant::now();
+        let id = env.import(&tree, &["--tag", &format!("bench=boot{run_no}")]);
+        imports.push(start.elapsed().as_secs_f64());
+        let size = fs::metadata(snapshot_path(&env, &id)).unwrap().len();
+        base = id;
+        let file = work.join("mkfs.img");
+        let _ = fs::remove_file(&file);
+        let start = Instant::now();
+        run(Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-d"])
+            .arg(&tree)
+            .arg(&file)
+            .arg(format!("{}k", (size - (67 << 20)) / 1024)))
+        .ok();
+        mkfs.push(start.elapsed().as_secs_f64());
+        fs::remove_file(&file).unwrap();
+    }
+    let (i, m) = (median(&imports), median(&mkfs));
+    report.row(
+        S,
+        "base import of the Debian tree, bootable (GPT, GRUB BIOS+UEFI)",
+        format!(
+            "amidala {}, mkfs.ext4 -d alone {}, {:.2}x",
+            secs(i),
+            secs(m),
+            i / m
+        ),
+        "<= 2x mkfs.ext4 -d",
+        Verdict::of(i / m <= 2.0),
+    );
+    // The boot test against QEMU alone, and the build with it against the build without it.
+    let disk = snapshot_path(&env, &base);
+    let mut with_test = Vec::new();
+    let mut without = Vec::new();
+    let mut tests: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); 2];
+    let mut accel = String::new();
+    for _ in 0..runs {
+        check_interrupted();
+        without.push(timed_build(&env, &ws, &["--source", &base, "--", "true"]).wall);
+        let (child, start) =
+            start_build(&env, &ws, &["--source", &base, "--boot-test", "--", "true"]);
+        let out = child.wait_with_output().unwrap();
+        let wall = start.elapsed().as_secs_f64();
+        let log = String::from_utf8_lossy(&out.stderr).into_owned();
+        if !out.status.success() {
+            build_failed(&env, &log);
+        }
+        with_test.push(wall);
+        for (k, firmware) in ["bios", "uefi"].into_iter().enumerate() {
+            let (seconds, a) = boot_test_seconds(&log, firmware);
+            accel = a;
+            tests[k].0.push(seconds);
+            tests[k].1.push(qemu_alone(&disk, firmware, &accel, &work));
+        }
+    }
+    for (k, firmware) in ["BIOS", "UEFI"].into_iter().enumerate() {
+        let (t, q) = (median(&tests[k].0), median(&tests[k].1));
+        report.row(
+            S,
+            format!("boot test, {firmware}, {accel}: QEMU start to login prompt"),
+            format!("amidala {}, QEMU alone {}, {:.2}x", secs(t), secs(q), t / q),
+            "<= 1.1x QEMU alone",
+            Verdict::of(t / q <= 1.1),
+        );
+    }
+    let (w, n) = (median(&with_test), median(&without));
+    report.row(
+        S,
+        format!("no-op build with --boot-test (BIOS+UEFI, {accel})"),
+        format!("{} against {} without, +{}", secs(w), secs(n), secs(w - n)),
+        "(information)",
+        Verdict::Info,
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // 6. The cost of isolation.
 
 /// A member of group amidala for the benchmark, made and removed by it.
@@ -1451,7 +1645,8 @@ fn main() {
             "concurrent" => concurrent_section,
             "first-output" => first_output_section,
             "daemon" => daemon_section,
-            _ => isolation_section,
+            "isolation" => isolation_section,
+            _ => boot_section,
         };
         let started = Instant::now();
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| section(&opts, &mut report)));

@@ -1,0 +1,574 @@
+//! What makes a root tree bootable, inside the tree: its kernels and initramfs images found,
+//! the boot loader's menu (`/boot/grub/grub.cfg`) and `/etc/fstab` written.
+//!
+//! The menu is amidala's own while its first line is [`MARKER`]: written when a tree is
+//! imported as a bootable disk (by the import helper, [`crate::importer`]), and written again
+//! after every build (by the executor), so that a build that installs, upgrades or removes a
+//! kernel boots what it left in `/boot`. It names every kernel that has an initramfs, newest
+//! first (version order), the root filesystem by UUID, and the serial console. A user who
+//! wants a menu of their own (GRUB's `update-grub`, say) replaces the file: without the marker
+//! it is never touched again.
+//!
+//! Every path is opened relative to the tree's root with symbolic links resolved inside it
+//! ([`crate::sys::open_in_root`]): a link in the tree cannot lead a write out of it.
+
+use std::cmp::Ordering;
+use std::ffi::OsStr;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// The first line of a menu amidala wrote (and may write again).
+pub const MARKER: &str = "# amidala: this menu is written by amidala after every build; remove this line to keep your own";
+
+/// The kernel command line's consoles: the screen, then the serial port (the last is
+/// `/dev/console`, where the login prompt the boot test waits for appears).
+pub const CONSOLES: &str = "console=tty0 console=ttyS0,115200";
+
+/// The GPT partition label of the root filesystem's partition and its filesystem label.
+pub const ROOT_LABEL: &str = "rootfs";
+
+/// A kernel of the tree with its initramfs, as GRUB reads them (paths from the tree's root).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Kernel {
+    pub version: String,
+    pub kernel: String,
+    pub initramfs: String,
+}
+
+/// What a path of a tree is to booting, by name: `Some(true)` a kernel, `Some(false)` an
+/// initramfs. `path` is relative to the tree's root. Only regular files count.
+pub fn boot_file(path: &Path) -> Option<bool> {
+    let path = path.strip_prefix("./").unwrap_or(path);
+    let parts: Vec<&[u8]> = path
+        .iter()
+        .map(|c| c.as_bytes())
+        .filter(|c| *c != b".")
+        .collect();
+    match parts.as_slice() {
+        [b"boot", name] => {
+            if *name == b"vmlinuz" || name.starts_with(b"vmlinuz-") {
+                Some(true)
+            } else if name.starts_with(b"initrd.img") || name.starts_with(b"initramfs-") {
+                Some(false)
+            } else {
+                None
+            }
+        }
+        [b"lib" | b"usr", ..] => {
+            let rest = if parts[0] == b"usr" {
+                &parts[1..]
+            } else {
+                &parts[..]
+            };
+            matches!(rest, [b"lib", b"modules", _, b"vmlinuz"]).then_some(true)
+        }
+        _ => None,
+    }
+}
+
+/// A kernel version amidala writes into a menu: what kernels are named by, and nothing GRUB's
+/// parser would read as more than a word.
+fn plain_version(v: &[u8]) -> bool {
+    !v.is_empty()
+        && v.len() <= 128
+        && v.iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"._+~-".contains(b))
+}
+
+/// Compares versions as `sort -V` does: runs of digits by value, the rest byte by byte.
+pub fn version_order(a: &str, b: &str) -> Ordering {
+    let (mut a, mut b) = (a.as_bytes(), b.as_bytes());
+    loop {
+        match (a.first(), b.first()) {
+            (None, None) => return Ordering::Equal,
+            (None, Some(_)) => return Ordering::Less,
+            (Some(_), None) => return Ordering::Greater,
+            (Some(x), Some(y)) if x.is_ascii_digit() && y.is_ascii_digit() => {
+                let la = a.iter().take_while(|c| c.is_ascii_digit()).count();
+                let lb = b.iter().take_while(|c| c.is_ascii_digit()).count();
+                let (na, nb) = (trim_zeros(&a[..la]), trim_zeros(&b[..lb]));
+                let order = na.len().cmp(&nb.len()).then_with(|| na.cmp(nb));
+                if order != Ordering::Equal {
+                    return order;
+                }
+                (a, b) = (&a[la..], &b[lb..]);
+            }
+            (Some(x), Some(y)) => {
+                if x != y {
+                    return x.cmp(y);
+                }
+                (a, b) = (&a[1..], &b[1..]);
+            }
+        }
+    }
+}
+
+fn trim_zeros(digits: &[u8]) -> &[u8] {
+    let zeros = digits.iter().take_while(|&&c| c == b'0').count();
+    &digits[zeros..]
+}
+
+/// Names of the directory `path` of the tree (none if it is not there).
+fn names_in(root: BorrowedFd<'_>, path: &str) -> io::Result<Vec<Vec<u8>>> {
+    let dir =
+        match crate::sys::open_in_root(root, Path::new(path), libc::O_RDONLY | libc::O_DIRECTORY) {
+            Ok(dir) => dir,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => {
+                return Ok(Vec::new())
+            }
+            Err(e) => return Err(e),
+        };
+    let mut names: Vec<Vec<u8>> = nix::dir::Dir::from_fd(nix::unistd::dup(dir.as_raw_fd())?)?
+        .iter()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_bytes().to_vec())
+        .filter(|n| n != b"." && n != b"..")
+        .take(100_000)
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// Whether `path` of the tree is a regular file (after the tree's own links).
+fn is_file(root: BorrowedFd<'_>, path: &str) -> bool {
+    crate::sys::open_in_root(root, Path::new(path), libc::O_PATH)
+        .and_then(|fd| Ok(nix::sys::stat::fstat(fd.as_raw_fd())?))
+        .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG)
+}
+
+/// The tree's kernels that have an initramfs, newest first: `/boot/vmlinuz-V` with
+/// `/boot/initrd.img-V` or `/boot/initramfs-V.img`, and `/lib/modules/V/vmlinuz` with one of
+/// those or `/lib/modules/V/initrd`.
+pub fn find_kernels(root: BorrowedFd<'_>) -> io::Result<Vec<Kernel>> {
+    let mut found: Vec<Kernel> = Vec::new();
+    let initramfs_of = |v: &str| {
+        [
+            format!("/boot/initrd.img-{v}"),
+            format!("/boot/initramfs-{v}.img"),
+            format!("/lib/modules/{v}/initrd"),
+        ]
+        .into_iter()
+        .find(|p| is_file(root, p))
+    };
+    // The kernel `kernel` of version `v`, if it is a file and has an initramfs.
+    let take = |v: &[u8], kernel: &dyn Fn(&str) -> String, found: &mut Vec<Kernel>| {
+        if !plain_version(v) {
+            return;
+        }
+        let v = String::from_utf8_lossy(v).into_owned();
+        let kernel = kernel(&v);
+        if found.iter().any(|k| k.version == v) || !is_file(root, &kernel) {
+            return;
+        }
+        if let Some(initramfs) = initramfs_of(&v) {
+            found.push(Kernel {
+                version: v,
+                kernel,
+                initramfs,
+            });
+        }
+    };
+    for name in names_in(root, "boot")? {
+        if let Some(v) = name.strip_prefix(b"vmlinuz-") {
+            take(v, &|v| format!("/boot/vmlinuz-{v}"), &mut found);
+        }
+    }
+    for name in names_in(root, "lib/modules")? {
+        take(&name, &|v| format!("/lib/modules/{v}/vmlinuz"), &mut found);
+    }
+    found.sort_by(|a, b| version_order(&b.version, &a.version));
+    Ok(found)
+}
+
+/// amidala's GRUB menu for `kernels` (newest first) on the root filesystem `root_uuid`.
+pub fn grub_menu(kernels: &[Kernel], root_uuid: &str) -> String {
+    let mut menu = format!(
+        "{MARKER}\n\
+         # The root filesystem is found by UUID; the serial console (ttyS0, 115200) shows the\n\
+         # menu and the boot. Newest kernel first.\n\
+         serial --unit=0 --speed=115200\n\
+         terminal_input serial console\n\
+         terminal_output serial console\n\
+         set timeout=1\n\
+         set default=0\n"
+    );
+    for k in kernels {
+        menu.push_str(&format!(
+            "menuentry 'Linux {v}' {{\n    search --no-floppy --fs-uuid --set=root {root_uuid}\n    \
+             linux {kernel} root=UUID={root_uuid} ro {CONSOLES}\n    initrd {initramfs}\n}}\n",
+            v = k.version,
+            kernel = k.kernel,
+            initramfs = k.initramfs,
+        ));
+    }
+    menu
+}
+
+/// The fstab amidala writes into a tree whose own mounts nothing at `/`.
+pub fn fstab(root_uuid: &str, esp_uuid: &str) -> String {
+    format!(
+        "# Written by amidala when the tree was imported as a bootable disk.\n\
+         UUID={root_uuid} / ext4 rw,errors=remount-ro 0 1\n\
+         UUID={esp_uuid} /boot/efi vfat umask=0077,nofail 0 2\n"
+    )
+}
+
+/// Whether an fstab mounts something at `/`.
+pub fn mounts_root(fstab: &str) -> bool {
+    fstab.lines().any(|line| {
+        let mut fields = line.split_whitespace();
+        matches!(
+            (fields.next(), fields.next()),
+            (Some(first), Some("/")) if !first.starts_with('#')
+        )
+    })
+}
+
+/// Reads at most `limit` bytes of the tree's regular file `path` (`None`: not there).
+fn read_file(root: BorrowedFd<'_>, path: &str, limit: u64) -> io::Result<Option<String>> {
+    let fd = match crate::sys::open_in_root(
+        root,
+        Path::new(path),
+        libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY,
+    ) {
+        Ok(fd) => fd,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => {
+            return Ok(None)
+        }
+        Err(e) => return Err(e),
+    };
+    let st = nix::sys::stat::fstat(fd.as_raw_fd())?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Ok(None);
+    }
+    let mut text = Vec::new();
+    std::fs::File::from(fd).take(limit).read_to_end(&mut text)?;
+    Ok(Some(String::from_utf8_lossy(&text).into_owned()))
+}
+
+/// Makes the directories of `path` (relative to the tree's root), 0755 and root's, and opens
+/// the last.
+fn make_dirs(root: BorrowedFd<'_>, path: &str) -> io::Result<OwnedFd> {
+    let mut at = Path::new("").to_path_buf();
+    for part in path.split('/').filter(|p| !p.is_empty()) {
+        at.push(part);
+        let parent = at.parent().unwrap_or(Path::new(""));
+        let dir = crate::sys::open_in_root(root, parent, libc::O_RDONLY | libc::O_DIRECTORY)?;
+        match nix::sys::stat::mkdirat(
+            Some(dir.as_raw_fd()),
+            OsStr::new(part),
+            nix::sys::stat::Mode::from_bits_truncate(0o755),
+        ) {
+            Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    crate::sys::open_in_root(root, &at, libc::O_RDONLY | libc::O_DIRECTORY)
+}
+
+/// Writes `content` as the tree's `dir/name` (0644, root's), through a new file renamed over
+/// the old, so that a reader never sees half of it.
+fn write_file(root: BorrowedFd<'_>, dir: &str, name: &str, content: &str) -> io::Result<()> {
+    let dir = make_dirs(root, dir)?;
+    let temp = format!(".{name}.amidala-new");
+    let _ = nix::unistd::unlinkat(
+        Some(dir.as_raw_fd()),
+        temp.as_str(),
+        nix::unistd::UnlinkatFlags::NoRemoveDir,
+    );
+    let fd = crate::sys::open_at(
+        dir.as_fd(),
+        temp.as_str(),
+        nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CREAT | nix::fcntl::OFlag::O_EXCL,
+    )?;
+    nix::sys::stat::fchmod(
+        fd.as_raw_fd(),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )?;
+    let mut file = std::fs::File::from(fd);
+    file.write_all(content.as_bytes())?;
+    file.sync_all()?;
+    nix::fcntl::renameat(
+        Some(dir.as_raw_fd()),
+        temp.as_str(),
+        Some(dir.as_raw_fd()),
+        name,
+    )?;
+    Ok(())
+}
+
+/// What the import helper is asked to write into a tree that becomes a bootable disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Setup {
+    pub root_uuid: String,
+    pub esp_uuid: String,
+}
+
+/// What was done to the tree.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Done {
+    /// The kernels the menu names, newest first.
+    pub kernels: Vec<String>,
+    /// Whether amidala wrote `/etc/fstab` (the tree's own mounted nothing at `/`).
+    pub wrote_fstab: bool,
+}
+
+/// Makes the tree bootable from the disk amidala lays out: the menu, `/boot/efi`, and an
+/// fstab if the tree's own mounts nothing at `/`.
+pub fn set_up(root: BorrowedFd<'_>, setup: &Setup) -> Result<Done, String> {
+    let kernels = find_kernels(root).map_err(|e| format!("looking for kernels: {e}"))?;
+    if kernels.is_empty() {
+        return Err("the tree holds no kernel with an initramfs in /boot or /lib/modules".into());
+    }
+    write_file(
+        root,
+        "boot/grub",
+        "grub.cfg",
+        &grub_menu(&kernels, &setup.root_uuid),
+    )
+    .map_err(|e| format!("writing /boot/grub/grub.cfg: {e}"))?;
+    make_dirs(root, "boot/efi").map_err(|e| format!("making /boot/efi: {e}"))?;
+    let own =
+        read_file(root, "etc/fstab", 1 << 20).map_err(|e| format!("reading /etc/fstab: {e}"))?;
+    let wrote_fstab = !own.as_deref().is_some_and(mounts_root);
+    if wrote_fstab {
+        write_file(
+            root,
+            "etc",
+            "fstab",
+            &fstab(&setup.root_uuid, &setup.esp_uuid),
+        )
+        .map_err(|e| format!("writing /etc/fstab: {e}"))?;
+    }
+    Ok(Done {
+        kernels: kernels.into_iter().map(|k| k.version).collect(),
+        wrote_fstab,
+    })
+}
+
+/// After a build: writes amidala's menu again for the kernels the tree holds now, if the menu
+/// is still amidala's. Returns what it says about it, if anything.
+pub fn refresh(root: BorrowedFd<'_>, root_uuid: &str) -> Result<Option<String>, String> {
+    let Some(menu) = read_file(root, "boot/grub/grub.cfg", 1 << 20)
+        .map_err(|e| format!("reading /boot/grub/grub.cfg: {e}"))?
+    else {
+        return Ok(None);
+    };
+    if menu.lines().next() != Some(MARKER) {
+        return Ok(None);
+    }
+    let kernels = find_kernels(root).map_err(|e| format!("looking for kernels: {e}"))?;
+    if kernels.is_empty() {
+        return Ok(Some(
+            "amidala: warning: the image holds no kernel with an initramfs any more: it will not \
+             boot"
+                .into(),
+        ));
+    }
+    let new = grub_menu(&kernels, root_uuid);
+    if new == menu {
+        return Ok(None);
+    }
+    write_file(root, "boot/grub", "grub.cfg", &new)
+        .map_err(|e| format!("writing /boot/grub/grub.cfg: {e}"))?;
+    Ok(Some(format!(
+        "amidala: boot menu written for kernel {}",
+        kernels
+            .iter()
+            .map(|k| k.version.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )))
+}
+
+/// The UUID of the ext4 filesystem whose superblock `dev` (a device or image, opened at the
+/// filesystem's start) holds, as text; `None` if it is not ext4.
+pub fn ext4_uuid(dev: &std::fs::File) -> io::Result<Option<String>> {
+    use std::os::unix::fs::FileExt;
+    let mut sb = [0u8; 0x78];
+    dev.read_exact_at(&mut sb, 1024)?;
+    if sb[0x38..0x3a] != [0x53, 0xEF] {
+        return Ok(None);
+    }
+    Ok(Some(uuid_text(
+        &sb[0x68..0x78].try_into().expect("16 bytes"),
+    )))
+}
+
+/// A UUID's usual text form.
+pub fn uuid_text(b: &[u8; 16]) -> String {
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+/// A new random (version 4) UUID.
+pub fn random_uuid() -> String {
+    let mut b = [0u8; 16];
+    getrandom::getrandom(&mut b).expect("the kernel's random numbers");
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    uuid_text(&b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_files_are_known_by_their_paths() {
+        for (path, kind) in [
+            ("boot/vmlinuz-6.1.0-28-cloud-amd64", Some(true)),
+            ("./boot/vmlinuz", Some(true)),
+            ("boot/initrd.img-6.1.0-28-cloud-amd64", Some(false)),
+            ("boot/initramfs-6.5.img", Some(false)),
+            ("lib/modules/6.5.0/vmlinuz", Some(true)),
+            ("usr/lib/modules/6.5.0/vmlinuz", Some(true)),
+            ("usr/lib/modules/6.5.0/kernel/x.ko", None),
+            ("boot/grub/grub.cfg", None),
+            ("vmlinuz", None),
+            ("etc/boot/vmlinuz-1", None),
+        ] {
+            assert_eq!(boot_file(Path::new(path)), kind, "{path}");
+        }
+    }
+
+    #[test]
+    fn versions_sort_as_sort_v_does() {
+        let mut v = vec![
+            "6.1.0-9-amd64",
+            "6.1.0-28-amd64",
+            "5.10.0-30-amd64",
+            "6.10.1",
+            "6.1.0-28-amd64",
+        ];
+        v.sort_by(|a, b| version_order(a, b));
+        assert_eq!(
+            v,
+            [
+                "5.10.0-30-amd64",
+                "6.1.0-9-amd64",
+                "6.1.0-28-amd64",
+                "6.1.0-28-amd64",
+                "6.10.1"
+            ]
+        );
+        assert!(plain_version(b"6.1.0-28-cloud-amd64"));
+        assert!(!plain_version(b"6.1'; reboot; '"));
+        assert!(!plain_version(b"a b"));
+    }
+
+    #[test]
+    fn menus_and_fstabs_name_filesystems_by_uuid() {
+        let k = Kernel {
+            version: "6.1.0-28-cloud-amd64".into(),
+            kernel: "/boot/vmlinuz-6.1.0-28-cloud-amd64".into(),
+            initramfs: "/boot/initrd.img-6.1.0-28-cloud-amd64".into(),
+        };
+        let menu = grub_menu(&[k], "0e8f2b1c-0000-4000-8000-000000000001");
+        assert!(menu.starts_with(MARKER), "{menu}");
+        assert!(menu.contains(
+            "linux /boot/vmlinuz-6.1.0-28-cloud-amd64 root=UUID=0e8f2b1c-0000-4000-8000-000000000001 ro console=tty0 console=ttyS0,115200"
+        ));
+        let tab = fstab("r-u-u-i-d", "ABCD-1234");
+        assert!(mounts_root(&tab));
+        assert!(tab.contains("UUID=ABCD-1234 /boot/efi vfat"));
+        assert!(!mounts_root("# UNCONFIGURED FSTAB FOR BASE SYSTEM\n"));
+        assert!(!mounts_root(
+            "#UUID=x / ext4 defaults 0 1\nproc /proc proc defaults 0 0\n"
+        ));
+        assert!(mounts_root("LABEL=root\t/\text4\tdefaults\t0 1\n"));
+    }
+
+    #[test]
+    fn kernels_are_found_newest_first_and_menus_refreshed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        std::fs::create_dir_all(p.join("boot")).unwrap();
+        std::fs::create_dir_all(p.join("lib/modules/6.9.0")).unwrap();
+        for f in [
+            "boot/vmlinuz-6.1.0-9-amd64",
+            "boot/initrd.img-6.1.0-9-amd64",
+            "boot/vmlinuz-6.1.0-28-amd64",
+            "boot/initrd.img-6.1.0-28-amd64",
+            "boot/vmlinuz-7.0-noinitrd",
+            "lib/modules/6.9.0/vmlinuz",
+            "boot/initramfs-6.9.0.img",
+        ] {
+            std::fs::write(p.join(f), b"x").unwrap();
+        }
+        // A link out of the tree is followed inside it only.
+        std::os::unix::fs::symlink("/etc/passwd", p.join("boot/vmlinuz-9.9")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", p.join("boot/initrd.img-9.9")).unwrap();
+        let root = crate::sys::open_dir(p).unwrap();
+        let found = find_kernels(root.as_fd()).unwrap();
+        let versions: Vec<&str> = found.iter().map(|k| k.version.as_str()).collect();
+        assert_eq!(versions, ["6.9.0", "6.1.0-28-amd64", "6.1.0-9-amd64"]);
+        assert_eq!(found[0].kernel, "/lib/modules/6.9.0/vmlinuz");
+        assert_eq!(found[0].initramfs, "/boot/initramfs-6.9.0.img");
+
+        let done = set_up(
+            root.as_fd(),
+            &Setup {
+                root_uuid: "u-1".into(),
+                esp_uuid: "E-1".into(),
+            },
+        )
+        .unwrap();
+        assert!(done.wrote_fstab);
+        assert!(p.join("boot/efi").is_dir());
+        let menu = std::fs::read_to_string(p.join("boot/grub/grub.cfg")).unwrap();
+        assert!(menu.contains("linux /lib/modules/6.9.0/vmlinuz root=UUID=u-1"));
+        // Nothing to do while the kernels stay; a removed kernel leaves the menu.
+        assert_eq!(refresh(root.as_fd(), "u-1").unwrap(), None);
+        std::fs::remove_file(p.join("lib/modules/6.9.0/vmlinuz")).unwrap();
+        let said = refresh(root.as_fd(), "u-1").unwrap().unwrap();
+        assert!(said.contains("6.1.0-28-amd64, 6.1.0-9-amd64"), "{said}");
+        let menu = std::fs::read_to_string(p.join("boot/grub/grub.cfg")).unwrap();
+        assert!(!menu.contains("6.9.0"));
+        // A menu of the user's own is left alone.
+        std::fs::write(p.join("boot/grub/grub.cfg"), "set timeout=5\n").unwrap();
+        std::fs::remove_file(p.join("boot/vmlinuz-6.1.0-28-amd64")).unwrap();
+        assert_eq!(refresh(root.as_fd(), "u-1").unwrap(), None);
+        assert_eq!(
+            std::fs::read_to_string(p.join("boot/grub/grub.cfg")).unwrap(),
+            "set timeout=5\n"
+        );
+        // An fstab that mounts the root is kept.
+        std::fs::write(p.join("etc-fstab"), "").unwrap();
+        std::fs::create_dir_all(p.join("etc")).unwrap();
+        std::fs::write(p.join("etc/fstab"), "LABEL=x / ext4 defaults 0 1\n").unwrap();
+        let done = set_up(
+            root.as_fd(),
+            &Setup {
+                root_uuid: "u-2".into(),
+                esp_uuid: "E-2".into(),
+            },
+        )
+        .unwrap();
+        assert!(!done.wrote_fstab);
+        assert_eq!(
+            std::fs::read_to_string(p.join("etc/fstab")).unwrap(),
+            "LABEL=x / ext4 defaults 0 1\n"
+        );
+    }
+
+    #[test]
+    fn uuids_are_random_version_4() {
+        let (a, b) = (random_uuid(), random_uuid());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 36);
+        assert_eq!(&a[14..15], "4");
+    }
+}

@@ -1,0 +1,941 @@
+//! The boot test of the local provider: the image booted in QEMU, its serial console read
+//! until the guest shows that it booted.
+//!
+//! QEMU parses a disk a user made, so it never runs as root and sees almost nothing of the
+//! host. The daemon starts the helper `amidalad-exec __bootvm` (root) with the image open
+//! read-only as descriptor 3 and a [`VmJob`] on stdin; the helper
+//!
+//! 1. unshares mount, network (no network: the guest has none), IPC and UTS namespaces and
+//!    makes its mounts private;
+//! 2. mounts a size-bounded tmpfs as the VM's root: the host's `/usr` bound read-only (QEMU,
+//!    its libraries, SeaBIOS and OVMF live there), `/dev` with `null`, `zero`, `random`,
+//!    `urandom` and, for KVM, a `kvm` node of the VM's user alone, `/tmp` and `/var/tmp`
+//!    (where QEMU keeps the copy-on-write overlay of `-snapshot`: the image itself is opened
+//!    read-only and never changes) and `/vm` (UEFI's variable store, a copy);
+//! 3. pivots into it and detaches the host's tree, closes every other descriptor, takes the
+//!    VM's host id (no groups, no capabilities, no new privileges) and executes QEMU with its
+//!    own seccomp sandbox on (`-sandbox on,…`), memory and CPUs bounded (`-m`, `-smp`,
+//!    TCG's translation cache).
+//!
+//! QEMU's serial console is its stdout, read by the daemon line by line into the build's log;
+//! the test passes when a line shows the boot signal (a login prompt, `NAME login:`, or the
+//! user's marker) and fails on a sign of a failed boot (a kernel panic, the initramfs's or
+//! systemd's emergency shell, GRUB's rescue prompt or an error it waits on), QEMU's exit, or
+//! the time limit. QEMU is killed at the end of every test: the overlay goes with it.
+//!
+//! KVM is used where `/dev/kvm` exists and can run the guest. A KVM that cannot is seen by
+//! what it does: QEMU reports an emulation failure (nested KVM on some hosts stops on
+//! `cmpxchg16b` or `xrstor`), or the guest's kernel has not printed its first line 20 s after
+//! QEMU started (nested KVM emulating the firmware's and GRUB's real-mode code so slowly it
+//! never gets there, remembered only once the same guest boots under TCG). That is remembered
+//! for the daemon's life and the test runs again under TCG, QEMU's emulator, saying so in
+//! the log.
+
+use std::collections::VecDeque;
+use std::ffi::CString;
+use std::os::fd::{AsFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use amidala::proto::ErrorCode;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt;
+
+use crate::error::Failure;
+
+/// The argument that makes `amidalad-exec` the boot test's helper.
+pub const BOOTVM_ARG: &str = "__bootvm";
+/// The image's descriptor in the helper and in QEMU.
+const IMAGE_FD: RawFd = 3;
+/// Where QEMU finds its firmware.
+const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+const QEMU: &str = "/usr/bin/qemu-system-x86_64";
+/// How long KVM has to show the guest's kernel starting before it is judged unable to run it.
+const KVM_TRIAL: Duration = Duration::from_secs(20);
+/// Lines of the console kept for the error of a failed test.
+const TAIL_LINES: usize = 25;
+/// The longest console line written to the log (longer ones are cut).
+const LINE_MAX: usize = 400;
+
+/// Which firmware boots the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Firmware {
+    /// Legacy BIOS (SeaBIOS).
+    Bios,
+    /// UEFI (OVMF).
+    Uefi,
+}
+
+impl Firmware {
+    pub fn name(self) -> &'static str {
+        match self {
+            Firmware::Bios => "bios",
+            Firmware::Uefi => "uefi",
+        }
+    }
+
+    /// The firmware of a `bios`, `uefi` or `bios+uefi` list (an image's [`amidala::proto::BOOT_TAG`]
+    /// or a user's `--boot-firmware`).
+    pub fn parse_list(list: &str) -> Result<Vec<Firmware>, String> {
+        let mut out = Vec::new();
+        for name in list.split(['+', ',']) {
+            let f = match name.trim() {
+                "bios" => Firmware::Bios,
+                "uefi" => Firmware::Uefi,
+                other => {
+                    return Err(format!(
+                        "{other:?} is not a firmware: bios, uefi or bios+uefi"
+                    ))
+                }
+            };
+            if !out.contains(&f) {
+                out.push(f);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// How QEMU accelerates the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Accel {
+    /// KVM where it works, else TCG.
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+/// The daemon's settings of boot tests (`[boot_test]` in its configuration).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub accel: Accel,
+    /// Guest memory, MiB.
+    pub memory_mib: u32,
+    pub cpus: u32,
+    /// Seconds a boot may take unless the build says otherwise, and the most it may say.
+    pub timeout: u64,
+    pub max_timeout: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            accel: Accel::Auto,
+            memory_mib: 1024,
+            cpus: 1,
+            timeout: 300,
+            max_timeout: 1800,
+        }
+    }
+}
+
+/// KVM's state on this host, learnt by trying it: 0 not known, 1 works, 2 cannot run guests.
+static KVM: AtomicU8 = AtomicU8::new(0);
+
+/// Whether `program` is an executable file in the daemon's PATH directories.
+pub fn on_path(program: &str) -> bool {
+    [
+        "/usr/local/sbin",
+        "/usr/local/bin",
+        "/usr/sbin",
+        "/usr/bin",
+        "/sbin",
+        "/bin",
+    ]
+    .iter()
+    .any(|dir| {
+        nix::unistd::access(
+            &Path::new(dir).join(program),
+            nix::unistd::AccessFlags::X_OK,
+        )
+        .is_ok()
+    })
+}
+
+/// What the host lacks to boot images with `firmware`, by package.
+pub fn missing(firmware: &[Firmware]) -> Option<String> {
+    let mut missing = Vec::new();
+    if !Path::new(QEMU).exists() {
+        missing.push("qemu-system-x86_64 (package qemu-system-x86)");
+    }
+    if firmware.contains(&Firmware::Uefi)
+        && !(Path::new(OVMF_CODE).exists() && Path::new(OVMF_VARS).exists())
+    {
+        missing.push("UEFI firmware for QEMU (package ovmf)");
+    }
+    (!missing.is_empty()).then(|| missing.join(", "))
+}
+
+/// One boot to test.
+#[derive(Debug, Clone)]
+pub struct Test<'a> {
+    pub firmware: Firmware,
+    /// What shows the guest booted, else a login prompt.
+    pub marker: Option<&'a str>,
+    pub timeout: Duration,
+    /// The host id QEMU runs as.
+    pub uid: u32,
+    /// An empty directory may be made here (root's) as the VM's root mount point.
+    pub staging: &'a Path,
+}
+
+/// A passed test.
+#[derive(Debug, Clone)]
+pub struct Passed {
+    pub firmware: Firmware,
+    pub accel: &'static str,
+    /// From QEMU's start to the boot signal.
+    pub seconds: f64,
+}
+
+/// Checks a boot test asked for, before anything is made.
+pub fn check_test(
+    test: &amidala::proto::BootTestSpec,
+    settings: &Settings,
+    provider: &str,
+) -> Result<(), Failure> {
+    if provider != "local" {
+        return Err(Failure::invalid(format!(
+            "--boot-test: the {provider} provider cannot boot-test images yet (only the local \
+             provider can, in QEMU)"
+        )));
+    }
+    if let Some(list) = &test.firmware {
+        Firmware::parse_list(list)
+            .map_err(|why| Failure::invalid(format!("--boot-firmware: {why}")))?;
+    }
+    if let Some(marker) = &test.marker {
+        if marker.trim().is_empty() || marker.len() > 200 || marker.chars().any(char::is_control) {
+            return Err(Failure::invalid(
+                "--boot-marker must be 1 to 200 characters of text, without control characters",
+            ));
+        }
+    }
+    if let Some(t) = test.timeout {
+        if t < 10 || t > settings.max_timeout {
+            return Err(Failure::invalid(format!(
+                "--boot-timeout {t} s: it must be at least 10 s and at most {} s ([boot_test] \
+                 max_timeout)",
+                settings.max_timeout
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The host id QEMU runs as for `owner`'s boot tests: the last of the owner's build range (a
+/// member's VMs then share ids only with that member's own builds), or for root's builds the
+/// last of the import sandbox's range.
+pub fn vm_uid(daemon: &crate::Daemon, owner: u32) -> Result<u32, Failure> {
+    let last = crate::idrange::RANGE - 1;
+    Ok(match owner {
+        0 => daemon.config.import_id_base + last,
+        uid => daemon.id_ranges.base_of(uid)? + last,
+    })
+}
+
+/// Boots the image file `image` with each firmware `test` asks for, else each the image
+/// was made for (`boot`, its [`amidala::proto::BOOT_TAG`]); stops at the first that fails.
+pub async fn boot_all(
+    daemon: &crate::Daemon,
+    owner: u32,
+    image: &Path,
+    made_for: Option<&str>,
+    test: &amidala::proto::BootTestSpec,
+    console: &(dyn Fn(String) + Sync),
+) -> Result<Vec<Passed>, Failure> {
+    let firmware = match (&test.firmware, made_for) {
+        (Some(list), _) => Firmware::parse_list(list).map_err(Failure::invalid)?,
+        (None, Some("none")) => return Err(Failure::invalid(
+            "the image cannot boot: it was imported from a tree without a kernel (amidala:boot \
+                 = none); import a tree with a kernel and an initramfs, or name the firmware with \
+                 --boot-firmware",
+        )),
+        (None, Some(list)) => Firmware::parse_list(list).map_err(Failure::invalid)?,
+        (None, None) => {
+            return Err(Failure::invalid(
+                "the image does not say how it boots (no amidala:boot tag): name the firmware \
+                 with --boot-firmware bios|uefi",
+            ))
+        }
+    };
+    let settings = &daemon.config.boot_test;
+    let file = std::fs::File::open(image)
+        .map_err(|e| Failure::io(format!("opening {}", image.display()), e))?;
+    let staging = daemon.catalog.tmp_dir();
+    let uid = vm_uid(daemon, owner)?;
+    let mut passed = Vec::new();
+    for firmware in firmware {
+        let one = Test {
+            firmware,
+            marker: test.marker.as_deref(),
+            timeout: Duration::from_secs(test.timeout.unwrap_or(settings.timeout)),
+            uid,
+            staging: &staging,
+        };
+        let p = boot(&file, &one, settings, console).await?;
+        console(format!(
+            "amidala: boot test ({}, {}) passed in {:.1} s",
+            p.firmware.name(),
+            p.accel,
+            p.seconds
+        ));
+        passed.push(p);
+    }
+    Ok(passed)
+}
+
+/// What an image's [`amidala::proto::BOOT_TEST_DETAIL_TAG`] says of passed tests, e.g.
+/// `bios 61.2s tcg, uefi 62.0s tcg`.
+pub fn detail(passed: &[Passed]) -> String {
+    passed
+        .iter()
+        .map(|p| format!("{} {:.1}s {}", p.firmware.name(), p.seconds, p.accel))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// What the helper is asked to do.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmJob {
+    /// An empty directory: the VM's root is mounted on it.
+    pub root_dir: PathBuf,
+    pub uid: u32,
+    /// Make `/dev/kvm` for the VM.
+    pub kvm: bool,
+    /// Copy OVMF's variable store to `/vm/vars.fd`.
+    pub uefi: bool,
+    /// QEMU's arguments.
+    pub args: Vec<String>,
+}
+
+/// QEMU's command line for a test.
+fn qemu_args(firmware: Firmware, kvm: bool, settings: &Settings) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+        "-no-reboot",
+        "-sandbox",
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        "-machine",
+        "q35",
+        "-chardev",
+        "stdio,id=console,signal=off",
+        "-serial",
+        "chardev:console",
+        "-add-fd",
+        "fd=3,set=1,opaque=image",
+        "-drive",
+        "if=none,id=disk,file=/dev/fdset/1,format=raw,read-only=on,snapshot=on",
+        "-device",
+        "virtio-blk-pci,drive=disk",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if kvm {
+        args.extend(["-accel", "kvm", "-cpu", "host"].map(String::from));
+    } else {
+        // The translation cache bounded (MiB): QEMU's own memory, besides the guest's.
+        args.extend(["-accel", "tcg,tb-size=256"].map(String::from));
+    }
+    args.extend([
+        "-m".to_owned(),
+        settings.memory_mib.to_string(),
+        "-smp".to_owned(),
+        settings.cpus.to_string(),
+    ]);
+    if firmware == Firmware::Uefi {
+        args.extend([
+            "-drive".to_owned(),
+            format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"),
+            "-drive".to_owned(),
+            "if=pflash,format=raw,unit=1,file=/vm/vars.fd".to_owned(),
+        ]);
+    }
+    args
+}
+
+/// What a console line says about the boot.
+#[derive(Debug, PartialEq, Eq)]
+enum Sign {
+    Booted,
+    Failed(&'static str),
+}
+
+/// Reads a console line (complete or not yet) for the boot signal or a failure.
+fn read_sign(line: &str, marker: Option<&str>) -> Option<Sign> {
+    let failures: &[(&str, &str)] = &[
+        ("Kernel panic", "the kernel panicked"),
+        (
+            "You are in emergency mode",
+            "systemd went into emergency mode",
+        ),
+        (
+            "Give root password for maintenance",
+            "systemd went into emergency mode",
+        ),
+        (
+            "Dropping to a shell",
+            "the initramfs could not mount the root filesystem",
+        ),
+        ("grub rescue>", "GRUB could not load its modules or menu"),
+        (
+            "Press any key to continue",
+            "GRUB could not boot the kernel",
+        ),
+        ("No bootable device", "the firmware found nothing to boot"),
+        (
+            "Boot failed: not a bootable disk",
+            "the firmware found nothing to boot",
+        ),
+    ];
+    if let Some((_, why)) = failures.iter().find(|(text, _)| line.contains(text)) {
+        return Some(Sign::Failed(why));
+    }
+    let booted = match marker {
+        Some(marker) => line.contains(marker),
+        None => {
+            let line = line.trim_end();
+            line.ends_with(" login:") && !line.contains("Last login")
+        }
+    };
+    booted.then_some(Sign::Booted)
+}
+
+/// A console line as the log shows it: escape sequences and control characters removed.
+fn clean(raw: &[u8]) -> String {
+    let text = String::from_utf8_lossy(raw);
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters final-byte; other escapes: ESC and one character.
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for c in chars.by_ref() {
+                    if ('@'..='~').contains(&c) {
+                        break;
+                    }
+                }
+            } else {
+                chars.next();
+            }
+        } else if c == '\t' || !c.is_control() {
+            out.push(c);
+        }
+    }
+    if out.len() > LINE_MAX {
+        let mut cut = LINE_MAX;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+        out.push('…');
+    }
+    out
+}
+
+/// How one run of QEMU ended.
+enum Ended {
+    Booted(f64),
+    Failed(String),
+    /// KVM could not run the guest: what QEMU said, and whether it was only that the kernel
+    /// had not started in time (which the same guest under TCG must confirm).
+    KvmBroken(String, bool),
+}
+
+/// Boots `image` (opened read-only) as `test` says; `console` receives each console line.
+pub async fn boot(
+    image: &std::fs::File,
+    test: &Test<'_>,
+    settings: &Settings,
+    console: &(dyn Fn(String) + Sync),
+) -> Result<Passed, Failure> {
+    let firmware = [test.firmware];
+    if let Some(missing) = missing(&firmware) {
+        return Err(Failure::new(
+            ErrorCode::Io,
+            format!("this host cannot run boot tests: it lacks {missing}"),
+        ));
+    }
+    let kvm_usable = match settings.accel {
+        Accel::Tcg => false,
+        Accel::Kvm => true,
+        Accel::Auto => Path::new("/dev/kvm").exists() && KVM.load(Ordering::Relaxed) != 2,
+    };
+    let started = Instant::now();
+    let mut kvm = kvm_usable;
+    // A guest slow under KVM makes KVM unusable for the daemon's later tests only if it then
+    // boots under TCG: one whose kernel never starts says nothing about KVM.
+    let mut stalled_under_kvm = false;
+    loop {
+        let accel = if kvm { "kvm" } else { "tcg" };
+        console(format!(
+            "amidala: boot test ({}, {accel}): starting QEMU",
+            test.firmware.name()
+        ));
+        let left = test.timeout.saturating_sub(started.elapsed());
+        match run_qemu(image, test, settings, kvm, left, console).await? {
+            Ended::Booted(seconds) => {
+                if kvm {
+                    KVM.store(1, Ordering::Relaxed);
+                } else if stalled_under_kvm {
+                    KVM.store(2, Ordering::Relaxed);
+                }
+                return Ok(Passed {
+                    firmware: test.firmware,
+                    accel,
+                    seconds,
+                });
+            }
+            Ended::Failed(why) => {
+                return Err(Failure::new(
+                    ErrorCode::BootTestFailed,
+                    format!(
+                        "boot test ({}, {accel}) failed: {why}",
+                        test.firmware.name()
+                    ),
+                ))
+            }
+            Ended::KvmBroken(said, stalled) if settings.accel == Accel::Auto => {
+                if stalled {
+                    stalled_under_kvm = true;
+                } else {
+                    KVM.store(2, Ordering::Relaxed);
+                }
+                console(format!(
+                    "amidala: KVM cannot run this guest on this host ({said}): booting again \
+                     under TCG, QEMU's emulator, which is slower"
+                ));
+                kvm = false;
+            }
+            Ended::KvmBroken(said, _) => {
+                return Err(Failure::new(
+                    ErrorCode::BootTestFailed,
+                    format!(
+                        "boot test: KVM cannot run the guest ([boot_test] accel = \"kvm\"): {said}"
+                    ),
+                ))
+            }
+        }
+    }
+}
+
+/// One run of QEMU, until it shows a sign, ends, or `limit` passes.
+async fn run_qemu(
+    image: &std::fs::File,
+    test: &Test<'_>,
+    settings: &Settings,
+    kvm: bool,
+    limit: Duration,
+    console: &(dyn Fn(String) + Sync),
+) -> Result<Ended, Failure> {
+    use tokio::io::AsyncWriteExt;
+    let root_dir = test.staging.join(crate::ids::new_id("vm"));
+    std::fs::create_dir(&root_dir)
+        .map_err(|e| Failure::io(format!("creating {}", root_dir.display()), e))?;
+    // Only ever mounted in the helper's namespace: an empty directory once it is gone.
+    struct RemoveDir(PathBuf);
+    impl Drop for RemoveDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _dir = RemoveDir(root_dir.clone());
+    let job = VmJob {
+        root_dir,
+        uid: test.uid,
+        kvm,
+        uefi: test.firmware == Firmware::Uefi,
+        args: qemu_args(test.firmware, kvm, settings),
+    };
+    let started = Instant::now();
+    let mut child = crate::spawn::spawn(&crate::spawn::Spec {
+        program: crate::helper::program().as_os_str(),
+        args: vec!["amidalad-bootvm".as_ref(), BOOTVM_ARG.as_ref()],
+        env: vec![("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")],
+        pass: Some((image.as_fd(), IMAGE_FD)),
+        cgroup: None,
+        creds: None,
+        stdout: None,
+    })
+    .map_err(|e| Failure::io("starting the boot test's helper", e))?;
+    let mut stdin = child.stdin.take().expect("piped");
+    stdin
+        .write_all(&serde_json::to_vec(&job).expect("jobs serialize"))
+        .await
+        .map_err(|e| Failure::io("sending the boot test's helper its job", e))?;
+    drop(stdin);
+    let mut stdout = child.stdout.take().expect("piped");
+    let mut stderr = child.stderr.take().expect("piped").take(64 << 10);
+    let mut said = Vec::new();
+    let mut tail: VecDeque<String> = VecDeque::new();
+    let mut line: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 16 << 10];
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut err_buf = vec![0u8; 4096];
+    let mut err_open = true;
+    // Under KVM, the kernel's first line is due within seconds; a KVM that cannot run the
+    // guest's firmware and boot loader (nested KVM emulating real mode) is judged by it.
+    let mut kernel_seen = false;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let ended = loop {
+        tokio::select! {
+            _ = tick.tick(), if kvm && !kernel_seen => {
+                if started.elapsed() > KVM_TRIAL {
+                    break Ended::KvmBroken(format!(
+                        "the guest's kernel had not started after {} s",
+                        KVM_TRIAL.as_secs()
+                    ), true);
+                }
+            }
+            read = stdout.read(&mut buf) => {
+                let n = read.map_err(|e| Failure::io("reading the console", e))?;
+                if n == 0 {
+                    break ended_without_sign(&said, &tail);
+                }
+                let mut sign = None;
+                for &b in &buf[..n] {
+                    if b == b'\n' {
+                        let text = clean(&line);
+                        line.clear();
+                        sign = sign.or_else(|| read_sign(&text, test.marker));
+                        kernel_seen |= text.contains("Linux version") || text.starts_with("[    0.");
+                        if !text.trim().is_empty() {
+                            console(format!("console: {text}"));
+                            if tail.len() == TAIL_LINES {
+                                tail.pop_front();
+                            }
+                            tail.push_back(text);
+                        }
+                    } else if line.len() < 4 * LINE_MAX {
+                        line.push(b);
+                    }
+                }
+                // A prompt ends without a newline.
+                if sign.is_none() && !line.is_empty() {
+                    let text = clean(&line);
+                    sign = read_sign(&text, test.marker);
+                    if sign.is_some() {
+                        console(format!("console: {text}"));
+                        tail.push_back(text);
+                    }
+                }
+                match sign {
+                    Some(Sign::Booted) => break Ended::Booted(started.elapsed().as_secs_f64()),
+                    Some(Sign::Failed(why)) => break Ended::Failed(with_tail(why, &tail)),
+                    None => {}
+                }
+            }
+            read = stderr.read(&mut err_buf), if err_open => {
+                match read {
+                    Ok(0) | Err(_) => err_open = false,
+                    Ok(n) => {
+                        said.extend_from_slice(&err_buf[..n]);
+                        let text = String::from_utf8_lossy(&said);
+                        if kvm && (text.contains("KVM internal error") || text.contains("emulation failure")) {
+                            break Ended::KvmBroken(first_line(&text), false);
+                        }
+                    }
+                }
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                break Ended::Failed(with_tail(
+                    &format!("no boot signal within {} s", limit.as_secs()),
+                    &tail,
+                ));
+            }
+        }
+    };
+    // The VM and its overlay are done with, whatever the guest is doing.
+    let _ = child.kill().await;
+    Ok(ended)
+}
+
+fn first_line(text: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.contains("warning:"))
+        .unwrap_or("")
+        .to_owned()
+}
+
+fn ended_without_sign(said: &[u8], tail: &VecDeque<String>) -> Ended {
+    let said = String::from_utf8_lossy(said);
+    let why = match first_line(&said) {
+        s if s.is_empty() => {
+            "QEMU ended before the guest booted (it powered off or reset)".to_owned()
+        }
+        s => format!("QEMU ended before the guest booted: {s}"),
+    };
+    if said.contains("KVM internal error") || said.contains("emulation failure") {
+        return Ended::KvmBroken(first_line(&said), false);
+    }
+    Ended::Failed(with_tail(&why, tail))
+}
+
+fn with_tail(why: &str, tail: &VecDeque<String>) -> String {
+    if tail.is_empty() {
+        return format!("{why}; the console showed nothing");
+    }
+    let last: Vec<&str> = tail.iter().map(String::as_str).collect();
+    format!("{why}; the console's last lines:\n  {}", last.join("\n  "))
+}
+
+/// Entry point of `amidalad-exec __bootvm`: makes the VM's root and executes QEMU in it as
+/// the VM's user. Writes why it failed to stderr if it cannot.
+pub fn helper_main() -> ! {
+    let why = match helper() {
+        Ok(never) => match never {},
+        Err(why) => why,
+    };
+    eprintln!("amidalad-bootvm: {why}");
+    std::process::exit(1)
+}
+
+fn e(what: &str) -> impl FnOnce(nix::Error) -> String + '_ {
+    move |err| format!("{what}: {err}")
+}
+
+/// Binds the host's `source` on `target`, read-only, nosuid and nodev.
+fn bind_read_only(source: &str, target: &Path) -> Result<(), String> {
+    mount(
+        Some(source),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(e(&format!("binding {source}")))?;
+    mount(
+        None::<&str>,
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV,
+        None::<&str>,
+    )
+    .map_err(e(&format!("making {source} read-only")))
+}
+
+fn helper() -> Result<std::convert::Infallible, String> {
+    use std::io::Read;
+    use std::os::unix::fs::{symlink, DirBuilderExt, PermissionsExt};
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+        .map_err(e("setting the parent-death signal"))?;
+    let mut input = Vec::new();
+    std::io::stdin()
+        .take(1 << 20)
+        .read_to_end(&mut input)
+        .map_err(|err| format!("reading the job: {err}"))?;
+    let job: VmJob =
+        serde_json::from_slice(&input).map_err(|err| format!("decoding the job: {err}"))?;
+    if job.uid == 0 {
+        return Err("QEMU never runs as root".into());
+    }
+    use nix::sched::CloneFlags;
+    nix::sched::unshare(
+        CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWNET
+            | CloneFlags::CLONE_NEWIPC
+            | CloneFlags::CLONE_NEWUTS,
+    )
+    .map_err(e("making the VM's namespaces"))?;
+    crate::sys::make_mounts_private().map_err(e("making mounts private"))?;
+    let root = &job.root_dir;
+    // Bounded: the overlay of the guest's writes, UEFI's variables, QEMU's few files.
+    mount(
+        Some("tmpfs"),
+        root,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID,
+        Some("size=1g,nr_inodes=4096,mode=755"),
+    )
+    .map_err(e("mounting the VM's root"))?;
+    let mkdir = |name: &str, mode: u32| {
+        std::fs::DirBuilder::new()
+            .mode(mode)
+            .create(root.join(name))
+            .map_err(|err| format!("making /{name}: {err}"))
+    };
+    for (name, mode) in [
+        ("usr", 0o755),
+        ("dev", 0o755),
+        ("tmp", 0o700),
+        ("var", 0o755),
+        ("var/tmp", 0o700),
+        ("vm", 0o700),
+    ] {
+        mkdir(name, mode)?;
+    }
+    bind_read_only("/usr", &root.join("usr"))?;
+    // The host's top-level links into /usr (merged /usr), or its own directories.
+    for name in ["bin", "sbin", "lib", "lib32", "lib64", "libx32"] {
+        let host = Path::new("/").join(name);
+        match std::fs::read_link(&host) {
+            Ok(target) => symlink(&target, root.join(name))
+                .map_err(|err| format!("linking /{name}: {err}"))?,
+            Err(_) if host.is_dir() => {
+                mkdir(name, 0o755)?;
+                bind_read_only(&host.to_string_lossy(), &root.join(name))?;
+            }
+            Err(_) => {}
+        }
+    }
+    let mut nodes = vec![
+        ("null", 1, 3, 0o666),
+        ("zero", 1, 5, 0o666),
+        ("random", 1, 8, 0o666),
+        ("urandom", 1, 9, 0o666),
+    ];
+    if job.kvm {
+        nodes.push(("kvm", 10, 232, 0o600));
+    }
+    for (name, major, minor, mode) in nodes {
+        let path = root.join("dev").join(name);
+        nix::sys::stat::mknod(
+            &path,
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(mode),
+            nix::sys::stat::makedev(major, minor),
+        )
+        .map_err(e(&format!("making /dev/{name}")))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+            .map_err(|err| format!("making /dev/{name}: {err}"))?;
+        if name == "kvm" {
+            std::os::unix::fs::chown(&path, Some(job.uid), Some(job.uid))
+                .map_err(|err| format!("giving /dev/kvm to the VM: {err}"))?;
+        }
+    }
+    if job.uefi {
+        std::fs::copy(OVMF_VARS, root.join("vm/vars.fd"))
+            .map_err(|err| format!("copying {OVMF_VARS}: {err}"))?;
+        std::os::unix::fs::chown(root.join("vm/vars.fd"), Some(job.uid), Some(job.uid))
+            .map_err(|err| format!("giving UEFI's variables to the VM: {err}"))?;
+    }
+    for dir in ["tmp", "var/tmp", "vm"] {
+        std::os::unix::fs::chown(root.join(dir), Some(job.uid), Some(job.uid))
+            .map_err(|err| format!("giving /{dir} to the VM: {err}"))?;
+    }
+    // Into the VM's root; the host's tree detached.
+    nix::unistd::chdir(root).map_err(e("entering the VM's root"))?;
+    nix::unistd::pivot_root(".", ".").map_err(e("pivoting into the VM's root"))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(e("detaching the host's tree"))?;
+    nix::unistd::chdir("/").map_err(e("entering /"))?;
+    // stdin: nothing (the job is read); stdout: the console, for the daemon; stderr: QEMU's
+    // messages. Nothing else open but the image.
+    let null = nix::fcntl::open(
+        "/dev/null",
+        nix::fcntl::OFlag::O_RDONLY,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(e("opening /dev/null"))?;
+    nix::unistd::dup2(null, 0).map_err(e("redirecting stdin"))?;
+    crate::executor::close_range(IMAGE_FD as u32 + 1, u32::MAX);
+    // The VM's user: no groups, no capabilities (all ids non-zero), no way to gain any.
+    let id = nix::unistd::Uid::from_raw(job.uid);
+    let gid = nix::unistd::Gid::from_raw(job.uid);
+    nix::unistd::setgroups(&[]).map_err(e("dropping groups"))?;
+    nix::unistd::setresgid(gid, gid, gid).map_err(e("taking the VM's group"))?;
+    nix::unistd::setresuid(id, id, id).map_err(e("taking the VM's user"))?;
+    nix::sys::prctl::set_no_new_privs().map_err(e("setting no_new_privs"))?;
+    let program = CString::new(QEMU).expect("no NUL");
+    let mut argv = vec![CString::new("qemu-system-x86_64").expect("no NUL")];
+    for arg in &job.args {
+        argv.push(CString::new(arg.as_str()).map_err(|_| "an argument with a NUL byte")?);
+    }
+    let env = [
+        CString::new("PATH=/usr/bin").expect("no NUL"),
+        CString::new("TMPDIR=/tmp").expect("no NUL"),
+    ];
+    let err = nix::unistd::execve(&program, &argv, &env).unwrap_err();
+    Err(format!("executing {QEMU}: {err}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_lines_show_how_the_boot_went() {
+        assert_eq!(read_sign("amidala-boot login: ", None), Some(Sign::Booted));
+        assert_eq!(
+            read_sign("Debian GNU/Linux 12 amidala-boot ttyS0", None),
+            None
+        );
+        assert_eq!(read_sign("Last login: Mon on ttyS0", None), None);
+        assert_eq!(
+            read_sign(
+                "[    2.1] Kernel panic - not syncing: VFS: Unable to mount root fs",
+                None
+            ),
+            Some(Sign::Failed("the kernel panicked"))
+        );
+        assert_eq!(
+            read_sign(
+                "You are in emergency mode. After logging in, type ...",
+                None
+            ),
+            Some(Sign::Failed("systemd went into emergency mode"))
+        );
+        assert_eq!(
+            read_sign("ready: hello", Some("ready: hello")),
+            Some(Sign::Booted)
+        );
+        assert_eq!(read_sign("amidala-boot login:", Some("ready")), None);
+    }
+
+    #[test]
+    fn console_text_is_cleaned_for_the_log() {
+        assert_eq!(
+            clean(b"\x1b[0;32m  OK  \x1b[0m] Reached target \x07Multi-User\r"),
+            "  OK  ] Reached target Multi-User"
+        );
+        let long = vec![b'x'; 1000];
+        assert!(clean(&long).chars().count() <= LINE_MAX + 1);
+    }
+
+    #[test]
+    fn firmware_lists_parse() {
+        assert_eq!(
+            Firmware::parse_list("bios+uefi").unwrap(),
+            [Firmware::Bios, Firmware::Uefi]
+        );
+        assert_eq!(Firmware::parse_list("uefi").unwrap(), [Firmware::Uefi]);
+        assert!(Firmware::parse_list("none").is_err());
+    }
+
+    #[test]
+    fn qemu_gets_the_image_read_only_with_an_overlay_and_no_network() {
+        let args = qemu_args(Firmware::Uefi, false, &Settings::default()).join(" ");
+        assert!(
+            args.contains("file=/dev/fdset/1,format=raw,read-only=on,snapshot=on"),
+            "{args}"
+        );
+        assert!(args.contains("-nodefaults"), "{args}");
+        assert!(!args.contains("-netdev"), "{args}");
+        assert!(args.contains("tcg,tb-size=256"), "{args}");
+        assert!(args.contains(OVMF_CODE), "{args}");
+        let args = qemu_args(Firmware::Bios, true, &Settings::default()).join(" ");
+        assert!(
+            args.contains("-accel kvm") && !args.contains("pflash"),
+            "{args}"
+        );
+    }
+}

@@ -1,0 +1,454 @@
+//! Images that boot: a real Debian tree (cloud kernel, systemd, udev) imported as a bootable
+//! disk, built, and booted by the boot test in QEMU with legacy BIOS and with UEFI; kernel
+//! changes inside a build; a broken image refused; the original tool's workflow from a root
+//! tarball to an application image that boots.
+//!
+//! QEMU runs under KVM where KVM can run the guest and under TCG where it cannot (these
+//! machines' nested KVM): the tests pass either way. Boots are slow under TCG (about 40 s), so
+//! the tests of this file take turns, and boot only as often as they need.
+
+use std::fs;
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use amidala_tests::{field, run, Env, Mounted};
+
+/// One boot at a time: two cores, and a guest under TCG takes one.
+static BOOTS: Mutex<()> = Mutex::new(());
+
+fn take_turn() -> std::sync::MutexGuard<'static, ()> {
+    BOOTS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The image's tags, as `amidala images` lists them.
+fn image_tags(env: &Env, image: &str) -> serde_json::Value {
+    let images = env.amidala(&["images", "--json"]).json();
+    images
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"] == image)
+        .unwrap_or_else(|| panic!("no image {image} in {images}"))["tags"]
+        .clone()
+}
+
+/// The snapshot's record, as `amidala snapshots` lists it.
+fn snapshot(env: &Env, id: &str) -> serde_json::Value {
+    let all = env.amidala(&["snapshots", "--json"]).json();
+    all.as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == id)
+        .unwrap_or_else(|| panic!("no snapshot {id} in {all}"))
+        .clone()
+}
+
+/// No VM of this test is left running, and nothing else of the environment.
+#[track_caller]
+fn assert_nothing_left(env: &Env) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !amidala_tests::qemu_processes().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(amidala_tests::qemu_processes(), Vec::<String>::new());
+    env.assert_no_leaks();
+}
+
+/// The root partition (3) of a bootable disk, mounted read-only.
+fn root_of(image: &std::path::Path) -> Mounted {
+    Mounted::new(image, 66 << 20)
+}
+
+#[test]
+fn a_debian_tree_becomes_a_disk_that_boots_with_bios_and_uefi() {
+    let _turn = take_turn();
+    let env = Env::start();
+    let tree = amidala_tests::debian_boot_rootfs();
+    let imported = env.amidala(&[
+        "base",
+        "import",
+        tree.to_str().unwrap(),
+        "--tag",
+        "os=debian",
+    ]);
+    let base = imported.ok().trim().to_owned();
+    assert!(
+        imported.stderr.contains("on a bootable GPT disk")
+            && imported
+                .stderr
+                .contains("installing GRUB for legacy BIOS and UEFI"),
+        "{}",
+        imported.stderr
+    );
+    assert_eq!(snapshot(&env, &base)["tags"]["amidala:boot"], "bios+uefi");
+
+    // The disk: a GPT with the BIOS boot partition, the ESP and the root, and a valid backup.
+    let disk = env.snapshot_file(&base);
+    let table = run(Command::new("sfdisk").arg("--dump").arg(&disk))
+        .ok()
+        .to_owned();
+    for part in [
+        "start=        2048, size=        2048, type=21686148-6449-6E6F-744E-656564454649",
+        "start=        4096, size=      131072, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B",
+        "start=      135168,",
+        "type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709",
+    ] {
+        assert!(table.contains(part), "{part} not in\n{table}");
+    }
+    run(Command::new("sfdisk").arg("--verify").arg(&disk)).ok();
+    // GRUB's boot sector in the MBR, its core image in partition 1, BOOTX64.EFI on the ESP.
+    let bytes = fs::read(&disk).unwrap();
+    let boot_img = fs::read("/usr/lib/grub/i386-pc/boot.img").unwrap();
+    assert_eq!(&bytes[..0x5c], &boot_img[..0x5c], "GRUB's boot sector");
+    assert_eq!(&bytes[0x5c..0x64], &2048u64.to_le_bytes());
+    assert_eq!(&bytes[510..512], &[0x55, 0xAA]);
+    assert_eq!(
+        &bytes[(1 << 20) + 0x1f4..(1 << 20) + 0x1fc],
+        &2049u64.to_le_bytes()
+    );
+    let esp = format!("{}@@{}", disk.display(), 2 << 20);
+    let listing = run(Command::new("mdir").args(["-i", &esp, "-b", "::/EFI/BOOT"]))
+        .ok()
+        .to_owned();
+    assert!(listing.contains("BOOTX64.EFI"), "{listing}");
+    let esp_info = run(Command::new("blkid")
+        .args(["-p", "-O", &(2u64 << 20).to_string()])
+        .arg(&disk))
+    .ok()
+    .to_owned();
+    assert!(
+        esp_info.contains("TYPE=\"vfat\"") && esp_info.contains("VERSION=\"FAT32\""),
+        "{esp_info}"
+    );
+    // The menu and fstab name the root filesystem by its UUID, with the serial console.
+    let root_info = run(Command::new("blkid")
+        .args(["-p", "-o", "export", "-O", &(66u64 << 20).to_string()])
+        .arg(&disk))
+    .ok()
+    .to_owned();
+    let uuid = root_info
+        .lines()
+        .find_map(|l| l.strip_prefix("UUID="))
+        .unwrap_or_else(|| panic!("{root_info}"))
+        .to_owned();
+    {
+        let root = root_of(&disk);
+        let menu = root.read("/boot/grub/grub.cfg");
+        assert!(
+            menu.starts_with("# amidala: this menu is written by amidala"),
+            "{menu}"
+        );
+        assert!(
+            menu.contains(&format!(
+                "root=UUID={uuid} ro console=tty0 console=ttyS0,115200"
+            )),
+            "{menu}"
+        );
+        let fstab = root.read("/etc/fstab");
+        assert!(fstab.contains(&format!("UUID={uuid} / ext4")), "{fstab}");
+        assert!(fstab.contains("/boot/efi vfat"), "{fstab}");
+        assert!(root.path("/boot/efi").is_dir());
+    }
+
+    // A build with the boot test: both firmware the image was made for, in QEMU.
+    let ws = env.workspace("ws", &[]);
+    let built = env.amidala_in(
+        &ws,
+        &[
+            "build",
+            "--json",
+            "--from",
+            "os=debian",
+            "--boot-test",
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo built > /etc/built-by-amidala",
+        ],
+    );
+    let result = built.json();
+    let log = &built.stderr;
+    for firmware in ["bios", "uefi"] {
+        assert!(
+            log.contains(&format!("boot test ({firmware}, kvm) passed"))
+                || log.contains(&format!("boot test ({firmware}, tcg) passed")),
+            "{log}"
+        );
+    }
+    // The serial console reached the build's log: GRUB, the kernel, the login prompt.
+    assert!(
+        log.contains("console: ") && log.contains("Linux version"),
+        "{log}"
+    );
+    assert!(log.contains("amidala-boot login:"), "{log}");
+    if log.contains("KVM cannot run this guest") {
+        assert!(log.contains("(bios, tcg) passed"), "{log}");
+    }
+    let tags = image_tags(&env, field(&result, "image_id"));
+    assert_eq!(tags["amidala:boot-test"], "passed", "{tags}");
+    assert_eq!(tags["amidala:boot"], "bios+uefi", "{tags}");
+    let detail = tags["amidala:boot-test-detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with("bios ") && detail.contains(", uefi "),
+        "{detail}"
+    );
+    // The boot test never changed the image: the guest wrote to an overlay.
+    let out = root_of(&env.snapshot_file(field(&result, "snapshot_id")));
+    assert_eq!(out.read("/etc/built-by-amidala"), "built\n");
+    assert_eq!(
+        out.read("/etc/machine-id"),
+        fs::read_to_string(tree.join("etc/machine-id")).unwrap(),
+        "the guest's first boot wrote its machine id into the image"
+    );
+    drop(out);
+    assert_nothing_left(&env);
+}
+
+#[test]
+fn a_build_that_changes_the_kernel_boots_what_it_left() {
+    let _turn = take_turn();
+    let env = Env::start();
+    let base = env.import(&amidala_tests::debian_boot_rootfs(), &[]);
+    let ws = env.workspace(
+        "ws",
+        &[(
+            "kernel.sh",
+            // The kernel's own package reinstalled (its postinst makes the initramfs again),
+            // the initramfs regenerated, and a kernel of a newer version put beside it.
+            "set -e\n\
+             dpkg -i /var/cache/apt/archives/linux-image-*.deb\n\
+             update-initramfs -u\n\
+             v=$(ls /boot | sed -n 's/^vmlinuz-//p' | head -n1)\n\
+             cp /boot/vmlinuz-$v /boot/vmlinuz-6.99.0-1-amidala\n\
+             cp /boot/initrd.img-$v /boot/initrd.img-6.99.0-1-amidala\n",
+        )],
+    );
+    let built = env.amidala_in(
+        &ws,
+        &[
+            "build",
+            "--json",
+            "--source",
+            &base,
+            "--boot-test",
+            "--boot-firmware",
+            "uefi",
+            "--",
+            "/bin/sh",
+            "/workspace/kernel.sh",
+        ],
+    );
+    let result = built.json();
+    let log = &built.stderr;
+    assert!(
+        log.contains("update-initramfs: Generating /boot/initrd.img-"),
+        "{log}"
+    );
+    assert!(
+        log.contains("amidala: boot menu written for kernel 6.99.0-1-amidala, 6.1."),
+        "{log}"
+    );
+    // GRUB's menu on the console has the new kernel first, and it is the one booted.
+    assert!(log.contains("*Linux 6.99.0-1-amidala"), "{log}");
+    assert!(!log.contains("(bios,"), "only UEFI was asked for: {log}");
+    assert!(log.contains("amidala-boot login:"), "{log}");
+    let out = root_of(&env.snapshot_file(field(&result, "snapshot_id")));
+    let menu = out.read("/boot/grub/grub.cfg");
+    let first = menu.find("menuentry").unwrap();
+    assert!(
+        menu[first..].starts_with("menuentry 'Linux 6.99.0-1-amidala'"),
+        "{menu}"
+    );
+    drop(out);
+    assert_nothing_left(&env);
+}
+
+#[test]
+fn an_image_that_does_not_boot_fails_its_build_and_is_not_registered() {
+    let _turn = take_turn();
+    let env = Env::start();
+    let base = env.import(&amidala_tests::debian_boot_rootfs(), &[]);
+    let ws = env.workspace("ws", &[]);
+    let failed = env.amidala_in(
+        &ws,
+        &[
+            "build",
+            "--json",
+            "--source",
+            &base,
+            "--boot-test",
+            "--boot-firmware",
+            "bios",
+            "--boot-timeout",
+            "4m",
+            "--",
+            "/bin/sh",
+            "-c",
+            "rm /boot/vmlinuz-*",
+        ],
+    );
+    assert_eq!(failed.code, Some(1), "{}", failed.stderr);
+    let error: serde_json::Value = serde_json::from_str(&failed.stdout).unwrap();
+    assert_eq!(error["phase"], "boot_test", "{error}");
+    assert_eq!(error["code"], "boot_test_failed", "{error}");
+    let message = error["message"].as_str().unwrap();
+    // Said why, with the console's last lines, and which snapshot is kept.
+    assert!(
+        message.contains("GRUB could not boot the kernel"),
+        "{message}"
+    );
+    assert!(message.contains("the console's last lines"), "{message}");
+    assert!(message.contains("not found"), "{message}");
+    assert!(
+        failed
+            .stderr
+            .contains("holds no kernel with an initramfs any more"),
+        "{}",
+        failed.stderr
+    );
+    let kept = message
+        .split_whitespace()
+        .find(|w| w.starts_with("snap-"))
+        .unwrap_or_else(|| panic!("{message}"));
+    let kept = snapshot(&env, kept);
+    assert!(
+        kept["tags"]["amidala:failed-build"]
+            .as_str()
+            .unwrap()
+            .starts_with("bld-"),
+        "{kept}"
+    );
+    let images = env.amidala(&["images", "--json"]).json();
+    assert_eq!(images.as_array().unwrap().len(), 0, "{images}");
+    assert_nothing_left(&env);
+
+    // Cancelled during its boot test: QEMU goes with the build.
+    let client = env.spawn_client(
+        &ws,
+        &["build", "--source", &base, "--boot-test", "--", "/bin/true"],
+    );
+    env.build_in_phase("boot_test");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while amidala_tests::qemu_processes().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(amidala_tests::qemu_processes().len(), 1);
+    let (code, stderr) = amidala_tests::interrupt(client);
+    assert_eq!(code, Some(130), "{stderr}");
+    assert_nothing_left(&env);
+}
+
+#[test]
+fn a_tree_without_a_kernel_imports_as_before_and_cannot_be_boot_tested() {
+    let env = Env::start();
+    let rootfs = env.busybox_rootfs("rootfs");
+    let base = env.import(&rootfs, &[]);
+    assert_eq!(snapshot(&env, &base)["tags"]["amidala:boot"], "none");
+    // One ext4 filesystem, the whole disk, as before.
+    let info = run(Command::new("blkid")
+        .arg("-p")
+        .arg(env.snapshot_file(&base)))
+    .ok()
+    .to_owned();
+    assert!(info.contains("TYPE=\"ext4\""), "{info}");
+    let refused = env.amidala(&["base", "import", rootfs.to_str().unwrap(), "--boot", "yes"]);
+    assert!(
+        refused
+            .err()
+            .contains("--boot yes, but the tree holds no kernel"),
+        "{}",
+        refused.stderr
+    );
+    let ws = env.workspace("ws", &[]);
+    let failed = env.amidala_in(
+        &ws,
+        &["build", "--source", &base, "--boot-test", "--", "/bin/true"],
+    );
+    assert!(
+        failed
+            .err()
+            .contains("cannot boot: it was imported from a tree without a kernel"),
+        "{}",
+        failed.stderr
+    );
+    let bad = env.amidala_in(
+        &ws,
+        &[
+            "build",
+            "--source",
+            &base,
+            "--boot-firmware",
+            "coreboot",
+            "--",
+            "/bin/true",
+        ],
+    );
+    assert_eq!(bad.code, Some(2), "{}", bad.stderr);
+    assert!(bad.stderr.contains("--boot-firmware"), "{}", bad.stderr);
+    assert!(amidala_tests::qemu_processes().is_empty());
+    env.assert_no_leaks();
+}
+
+#[test]
+fn the_original_workflow_from_a_root_tarball_to_an_application_image_that_boots() {
+    let _turn = take_turn();
+    let env = Env::start();
+    // The root filesystem tarball the 2013 tool's users started from.
+    let tarball = env.dir.path().join("debian-root.tar");
+    run(Command::new("tar")
+        .args(["--numeric-owner", "--xattrs", "-cf"])
+        .arg(&tarball)
+        .arg("-C")
+        .arg(amidala_tests::debian_boot_rootfs())
+        .arg("."))
+    .ok();
+    let base = env.import(&tarball, &[]);
+    assert_eq!(snapshot(&env, &base)["tags"]["amidala:boot"], "bios+uefi");
+    let ws = env.workspace("ws", &[]);
+    let system = env.build(
+        &ws,
+        &[
+            "--from",
+            "amidala=base",
+            "--snapshot-tag",
+            "amidala=system",
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo system > /etc/system-layer",
+        ],
+    );
+    let built = env.amidala_in(
+        &ws,
+        &[
+            "build",
+            "--json",
+            "--from",
+            "amidala=system",
+            "--boot-test",
+            "--boot-firmware",
+            "bios",
+            "--",
+            "/bin/sh",
+            "-c",
+            "test -f /etc/system-layer && echo app > /etc/app-layer",
+        ],
+    );
+    let app = built.json();
+    assert!(
+        built.stderr.contains("amidala-boot login:"),
+        "{}",
+        built.stderr
+    );
+    let tags = image_tags(&env, field(&app, "image_id"));
+    assert_eq!(tags["amidala:boot-test"], "passed", "{tags}");
+    assert_eq!(
+        snapshot(&env, field(&app, "snapshot_id"))["tags"]["amidala:source-snapshot"],
+        field(&system, "snapshot_id")
+    );
+    let out = root_of(&env.snapshot_file(field(&app, "snapshot_id")));
+    assert_eq!(out.read("/etc/app-layer"), "app\n");
+    drop(out);
+    assert_nothing_left(&env);
+}
