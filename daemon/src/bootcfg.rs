@@ -31,6 +31,9 @@ pub const CONSOLES: &str = "console=tty0 console=ttyS0,115200";
 /// The GPT partition label of the root filesystem's partition and its filesystem label.
 pub const ROOT_LABEL: &str = "rootfs";
 
+/// Most kernels a menu names.
+const MAX_KERNELS: usize = 32;
+
 /// A kernel of the tree with its initramfs, as GRUB reads them (paths from the tree's root).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Kernel {
@@ -161,7 +164,10 @@ pub fn find_kernels(root: BorrowedFd<'_>) -> io::Result<Vec<Kernel>> {
         }
         let v = String::from_utf8_lossy(v).into_owned();
         let kernel = kernel(&v);
-        if found.iter().any(|k| k.version == v) || !is_file(root, &kernel) {
+        if found.len() >= MAX_KERNELS
+            || found.iter().any(|k| k.version == v)
+            || !is_file(root, &kernel)
+        {
             return;
         }
         if let Some(initramfs) = initramfs_of(&v) {
@@ -290,15 +296,25 @@ fn write_file(root: BorrowedFd<'_>, dir: &str, name: &str, content: &str) -> io:
         nix::sys::stat::Mode::from_bits_truncate(0o644),
     )?;
     let mut file = std::fs::File::from(fd);
-    file.write_all(content.as_bytes())?;
-    file.sync_all()?;
-    nix::fcntl::renameat(
-        Some(dir.as_raw_fd()),
-        temp.as_str(),
-        Some(dir.as_raw_fd()),
-        name,
-    )?;
-    Ok(())
+    let written = file
+        .write_all(content.as_bytes())
+        .and_then(|()| file.sync_all())
+        .and_then(|()| {
+            Ok(nix::fcntl::renameat(
+                Some(dir.as_raw_fd()),
+                temp.as_str(),
+                Some(dir.as_raw_fd()),
+                name,
+            )?)
+        });
+    if written.is_err() {
+        let _ = nix::unistd::unlinkat(
+            Some(dir.as_raw_fd()),
+            temp.as_str(),
+            nix::unistd::UnlinkatFlags::NoRemoveDir,
+        );
+    }
+    written
 }
 
 /// What the import helper is asked to write into a tree that becomes a bootable disk.
@@ -323,7 +339,13 @@ pub struct Done {
 pub fn set_up(root: BorrowedFd<'_>, setup: &Setup) -> Result<Done, String> {
     let kernels = find_kernels(root).map_err(|e| format!("looking for kernels: {e}"))?;
     if kernels.is_empty() {
-        return Err("the tree holds no kernel with an initramfs in /boot or /lib/modules".into());
+        return Err(
+            "the tree holds no kernel with a matching initramfs (/boot/vmlinuz-VERSION with \
+             /boot/initrd.img-VERSION or /boot/initramfs-VERSION.img, or \
+             /lib/modules/VERSION/vmlinuz): import it with --boot no to make a disk without a \
+             boot loader"
+                .into(),
+        );
     }
     write_file(
         root,

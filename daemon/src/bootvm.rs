@@ -27,15 +27,15 @@
 //! what it does: QEMU reports an emulation failure (nested KVM on some hosts stops on
 //! `cmpxchg16b` or `xrstor`), or the guest's kernel has not printed its first line 20 s after
 //! QEMU started (nested KVM emulating the firmware's and GRUB's real-mode code so slowly it
-//! never gets there, remembered only once the same guest boots under TCG). That is remembered
-//! for the daemon's life and the test runs again under TCG, QEMU's emulator, saying so in
-//! the log.
+//! never gets there, counted only once the same guest boots under TCG). The test runs again
+//! under TCG, QEMU's emulator, saying so in the log, and the owner's later boot tests start
+//! under TCG until the daemon restarts: a guest is its owner's to make, so it decides nothing
+//! for anyone else's.
 
 use std::collections::VecDeque;
 use std::ffi::CString;
 use std::os::fd::{AsFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use amidala::proto::ErrorCode;
@@ -136,8 +136,24 @@ impl Default for Settings {
     }
 }
 
-/// KVM's state on this host, learnt by trying it: 0 not known, 1 works, 2 cannot run guests.
-static KVM: AtomicU8 = AtomicU8::new(0);
+/// What boot tests learnt of KVM, per owner of the images booted: a guest is its owner's to
+/// make, and may behave differently under KVM, so what one owner's guests show decides only
+/// that owner's later boot tests (until the daemon restarts).
+static KVM_BROKEN_FOR: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+fn kvm_broken_for(owner: u32) -> bool {
+    KVM_BROKEN_FOR
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains(&owner)
+}
+
+fn remember_kvm_broken(owner: u32) {
+    let mut owners = KVM_BROKEN_FOR.lock().unwrap_or_else(|e| e.into_inner());
+    if !owners.contains(&owner) && owners.len() < 65536 {
+        owners.push(owner);
+    }
+}
 
 /// Whether `program` is an executable file in the daemon's PATH directories.
 pub fn on_path(program: &str) -> bool {
@@ -182,6 +198,8 @@ pub struct Test<'a> {
     pub timeout: Duration,
     /// The host id QEMU runs as.
     pub uid: u32,
+    /// The uid of the image's owner (whose guests decide whether KVM is used for them).
+    pub owner: u32,
     /// An empty directory may be made here (root's) as the VM's root mount point.
     pub staging: &'a Path,
 }
@@ -278,6 +296,7 @@ pub async fn boot_all(
             marker: test.marker.as_deref(),
             timeout: Duration::from_secs(test.timeout.unwrap_or(settings.timeout)),
             uid,
+            owner,
             staging: &staging,
         };
         let p = boot(&file, &one, settings, console).await?;
@@ -338,7 +357,9 @@ fn qemu_args(firmware: Firmware, kvm: bool, settings: &Settings) -> Vec<String> 
         "-add-fd",
         "fd=3,set=1,opaque=image",
         "-drive",
-        "if=none,id=disk,file=/dev/fdset/1,format=raw,read-only=on,snapshot=on",
+        // snapshot=on: the image (a read-only descriptor) is the backing file of an overlay the
+        // guest writes to; `read-only=on` would make the guest's disk read-only too.
+        "if=none,id=disk,file=/dev/fdset/1,format=raw,snapshot=on",
         "-device",
         "virtio-blk-pci,drive=disk",
     ]
@@ -474,7 +495,7 @@ pub async fn boot(
     let kvm_usable = match settings.accel {
         Accel::Tcg => false,
         Accel::Kvm => true,
-        Accel::Auto => Path::new("/dev/kvm").exists() && KVM.load(Ordering::Relaxed) != 2,
+        Accel::Auto => Path::new("/dev/kvm").exists() && !kvm_broken_for(test.owner),
     };
     let started = Instant::now();
     let mut kvm = kvm_usable;
@@ -490,10 +511,8 @@ pub async fn boot(
         let left = test.timeout.saturating_sub(started.elapsed());
         match run_qemu(image, test, settings, kvm, left, console).await? {
             Ended::Booted(seconds) => {
-                if kvm {
-                    KVM.store(1, Ordering::Relaxed);
-                } else if stalled_under_kvm {
-                    KVM.store(2, Ordering::Relaxed);
+                if !kvm && stalled_under_kvm {
+                    remember_kvm_broken(test.owner);
                 }
                 return Ok(Passed {
                     firmware: test.firmware,
@@ -514,7 +533,7 @@ pub async fn boot(
                 if stalled {
                     stalled_under_kvm = true;
                 } else {
-                    KVM.store(2, Ordering::Relaxed);
+                    remember_kvm_broken(test.owner);
                 }
                 console(format!(
                     "amidala: KVM cannot run this guest on this host ({said}): booting again \
@@ -854,6 +873,14 @@ fn helper() -> Result<std::convert::Infallible, String> {
     nix::unistd::setgroups(&[]).map_err(e("dropping groups"))?;
     nix::unistd::setresgid(gid, gid, gid).map_err(e("taking the VM's group"))?;
     nix::unistd::setresuid(id, id, id).map_err(e("taking the VM's user"))?;
+    // The change of credentials cleared the parent-death signal: QEMU dies with the daemon.
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+        .map_err(e("setting the parent-death signal"))?;
+    if nix::unistd::getppid() == nix::unistd::Pid::from_raw(1) {
+        return Err("the daemon ended before QEMU started".into());
+    }
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0)
+        .map_err(e("refusing core dumps"))?;
     nix::sys::prctl::set_no_new_privs().map_err(e("setting no_new_privs"))?;
     let program = CString::new(QEMU).expect("no NUL");
     let mut argv = vec![CString::new("qemu-system-x86_64").expect("no NUL")];
@@ -925,9 +952,10 @@ mod tests {
     fn qemu_gets_the_image_read_only_with_an_overlay_and_no_network() {
         let args = qemu_args(Firmware::Uefi, false, &Settings::default()).join(" ");
         assert!(
-            args.contains("file=/dev/fdset/1,format=raw,read-only=on,snapshot=on"),
+            args.contains("file=/dev/fdset/1,format=raw,snapshot=on"),
             "{args}"
         );
+        assert!(!args.contains("read-only=on"), "{args}");
         assert!(args.contains("-nodefaults"), "{args}");
         assert!(!args.contains("-netdev"), "{args}");
         assert!(args.contains("tcg,tb-size=256"), "{args}");

@@ -577,13 +577,26 @@ async fn with_volume(
         image_tags.insert(BOOT_TAG.to_owned(), boot.clone());
     }
     let registered = match &spec.boot_test {
-        Some(test) => boot_test(daemon, handle, &snapshot, source_boot.as_deref(), test)
-            .await
-            .map(|detail| {
-                image_tags.insert(BOOT_TEST_TAG.to_owned(), "passed".to_owned());
-                image_tags.insert(BOOT_TEST_DETAIL_TAG.to_owned(), detail);
-            })
-            .map_err(|(phase, f)| (phase, kept_snapshot(f, &snapshot.id))),
+        Some(test) => {
+            // Not a source for a build by its tags until the image booted.
+            let pending = [(FAILED_BUILD_TAG.to_owned(), handle.id.clone())].into();
+            let tested = match provider.tag_snapshot(&snapshot.id, &pending).await {
+                Ok(()) => boot_test(daemon, handle, &snapshot, source_boot.as_deref(), test).await,
+                Err(e) => Err((Phase::BootTest, e)),
+            };
+            match tested {
+                Ok(detail) => provider
+                    .untag_snapshot(&snapshot.id, FAILED_BUILD_TAG)
+                    .await
+                    .map(|()| {
+                        image_tags.insert(BOOT_TEST_TAG.to_owned(), "passed".to_owned());
+                        image_tags.insert(BOOT_TEST_DETAIL_TAG.to_owned(), detail);
+                    })
+                    .map_err(|f| (Phase::BootTest, f)),
+                Err(e) => Err(e),
+            }
+            .map_err(|(phase, f)| (phase, kept_snapshot(f, &snapshot.id)))
+        }
         None => Ok(()),
     };
     let registered = match registered {

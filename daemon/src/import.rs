@@ -375,7 +375,7 @@ async fn make_image(
     // filesystem's own structures (the image file is sparse: the rest is never written);
     // and the boot loader's few MiB.
     let takes = match spec.size {
-        Some(_) => size,
+        Some(_) => size + around,
         None => usage.bytes + usage.bytes / 20 + usage.inodes * 512 + 16 * MIB,
     } + if bootable { 4 * MIB } else { 0 };
     if takes > bounds.bytes {
@@ -455,6 +455,11 @@ async fn make_image(
             let (packed, unpacked) = tokio::join!(packer, helper);
             match (packed, unpacked) {
                 (Ok(_), unpacked) => unpacked,
+                // The sandbox stopped reading (the filesystem full, say): its error says why,
+                // the packer's only that its pipe broke.
+                (Err(e), Ok(failed @ Outcome::Failed(_))) if e.message.contains("Broken pipe") => {
+                    Ok(failed)
+                }
                 // The packer's own error says what it could not read.
                 (Err(e), Ok(Outcome::Failed(_)) | Err(_)) => Err(e),
                 (Err(e), Ok(_)) => Err(e),

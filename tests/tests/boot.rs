@@ -182,6 +182,10 @@ fn a_debian_tree_becomes_a_disk_that_boots_with_bios_and_uefi() {
         "{log}"
     );
     assert!(log.contains("amidala-boot login:"), "{log}");
+    // The guest's disk is writable (its writes go to the overlay): its root was remounted
+    // read-write.
+    assert!(log.contains("re-mounted"), "{log}");
+    assert!(!log.contains("Failed to start systemd-remount-fs"), "{log}");
     if log.contains("KVM cannot run this guest") {
         assert!(log.contains("(bios, tcg) passed"), "{log}");
     }
@@ -334,6 +338,20 @@ fn an_image_that_does_not_boot_fails_its_build_and_is_not_registered() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(amidala_tests::qemu_processes().len(), 1);
+    // While its image is tested, the snapshot is no source for builds by its tags.
+    let snapshots = env.amidala(&["snapshots", "--json"]).json();
+    assert!(
+        snapshots
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["tags"]["amidala:failed-build"]
+                .as_str()
+                .is_some_and(|b| b.starts_with("bld-"))
+                && s["tags"]["amidala:source-snapshot"] == base.as_str()
+                && s["tags"]["amidala:build"] == s["tags"]["amidala:failed-build"]),
+        "{snapshots}"
+    );
     let (code, stderr) = amidala_tests::interrupt(client);
     assert_eq!(code, Some(130), "{stderr}");
     assert_nothing_left(&env);
@@ -341,6 +359,8 @@ fn an_image_that_does_not_boot_fails_its_build_and_is_not_registered() {
 
 #[test]
 fn a_tree_without_a_kernel_imports_as_before_and_cannot_be_boot_tested() {
+    // Its turn too: it checks that no VM runs.
+    let _turn = take_turn();
     let env = Env::start();
     let rootfs = env.busybox_rootfs("rootfs");
     let base = env.import(&rootfs, &[]);
@@ -352,6 +372,23 @@ fn a_tree_without_a_kernel_imports_as_before_and_cannot_be_boot_tested() {
     .ok()
     .to_owned();
     assert!(info.contains("TYPE=\"ext4\""), "{info}");
+    // A --size too small for the content: the sandbox's reason, not the reader's broken pipe.
+    fs::write(rootfs.join("big"), vec![7u8; 96 << 20]).unwrap();
+    let full = env.amidala(&[
+        "base",
+        "import",
+        rootfs.to_str().unwrap(),
+        "--size",
+        "80M",
+        "--boot",
+        "no",
+    ]);
+    assert!(
+        full.err().contains("No space left on device"),
+        "{}",
+        full.stderr
+    );
+    fs::remove_file(rootfs.join("big")).unwrap();
     let refused = env.amidala(&["base", "import", rootfs.to_str().unwrap(), "--boot", "yes"]);
     assert!(
         refused
