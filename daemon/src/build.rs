@@ -33,6 +33,9 @@ use crate::executor::{CacheMount, ExecutorSpec, Outcome, Report, EXECUTOR_ARG, W
 use crate::provider::{Attachment, ImageMeta, SnapshotMeta, Volume, FAILED_BUILD_TAG};
 use crate::Daemon;
 
+/// How long the provisioner's last output may take to be read once it has ended.
+const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
+
 /// Longest line of provisioner output kept as one log line; longer ones are split.
 pub const MAX_LOG_LINE: usize = 16 * 1024;
 /// Where the provisioner finds the user's build directory.
@@ -969,11 +972,15 @@ async fn run_executor(
     };
 
     let stderr = child.stderr.take().expect("piped");
+    // Set when the output has ended: the executor closes it once the provisioner's processes
+    // are gone (see crate::executor::end_build_output).
+    let (output_ended, mut output_done) = watch::channel(false);
     let output = async {
         let mut reader = BufReader::new(stderr);
         while let Ok(Some(line)) = read_bounded_line(&mut reader, MAX_LOG_LINE).await {
             handle.note(String::from_utf8_lossy(&line).into_owned());
         }
+        let _ = output_ended.send(true);
     };
     let limit = handle.record().spec.timeout.map(Duration::from_secs);
     let mut timed_out = false;
@@ -993,6 +1000,17 @@ async fn run_executor(
                 line = reader.next_line() => match line {
                     Ok(Some(line)) => match crate::executor::parse_report(line.as_bytes()) {
                         Ok(Report::Phase(p)) => {
+                            // The output and the reports come on two pipes: what the
+                            // provisioner printed is logged before the phase after it.
+                            // Bounded, should a process the executor knows nothing of hold
+                            // the output open.
+                            if phase == Phase::Provision {
+                                let _ = tokio::time::timeout(
+                                    OUTPUT_DRAIN,
+                                    output_done.wait_for(|ended| *ended),
+                                )
+                                .await;
+                            }
                             phase = p;
                             handle.enter_teardown(p);
                             if let (Phase::Provision, Some(limit)) = (p, limit) {

@@ -372,6 +372,7 @@ fn with_root_mounted(
     let mut prepared = Prepared::new(spec)?;
     let started = now_secs();
     let provisioned = provision(spec, plugin, workspace, userns);
+    end_build_output();
     if let Ok(outcome) = &provisioned {
         report(&Report::Provisioned(outcome.clone()));
     }
@@ -398,6 +399,16 @@ fn with_root_mounted(
     provisioned?;
     restored?;
     scrubbed
+}
+
+/// Closes the build's output (descriptor 2, which the provisioner's processes were given as
+/// their stdout and stderr): they are all gone with their PID namespace, whose init exits
+/// only after every other process in it has. The daemon reads the output and the reports on
+/// two pipes; the end of this one tells it that all of the output is read, so that the log
+/// shows it before the phase reported next. Whatever this process itself might still print
+/// on stderr goes with its reports (and is logged by the daemon as an unreadable report).
+fn end_build_output() {
+    let _ = nix::unistd::dup2(1, 2);
 }
 
 /// Writes amidala's boot menu again for the kernels the build left (see [`crate::bootcfg`]);

@@ -501,7 +501,10 @@ fn a_descriptor_handed_into_a_build_opens_nothing_its_user_could_not() {
                 .and_then(|l| l.split_whitespace().next())
                 .and_then(|u| u.parse().ok())
                 .unwrap_or(0);
-            if status.starts_with("Name:\tsleep") && uid >= 0x7000_0000 {
+            // Dave's, not another test's build's: in the cgroup named after his build.
+            let cgroup = fs::read_to_string(path.join("cgroup")).unwrap_or_default();
+            if status.starts_with("Name:\tsleep") && uid >= 0x7000_0000 && cgroup.contains(&dave_id)
+            {
                 return path.file_name()?.to_str().map(str::to_owned);
             }
         }
