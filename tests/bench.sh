@@ -1,6 +1,6 @@
 #!/bin/bash
-# amidala's benchmarks: installs what they need (tests/install-deps.sh --bench: the tests'
-# prerequisites and xfsprogs), builds the workspace in release mode and runs amidala-bench
+# amidala's benchmarks: installs what they need (tests/install-deps.sh: the tests'
+# prerequisites, xfsprogs among them), builds the workspace in release mode and runs amidala-bench
 # (tests/src/bin/bench.rs), which prints medians of several runs and a table of the results
 # against their targets. Needs root (loop devices, mounts). Arguments go to amidala-bench:
 #   tests/bench.sh [--runs N] [--requests N] [--only SECTION,...] [--skip SECTION,...]
@@ -12,7 +12,7 @@ if [ "$(id -u)" != 0 ]; then
     echo "$0: the benchmarks need root (loop devices, mounts, namespaces): run it with sudo" >&2
     exit 1
 fi
-tests/install-deps.sh --bench
+tests/install-deps.sh
 . tests/find-cargo.sh
 cargo build --release --workspace
 target=${CARGO_TARGET_DIR:-target}

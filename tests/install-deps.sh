@@ -1,7 +1,7 @@
 #!/bin/sh
 # Installs what amidala's tests and demo need on a Debian machine that has Rust: what amidalad
 # builds with (libseccomp-dev), the tools it calls (mkfs.ext4, from e2fsprogs), the ones the
-# tests use (sfdisk, mount, losetup, tar, xz, systemd-analyze and systemd-socket-activate, ssh
+# tests use (sfdisk, sgdisk, mkfs.xfs, mount, losetup, tar, xz, systemd-analyze and systemd-socket-activate, ssh
 # and sshd, gcc and a static libc for tests/escape-probe.c), busybox-static for the test root
 # filesystem, GRUB's images (grub-pc-bin, grub-efi-amd64-bin), mtools, QEMU and OVMF for
 # bootable disks and their boot test, a bootable Debian rootfs (cloud kernel, systemd) in
@@ -10,8 +10,7 @@
 # $AMIDALA_MOTO_VENV, by default /var/cache/amidala-tests/moto-venv, and a Debian rootfs with
 # ansible-core for the ansible tests in $AMIDALA_DEBIAN_ROOTFS, by default
 # /var/cache/amidala-tests/debian-bookworm-ansible, both outside the checkout and kept between
-# runs. With --demo, only what examples/bake-local.sh needs; with --bench, also xfsprogs
-# (mkfs.xfs), for the XFS rows of tests/bench.sh. The Debian package (tests/build-deb.sh, and
+# runs. With --demo, only what examples/bake-local.sh needs. The Debian package (tests/build-deb.sh, and
 # its test, tests/tests/package.rs) needs cargo-deb, pinned, installed with cargo if missing,
 # and dpkg-dev (dpkg-shlibdeps) and binutils (strip); with --deb, only those and
 # libseccomp-dev. Needs root; installs only what is missing.
@@ -48,8 +47,12 @@ if [ "${1:-}" != --demo ]; then
     need ssh-keygen openssh-client
     [ -x /usr/sbin/sshd ] || missing="$missing openssh-server"
 fi
-# The benchmarks put a state directory on XFS (reflink=1) made on a loop device.
-[ "${1:-}" = --bench ] && need mkfs.xfs xfsprogs
+# The benchmarks put a state directory on XFS (reflink=1) made on a loop device; the tests of
+# grown disks make an XFS root and check a grown GPT with sgdisk.
+if [ "$mode" != --demo ] && [ "$mode" != --deb ]; then
+    need mkfs.xfs xfsprogs
+    need sgdisk gdisk
+fi
 # amidalad links libseccomp (the provisioner's system call filter): its headers and library
 # to build, in every mode.
 dpkg -s libseccomp-dev >/dev/null 2>&1 || missing="$missing libseccomp-dev"

@@ -5,8 +5,9 @@
 //! host. The daemon starts the helper `amidalad-exec __bootvm` (root) with the image open
 //! read-only as descriptor 3 and a [`VmJob`] on stdin; the helper
 //!
-//! 1. unshares mount, network (no network: the guest has none), IPC and UTS namespaces and
-//!    makes its mounts private;
+//! 1. unshares mount, network (no network: the guest has none), IPC, UTS and PID namespaces,
+//!    forks the PID namespace's first process (the helper itself waits for it and exits with
+//!    its status; whatever the program forks ends with it) and makes its mounts private;
 //! 2. mounts a size-bounded tmpfs as the VM's root: the host's `/usr` bound read-only (QEMU,
 //!    its libraries, SeaBIOS and OVMF live there), `/dev` with `null`, `zero`, `random`,
 //!    `urandom` and, for KVM, a `kvm` node of the VM's user alone, `/tmp` and `/var/tmp`
@@ -34,7 +35,7 @@
 
 use std::collections::VecDeque;
 use std::ffi::CString;
-use std::os::fd::{AsFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -332,8 +333,123 @@ pub struct VmJob {
     pub kvm: bool,
     /// Copy OVMF's variable store to `/vm/vars.fd`.
     pub uefi: bool,
-    /// QEMU's arguments.
+    /// What is executed.
+    #[serde(default)]
+    pub program: Program,
+    /// Its arguments.
     pub args: Vec<String>,
+    /// A block device made `/dev/disk` in the VM's root (its `dev_t`), the VM's user's alone.
+    #[serde(default)]
+    pub disk: Option<u64>,
+}
+
+/// The programs the helper executes: QEMU for a boot test, e2fsprogs' checker and resizer for
+/// a grown ext4 filesystem (see [`crate::grow`]). Named, not given as paths: the helper runs
+/// nothing else.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Program {
+    #[default]
+    Qemu,
+    E2fsck,
+    Resize2fs,
+}
+
+impl Program {
+    fn path(self) -> &'static str {
+        match self {
+            Program::Qemu => QEMU,
+            Program::E2fsck => "/usr/sbin/e2fsck",
+            Program::Resize2fs => "/usr/sbin/resize2fs",
+        }
+    }
+}
+
+/// The helper's root directory: only ever mounted in the helper's namespace, so an empty
+/// directory once the helper is gone, removed then.
+struct RootDir(PathBuf);
+
+impl Drop for RootDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// Starts the helper (named `name` in `ps`) on `job`, its root a new directory in `staging`,
+/// with `image` as its descriptor [`IMAGE_FD`] if given.
+async fn start_helper(
+    staging: &Path,
+    mut job: VmJob,
+    name: &str,
+    image: Option<&std::fs::File>,
+) -> Result<(crate::spawn::Child, RootDir), Failure> {
+    use tokio::io::AsyncWriteExt;
+    job.root_dir = staging.join(crate::ids::new_id("vm"));
+    std::fs::create_dir(&job.root_dir)
+        .map_err(|e| Failure::io(format!("creating {}", job.root_dir.display()), e))?;
+    let dir = RootDir(job.root_dir.clone());
+    let mut child = crate::spawn::spawn(&crate::spawn::Spec {
+        program: crate::helper::program().as_os_str(),
+        args: vec![name.as_ref(), BOOTVM_ARG.as_ref()],
+        env: vec![("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")],
+        pass: image.map(|image| (image.as_fd(), IMAGE_FD)),
+        cgroup: None,
+        creds: None,
+        stdout: None,
+    })
+    .map_err(|e| Failure::io(format!("starting {name}"), e))?;
+    let mut stdin = child.stdin.take().expect("piped");
+    stdin
+        .write_all(&serde_json::to_vec(&job).expect("jobs serialize"))
+        .await
+        .map_err(|e| Failure::io(format!("sending {name} its job"), e))?;
+    Ok((child, dir))
+}
+
+/// Runs one of e2fsprogs' tools ([`Program::E2fsck`], [`Program::Resize2fs`]) on the block
+/// device `disk` in the helper's sandbox, as `uid` (see [`vm_uid`]): the tool parses a
+/// filesystem a user made, so it gets what QEMU gets and that device alone. Returns its exit
+/// status and what it printed (bounded). Ends it, and says so, when `cancel` fires.
+pub async fn run_tool(
+    daemon: &crate::Daemon,
+    uid: u32,
+    program: Program,
+    args: &[&str],
+    disk: u64,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<(i32, String), Failure> {
+    let job = VmJob {
+        root_dir: PathBuf::new(),
+        uid,
+        kvm: false,
+        uefi: false,
+        program,
+        args: args.iter().map(|a| a.to_string()).collect(),
+        disk: Some(disk),
+    };
+    let (mut child, _dir) =
+        start_helper(&daemon.catalog.tmp_dir(), job, "amidalad-tool", None).await?;
+    let mut out = child.stdout.take().expect("piped").take(64 << 10);
+    let mut err = child.stderr.take().expect("piped").take(64 << 10);
+    let (mut said, mut complained) = (Vec::new(), Vec::new());
+    let read = async {
+        let _ = tokio::join!(out.read_to_end(&mut said), err.read_to_end(&mut complained));
+    };
+    tokio::select! {
+        () = read => {}
+        () = cancel.cancelled() => {
+            let _ = child.kill().await;
+            return Err(Failure::new(ErrorCode::Cancelled, "build cancelled"));
+        }
+    }
+    let status = child
+        .wait()
+        .await
+        .map_err(|e| Failure::io("waiting for e2fsprogs", e))?;
+    said.extend_from_slice(&complained);
+    use std::os::unix::process::ExitStatusExt;
+    let code = status.code().unwrap_or(128 + status.signal().unwrap_or(0));
+    Ok((code, String::from_utf8_lossy(&said).trim().to_owned()))
 }
 
 /// QEMU's command line for a test.
@@ -473,8 +589,9 @@ fn clean(raw: &[u8]) -> String {
 enum Ended {
     Booted(f64),
     Failed(String),
-    /// KVM could not run the guest: what QEMU said, and whether it was only that the kernel
-    /// had not started in time (which the same guest under TCG must confirm).
+    /// KVM could not run the guest: what QEMU said, and whether that needs the same guest
+    /// booting under TCG to confirm it (the kernel had not started in time, or QEMU ended
+    /// before the console showed anything).
     KvmBroken(String, bool),
 }
 
@@ -562,42 +679,17 @@ async fn run_qemu(
     limit: Duration,
     console: &(dyn Fn(String) + Sync),
 ) -> Result<Ended, Failure> {
-    use tokio::io::AsyncWriteExt;
-    let root_dir = test.staging.join(crate::ids::new_id("vm"));
-    std::fs::create_dir(&root_dir)
-        .map_err(|e| Failure::io(format!("creating {}", root_dir.display()), e))?;
-    // Only ever mounted in the helper's namespace: an empty directory once it is gone.
-    struct RemoveDir(PathBuf);
-    impl Drop for RemoveDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir(&self.0);
-        }
-    }
-    let _dir = RemoveDir(root_dir.clone());
     let job = VmJob {
-        root_dir,
+        root_dir: PathBuf::new(),
         uid: test.uid,
         kvm,
         uefi: test.firmware == Firmware::Uefi,
+        program: Program::Qemu,
         args: qemu_args(test.firmware, kvm, settings),
+        disk: None,
     };
     let started = Instant::now();
-    let mut child = crate::spawn::spawn(&crate::spawn::Spec {
-        program: crate::helper::program().as_os_str(),
-        args: vec!["amidalad-bootvm".as_ref(), BOOTVM_ARG.as_ref()],
-        env: vec![("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")],
-        pass: Some((image.as_fd(), IMAGE_FD)),
-        cgroup: None,
-        creds: None,
-        stdout: None,
-    })
-    .map_err(|e| Failure::io("starting the boot test's helper", e))?;
-    let mut stdin = child.stdin.take().expect("piped");
-    stdin
-        .write_all(&serde_json::to_vec(&job).expect("jobs serialize"))
-        .await
-        .map_err(|e| Failure::io("sending the boot test's helper its job", e))?;
-    drop(stdin);
+    let (mut child, _dir) = start_helper(test.staging, job, "amidalad-bootvm", Some(image)).await?;
     let mut stdout = child.stdout.take().expect("piped");
     let mut stderr = child.stderr.take().expect("piped").take(64 << 10);
     let mut said = Vec::new();
@@ -624,7 +716,7 @@ async fn run_qemu(
             read = stdout.read(&mut buf) => {
                 let n = read.map_err(|e| Failure::io("reading the console", e))?;
                 if n == 0 {
-                    break ended_without_sign(&said, &tail);
+                    break ended_without_sign(&said, &tail, kvm && !kernel_seen);
                 }
                 let mut sign = None;
                 for &b in &buf[..n] {
@@ -692,7 +784,15 @@ fn first_line(text: &str) -> String {
         .to_owned()
 }
 
-fn ended_without_sign(said: &[u8], tail: &VecDeque<String>) -> Ended {
+/// How QEMU's end without a sign reads. `before_kernel_under_kvm`: it ran with KVM and the
+/// guest's kernel had not started; if the console had shown nothing either, QEMU may have
+/// failed to run any guest there (some hosts' KVM refuses QEMU's CPU model: `failed to set
+/// MSR 0x10a`), which the same guest booting under TCG then confirms.
+fn ended_without_sign(
+    said: &[u8],
+    tail: &VecDeque<String>,
+    before_kernel_under_kvm: bool,
+) -> Ended {
     let said = String::from_utf8_lossy(said);
     let why = match first_line(&said) {
         s if s.is_empty() => {
@@ -702,6 +802,9 @@ fn ended_without_sign(said: &[u8], tail: &VecDeque<String>) -> Ended {
     };
     if said.contains("KVM internal error") || said.contains("emulation failure") {
         return Ended::KvmBroken(first_line(&said), false);
+    }
+    if before_kernel_under_kvm && tail.is_empty() {
+        return Ended::KvmBroken(why, true);
     }
     Ended::Failed(with_tail(&why, tail))
 }
@@ -773,9 +876,42 @@ fn helper() -> Result<std::convert::Infallible, String> {
         CloneFlags::CLONE_NEWNS
             | CloneFlags::CLONE_NEWNET
             | CloneFlags::CLONE_NEWIPC
-            | CloneFlags::CLONE_NEWUTS,
+            | CloneFlags::CLONE_NEWUTS
+            | CloneFlags::CLONE_NEWPID,
     )
     .map_err(e("making the VM's namespaces"))?;
+    // The program is the first process of a PID namespace of its own: when it ends, whatever
+    // it started ends with it, so nothing it forked keeps the image or the disk open once
+    // the daemon has moved on (a loop device is another build's after this one's).
+    // The child learns that this process is gone (its parent-death signal may be set too late
+    // for that) from the end of this pipe.
+    let (alive, alive_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+            .map_err(e("making the VM's first process's pipe"))?;
+    // SAFETY: this process is single-threaded (it was just executed and starts no thread), so
+    // the child may run arbitrary code after fork.
+    match unsafe { nix::unistd::fork() }.map_err(e("forking the VM's first process"))? {
+        nix::unistd::ForkResult::Child => drop(alive_w),
+        nix::unistd::ForkResult::Parent { child } => {
+            // The streams and the image are the child's: the daemon sees their end when the
+            // namespace's processes have all gone.
+            drop(alive);
+            for fd in [0, 1, 2, IMAGE_FD] {
+                let _ = nix::unistd::close(fd);
+            }
+            let code = loop {
+                match nix::sys::wait::waitpid(child, None) {
+                    Ok(nix::sys::wait::WaitStatus::Exited(_, code)) => break code,
+                    Ok(nix::sys::wait::WaitStatus::Signaled(_, sig, _)) => break 128 + sig as i32,
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+                    Err(_) => break 1,
+                }
+            };
+            std::process::exit(code)
+        }
+    }
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+        .map_err(e("setting the parent-death signal"))?;
     crate::sys::make_mounts_private().map_err(e("making mounts private"))?;
     let root = &job.root_dir;
     // Bounded: the overlay of the guest's writes, UEFI's variables, QEMU's few files.
@@ -826,20 +962,30 @@ fn helper() -> Result<std::convert::Infallible, String> {
     if job.kvm {
         nodes.push(("kvm", 10, 232, 0o600));
     }
-    for (name, major, minor, mode) in nodes {
+    let mut nodes: Vec<_> = nodes
+        .into_iter()
+        .map(|(name, major, minor, mode)| {
+            let kind = nix::sys::stat::SFlag::S_IFCHR;
+            (name, kind, nix::sys::stat::makedev(major, minor), mode)
+        })
+        .collect();
+    if let Some(dev) = job.disk {
+        nodes.push(("disk", nix::sys::stat::SFlag::S_IFBLK, dev, 0o600));
+    }
+    for (name, kind, dev, mode) in nodes {
         let path = root.join("dev").join(name);
         nix::sys::stat::mknod(
             &path,
-            nix::sys::stat::SFlag::S_IFCHR,
+            kind,
             nix::sys::stat::Mode::from_bits_truncate(mode),
-            nix::sys::stat::makedev(major, minor),
+            dev,
         )
         .map_err(e(&format!("making /dev/{name}")))?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
             .map_err(|err| format!("making /dev/{name}: {err}"))?;
-        if name == "kvm" {
+        if matches!(name, "kvm" | "disk") {
             std::os::unix::fs::chown(&path, Some(job.uid), Some(job.uid))
-                .map_err(|err| format!("giving /dev/kvm to the VM: {err}"))?;
+                .map_err(|err| format!("giving /dev/{name} to the VM: {err}"))?;
         }
     }
     if job.uefi {
@@ -866,24 +1012,30 @@ fn helper() -> Result<std::convert::Infallible, String> {
     )
     .map_err(e("opening /dev/null"))?;
     nix::unistd::dup2(null, 0).map_err(e("redirecting stdin"))?;
-    crate::executor::close_range(IMAGE_FD as u32 + 1, u32::MAX);
     // The VM's user: no groups, no capabilities (all ids non-zero), no way to gain any.
     let id = nix::unistd::Uid::from_raw(job.uid);
     let gid = nix::unistd::Gid::from_raw(job.uid);
     nix::unistd::setgroups(&[]).map_err(e("dropping groups"))?;
     nix::unistd::setresgid(gid, gid, gid).map_err(e("taking the VM's group"))?;
     nix::unistd::setresuid(id, id, id).map_err(e("taking the VM's user"))?;
-    // The change of credentials cleared the parent-death signal: QEMU dies with the daemon.
+    // The change of credentials cleared the parent-death signal: the program dies with the
+    // helper's first process, which dies with the daemon (and the namespace's others with
+    // the program).
     nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
         .map_err(e("setting the parent-death signal"))?;
-    if nix::unistd::getppid() == nix::unistd::Pid::from_raw(1) {
-        return Err("the daemon ended before QEMU started".into());
+    // Nothing is ever written: EOF if the first process is gone, else "would block".
+    if nix::unistd::read(alive.as_raw_fd(), &mut [0u8; 1]) != Err(nix::errno::Errno::EAGAIN) {
+        return Err("the daemon ended before the program started".into());
     }
+    drop(alive);
+    crate::executor::close_range(IMAGE_FD as u32 + 1, u32::MAX);
     nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0)
         .map_err(e("refusing core dumps"))?;
     nix::sys::prctl::set_no_new_privs().map_err(e("setting no_new_privs"))?;
-    let program = CString::new(QEMU).expect("no NUL");
-    let mut argv = vec![CString::new("qemu-system-x86_64").expect("no NUL")];
+    let path = job.program.path();
+    let program = CString::new(path).expect("no NUL");
+    let name = path.rsplit('/').next().unwrap_or(path);
+    let mut argv = vec![CString::new(name).expect("no NUL")];
     for arg in &job.args {
         argv.push(CString::new(arg.as_str()).map_err(|_| "an argument with a NUL byte")?);
     }
@@ -892,12 +1044,40 @@ fn helper() -> Result<std::convert::Infallible, String> {
         CString::new("TMPDIR=/tmp").expect("no NUL"),
     ];
     let err = nix::unistd::execve(&program, &argv, &env).unwrap_err();
-    Err(format!("executing {QEMU}: {err}"))
+    Err(format!("executing {path}: {err}"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_qemu_that_ends_under_kvm_before_the_guest_shows_anything_is_kvms_fault() {
+        let msr = b"qemu-system-x86_64: error: failed to set MSR 0x10a to 0x69\n";
+        let empty = VecDeque::new();
+        assert!(matches!(
+            ended_without_sign(msr, &empty, true),
+            Ended::KvmBroken(why, true) if why.contains("failed to set MSR")
+        ));
+        // Under TCG, or once the kernel ran or the console showed something: the guest's.
+        assert!(matches!(
+            ended_without_sign(msr, &empty, false),
+            Ended::Failed(_)
+        ));
+        let shown = VecDeque::from(["SeaBIOS (version 1.16)".to_owned()]);
+        assert!(matches!(
+            ended_without_sign(b"", &shown, true),
+            Ended::Failed(_)
+        ));
+        assert!(matches!(
+            ended_without_sign(
+                b"KVM internal error. Suberror: 1\nemulation failure\n",
+                &shown,
+                true
+            ),
+            Ended::KvmBroken(_, false)
+        ));
+    }
 
     #[test]
     fn console_lines_show_how_the_boot_went() {

@@ -528,6 +528,9 @@ async fn with_volume(
         .at(Phase::Attach)?,
     };
     handle.progress(|r| r.device = Some(attachment.device.display().to_string()));
+    if let Some(grown) = &attachment.grown {
+        handle.note(grown.clone());
+    }
     if let Some(n) = attachment.partition {
         handle.note(format!(
             "amidala: root filesystem ({}) on partition {n}",
@@ -535,7 +538,10 @@ async fn with_volume(
         ));
     }
 
-    let provisioned = provision(daemon, handle, &attachment, source, workspace).await;
+    let provisioned = match grow_ext4(daemon, handle, &attachment).await {
+        Ok(()) => provision(daemon, handle, &attachment, source, workspace).await,
+        Err(e) => Err(e),
+    };
 
     handle.enter_teardown(Phase::Detach);
     let device = attachment.device.display().to_string();
@@ -906,6 +912,25 @@ async fn in_cgroup(
         tracing::warn!(build = %handle.id, cgroup = %dir.display(), error = %e.message, "removing the build's cgroup");
     }
     result
+}
+
+/// An ext4 root smaller than its grown disk grows before it is mounted (see
+/// [`crate::grow::grow_ext4`]); XFS and btrfs grow once mounted, in the executor.
+async fn grow_ext4(
+    daemon: &Daemon,
+    handle: &BuildHandle,
+    attachment: &Attachment,
+) -> PhaseResult<()> {
+    if attachment.fs != crate::disk::FsType::Ext4 {
+        return Ok(());
+    }
+    let said = crate::grow::grow_ext4(daemon, &attachment.device, handle.owner_uid, &handle.cancel)
+        .await
+        .at(Phase::Attach)?;
+    if let Some(said) = said {
+        handle.note(said);
+    }
+    Ok(())
 }
 
 /// What the executor needs of its cgroups to be born in them.

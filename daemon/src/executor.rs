@@ -346,6 +346,7 @@ fn run() -> Result<(), Failure> {
         ),
     ))?;
 
+    grow_root(&spec);
     let result = with_root_mounted(&spec, &plugin, &workspace, userns.as_ref());
 
     report(&Report::Phase(Phase::Unmount));
@@ -399,6 +400,34 @@ fn with_root_mounted(
     provisioned?;
     restored?;
     scrubbed
+}
+
+/// Grows the mounted root filesystem to fill its device (a disk made longer, its root
+/// partition grown with it: see [`crate::grow`]); said in the log. A filesystem that cannot
+/// grow keeps its size, which the log says too: the build goes on with the space it had.
+fn grow_root(spec: &ExecutorSpec) {
+    let fs = match spec.fs_type.as_str() {
+        "ext4" => crate::disk::FsType::Ext4,
+        "xfs" => crate::disk::FsType::Xfs,
+        "btrfs" => crate::disk::FsType::Btrfs,
+        _ => return,
+    };
+    let grown = File::open(&spec.device).and_then(|device| {
+        let root = File::open(&spec.mount_dir)?;
+        crate::grow::grow_filesystem(root.as_fd(), &device, fs)
+    });
+    match grown {
+        Ok(Some((from, to))) => report(&Report::Note(format!(
+            "amidala: grew the root filesystem from {} to {} MiB, the space its disk gives it",
+            from >> 20,
+            to >> 20,
+        ))),
+        Ok(None) => {}
+        Err(e) => report(&Report::Note(format!(
+            "amidala: warning: the root filesystem could not be grown to fill its device \
+             ({e}); it keeps its size"
+        ))),
+    }
 }
 
 /// Closes the build's output (descriptor 2, which the provisioner's processes were given as

@@ -795,12 +795,26 @@ async fn copy_disk(
                 ),
             ));
         }
-        disk::locate_root(&out, None).map_err(|e| {
+        let root = disk::locate_root(&out, None).map_err(|e| {
             Failure::invalid(format!("the disk image has no usable root filesystem: {e}"))
         })?;
-        Ok(size)
+        // A longer disk: its table to the end and the root partition with it; the filesystem
+        // is grown by the first build (mounted: see crate::grow::grow_filesystem).
+        let mut grown = None;
+        if let (Some(n), true) = (root.partition, size > len) {
+            let growth = crate::grow::grow_table(&out, n)
+                .map_err(|e| Failure::io("growing the partition table to the disk", e))?;
+            grown = growth.map(|g| g.describe(n));
+        }
+        Ok((size, grown))
     })
     .await
+    .map(|(size, grown)| {
+        if let Some(said) = grown {
+            note(said);
+        }
+        size
+    })
 }
 
 /// A filesystem size that holds `usage` with room to spare, or the requested size if it does.

@@ -22,6 +22,7 @@ pub mod ec2;
 pub mod error;
 pub mod executor;
 pub mod gc;
+pub mod grow;
 pub mod helper;
 pub mod idmap;
 pub mod idrange;

@@ -52,6 +52,8 @@ pub struct Attachment {
     pub device: PathBuf,
     pub fs: FsType,
     pub partition: Option<u32>,
+    /// What attaching grew of the disk's partition table, for the build's log.
+    pub grown: Option<String>,
     loop_device: Option<LoopDevice>,
     /// What the provider holds until the volume is detached (ec2: the device name).
     pub extra: Option<Box<dyn Any + Send + Sync>>,
@@ -60,10 +62,24 @@ pub struct Attachment {
 impl Attachment {
     /// Finds the root filesystem on `disk` (a file or a block device) and attaches it, or the
     /// partition holding it, as a loop device with an offset.
+    /// A disk longer than its partition table gets the table moved to its end and the root
+    /// partition, if it is the last, grown to fill it (see [`crate::grow`]).
     pub fn root_of(disk: &Path, partition: Option<u32>) -> Result<Attachment, Failure> {
-        let file =
-            File::open(disk).map_err(|e| Failure::io(format!("opening {}", disk.display()), e))?;
-        let root = disk::locate_root(&file, partition).map_err(Failure::invalid)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(disk)
+            .map_err(|e| Failure::io(format!("opening {}", disk.display()), e))?;
+        let mut root = disk::locate_root(&file, partition).map_err(Failure::invalid)?;
+        let mut grown = None;
+        if let Some(n) = root.partition {
+            let growth = crate::grow::grow_table(&file, n)
+                .map_err(|e| Failure::io("growing the partition table to the disk", e))?;
+            if let Some(growth) = growth {
+                grown = Some(growth.describe(n));
+                root = disk::locate_root(&file, Some(n)).map_err(Failure::invalid)?;
+            }
+        }
         drop(file);
         let device = LoopDevice::attach(disk, root.offset, root.size, false)
             .map_err(|e| Failure::io("attaching a loop device", e))?;
@@ -71,6 +87,7 @@ impl Attachment {
             device: device.path().to_owned(),
             fs: root.fs,
             partition: root.partition,
+            grown,
             loop_device: Some(device),
             extra: None,
         })

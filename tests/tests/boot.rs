@@ -443,18 +443,40 @@ fn the_original_workflow_from_a_root_tarball_to_an_application_image_that_boots(
     let base = env.import(&tarball, &[]);
     assert_eq!(snapshot(&env, &base)["tags"]["amidala:boot"], "bios+uefi");
     let ws = env.workspace("ws", &[]);
-    let system = env.build(
+    // The system layer grows the disk to 3 GiB (issue 15, point 2): the GPT moves to the end,
+    // the root partition and its filesystem grow, and the space is there to use.
+    let grown = env.amidala_in(
         &ws,
         &[
+            "build",
+            "--json",
             "--from",
             "amidala=base",
+            "--size",
+            "3G",
             "--snapshot-tag",
             "amidala=system",
             "--",
             "/bin/sh",
             "-c",
-            "echo system > /etc/system-layer",
+            "echo system > /etc/system-layer && fallocate -l 2G /var/tmp/fill && rm /var/tmp/fill",
         ],
+    );
+    let system = grown.json();
+    assert!(
+        grown.stderr.contains("grew partition 3 (the root) from")
+            && grown.stderr.contains("to 3005 MiB to fill the disk")
+            && grown.stderr.contains("grew the root filesystem from"),
+        "{}",
+        grown.stderr
+    );
+    let verified = run(Command::new("sgdisk")
+        .arg("-v")
+        .arg(env.snapshot_file(field(&system, "snapshot_id"))));
+    assert!(
+        verified.ok().contains("No problems found"),
+        "{}",
+        verified.stdout
     );
     let built = env.amidala_in(
         &ws,

@@ -317,6 +317,179 @@ fn partitioned_raw_image_builds_on_its_root_partition() {
     env.assert_no_leaks();
 }
 
+/// Bytes of the filesystem mounted at `dir` (statvfs: blocks × fragment size).
+fn filesystem_bytes(dir: &Path) -> u64 {
+    let st = nix::sys::statvfs::statvfs(dir).unwrap();
+    st.blocks() as u64 * st.fragment_size() as u64
+}
+
+/// `sgdisk -v` of a disk: what it says when the GPT has no problem.
+fn gpt_verified(disk: &Path) -> String {
+    let out = run(Command::new("sgdisk").arg("-v").arg(disk));
+    let said = out.ok().to_owned();
+    assert!(said.contains("No problems found"), "{said}");
+    said
+}
+
+/// Issue 15, point 2: a disk made longer (`--size` on import or build) gets its GPT moved to
+/// its end, its root partition (the last) grown and its root filesystem grown online (ext4 in
+/// a partition, ext4 and XFS on a whole disk); the space is there for the build to use.
+#[test]
+fn a_longer_disk_gets_its_table_partition_and_filesystem_grown() {
+    let env = Env::start();
+    let rootfs = env.busybox_rootfs("rootfs");
+    let (disk, offset) = partitioned_disk(&env, &rootfs);
+    let ws = env.workspace("ws", &[]);
+
+    // Import, 96 MiB → 160 MiB: the table moves and partition 2 grows with the disk.
+    let import = env.amidala(&[
+        "base",
+        "import",
+        disk.to_str().unwrap(),
+        "--size",
+        "160M",
+        "--tag",
+        "kind=grown",
+    ]);
+    let base = import.ok().trim().to_owned();
+    assert!(
+        import
+            .stderr
+            .contains("grew partition 2 (the root) from 80 to 157 MiB"),
+        "{}",
+        import.stderr
+    );
+    gpt_verified(&env.snapshot_file(&base));
+
+    // The first build grows the filesystem into its partition, and can fill it.
+    let fill = "dd if=/dev/zero of=/root/fill bs=1M count=100 2>/dev/null && rm /root/fill && \
+                echo filled";
+    let said = env.amidala_in(
+        &ws,
+        &[
+            "build",
+            "--json",
+            "--from",
+            "kind=grown",
+            "--",
+            "/bin/sh",
+            "-c",
+            fill,
+        ],
+    );
+    let result = said.json();
+    assert!(
+        said.stderr
+            .contains("grew the root filesystem from 80 to 157 MiB")
+            && said.stderr.contains("filled"),
+        "{}",
+        said.stderr
+    );
+    let snap = field(&result, "snapshot_id").to_owned();
+    let out = Mounted::new(&env.snapshot_file(&snap), offset);
+    assert!(filesystem_bytes(&out.path("/")) > 130 << 20);
+    drop(out);
+
+    // A build with --size grows all three again; a build without it changes nothing.
+    let said = env.amidala_in(
+        &ws,
+        &[
+            "build",
+            "--json",
+            "--source",
+            &snap,
+            "--size",
+            "256M",
+            "--",
+            "/bin/true",
+        ],
+    );
+    let grown = said.json();
+    assert!(
+        said.stderr
+            .contains("grew partition 2 (the root) from 157 to 253 MiB")
+            && said
+                .stderr
+                .contains("grew the root filesystem from 157 to 253 MiB"),
+        "{}",
+        said.stderr
+    );
+    let grown_snap = field(&grown, "snapshot_id").to_owned();
+    let verified = gpt_verified(&env.snapshot_file(&grown_snap));
+    assert!(!verified.contains("backup header"), "{verified}");
+    let out = Mounted::new(&env.snapshot_file(&grown_snap), offset);
+    assert!(filesystem_bytes(&out.path("/")) > 220 << 20);
+    drop(out);
+    let said = env.amidala_in(&ws, &["build", "--source", &grown_snap, "--", "/bin/true"]);
+    said.ok();
+    assert!(!said.stderr.contains("grew"), "{}", said.stderr);
+
+    // Whole-disk filesystems: ext4 (the busybox tree's import) and XFS (made here).
+    let ext4 = env.import(&rootfs, &["--tag", "kind=ext4"]);
+    let said = env.amidala_in(
+        &ws,
+        &[
+            "build",
+            "--json",
+            "--source",
+            &ext4,
+            "--size",
+            "200M",
+            "--",
+            "/bin/true",
+        ],
+    );
+    let result = said.json();
+    assert!(
+        said.stderr.contains("grew the root filesystem from") && said.stderr.contains("to 200 MiB"),
+        "{}",
+        said.stderr
+    );
+    let out = Mounted::new(&env.snapshot_file(field(&result, "snapshot_id")), 0);
+    assert!(filesystem_bytes(&out.path("/")) > 170 << 20);
+    drop(out);
+
+    let xfs = env.dir.path().join("xfs.img");
+    fs::File::create(&xfs).unwrap().set_len(320 << 20).unwrap();
+    run(Command::new("mkfs.xfs").arg("-q").arg(&xfs)).ok();
+    let mnt = env.dir.path().join("xfs-mnt");
+    fs::create_dir(&mnt).unwrap();
+    run(Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&xfs)
+        .arg(&mnt))
+    .ok();
+    let copied = run(Command::new("cp").arg("-a").arg(rootfs.join(".")).arg(&mnt));
+    run(Command::new("umount").arg(&mnt)).ok();
+    copied.ok();
+    let xfs_base = env.import(&xfs, &["--tag", "kind=xfs"]);
+    let said = env.amidala_in(
+        &ws,
+        &[
+            "build",
+            "--json",
+            "--source",
+            &xfs_base,
+            "--size",
+            "512M",
+            "--",
+            "/bin/true",
+        ],
+    );
+    let result = said.json();
+    assert!(
+        said.stderr
+            .contains("grew the root filesystem from 320 to 512 MiB"),
+        "{}",
+        said.stderr
+    );
+    let out = Mounted::new(&env.snapshot_file(field(&result, "snapshot_id")), 0);
+    let xfs_bytes = filesystem_bytes(&out.path("/"));
+    assert!(xfs_bytes > 400 << 20, "{xfs_bytes}");
+    drop(out);
+    env.assert_no_leaks();
+}
+
 #[test]
 fn failing_provisioner_fails_the_build_with_its_status() {
     let env = Env::start();
