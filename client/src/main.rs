@@ -98,6 +98,22 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Boot an image or snapshot of yours (admins: anyone's) in a VM as `build --boot-test`
+    /// does, its serial console on stderr, and say whether it booted (local provider: QEMU,
+    /// KVM where it works, else TCG). Ctrl-C stops it.
+    BootTest {
+        /// An image (ami-...) or snapshot (snap-...) id.
+        id: String,
+        /// The firmware: bios, uefi or bios+uefi (default: what the image was made for).
+        #[arg(long, value_name = "bios|uefi|bios+uefi")]
+        firmware: Option<String>,
+        /// Text on the serial console that shows the image booted (default: a login prompt).
+        #[arg(long, value_name = "TEXT")]
+        marker: Option<String>,
+        /// How long each boot may take (default: the daemon's, 5 minutes).
+        #[arg(long, value_name = "DURATION", value_parser = parse_timeout)]
+        timeout: Option<u64>,
+    },
     /// List images.
     Images,
     /// List snapshots.
@@ -570,6 +586,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Export { id, output, force } => export(&socket, out, &id, &output, force),
+        Command::BootTest {
+            id,
+            firmware,
+            marker,
+            timeout,
+        } => {
+            let test = BootTestSpec {
+                firmware,
+                marker,
+                timeout,
+            };
+            boot_test(&socket, out, id, test)
+        }
         Command::Build(args) => build(&socket, out, *args),
         Command::Validate(args) => validate(&socket, out, *args),
         Command::List => {
@@ -957,6 +986,35 @@ fn import(
             Ok(other) => return Err(unexpected(other).into()),
             Err(err @ ClientError::Daemon(_)) => {
                 return Err(anyhow::Error::from(err).context("base import refused"))
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
+}
+
+fn boot_test(socket: &Path, out: Output, id: String, test: BootTestSpec) -> Result<ExitCode> {
+    let mut client = connect(socket)?;
+    client.send(&Request::BootTest { id, test }, None)?;
+    loop {
+        match client.recv() {
+            Ok(Response::Log { line }) => {
+                if !out.quiet {
+                    eprintln!("{line}");
+                }
+            }
+            Ok(Response::BootTested { id, detail }) => {
+                if out.json {
+                    print_json(
+                        &serde_json::json!({ "id": id, "boot_test": "passed", "detail": detail }),
+                    )?;
+                } else {
+                    println!("{id} booted: {detail}");
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            Ok(other) => return Err(unexpected(other).into()),
+            Err(err @ ClientError::Daemon(_)) => {
+                return Err(anyhow::Error::from(err).context("boot test failed"))
             }
             Err(err) => return Err(err.into()),
         }

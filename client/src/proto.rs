@@ -78,6 +78,10 @@ pub enum Request {
     /// The disk image of a snapshot (or of an image's snapshot), for the client to copy:
     /// answered by [`Response::Export`] with a read-only descriptor of it.
     Export { id: String },
+    /// Boot an image (or a snapshot) of the caller's, admins' anyone's, as a build's boot test
+    /// does (`amidala boot-test`): log lines (the console) follow, then
+    /// [`Response::BootTested`]. The local provider only.
+    BootTest { id: String, test: BootTestSpec },
 }
 
 /// The tag holding the user name of a snapshot's or image's owner.
@@ -913,6 +917,12 @@ pub enum Response {
     },
     /// The snapshot whose disk image travels with this frame as a read-only descriptor.
     Export(SnapshotInfo),
+    /// Terminal: the image or snapshot `id` booted; `detail` as the
+    /// [`BOOT_TEST_DETAIL_TAG`] says it (firmware, seconds, accelerator).
+    BootTested {
+        id: String,
+        detail: String,
+    },
 }
 
 /// What a build of a checked spec would do, as `amidala validate` prints it.

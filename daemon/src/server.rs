@@ -385,7 +385,8 @@ fn one_fd(fds: Vec<OwnedFd>, what: &str) -> Result<OwnedFd, Failure> {
 /// The action a request asks for, as the policy judges it (for a build: once its owner is known).
 fn action_of(request: &Request) -> Action {
     match request {
-        Request::Build(_) | Request::Validate(_) => Action::Build,
+        // A boot test is a build's worth of CPU and memory.
+        Request::Build(_) | Request::Validate(_) | Request::BootTest { .. } => Action::Build,
         Request::ImportBase(_) => Action::Import,
         Request::List => Action::ListBuilds,
         Request::Images | Request::Snapshots => Action::ListImages,
@@ -417,12 +418,7 @@ async fn dispatch(
             Err(f) => conn.send_error(&f).await,
             Ok(handle) => {
                 let detached = handle.record().spec.detach;
-                // A second handle on the connection, to notice the client leave while the
-                // build is quiet.
-                let watch =
-                    conn.stream.as_fd().try_clone_to_owned().and_then(|fd| {
-                        UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))
-                    });
+                let watch = second_handle(conn);
                 let sent = conn
                     .send(&Response::Accepted {
                         build_id: handle.id.clone(),
@@ -533,6 +529,7 @@ async fn dispatch(
             }
             Err(f) => conn.send_error(&f).await,
         },
+        Request::BootTest { id, test } => boot_test(daemon, conn, peer, &id, test).await,
         Request::Plugins => conn.send(&Response::Plugins(daemon.plugins.infos())).await,
         Request::Gc { dry_run } => {
             tracing::info!(uid = peer.uid, pid = ?peer.pid, dry_run, "gc");
@@ -915,6 +912,91 @@ async fn export(
     Ok((snapshot, file))
 }
 
+/// `amidala boot-test ID`: boots an image or snapshot of the caller's (admins: anyone's) as
+/// a build's `--boot-test` does, the console streamed as log lines. It waits for, and holds, one
+/// of the caller's build slots (a VM costs what a build costs), and ends, QEMU killed, when the
+/// client goes away or the daemon stops. The image's tags are left as they are.
+async fn boot_test(
+    daemon: &Arc<Daemon>,
+    conn: &mut Conn,
+    peer: &Peer,
+    id: &str,
+    test: proto::BootTestSpec,
+) -> io::Result<()> {
+    let found = async {
+        refuse_when_shutting_down(daemon)?;
+        crate::bootvm::check_test(&test, &daemon.config.boot_test, daemon.provider.name())
+            .map_err(|f| Failure::invalid(f.message.replacen("--boot-test: ", "boot-test: ", 1)))?;
+        let viewer = daemon.policy.viewer(peer);
+        let (snapshot, _) = find_snapshot(daemon, viewer, id).await?;
+        let owner = owner_uid(&snapshot.tags).unwrap_or(NO_OWNER);
+        if !viewer.owns(owner) {
+            return Err(not_yours("snapshot", id));
+        }
+        let path = daemon
+            .provider
+            .snapshot_path(&snapshot.id)
+            .ok_or_else(|| Failure::invalid(format!("{id} has no disk image on this host")))?;
+        Ok((snapshot, owner, path))
+    }
+    .await;
+    let (snapshot, owner, path) = match found {
+        Ok(found) => found,
+        Err(f) => return conn.send_error(&f).await,
+    };
+    tracing::info!(uid = peer.uid, snapshot = %snapshot.id, "boot test");
+    let watch = second_handle(conn)?;
+    let slot = tokio::select! {
+        slot = daemon.scheduler.acquire(peer.uid) => slot,
+        () = daemon.shutdown.cancelled() => Err(crate::schedule::Closed),
+        () = closed(&watch) => return Ok(()),
+    };
+    let Ok(_slot) = slot else {
+        return conn
+            .send_error(&Failure::new(
+                ErrorCode::ShuttingDown,
+                "amidalad is shutting down",
+            ))
+            .await;
+    };
+    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    let console = move |line: String| {
+        let _ = tx.send(line);
+    };
+    let made_for = snapshot.tags.get(proto::BOOT_TAG).cloned();
+    let booting =
+        crate::bootvm::boot_all(daemon, owner, &path, made_for.as_deref(), &test, &console);
+    tokio::pin!(booting);
+    let result = loop {
+        tokio::select! {
+            result = &mut booting => break result,
+            Some(line) = lines.recv() => conn.send(&Response::Log { line }).await?,
+            () = daemon.shutdown.cancelled() => {
+                break Err(Failure::new(ErrorCode::ShuttingDown, "amidalad is shutting down"))
+            }
+            () = closed(&watch) => {
+                tracing::info!(snapshot = %snapshot.id, "the client went away: boot test stopped");
+                return Ok(());
+            }
+        }
+    };
+    while let Ok(line) = lines.try_recv() {
+        conn.send(&Response::Log { line }).await?;
+    }
+    match result {
+        Ok(passed) => {
+            let detail = crate::bootvm::detail(&passed);
+            tracing::info!(snapshot = %snapshot.id, %detail, "boot test passed");
+            conn.send(&Response::BootTested {
+                id: id.to_owned(),
+                detail,
+            })
+            .await
+        }
+        Err(f) => conn.send_error(&f).await,
+    }
+}
+
 /// The provisioner's time limit of a build of `peer`'s that asks for `requested` seconds: the
 /// default when it asks for none; refused beyond the longest a member may ask for.
 fn build_timeout(daemon: &Daemon, peer: &Peer, requested: Option<u64>) -> Result<u64, Failure> {
@@ -1143,6 +1225,12 @@ fn free_space(dir: &Path) -> Result<(u64, u64), Failure> {
         stat.blocks_available() as u64 * block,
         stat.blocks() as u64 * block,
     ))
+}
+
+/// A second handle on the connection, to notice the client leave while nothing is sent.
+fn second_handle(conn: &Conn) -> io::Result<UnixStream> {
+    let fd = conn.stream.as_fd().try_clone_to_owned()?;
+    UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))
 }
 
 /// Returns once the peer has closed its end of `stream` (or the connection failed); what it

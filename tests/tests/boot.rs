@@ -361,6 +361,9 @@ fn an_image_that_does_not_boot_fails_its_build_and_is_not_registered() {
 fn a_tree_without_a_kernel_imports_as_before_and_cannot_be_boot_tested() {
     // Its turn too: it checks that no VM runs.
     let _turn = take_turn();
+    // A member, made before the daemon starts (which gives group amidala its socket).
+    const MEMBER: &str = "amidala-t-boot-mallory";
+    let _accounts = amidala_tests::Accounts::create(&[(MEMBER, "amidala")]);
     let env = Env::start();
     let rootfs = env.busybox_rootfs("rootfs");
     let base = env.import(&rootfs, &[]);
@@ -423,6 +426,24 @@ fn a_tree_without_a_kernel_imports_as_before_and_cannot_be_boot_tested() {
     );
     assert_eq!(bad.code, Some(2), "{}", bad.stderr);
     assert!(bad.stderr.contains("--boot-firmware"), "{}", bad.stderr);
+    // `amidala boot-test` of it: refused for what it is, before any VM; another member may not
+    // boot-test root's snapshot even once it is published.
+    let own = env.amidala(&["boot-test", &base]);
+    assert_eq!(own.code, Some(2), "{}", own.stderr);
+    assert!(own.stderr.contains("cannot boot"), "{}", own.stderr);
+    env.amidala(&["base", "publish", &base]).ok();
+    let client = env.dir.path().join("amidala");
+    fs::copy(amidala_tests::bin_dir().join("amidala"), &client).unwrap();
+    let theirs = run(amidala_tests::as_user(MEMBER, &client)
+        .args(["boot-test", &base, "--firmware", "bios"])
+        .current_dir(env.dir.path())
+        .env("AMIDALA_SOCKET", &env.socket));
+    assert_eq!(theirs.code, Some(2), "{}", theirs.stderr);
+    assert!(
+        theirs.stderr.contains("neither yours nor published"),
+        "{}",
+        theirs.stderr
+    );
     assert!(amidala_tests::qemu_processes().is_empty());
     env.assert_no_leaks();
 }
@@ -509,5 +530,23 @@ fn the_original_workflow_from_a_root_tarball_to_an_application_image_that_boots(
     let out = root_of(&env.snapshot_file(field(&app, "snapshot_id")));
     assert_eq!(out.read("/etc/app-layer"), "app\n");
     drop(out);
+    // `amidala boot-test` of an existing snapshot, the grown system layer, with UEFI.
+    let tested = env.amidala(&[
+        "boot-test",
+        field(&system, "snapshot_id"),
+        "--firmware",
+        "uefi",
+    ]);
+    assert!(
+        tested.ok().contains(" booted: uefi "),
+        "{}\n{}",
+        tested.stdout,
+        tested.stderr
+    );
+    assert!(
+        tested.stderr.contains("amidala-boot login:"),
+        "{}",
+        tested.stderr
+    );
     assert_nothing_left(&env);
 }
