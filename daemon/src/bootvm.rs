@@ -341,6 +341,9 @@ pub struct VmJob {
     /// A block device made `/dev/disk` in the VM's root (its `dev_t`), the VM's user's alone.
     #[serde(default)]
     pub disk: Option<u64>,
+    /// The daemon's pid: the helper's parent, else the daemon has gone.
+    #[serde(default)]
+    pub parent: u32,
 }
 
 /// The programs the helper executes: QEMU for a boot test, e2fsprogs' checker and resizer for
@@ -385,6 +388,7 @@ async fn start_helper(
 ) -> Result<(crate::spawn::Child, RootDir), Failure> {
     use tokio::io::AsyncWriteExt;
     job.root_dir = staging.join(crate::ids::new_id("vm"));
+    job.parent = std::process::id();
     std::fs::create_dir(&job.root_dir)
         .map_err(|e| Failure::io(format!("creating {}", job.root_dir.display()), e))?;
     let dir = RootDir(job.root_dir.clone());
@@ -406,6 +410,35 @@ async fn start_helper(
     Ok((child, dir))
 }
 
+/// Reads `stream` to its end, keeping at most `max` bytes of it.
+async fn read_bounded(
+    mut stream: impl tokio::io::AsyncRead + Unpin,
+    kept: &mut Vec<u8>,
+    max: usize,
+) {
+    let mut buf = vec![0u8; 8192];
+    while let Ok(n @ 1..) = stream.read(&mut buf).await {
+        let room = max.saturating_sub(kept.len()).min(n);
+        kept.extend_from_slice(&buf[..room]);
+    }
+}
+
+/// Stops the helper and what it runs: SIGTERM, on which it kills its PID namespace and
+/// returns only once every process in it has gone (so nothing holds the disk or the image
+/// after this); SIGKILL if it has not within 10 s.
+async fn stop(child: &mut crate::spawn::Child) {
+    let _ = child.signal(libc::SIGTERM);
+    if tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.kill().await;
+    }
+}
+
+/// The helper's exit status when it could not start the program (not the program's own).
+const HELPER_FAILED: i32 = 125;
+
 /// Runs one of e2fsprogs' tools ([`Program::E2fsck`], [`Program::Resize2fs`]) on the block
 /// device `disk` in the helper's sandbox, as `uid` (see [`vm_uid`]): the tool parses a
 /// filesystem a user made, so it gets what QEMU gets and that device alone. Returns its exit
@@ -426,26 +459,49 @@ pub async fn run_tool(
         program,
         args: args.iter().map(|a| a.to_string()).collect(),
         disk: Some(disk),
+        parent: 0,
     };
     let (mut child, _dir) =
         start_helper(&daemon.catalog.tmp_dir(), job, "amidalad-tool", None).await?;
-    let mut out = child.stdout.take().expect("piped").take(64 << 10);
-    let mut err = child.stderr.take().expect("piped").take(64 << 10);
+    // Read to the end (what passes 64 KiB is dropped, never left to fill the pipe), within
+    // the boot test's longest time.
     let (mut said, mut complained) = (Vec::new(), Vec::new());
+    let (out, err) = (
+        child.stdout.take().expect("piped"),
+        child.stderr.take().expect("piped"),
+    );
     let read = async {
-        let _ = tokio::join!(out.read_to_end(&mut said), err.read_to_end(&mut complained));
+        tokio::join!(
+            read_bounded(out, &mut said, 64 << 10),
+            read_bounded(err, &mut complained, 64 << 10)
+        );
     };
+    let limit = Duration::from_secs(daemon.config.boot_test.max_timeout);
     tokio::select! {
         () = read => {}
         () = cancel.cancelled() => {
-            let _ = child.kill().await;
+            stop(&mut child).await;
             return Err(Failure::new(ErrorCode::Cancelled, "build cancelled"));
+        }
+        () = tokio::time::sleep(limit) => {
+            stop(&mut child).await;
+            return Err(Failure::new(
+                ErrorCode::Timeout,
+                format!("{} did not end within {} s ([boot_test] max_timeout)", program.path(), limit.as_secs()),
+            ));
         }
     }
     let status = child
         .wait()
         .await
         .map_err(|e| Failure::io("waiting for e2fsprogs", e))?;
+    if status.code() == Some(HELPER_FAILED) {
+        let why = String::from_utf8_lossy(&complained);
+        return Err(Failure::io(
+            "setting up the sandbox of e2fsprogs",
+            std::io::Error::other(why.trim().to_owned()),
+        ));
+    }
     said.extend_from_slice(&complained);
     use std::os::unix::process::ExitStatusExt;
     let code = status.code().unwrap_or(128 + status.signal().unwrap_or(0));
@@ -687,6 +743,7 @@ async fn run_qemu(
         program: Program::Qemu,
         args: qemu_args(test.firmware, kvm, settings),
         disk: None,
+        parent: 0,
     };
     let started = Instant::now();
     let (mut child, _dir) = start_helper(test.staging, job, "amidalad-bootvm", Some(image)).await?;
@@ -772,7 +829,7 @@ async fn run_qemu(
         }
     };
     // The VM and its overlay are done with, whatever the guest is doing.
-    let _ = child.kill().await;
+    stop(&mut child).await;
     Ok(ended)
 }
 
@@ -825,7 +882,7 @@ pub fn helper_main() -> ! {
         Err(why) => why,
     };
     eprintln!("amidalad-bootvm: {why}");
-    std::process::exit(1)
+    std::process::exit(HELPER_FAILED)
 }
 
 fn e(what: &str) -> impl FnOnce(nix::Error) -> String + '_ {
@@ -856,6 +913,46 @@ fn bind_read_only(source: &str, target: &Path) -> Result<(), String> {
     .map_err(e(&format!("making {source} read-only")))
 }
 
+/// What e2fsprogs may use beyond the sandbox they share with QEMU (which has its own
+/// seccomp sandbox): 4 GiB of address space, 64 processes of their id, and no loop device
+/// ioctl (`/dev/disk` is a loop device; its offset and flags are the daemon's).
+fn confine_tool() -> Result<(), String> {
+    use libseccomp::{ScmpAction, ScmpArgCompare, ScmpCompareOp, ScmpFilterContext, ScmpSyscall};
+    use nix::sys::resource::{setrlimit, Resource};
+    setrlimit(Resource::RLIMIT_AS, 4 << 30, 4 << 30).map_err(e("bounding memory"))?;
+    setrlimit(Resource::RLIMIT_NPROC, 64, 64).map_err(e("bounding processes"))?;
+    let seccomp = |what: &str, err: libseccomp::error::SeccompError| format!("{what}: {err}");
+    let mut filter = ScmpFilterContext::new(ScmpAction::Allow)
+        .map_err(|err| seccomp("a seccomp filter", err))?;
+    let ioctl = ScmpSyscall::from_name("ioctl").map_err(|err| seccomp("ioctl", err))?;
+    filter
+        .add_rule_conditional(
+            ScmpAction::Errno(libc::EPERM),
+            ioctl,
+            // LOOP_*: _IO(0x4C, n), type 'L' in bits 8 to 15.
+            &[ScmpArgCompare::new(
+                1,
+                ScmpCompareOp::MaskedEqual(0xff00),
+                0x4c00,
+            )],
+        )
+        .map_err(|err| seccomp("refusing loop ioctls", err))?;
+    filter
+        .load()
+        .map_err(|err| seccomp("loading the seccomp filter", err))
+}
+
+/// The PID namespace's first process, for [`kill_first`].
+static FIRST: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn kill_first(_: libc::c_int) {
+    let pid = FIRST.load(std::sync::atomic::Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: kill(2) is async-signal-safe; the pid is the waiter's own child.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
 fn helper() -> Result<std::convert::Infallible, String> {
     use std::io::Read;
     use std::os::unix::fs::{symlink, DirBuilderExt, PermissionsExt};
@@ -870,6 +967,10 @@ fn helper() -> Result<std::convert::Infallible, String> {
         serde_json::from_slice(&input).map_err(|err| format!("decoding the job: {err}"))?;
     if job.uid == 0 {
         return Err("QEMU never runs as root".into());
+    }
+    // The daemon that started this may have ended before the parent-death signal was set.
+    if std::os::unix::process::parent_id() != job.parent {
+        return Err("the daemon ended before the helper started".into());
     }
     use nix::sched::CloneFlags;
     nix::sched::unshare(
@@ -888,11 +989,29 @@ fn helper() -> Result<std::convert::Infallible, String> {
     let (alive, alive_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
             .map_err(e("making the VM's first process's pipe"))?;
+    // SIGTERM (the daemon's word to stop) is held until the waiter's handler knows the child.
+    let term = nix::sys::signal::SigSet::from(nix::sys::signal::Signal::SIGTERM);
+    term.thread_block().map_err(e("blocking SIGTERM"))?;
     // SAFETY: this process is single-threaded (it was just executed and starts no thread), so
     // the child may run arbitrary code after fork.
     match unsafe { nix::unistd::fork() }.map_err(e("forking the VM's first process"))? {
-        nix::unistd::ForkResult::Child => drop(alive_w),
+        nix::unistd::ForkResult::Child => {
+            drop(alive_w);
+            term.thread_unblock().map_err(e("unblocking SIGTERM"))?;
+        }
         nix::unistd::ForkResult::Parent { child } => {
+            // On SIGTERM the namespace is killed; waitpid returns once its first process has
+            // ended, which is after every other process in it has.
+            FIRST.store(child.as_raw(), std::sync::atomic::Ordering::SeqCst);
+            let action = nix::sys::signal::SigAction::new(
+                nix::sys::signal::SigHandler::Handler(kill_first),
+                nix::sys::signal::SaFlags::empty(),
+                nix::sys::signal::SigSet::empty(),
+            );
+            // SAFETY: the handler only calls kill(2), which is async-signal-safe.
+            let _ =
+                unsafe { nix::sys::signal::sigaction(nix::sys::signal::Signal::SIGTERM, &action) };
+            let _ = term.thread_unblock();
             // The streams and the image are the child's: the daemon sees their end when the
             // namespace's processes have all gone.
             drop(alive);
@@ -1032,6 +1151,9 @@ fn helper() -> Result<std::convert::Infallible, String> {
     nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0)
         .map_err(e("refusing core dumps"))?;
     nix::sys::prctl::set_no_new_privs().map_err(e("setting no_new_privs"))?;
+    if job.program != Program::Qemu {
+        confine_tool()?;
+    }
     let path = job.program.path();
     let program = CString::new(path).expect("no NUL");
     let name = path.rsplit('/').next().unwrap_or(path);

@@ -1000,10 +1000,27 @@ async fn run_executor(
     // Set when the output has ended: the executor closes it once the provisioner's processes
     // are gone (see crate::executor::end_build_output).
     let (output_ended, mut output_done) = watch::channel(false);
+    // Set when the executor's reports have ended (it has exited, or is about to).
+    let (reports_ended, mut reports_done) = watch::channel(false);
     let output = async {
         let mut reader = BufReader::new(stderr);
-        while let Ok(Some(line)) = read_bounded_line(&mut reader, MAX_LOG_LINE).await {
-            handle.note(String::from_utf8_lossy(&line).into_owned());
+        let read = async {
+            while let Ok(Some(line)) = read_bounded_line(&mut reader, MAX_LOG_LINE).await {
+                handle.note(String::from_utf8_lossy(&line).into_owned());
+            }
+        };
+        // A process outside the build given the output's descriptor (over a socket) could
+        // hold it open for ever: once the executor is done, the rest is not waited for.
+        let abandoned = async {
+            let _ = reports_done.wait_for(|ended| *ended).await;
+            tokio::time::sleep(OUTPUT_DRAIN).await;
+        };
+        tokio::select! {
+            () = read => {}
+            () = abandoned => handle.note(
+                "amidala: the build's output was still open after the build ended (a process \
+                 outside the build holds it): the rest of it is not logged",
+            ),
         }
         let _ = output_ended.send(true);
     };
@@ -1067,6 +1084,7 @@ async fn run_executor(
                 }
             }
         }
+        let _ = reports_ended.send(true);
         (outcome, architecture, failed, done)
     };
     let ((outcome, architecture, failed, done), (), misplaced) =
