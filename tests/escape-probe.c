@@ -16,6 +16,10 @@
  *   escape-probe recvfd-connect SOCKET
  *                                    a descriptor of a socket received over SOCKET, connected
  *                                    to through /proc/self/fd
+ *   escape-probe disk                the build's own disk in /dev/disk/by-uuid: read (and its
+ *                                    ext4 magic), opened for writing, detached (LOOP_CLR_FD),
+ *                                    asked its backing file (LOOP_GET_STATUS64), removed,
+ *                                    its mode changed
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -28,7 +32,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -185,7 +191,34 @@ static int recvfd_connect(const char *path) {
     return 0;
 }
 
+static int disk(void) {
+    DIR *d = opendir("/dev/disk/by-uuid");
+    struct dirent *e;
+    char path[512] = "";
+    while (d && (e = readdir(d)))
+        if (e->d_name[0] != '.')
+            snprintf(path, sizeof path, "/dev/disk/by-uuid/%s", e->d_name);
+    if (!*path) {
+        printf("disk none\n");
+        return 0;
+    }
+    int fd = open(path, O_RDONLY);
+    said("disk-read", fd);
+    unsigned char magic[2] = {0, 0};
+    if (fd >= 0 && pread(fd, magic, 2, 1080) == 2 && magic[0] == 0x53 && magic[1] == 0xEF)
+        printf("disk-ext4-magic ok\n");
+    said("disk-write", open(path, O_RDWR));
+    char status[256];
+    said("LOOP_GET_STATUS64", fd < 0 ? -1 : ioctl(fd, 0x4C05, status));
+    said("LOOP_CLR_FD", fd < 0 ? -1 : ioctl(fd, 0x4C01, 0));
+    said("disk-chmod", chmod(path, 0666));
+    said("disk-unlink", unlink(path));
+    return 0;
+}
+
 int main(int argc, char **argv) {
+    if (argc == 2 && !strcmp(argv[1], "disk"))
+        return disk();
     if (argc == 3 && !strcmp(argv[1], "handle"))
         return handle(argv[2]);
     if (argc == 2 && !strcmp(argv[1], "calls"))
@@ -199,6 +232,6 @@ int main(int argc, char **argv) {
     if (argc == 3 && !strcmp(argv[1], "recvfd-connect"))
         return recvfd_connect(argv[2]);
     fprintf(stderr, "usage: escape-probe handle DIR | calls | capture MARKER SECS | send MARKER SECS | "
-                    "recvfd SOCKET FILE... | recvfd-connect SOCKET\n");
+                    "recvfd SOCKET FILE... | recvfd-connect SOCKET | disk\n");
     return 2;
 }

@@ -103,7 +103,8 @@ fi
 # A bootable Debian root filesystem (cloud kernel, systemd, udev) for the boot tests and the
 # demo, which boot-tests what it bakes.
 boot=${AMIDALA_DEBIAN_BOOT_ROOTFS:-/var/cache/amidala-tests/debian-bookworm-boot}
-if [ "$mode" != --deb ] && ! ls "$boot"/boot/vmlinuz-* >/dev/null 2>&1; then
+# (Made again if it predates the GRUB packages it keeps.)
+if [ "$mode" != --deb ] && ! ls "$boot"/boot/vmlinuz-* "$boot"/var/cache/amidala-grub/grub-pc_*.deb >/dev/null 2>&1; then
     echo "making $boot with debootstrap (two to four minutes)" >&2
     rm -rf "$boot"
     mkdir -p "$(dirname "$boot")"

@@ -280,6 +280,12 @@ fn make_dirs(root: BorrowedFd<'_>, path: &str) -> io::Result<OwnedFd> {
 /// the old, so that a reader never sees half of it.
 fn write_file(root: BorrowedFd<'_>, dir: &str, name: &str, content: &str) -> io::Result<()> {
     let dir = make_dirs(root, dir)?;
+    write_in(dir.as_fd(), name, content.as_bytes(), true)
+}
+
+/// Writes `content` as `name` in `dir` (0644, root's) through a new file renamed over the old
+/// (never through a symbolic link of the tree's), synced first if `sync`.
+fn write_in(dir: BorrowedFd<'_>, name: &str, content: &[u8], sync: bool) -> io::Result<()> {
     let temp = format!(".{name}.amidala-new");
     let _ = nix::unistd::unlinkat(
         Some(dir.as_raw_fd()),
@@ -287,7 +293,7 @@ fn write_file(root: BorrowedFd<'_>, dir: &str, name: &str, content: &str) -> io:
         nix::unistd::UnlinkatFlags::NoRemoveDir,
     );
     let fd = crate::sys::open_at(
-        dir.as_fd(),
+        dir,
         temp.as_str(),
         nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CREAT | nix::fcntl::OFlag::O_EXCL,
     )?;
@@ -297,8 +303,8 @@ fn write_file(root: BorrowedFd<'_>, dir: &str, name: &str, content: &str) -> io:
     )?;
     let mut file = std::fs::File::from(fd);
     let written = file
-        .write_all(content.as_bytes())
-        .and_then(|()| file.sync_all())
+        .write_all(content)
+        .and_then(|()| if sync { file.sync_all() } else { Ok(()) })
         .and_then(|()| {
             Ok(nix::fcntl::renameat(
                 Some(dir.as_raw_fd()),
@@ -315,6 +321,40 @@ fn write_file(root: BorrowedFd<'_>, dir: &str, name: &str, content: &str) -> io:
         );
     }
     written
+}
+
+/// The GRUB platforms amidala installs: legacy BIOS and UEFI on x86-64.
+pub const GRUB_PLATFORMS: &[&str] = &["i386-pc", "x86_64-efi"];
+
+/// Copies the GRUB modules of `lib` (the host's `/usr/lib/grub`, whose core images amidala
+/// writes) and their lists into the tree's `/boot/grub/PLATFORM`, as `grub-install` does: a
+/// menu's `insmod` (the ones `update-grub` writes) loads them from there, and a module must be
+/// of the core image's version. Returns how many files were copied.
+pub fn install_modules(root: BorrowedFd<'_>, lib: &Path) -> Result<usize, String> {
+    let mut copied = 0;
+    for platform in GRUB_PLATFORMS {
+        let from = lib.join(platform);
+        let dir = make_dirs(root, &format!("boot/grub/{platform}"))
+            .map_err(|e| format!("making /boot/grub/{platform}: {e}"))?;
+        let entries =
+            std::fs::read_dir(&from).map_err(|e| format!("reading {}: {e}", from.display()))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| format!("reading {}: {e}", from.display()))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if !(name.ends_with(".mod") || name.ends_with(".lst"))
+                || !entry.file_type().is_ok_and(|t| t.is_file())
+            {
+                continue;
+            }
+            let content = std::fs::read(entry.path())
+                .map_err(|e| format!("reading {}: {e}", entry.path().display()))?;
+            write_in(dir.as_fd(), name, &content, false)
+                .map_err(|e| format!("writing /boot/grub/{platform}/{name}: {e}"))?;
+            copied += 1;
+        }
+    }
+    Ok(copied)
 }
 
 /// What the import helper is asked to write into a tree that becomes a bootable disk.
@@ -584,6 +624,39 @@ mod tests {
             std::fs::read_to_string(p.join("etc/fstab")).unwrap(),
             "LABEL=x / ext4 defaults 0 1\n"
         );
+    }
+
+    #[test]
+    fn grub_modules_are_copied_as_grub_install_leaves_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (lib, tree) = (tmp.path().join("lib"), tmp.path().join("tree"));
+        for platform in GRUB_PLATFORMS {
+            std::fs::create_dir_all(lib.join(platform)).unwrap();
+            std::fs::write(lib.join(platform).join("normal.mod"), platform).unwrap();
+            std::fs::write(lib.join(platform).join("fs.lst"), "ext2\n").unwrap();
+            std::fs::write(lib.join(platform).join("boot.img"), "not copied").unwrap();
+        }
+        // A link the tree left where a module goes is replaced, not followed.
+        std::fs::create_dir_all(tree.join("boot/grub/i386-pc")).unwrap();
+        std::os::unix::fs::symlink(
+            tmp.path().join("outside"),
+            tree.join("boot/grub/i386-pc/normal.mod"),
+        )
+        .unwrap();
+        let root = crate::sys::open_dir(&tree).unwrap();
+        assert_eq!(install_modules(root.as_fd(), &lib).unwrap(), 4);
+        let module = tree.join("boot/grub/i386-pc/normal.mod");
+        assert!(!module.is_symlink());
+        assert_eq!(std::fs::read_to_string(module).unwrap(), "i386-pc");
+        assert_eq!(
+            std::fs::read_to_string(tree.join("boot/grub/x86_64-efi/fs.lst")).unwrap(),
+            "ext2\n"
+        );
+        assert!(!tree.join("boot/grub/x86_64-efi/boot.img").exists());
+        assert!(!tmp.path().join("outside").exists());
+        // A host without GRUB's modules says which directory it lacks.
+        let err = install_modules(root.as_fd(), &tmp.path().join("none")).unwrap_err();
+        assert!(err.contains("none/i386-pc"), "{err}");
     }
 
     #[test]

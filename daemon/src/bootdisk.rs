@@ -14,7 +14,9 @@
 //! (i386-pc) and `grub-efi-amd64-bin` (x86_64-efi) packages: `grub-mkimage` makes one core
 //! image per firmware with every module the boot needs built in and its prefix on partition 3
 //! of the disk it booted from (`(,gpt3)/boot/grub`), so neither depends on the image (the
-//! menu, [`crate::bootcfg`], is on the root filesystem). For legacy BIOS, the core image is
+//! menu, [`crate::bootcfg`], is on the root filesystem, and so are the same GRUB's modules in
+//! `/boot/grub/i386-pc` and `/boot/grub/x86_64-efi`, as `grub-install` leaves them, for the
+//! `insmod` of a menu the image's own `update-grub` writes). For legacy BIOS, the core image is
 //! written into partition 1 and GRUB's boot sector into the first 440 bytes of the disk (the
 //! protective MBR's partition entries stay), patched with the core image's sector; for UEFI,
 //! it is `EFI/BOOT/BOOTX64.EFI` on the ESP (the removable-media path firmware boots without
@@ -71,7 +73,7 @@ const MODULES: &[&str] = &[
 const BIOS_MODULES: &[&str] = &["biosdisk"];
 const EFI_MODULES: &[&str] = &["fat", "efi_gop", "all_video"];
 /// Where the host's GRUB keeps its platforms' modules.
-const GRUB_LIB: &str = "/usr/lib/grub";
+pub const GRUB_LIB: &str = "/usr/lib/grub";
 
 /// The identities of a new bootable disk's parts, random for each disk.
 #[derive(Debug, Clone)]

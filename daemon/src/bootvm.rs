@@ -917,25 +917,14 @@ fn bind_read_only(source: &str, target: &Path) -> Result<(), String> {
 /// seccomp sandbox): 4 GiB of address space, 64 processes of their id, and no loop device
 /// ioctl (`/dev/disk` is a loop device; its offset and flags are the daemon's).
 fn confine_tool() -> Result<(), String> {
-    use libseccomp::{ScmpAction, ScmpArgCompare, ScmpCompareOp, ScmpFilterContext, ScmpSyscall};
+    use libseccomp::{ScmpAction, ScmpFilterContext};
     use nix::sys::resource::{setrlimit, Resource};
     setrlimit(Resource::RLIMIT_AS, 4 << 30, 4 << 30).map_err(e("bounding memory"))?;
     setrlimit(Resource::RLIMIT_NPROC, 64, 64).map_err(e("bounding processes"))?;
     let seccomp = |what: &str, err: libseccomp::error::SeccompError| format!("{what}: {err}");
     let mut filter = ScmpFilterContext::new(ScmpAction::Allow)
         .map_err(|err| seccomp("a seccomp filter", err))?;
-    let ioctl = ScmpSyscall::from_name("ioctl").map_err(|err| seccomp("ioctl", err))?;
-    filter
-        .add_rule_conditional(
-            ScmpAction::Errno(libc::EPERM),
-            ioctl,
-            // LOOP_*: _IO(0x4C, n), type 'L' in bits 8 to 15.
-            &[ScmpArgCompare::new(
-                1,
-                ScmpCompareOp::MaskedEqual(0xff00),
-                0x4c00,
-            )],
-        )
+    crate::confine::refuse_loop_ioctls(&mut filter)
         .map_err(|err| seccomp("refusing loop ioctls", err))?;
     filter
         .load()

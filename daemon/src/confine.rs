@@ -198,7 +198,32 @@ pub fn provisioner_filter(allow: &Allowances) -> Result<ScmpFilterContext, Strin
             )
             .map_err(e("refusing packet sockets"))?;
     }
+    // The build's /dev has its own disk's loop device (read-only: see the executor's
+    // populate_dev), whose ioctls check no capability for some commands (LOOP_CLR_FD).
+    refuse_loop_ioctls(&mut filter).map_err(e("refusing loop device ioctls"))?;
     Ok(filter)
+}
+
+/// Adds to `filter` a rule refusing (EPERM) every loop device ioctl, `LOOP_*`: `_IO(0x4C, n)`,
+/// type `'L'` in bits 8 to 15 of the command. The loop devices a sandboxed program is given
+/// are the daemon's: their offset, size, flags and backing file are not the program's to
+/// change, and `LOOP_CLR_FD` would let it detach one (to be taken by another build) with only
+/// read access to the node.
+pub fn refuse_loop_ioctls(
+    filter: &mut ScmpFilterContext,
+) -> Result<(), libseccomp::error::SeccompError> {
+    let ioctl = libseccomp::ScmpSyscall::from_name("ioctl")?;
+    filter
+        .add_rule_conditional(
+            ScmpAction::Errno(libc::EPERM),
+            ioctl,
+            &[ScmpArgCompare::new(
+                1,
+                ScmpCompareOp::MaskedEqual(0xff00),
+                0x4c00,
+            )],
+        )
+        .map(drop)
 }
 
 /// Loads `filter` into this process (and so into all it will start).

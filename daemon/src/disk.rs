@@ -63,6 +63,27 @@ pub fn detect_fs(file: &File, offset: u64) -> io::Result<Option<FsType>> {
     Ok(None)
 }
 
+/// The UUID of the `fs` filesystem whose superblock starts the region at `offset`, in its
+/// usual text form (as `blkid` and `/dev/disk/by-uuid` name it); `None` if the superblock is
+/// not there.
+pub fn fs_uuid(file: &File, offset: u64, fs: FsType) -> io::Result<Option<String>> {
+    // Where the superblock's magic and the UUID are.
+    let (magic_at, magic, uuid_at): (u64, &[u8], u64) = match fs {
+        FsType::Ext4 => (1024 + 0x38, &[0x53, 0xEF], 1024 + 0x68),
+        FsType::Xfs => (0, b"XFSB", 32),
+        FsType::Btrfs => (0x10040, b"_BHRfS_M", 0x10020),
+    };
+    let mut found = vec![0u8; magic.len()];
+    let mut uuid = [0u8; 16];
+    if read_exact_or_short(file, &mut found, offset + magic_at)? != magic.len()
+        || found != magic
+        || read_exact_or_short(file, &mut uuid, offset + uuid_at)? != 16
+    {
+        return Ok(None);
+    }
+    Ok(Some(crate::bootcfg::uuid_text(&uuid)))
+}
+
 /// One partition of a partitioned disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Partition {
@@ -480,6 +501,53 @@ mod tests {
         let f = tempfile::tempfile().unwrap();
         f.set_len(size).unwrap();
         f
+    }
+
+    #[test]
+    fn reads_the_uuid_mkfs_gave_ext4_and_xfs() {
+        let uuid = "0f1e2d3c-4b5a-4697-a8b9-cadbecfd0e1f";
+        for (fs, size, program, args) in [
+            (
+                FsType::Ext4,
+                8u64 << 20,
+                "mkfs.ext4",
+                vec!["-q", "-F", "-U", uuid],
+            ),
+            (
+                FsType::Xfs,
+                300 << 20,
+                "mkfs.xfs",
+                vec![
+                    "-q",
+                    "-f",
+                    "-m",
+                    "uuid=0f1e2d3c-4b5a-4697-a8b9-cadbecfd0e1f",
+                ],
+            ),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let image = dir.path().join("fs");
+            File::create(&image).unwrap().set_len(size).unwrap();
+            let made = std::process::Command::new(program)
+                .args(&args)
+                .arg(&image)
+                .status()
+                .unwrap_or_else(|e| panic!("{program} (tests/install-deps.sh installs it): {e}"));
+            assert!(made.success(), "{program}");
+            let file = File::open(&image).unwrap();
+            assert_eq!(
+                fs_uuid(&file, 0, fs).unwrap().as_deref(),
+                Some(uuid),
+                "{program}"
+            );
+            // Another type's superblock is not there.
+            let other = if fs == FsType::Ext4 {
+                FsType::Xfs
+            } else {
+                FsType::Ext4
+            };
+            assert_eq!(fs_uuid(&file, 0, other).unwrap(), None);
+        }
     }
 
     fn put_ext4_magic(f: &File, offset: u64) {

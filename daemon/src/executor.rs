@@ -328,23 +328,36 @@ fn run() -> Result<(), Failure> {
         loopback_up().map_err(fail(Phase::Mount, "bringing up the loopback interface"))?;
     }
     crate::sys::make_mounts_private().map_err(fail(Phase::Mount, "making mounts private"))?;
-    mount(
-        Some(&spec.device),
-        &spec.mount_dir,
-        Some(spec.fs_type.as_str()),
-        // Device nodes in the image stay inert while building: no way to the host's disks.
-        MsFlags::MS_NODEV,
-        discard_option(&spec.fs_type),
-    )
-    .map_err(fail(
-        Phase::Mount,
-        format!(
-            "mounting {} ({}) on {}",
-            spec.device.display(),
-            spec.fs_type,
-            spec.mount_dir.display()
-        ),
-    ))?;
+    let mounting = format!(
+        "mounting {} ({}) on {}",
+        spec.device.display(),
+        spec.fs_type,
+        spec.mount_dir.display()
+    );
+    // Device nodes in the image stay inert while building: no way to the host's disks.
+    match root_disk_name(&spec) {
+        // Under the name the build's /dev gives its disk (see populate_dev).
+        Some(name) => crate::sys::mount_as(
+            &spec.device,
+            &name,
+            &spec.mount_dir,
+            &spec.fs_type,
+            discard_option(&spec.fs_type),
+            idmap::MOUNT_ATTR_NODEV,
+        )
+        .map_err(|e| Failure {
+            phase: Phase::Mount,
+            message: format!("{mounting}: {e}"),
+        })?,
+        None => mount(
+            Some(&spec.device),
+            &spec.mount_dir,
+            Some(spec.fs_type.as_str()),
+            MsFlags::MS_NODEV,
+            discard_option(&spec.fs_type),
+        )
+        .map_err(fail(Phase::Mount, mounting))?,
+    }
 
     grow_root(&spec);
     let result = with_root_mounted(&spec, &plugin, &workspace, userns.as_ref());
@@ -406,11 +419,8 @@ fn with_root_mounted(
 /// partition grown with it: see [`crate::grow`]); said in the log. A filesystem that cannot
 /// grow keeps its size, which the log says too: the build goes on with the space it had.
 fn grow_root(spec: &ExecutorSpec) {
-    let fs = match spec.fs_type.as_str() {
-        "ext4" => crate::disk::FsType::Ext4,
-        "xfs" => crate::disk::FsType::Xfs,
-        "btrfs" => crate::disk::FsType::Btrfs,
-        _ => return,
+    let Some(fs) = fs_type_of(spec) else {
+        return;
     };
     let grown = File::open(&spec.device).and_then(|device| {
         let root = File::open(&spec.mount_dir)?;
@@ -428,6 +438,27 @@ fn grow_root(spec: &ExecutorSpec) {
              ({e}); it keeps its size"
         ))),
     }
+}
+
+fn fs_type_of(spec: &ExecutorSpec) -> Option<crate::disk::FsType> {
+    match spec.fs_type.as_str() {
+        "ext4" => Some(crate::disk::FsType::Ext4),
+        "xfs" => Some(crate::disk::FsType::Xfs),
+        "btrfs" => Some(crate::disk::FsType::Btrfs),
+        _ => None,
+    }
+}
+
+/// The name the build knows its root filesystem's device by: `/dev/disk/by-uuid/UUID`, as
+/// udev names it on a machine. The root is mounted under that name (so that the mount's
+/// source, which `grub-probe` and with it `update-grub` read, is a device the build's `/dev`
+/// has, not the builder's `/dev/loopN`) and the build's `/dev` has a read-only node of the
+/// device there. `None` (mounted as `/dev/loopN`, no node) when the UUID cannot be read.
+fn root_disk_name(spec: &ExecutorSpec) -> Option<String> {
+    let fs = fs_type_of(spec)?;
+    let device = File::open(&spec.device).ok()?;
+    let uuid = crate::disk::fs_uuid(&device, 0, fs).ok()??;
+    Some(format!("/dev/disk/by-uuid/{uuid}"))
 }
 
 /// Closes the build's output (descriptor 2, which the provisioner's processes were given as
@@ -1012,6 +1043,9 @@ fn child_setup(
 ) -> Result<(), String> {
     let root = &spec.mount_dir;
     let root_id = spec.id_base.filter(|_| userns.is_some()).unwrap_or(0);
+    // The build's own disk, as the root's mount names it.
+    let disk =
+        root_disk_name(spec).zip(nix::sys::stat::stat(&spec.device).ok().map(|st| st.st_rdev));
     unshare(CloneFlags::CLONE_NEWNS)
         .map_err(errno_context("creating the provisioner's mount namespace"))?;
     crate::sys::make_mounts_private().map_err(errno_context("making mounts private"))?;
@@ -1035,7 +1069,7 @@ fn child_setup(
                 what,
             } => mount(source, &root.join(target), fstype, flags, data.as_deref())
                 .map_err(errno_context(what))?,
-            SetupStep::PopulateDev => populate_dev(&root.join("dev"), root_id)?,
+            SetupStep::PopulateDev => populate_dev(&root.join("dev"), root_id, disk.as_ref())?,
             SetupStep::ReadOnly(target) => {
                 if root.join(target).exists() {
                     read_only_bind(&root.join(target), &root.join(target))?
@@ -1187,8 +1221,14 @@ fn mask(target: &Path, null: &Path) -> Result<(), String> {
 }
 
 /// Makes the build's device nodes, directories and links in `dev`, owned by host id `owner`
-/// (the provisioner's root).
-fn populate_dev(dev: &Path, owner: u32) -> Result<(), String> {
+/// (the provisioner's root), and `disk` (its name under `/dev`, as [`root_disk_name`] gives
+/// it, and device number): the build's root filesystem's device, for the boot tooling
+/// (`grub-probe` reads the filesystem's UUID from it). That node and its directories are the
+/// host's root's, mode 0444: the provisioner, root of a user namespace that does not map the
+/// host's root, may read its own filesystem's device but not write it, change its mode or
+/// remove it, and the loop device's own ioctls are refused it by its seccomp filter
+/// ([`crate::confine::refuse_loop_ioctls`]).
+fn populate_dev(dev: &Path, owner: u32, disk: Option<&(String, u64)>) -> Result<(), String> {
     for (name, major, minor) in [
         ("null", 1, 3),
         ("zero", 1, 5),
@@ -1226,11 +1266,40 @@ fn populate_dev(dev: &Path, owner: u32) -> Result<(), String> {
         std::os::unix::fs::symlink(target, dev.join(link))
             .map_err(|e| format!("creating /dev/{link}: {e}"))?;
     }
+    if let Some((name, rdev)) = disk {
+        let rel = name.strip_prefix("/dev/").unwrap_or(name);
+        let node = dev.join(rel);
+        if let Some(parent) = node.parent() {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(parent)
+                .map_err(|e| format!("creating the directory of {name}: {e}"))?;
+        }
+        mknod(
+            &node,
+            SFlag::S_IFBLK,
+            Mode::from_bits_truncate(0o444),
+            *rdev,
+        )
+        .map_err(errno_context(format!("creating {name}")))?;
+        nix::sys::stat::fchmodat(
+            None,
+            &node,
+            Mode::from_bits_truncate(0o444),
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        )
+        .map_err(errno_context(format!("setting the mode of {name}")))?;
+    }
     if owner != 0 {
         let id = Some(nix::unistd::Uid::from_raw(owner));
         let gid = Some(nix::unistd::Gid::from_raw(owner));
         for entry in std::fs::read_dir(dev).map_err(|e| format!("reading /dev: {e}"))? {
             let path = entry.map_err(|e| format!("reading /dev: {e}"))?.path();
+            if path.file_name() == Some(std::ffi::OsStr::new("disk")) {
+                continue;
+            }
             nix::unistd::fchownat(None, &path, id, gid, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(
                 errno_context(format!("giving {} to the build's root", path.display())),
             )?;

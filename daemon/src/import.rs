@@ -373,11 +373,11 @@ async fn make_image(
     // What the image file will take: the filesystem's size with --size (the archive was not
     // measured; the kernel keeps it within), else what the content holds and the
     // filesystem's own structures (the image file is sparse: the rest is never written);
-    // and the boot loader's few MiB.
+    // and the boot loader with its modules (about 10 MiB).
     let takes = match spec.size {
         Some(_) => size + around,
         None => usage.bytes + usage.bytes / 20 + usage.inodes * 512 + 16 * MIB,
-    } + if bootable { 4 * MIB } else { 0 };
+    } + if bootable { 12 * MIB } else { 0 };
     if takes > bounds.bytes {
         return Err(Failure::new(
             ErrorCode::LimitExceeded,

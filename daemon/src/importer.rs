@@ -182,7 +182,14 @@ fn run() -> Result<Outcome, String> {
                     let specials = make_specials(root.as_fd(), &done.specials)?;
                     // Root's, in the image only: every path resolved inside it.
                     let boot = match boot {
-                        Some(setup) => Some(crate::bootcfg::set_up(root.as_fd(), setup)?),
+                        Some(setup) => {
+                            let done = crate::bootcfg::set_up(root.as_fd(), setup)?;
+                            crate::bootcfg::install_modules(
+                                root.as_fd(),
+                                Path::new(crate::bootdisk::GRUB_LIB),
+                            )?;
+                            Some(done)
+                        }
                         None => None,
                     };
                     let discarded = crate::disk::discard_free_blocks(root.as_fd()).is_ok();

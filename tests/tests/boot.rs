@@ -268,6 +268,90 @@ fn a_build_that_changes_the_kernel_boots_what_it_left() {
     assert_nothing_left(&env);
 }
 
+/// An image with Debian's own GRUB: a build installs grub-pc (whose postinst runs update-grub),
+/// reinstalls the kernel (whose hook runs it again) and runs update-grub itself, in the
+/// contained chroot. GRUB's tools find the build's disk by the name its root is mounted under
+/// (`/dev/disk/by-uuid/UUID`, not the builder's loop device), the menu they write names the
+/// root by UUID, amidala leaves a menu it did not write alone, and the image boots from it.
+#[test]
+fn update_grub_in_a_build_writes_a_menu_that_boots() {
+    let _turn = take_turn();
+    let env = Env::start();
+    let base = env.import(&amidala_tests::debian_boot_rootfs(), &[]);
+    let ws = env.workspace(
+        "ws",
+        &[(
+            "grub.sh",
+            "set -e\n\
+             export DEBIAN_FRONTEND=noninteractive\n\
+             # What a cloud image's build says: no disk to install GRUB on, a serial console.\n\
+             echo 'grub-pc grub-pc/install_devices_empty boolean true' | debconf-set-selections\n\
+             mkdir -p /etc/default/grub.d\n\
+             printf '%s\\n' 'GRUB_CMDLINE_LINUX=\"console=tty0 console=ttyS0,115200\"' \
+               'GRUB_CMDLINE_LINUX_DEFAULT=\"\"' 'GRUB_TERMINAL=\"console serial\"' \
+               'GRUB_TIMEOUT=1' > /etc/default/grub.d/serial.cfg\n\
+             dpkg -i /var/cache/amidala-grub/*.deb\n\
+             echo \"grub-probe: $(grub-probe --target=device /)\"\n\
+             dpkg -i /var/cache/apt/archives/linux-image-6*.deb\n\
+             update-initramfs -u\n\
+             update-grub\n",
+        )],
+    );
+    let built = env.amidala_in(
+        &ws,
+        &[
+            "build",
+            "--json",
+            "--source",
+            &base,
+            "--boot-test",
+            "--boot-firmware",
+            "bios",
+            // Room for GRUB and a second initramfs.
+            "--size",
+            "2G",
+            "--",
+            "/bin/sh",
+            "/workspace/grub.sh",
+        ],
+    );
+    let result = built.json();
+    let log = &built.stderr;
+    assert!(!log.contains("canonical path"), "{log}");
+    assert!(log.contains("grub-probe: /dev/disk/by-uuid/"), "{log}");
+    assert!(log.contains("Generating grub configuration file"), "{log}");
+    assert!(
+        log.contains("Found linux image: /boot/vmlinuz-6.1."),
+        "{log}"
+    );
+    assert!(
+        !log.contains("boot menu written"),
+        "amidala leaves GRUB's menu alone: {log}"
+    );
+    // Booted from GRUB's menu (its entry's title on the serial console) to the login prompt.
+    assert!(log.contains("Debian GNU/Linux"), "{log}");
+    assert!(log.contains("amidala-boot login:"), "{log}");
+    let out = root_of(&env.snapshot_file(field(&result, "snapshot_id")));
+    let menu = out.read("/boot/grub/grub.cfg");
+    assert!(
+        menu.contains("### BEGIN /etc/grub.d/10_linux ###"),
+        "{menu}"
+    );
+    let fstab = out.read("/etc/fstab");
+    let uuid = fstab
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("UUID=")
+                .filter(|l| l.split_whitespace().nth(1) == Some("/"))
+        })
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no root by UUID in {fstab}"));
+    assert!(menu.contains(&format!("root=UUID={uuid} ")), "{menu}");
+    assert!(!menu.contains("/dev/"), "no device of the builder: {menu}");
+    drop(out);
+    assert_nothing_left(&env);
+}
+
 #[test]
 fn an_image_that_does_not_boot_fails_its_build_and_is_not_registered() {
     let _turn = take_turn();

@@ -309,7 +309,8 @@ fn a_non_member_cannot_keep_the_daemon_from_starting() {
 /// Issue 14, points 1 to 3: a member's build sees the workspace with the member's rights and
 /// writes to it only as the member: no host file they cannot read (from their own workspace or
 /// from `/etc`), no file owned by root or anyone else left behind, no setuid file, no device
-/// node, no file-handle escape.
+/// node, no file-handle escape; its own disk's device (in `/dev/disk/by-uuid`, for GRUB's
+/// tools) it may read, not write, detach, change or remove.
 #[test]
 fn a_build_sees_the_workspace_with_its_users_rights() {
     const ALICE: &str = "amidala-t-ws-alice";
@@ -349,6 +350,8 @@ fn a_build_sees_the_workspace_with_its_users_rights() {
         attempt("read-bobs-file", "cat /workspace/bob-secret"),
         attempt("write-read-only", "touch /workspace/new"),
         "/workspace/escape-probe handle /workspace >> /root/report\n".into(),
+        // The build's own disk, which its /dev has for the boot tooling: readable only.
+        "/workspace/escape-probe disk >> /root/report\n".into(),
     ]
     .concat();
     let out = host.run_as(
@@ -361,7 +364,12 @@ fn a_build_sees_the_workspace_with_its_users_rights() {
     assert_eq!(
         image.read("/root/report"),
         "read-own-file worked\nread-roots-file refused\nread-bobs-file refused\n\
-         write-read-only refused\nopen_by_handle_at errno 1 (Operation not permitted)\n"
+         write-read-only refused\nopen_by_handle_at errno 1 (Operation not permitted)\n\
+         disk-read ok\ndisk-ext4-magic ok\ndisk-write errno 13 (Permission denied)\n\
+         LOOP_GET_STATUS64 errno 1 (Operation not permitted)\n\
+         LOOP_CLR_FD errno 1 (Operation not permitted)\n\
+         disk-chmod errno 1 (Operation not permitted)\n\
+         disk-unlink errno 13 (Permission denied)\n"
     );
     drop(image);
 
