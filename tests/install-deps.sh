@@ -4,7 +4,7 @@
 # tests use (sfdisk, sgdisk, mkfs.xfs, mount, losetup, tar, xz, systemd-analyze and systemd-socket-activate, ssh
 # and sshd, gcc and a static libc for tests/escape-probe.c), busybox-static for the test root
 # filesystem, GRUB's images (grub-pc-bin, grub-efi-amd64-bin), mtools, QEMU and OVMF for
-# bootable disks and their boot test, a bootable Debian rootfs (cloud kernel, systemd) in
+# bootable disks and their boot test, qemu-img (qemu-utils) for qcow2 imports, a bootable Debian rootfs (cloud kernel, systemd) in
 # $AMIDALA_DEBIAN_BOOT_ROOTFS, by default /var/cache/amidala-tests/debian-bookworm-boot, and a
 # Python venv with moto server (the EC2 API emulator of the ec2 tests) in
 # $AMIDALA_MOTO_VENV, by default /var/cache/amidala-tests/moto-venv, and a Debian rootfs with
@@ -48,10 +48,12 @@ if [ "${1:-}" != --demo ]; then
     [ -x /usr/sbin/sshd ] || missing="$missing openssh-server"
 fi
 # The benchmarks put a state directory on XFS (reflink=1) made on a loop device; the tests of
-# grown disks make an XFS root and check a grown GPT with sgdisk.
+# grown disks make an XFS root and check a grown GPT with sgdisk; qcow2 images are made and
+# imported (the daemon converts them with qemu-img).
 if [ "$mode" != --demo ] && [ "$mode" != --deb ]; then
     need mkfs.xfs xfsprogs
     need sgdisk gdisk
+    need qemu-img qemu-utils
 fi
 # amidalad links libseccomp (the provisioner's system call filter): its headers and library
 # to build, in every mode.

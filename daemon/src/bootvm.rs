@@ -54,6 +54,8 @@ const IMAGE_FD: RawFd = 3;
 const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 const QEMU: &str = "/usr/bin/qemu-system-x86_64";
+/// QEMU's disk image tool (package qemu-utils), for qcow2 imports.
+pub const QEMU_IMG: &str = "/usr/bin/qemu-img";
 /// How long KVM has to show the guest's kernel starting before it is judged unable to run it.
 const KVM_TRIAL: Duration = Duration::from_secs(20);
 /// Lines of the console kept for the error of a failed test.
@@ -341,14 +343,17 @@ pub struct VmJob {
     /// A block device made `/dev/disk` in the VM's root (its `dev_t`), the VM's user's alone.
     #[serde(default)]
     pub disk: Option<u64>,
+    /// A block device made `/dev/source` in the VM's root, readable by the VM's user alone.
+    #[serde(default)]
+    pub source: Option<u64>,
     /// The daemon's pid: the helper's parent, else the daemon has gone.
     #[serde(default)]
     pub parent: u32,
 }
 
 /// The programs the helper executes: QEMU for a boot test, e2fsprogs' checker and resizer for
-/// a grown ext4 filesystem (see [`crate::grow`]). Named, not given as paths: the helper runs
-/// nothing else.
+/// a grown ext4 filesystem (see [`crate::grow`]), `qemu-img` for a qcow2 image imported (see
+/// [`crate::import`]). Named, not given as paths: the helper runs nothing else.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Program {
@@ -356,6 +361,7 @@ pub enum Program {
     Qemu,
     E2fsck,
     Resize2fs,
+    QemuImg,
 }
 
 impl Program {
@@ -364,6 +370,7 @@ impl Program {
             Program::Qemu => QEMU,
             Program::E2fsck => "/usr/sbin/e2fsck",
             Program::Resize2fs => "/usr/sbin/resize2fs",
+            Program::QemuImg => QEMU_IMG,
         }
     }
 }
@@ -439,26 +446,40 @@ async fn stop(child: &mut crate::spawn::Child) {
 /// The helper's exit status when it could not start the program (not the program's own).
 const HELPER_FAILED: i32 = 125;
 
-/// Runs one of e2fsprogs' tools ([`Program::E2fsck`], [`Program::Resize2fs`]) on the block
-/// device `disk` in the helper's sandbox, as `uid` (see [`vm_uid`]): the tool parses a
-/// filesystem a user made, so it gets what QEMU gets and that device alone. Returns its exit
+/// A run of a tool in the helper's sandbox ([`run_tool`]).
+#[derive(Debug)]
+pub struct Tool<'a> {
+    pub program: Program,
+    pub args: &'a [&'a str],
+    /// The block device made `/dev/disk`, the tool's to read and write.
+    pub disk: u64,
+    /// The block device made `/dev/source`, the tool's to read, if any.
+    pub source: Option<u64>,
+    /// A file that must not come to take more than this many bytes (the tool is stopped and
+    /// the run fails with `limit_exceeded` when it does), if any.
+    pub limit: Option<(&'a std::fs::File, u64)>,
+}
+
+/// Runs one of the tools ([`Program::E2fsck`], [`Program::Resize2fs`], [`Program::QemuImg`])
+/// in the helper's sandbox, as `uid` (see [`vm_uid`]): the tool parses a disk or filesystem a
+/// user made, so it gets what QEMU gets and the tool's block devices alone. Returns its exit
 /// status and what it printed (bounded). Ends it, and says so, when `cancel` fires.
 pub async fn run_tool(
     daemon: &crate::Daemon,
     uid: u32,
-    program: Program,
-    args: &[&str],
-    disk: u64,
+    tool: &Tool<'_>,
     cancel: &tokio_util::sync::CancellationToken,
 ) -> Result<(i32, String), Failure> {
+    let program = tool.program;
     let job = VmJob {
         root_dir: PathBuf::new(),
         uid,
         kvm: false,
         uefi: false,
         program,
-        args: args.iter().map(|a| a.to_string()).collect(),
-        disk: Some(disk),
+        args: tool.args.iter().map(|a| a.to_string()).collect(),
+        disk: Some(tool.disk),
+        source: tool.source,
         parent: 0,
     };
     let (mut child, _dir) =
@@ -479,6 +500,14 @@ pub async fn run_tool(
     let limit = Duration::from_secs(daemon.config.boot_test.max_timeout);
     tokio::select! {
         () = read => {}
+        () = outgrows(tool.limit) => {
+            stop(&mut child).await;
+            let max = tool.limit.map_or(0, |(_, max)| max);
+            return Err(Failure::new(
+                ErrorCode::LimitExceeded,
+                format!("{} wrote more than the {} MiB this may take", program.path(), max >> 20),
+            ));
+        }
         () = cancel.cancelled() => {
             stop(&mut child).await;
             return Err(Failure::new(ErrorCode::Cancelled, "build cancelled"));
@@ -494,11 +523,11 @@ pub async fn run_tool(
     let status = child
         .wait()
         .await
-        .map_err(|e| Failure::io("waiting for e2fsprogs", e))?;
+        .map_err(|e| Failure::io(format!("waiting for {}", program.path()), e))?;
     if status.code() == Some(HELPER_FAILED) {
         let why = String::from_utf8_lossy(&complained);
         return Err(Failure::io(
-            "setting up the sandbox of e2fsprogs",
+            format!("setting up the sandbox of {}", program.path()),
             std::io::Error::other(why.trim().to_owned()),
         ));
     }
@@ -506,6 +535,21 @@ pub async fn run_tool(
     use std::os::unix::process::ExitStatusExt;
     let code = status.code().unwrap_or(128 + status.signal().unwrap_or(0));
     Ok((code, String::from_utf8_lossy(&said).trim().to_owned()))
+}
+
+/// Returns once `limit`'s file takes more than its bytes (checked four times a second); never
+/// without a limit.
+async fn outgrows(limit: Option<(&std::fs::File, u64)>) {
+    use std::os::unix::fs::MetadataExt;
+    let Some((file, max)) = limit else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if file.metadata().is_ok_and(|m| m.blocks() * 512 > max) {
+            return;
+        }
+    }
 }
 
 /// QEMU's command line for a test.
@@ -743,6 +787,7 @@ async fn run_qemu(
         program: Program::Qemu,
         args: qemu_args(test.firmware, kvm, settings),
         disk: None,
+        source: None,
         parent: 0,
     };
     let started = Instant::now();
@@ -1080,6 +1125,9 @@ fn helper() -> Result<std::convert::Infallible, String> {
     if let Some(dev) = job.disk {
         nodes.push(("disk", nix::sys::stat::SFlag::S_IFBLK, dev, 0o600));
     }
+    if let Some(dev) = job.source {
+        nodes.push(("source", nix::sys::stat::SFlag::S_IFBLK, dev, 0o400));
+    }
     for (name, kind, dev, mode) in nodes {
         let path = root.join("dev").join(name);
         nix::sys::stat::mknod(
@@ -1091,7 +1139,7 @@ fn helper() -> Result<std::convert::Infallible, String> {
         .map_err(e(&format!("making /dev/{name}")))?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
             .map_err(|err| format!("making /dev/{name}: {err}"))?;
-        if matches!(name, "kvm" | "disk") {
+        if matches!(name, "kvm" | "disk" | "source") {
             std::os::unix::fs::chown(&path, Some(job.uid), Some(job.uid))
                 .map_err(|err| format!("giving /dev/{name} to the VM: {err}"))?;
         }

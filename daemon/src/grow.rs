@@ -350,7 +350,7 @@ pub async fn grow_ext4(
     owner: u32,
     cancel: &tokio_util::sync::CancellationToken,
 ) -> Result<Option<String>, crate::error::Failure> {
-    use crate::bootvm::Program;
+    use crate::bootvm::{Program, Tool};
     use crate::error::Failure;
     let path = device.to_owned();
     let sizes = crate::error::blocking(move || {
@@ -382,28 +382,26 @@ pub async fn grow_ext4(
             device_size >> 20
         ))
     };
-    let (code, said) = crate::bootvm::run_tool(
-        daemon,
-        uid,
-        Program::E2fsck,
-        &["-f", "-p", "/dev/disk"],
-        rdev,
-        cancel,
-    )
-    .await?;
+    let tool = Tool {
+        program: Program::E2fsck,
+        args: &["-f", "-p", "/dev/disk"],
+        disk: rdev,
+        source: None,
+        limit: None,
+    };
+    let (code, said) = crate::bootvm::run_tool(daemon, uid, &tool, cancel).await?;
     // 0, or 1 and 2 (errors corrected) alone.
     if code & !3 != 0 {
         return Ok(kept("e2fsck -f -p", code, &said));
     }
-    let (code, said) = crate::bootvm::run_tool(
-        daemon,
-        uid,
-        Program::Resize2fs,
-        &["/dev/disk"],
-        rdev,
-        cancel,
-    )
-    .await?;
+    let tool = Tool {
+        program: Program::Resize2fs,
+        args: &["/dev/disk"],
+        disk: rdev,
+        source: None,
+        limit: None,
+    };
+    let (code, said) = crate::bootvm::run_tool(daemon, uid, &tool, cancel).await?;
     if code != 0 {
         return Ok(kept("resize2fs", code, &said));
     }

@@ -16,7 +16,12 @@
 //!   which measures it, then writes it as a tar stream for the same sandbox;
 //! - a raw disk image (a whole-disk ext4/xfs/btrfs filesystem, or an MBR/GPT disk with one
 //!   in a partition) is copied as it is, holes kept, and grown to `--size` if that is larger;
-//!   the daemon reads its partition table and superblock magic itself (bounds-checked Rust).
+//!   the daemon reads its partition table and superblock magic itself (bounds-checked Rust);
+//! - a qcow2 image is converted to a raw one by `qemu-img` in the boot test's sandbox
+//!   ([`crate::bootvm::run_tool`]: an id of the owner's range, no capabilities, the source and
+//!   the new image as two loop devices and nothing else of the host's), then treated as a raw
+//!   disk image. Its header is read first (bounds-checked Rust): one that names other files
+//!   (a backing file, an external data file) or is encrypted is refused.
 //!
 //! The image file is root's (0600, in a directory of root's) from its first byte, and no
 //! process of the user's ever holds it open: its filesystem is written through a loop device
@@ -29,6 +34,7 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt};
 use std::path::Path;
+use std::time::Duration;
 
 use amidala::proto::{
     validate_source_name, validate_user_tags, ErrorCode, ImportSpec, Tag, BOOT_TAG, OWNER_TAG,
@@ -66,12 +72,28 @@ pub struct Bounds {
     pub timeout: std::time::Duration,
 }
 
+impl Bounds {
+    /// The refusal of `what` (which names the source and how much it would take).
+    fn refuse(&self, what: std::fmt::Arguments) -> Failure {
+        Failure::new(
+            ErrorCode::LimitExceeded,
+            format!(
+                "{what} is more than this import may take ({} MiB: the state directory's free \
+                 space beyond its reserve, and your quota)",
+                self.bytes / MIB
+            ),
+        )
+    }
+}
+
 /// What kind of source a descriptor holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SourceKind {
     Directory,
     Tar(Compression),
     RawDisk,
+    /// A qcow2 image (QEMU's format, the one most distributions publish cloud images in).
+    Qcow2,
 }
 
 pub use crate::unpack::{Compression, Usage};
@@ -91,6 +113,9 @@ pub fn sniff(file: &File) -> io::Result<Result<SourceKind, String>> {
     if head.get(257..262) == Some(b"ustar") {
         return Ok(Ok(SourceKind::Tar(Compression::None)));
     }
+    if head.starts_with(disk::QCOW2_MAGIC) {
+        return Ok(Ok(SourceKind::Qcow2));
+    }
     if disk::detect_fs(file, 0)?.is_some() {
         return Ok(Ok(SourceKind::RawDisk));
     }
@@ -107,10 +132,6 @@ pub fn sniff(file: &File) -> io::Result<Result<SourceKind, String>> {
         Ok(None) | Err(_) => {}
     }
     let known: &[(&[u8], &str)] = &[
-        (
-            b"QFI\xfb",
-            "a qcow2 image: make it raw first (qemu-img convert -O raw)",
-        ),
         (
             b"BZh",
             "bzip2-compressed: amidala takes .tar, .tar.gz and .tar.xz",
@@ -151,10 +172,10 @@ fn read_at_most(file: &File, buf: &mut [u8]) -> io::Result<usize> {
     Ok(done)
 }
 
-/// Imports `source` as a new snapshot. `note` receives progress lines for the client.
+/// Imports `source` as a new snapshot with the daemon's provider, staged in its catalog's
+/// temporary directory. `note` receives progress lines for the client.
 pub async fn import(
-    provider: &dyn Provider,
-    staging_dir: &Path,
+    daemon: &crate::Daemon,
     spec: ImportSpec,
     source: OwnedFd,
     requester: Requester,
@@ -163,6 +184,8 @@ pub async fn import(
 ) -> Result<SnapshotRecord, Failure> {
     validate_source_name(&spec.source_name)?;
     validate_user_tags("tags", &spec.tags)?;
+    let provider: &dyn Provider = daemon.provider.as_ref();
+    let staging_dir = daemon.catalog.tmp_dir();
     if let Some(size) = spec.size {
         if size > MAX_SIZE {
             return Err(Failure::invalid(format!(
@@ -197,7 +220,7 @@ pub async fn import(
     let work = staging_dir.join(&job);
     let image = staging_dir.join(format!("{job}.img"));
     let result = make_image(
-        kind, &source, &spec, &requester, bounds, &work, &image, &note,
+        daemon, kind, &source, &spec, &requester, bounds, &work, &image, &note,
     )
     .await;
     // The boot loader's files, made by the daemon from the host's GRUB.
@@ -258,6 +281,7 @@ pub async fn import(
 /// Makes the image file; returns its size and how it boots (the [`BOOT_TAG`] value).
 #[allow(clippy::too_many_arguments)]
 async fn make_image(
+    daemon: &crate::Daemon,
     kind: SourceKind,
     source: &File,
     spec: &ImportSpec,
@@ -268,14 +292,18 @@ async fn make_image(
     note: &impl Fn(String),
 ) -> Result<(u64, &'static str), Failure> {
     let compression = match kind {
-        SourceKind::RawDisk => {
+        SourceKind::RawDisk | SourceKind::Qcow2 => {
             if spec.boot.is_some() {
                 return Err(Failure::invalid(
                     "--boot is for directories and tarballs: a disk image is imported as it is, \
                      its own boot loader included",
                 ));
             }
-            let size = copy_disk(source, spec, bounds, image, note).await?;
+            let size = if kind == SourceKind::Qcow2 {
+                convert_qcow2(daemon, source, spec, requester, bounds, image, note).await?
+            } else {
+                copy_disk(source, spec, bounds, image, note).await?
+            };
             let boot = File::open(image)
                 .and_then(|f| crate::bootdisk::boot_modes(&f))
                 .map_err(|e| Failure::io("reading the snapshot", e))?;
@@ -379,16 +407,11 @@ async fn make_image(
         None => usage.bytes + usage.bytes / 20 + usage.inodes * 512 + 16 * MIB,
     } + if bootable { 12 * MIB } else { 0 };
     if takes > bounds.bytes {
-        return Err(Failure::new(
-            ErrorCode::LimitExceeded,
-            format!(
-                "{}: {} MiB is more than this import may take ({} MiB: the state directory's \
-                 free space beyond its reserve, and your quota)",
-                spec.source_name,
-                takes.div_ceil(MIB),
-                bounds.bytes / MIB
-            ),
-        ));
+        return Err(bounds.refuse(format_args!(
+            "{}: {} MiB",
+            spec.source_name,
+            takes.div_ceil(MIB)
+        )));
     }
     // 2. An empty filesystem of that size (in partition 3 of a new GPT disk if bootable): mkfs
     // sees no byte of the user's.
@@ -746,29 +769,11 @@ async fn copy_disk(
     let (image, want, name) = (image.to_owned(), spec.size, spec.source_name.clone());
     blocking(move || {
         let len = disk::disk_size(&src).map_err(|e| Failure::io("reading the source", e))?;
-        if let Some(want) = want.filter(|&w| w < len) {
-            return Err(Failure::invalid(format!(
-                "--size {want} is smaller than the disk image ({len} bytes)"
-            )));
-        }
-        let size = want.unwrap_or(len).max(len);
-        if size > MAX_SIZE {
-            return Err(Failure::invalid(format!(
-                "{name}: a disk of {size} bytes is larger than the limit of 16 TiB"
-            )));
-        }
+        let size = disk_size_wanted(want, len, &name)?;
         // What it holds (its data regions), against what the import may take.
         let data = disk::data_bytes(&src, len).map_err(|e| Failure::io("reading the source", e))?;
         if data > bounds.bytes {
-            return Err(Failure::new(
-                ErrorCode::LimitExceeded,
-                format!(
-                    "{name}: {} MiB of data is more than this import may take ({} MiB: the \
-                     state directory's free space beyond its reserve, and your quota)",
-                    data / MIB,
-                    bounds.bytes / MIB
-                ),
-            ));
+            return Err(bounds.refuse(format_args!("{name}: {} MiB of data", data / MIB)));
         }
         copy_to_new(&src, &image, 0o600, Keep::Durable)
             .map_err(|e| Failure::io("copying the disk image", e))?;
@@ -777,36 +782,14 @@ async fn copy_disk(
             .write(true)
             .open(&image)
             .map_err(|e| Failure::io("opening the snapshot", e))?;
-        out.set_len(size)
-            .and_then(|()| out.sync_all())
-            .map_err(|e| Failure::io("sizing the snapshot", e))?;
-        // Measured again on the copy: the source is the user's, who may have filled it in
-        // since it was measured.
-        let copied =
-            disk::data_bytes(&out, size).map_err(|e| Failure::io("reading the snapshot", e))?;
-        if copied > bounds.bytes {
-            return Err(Failure::new(
-                ErrorCode::LimitExceeded,
-                format!(
-                    "{name} changed while it was copied: {} MiB of data is more than this import \
-                     may take ({} MiB)",
-                    copied / MIB,
-                    bounds.bytes / MIB
-                ),
-            ));
-        }
-        let root = disk::locate_root(&out, None).map_err(|e| {
-            Failure::invalid(format!("the disk image has no usable root filesystem: {e}"))
-        })?;
-        // A longer disk: its table to the end and the root partition with it; the filesystem
-        // is grown by the first build (mounted: see crate::grow::grow_filesystem).
-        let mut grown = None;
-        if let (Some(n), true) = (root.partition, size > len) {
-            let growth = crate::grow::grow_table(&out, n)
-                .map_err(|e| Failure::io("growing the partition table to the disk", e))?;
-            grown = growth.map(|g| g.describe(n));
-        }
-        Ok((size, grown))
+        finish_disk(
+            &out,
+            len,
+            size,
+            bounds,
+            &name,
+            "changed while it was copied",
+        )
     })
     .await
     .map(|(size, grown)| {
@@ -815,6 +798,200 @@ async fn copy_disk(
         }
         size
     })
+}
+
+/// The size of the disk made of an image of `len` bytes: `--size` (`want`) if given, which
+/// may not be smaller.
+fn disk_size_wanted(want: Option<u64>, len: u64, name: &str) -> Result<u64, Failure> {
+    if let Some(want) = want.filter(|&w| w < len) {
+        return Err(Failure::invalid(format!(
+            "--size {want} is smaller than the disk image ({len} bytes)"
+        )));
+    }
+    let size = want.unwrap_or(len).max(len);
+    if size > MAX_SIZE {
+        return Err(Failure::invalid(format!(
+            "{name}: a disk of {size} bytes is larger than the limit of 16 TiB"
+        )));
+    }
+    Ok(size)
+}
+
+/// Finishes the copy `out` of a disk image of `len` bytes as a disk of `size`: sized, its data
+/// measured against the import's bounds (`changed` says how a copy can hold more than was
+/// measured), its root filesystem found and, on a longer disk, its partition table and root
+/// partition grown. Returns the size and what growth says.
+fn finish_disk(
+    out: &File,
+    len: u64,
+    size: u64,
+    bounds: Bounds,
+    name: &str,
+    changed: &str,
+) -> Result<(u64, Option<String>), Failure> {
+    out.set_len(size)
+        .and_then(|()| out.sync_all())
+        .map_err(|e| Failure::io("sizing the snapshot", e))?;
+    // Measured on the copy: the source is the user's, who may have filled it in since it was
+    // measured (or compressed it).
+    let copied = disk::data_bytes(out, size).map_err(|e| Failure::io("reading the snapshot", e))?;
+    if copied > bounds.bytes {
+        return Err(bounds.refuse(format_args!(
+            "{name} {changed}: {} MiB of data",
+            copied / MIB
+        )));
+    }
+    let root = disk::locate_root(out, None).map_err(|e| {
+        Failure::invalid(format!("the disk image has no usable root filesystem: {e}"))
+    })?;
+    // A longer disk: its table to the end and the root partition with it; the filesystem
+    // is grown by the first build (mounted: see crate::grow::grow_filesystem).
+    let mut grown = None;
+    if let (Some(n), true) = (root.partition, size > len) {
+        let growth = crate::grow::grow_table(out, n)
+            .map_err(|e| Failure::io("growing the partition table to the disk", e))?;
+        grown = growth.map(|g| g.describe(n));
+    }
+    Ok((size, grown))
+}
+
+/// Converts the qcow2 image `source` into the new raw image file `image` with `qemu-img`,
+/// sandboxed as the boot test's QEMU is, as an id of the owner's range; returns the disk's
+/// size.
+async fn convert_qcow2(
+    daemon: &crate::Daemon,
+    source: &File,
+    spec: &ImportSpec,
+    requester: &Requester,
+    bounds: Bounds,
+    image: &Path,
+    note: &impl Fn(String),
+) -> Result<u64, Failure> {
+    use crate::bootvm::{Program, Tool};
+    use crate::loopdev::LoopDevice;
+    use std::os::unix::fs::OpenOptionsExt;
+    let name = spec.source_name.clone();
+    if !Path::new(crate::bootvm::QEMU_IMG).exists() {
+        return Err(Failure::new(
+            ErrorCode::Io,
+            format!(
+                "{name}: this host cannot convert qcow2 images: it lacks {} (package \
+                 qemu-utils)",
+                crate::bootvm::QEMU_IMG
+            ),
+        ));
+    }
+    let src = source
+        .try_clone()
+        .map_err(|e| Failure::io("reading the source", e))?;
+    let header =
+        blocking(move || disk::read_qcow2(&src).map_err(|e| Failure::io("reading the source", e)))
+            .await?
+            .map_err(|why| Failure::invalid(format!("{name}: not imported: {why}")))?;
+    let len = header.virtual_size;
+    let size = disk_size_wanted(spec.size, len, &name)?;
+    note(format!(
+        "amidala: converting qcow2 image {name} (a disk of {} MiB) with qemu-img",
+        len.div_ceil(MIB)
+    ));
+    let out = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(image)
+        .map_err(|e| Failure::io("creating the snapshot", e))?;
+    out.set_len(len)
+        .map_err(|e| Failure::io("sizing the snapshot", e))?;
+    // The source and the new image as block devices, the only files the sandbox is given:
+    // the source read-only.
+    let (src, path, label) = (
+        source
+            .try_clone()
+            .map_err(|e| Failure::io("reading the source", e))?,
+        image.to_owned(),
+        name.clone(),
+    );
+    let (from, to) = blocking(move || {
+        let from = LoopDevice::attach_file(&src, Path::new(&label), 0, 0, true)
+            .map_err(|e| Failure::io("attaching the qcow2 image", e))?;
+        let to = LoopDevice::attach(&path, 0, 0, false)
+            .map_err(|e| Failure::io("attaching the new image", e))?;
+        Ok((from, to))
+    })
+    .await?;
+    let rdev = |dev: &LoopDevice| {
+        nix::sys::stat::stat(dev.path())
+            .map(|st| st.st_rdev)
+            .map_err(|e| {
+                Failure::io(
+                    format!("reading {}", dev.path().display()),
+                    io::Error::from(e),
+                )
+            })
+    };
+    let ran = match (rdev(&from), rdev(&to)) {
+        (Ok(from_dev), Ok(to_dev)) => {
+            let uid = crate::bootvm::vm_uid(daemon, requester.uid)?;
+            let tool = Tool {
+                program: Program::QemuImg,
+                // -n: the new image exists (and reads as zeros, which are not written: it
+                // stays sparse); -m 1: one request at a time, within the sandbox's processes.
+                args: &[
+                    "convert",
+                    "-f",
+                    "qcow2",
+                    "-O",
+                    "raw",
+                    "-n",
+                    "--target-is-zero",
+                    "-m",
+                    "1",
+                    "/dev/source",
+                    "/dev/disk",
+                ],
+                disk: to_dev,
+                source: Some(from_dev),
+                limit: Some((&out, bounds.bytes)),
+            };
+            crate::bootvm::run_tool(daemon, uid, &tool, &daemon.shutdown).await
+        }
+        (Err(e), _) | (_, Err(e)) => Err(e),
+    };
+    // Both released before the image is read again (qemu-img does not flush: the detach
+    // writes what it left in the device's cache).
+    let released = blocking(move || {
+        let released = to.detach(Duration::from_secs(10));
+        from.detach(Duration::from_secs(10))
+            .and(released)
+            .map_err(|e| Failure::io("detaching the conversion's loop devices", e))
+    })
+    .await;
+    let (code, said) = ran.map_err(|f| {
+        if f.code == ErrorCode::LimitExceeded {
+            bounds.refuse(format_args!(
+                "{name}: not imported (qemu-img was stopped): the data of the disk it holds"
+            ))
+        } else {
+            f
+        }
+    })?;
+    released?;
+    if code != 0 {
+        let last = said.lines().last().unwrap_or("").trim();
+        return Err(Failure::invalid(format!(
+            "{name}: not imported: qemu-img could not convert it (exit status {code}): {last}"
+        )));
+    }
+    let name = spec.source_name.clone();
+    blocking(move || finish_disk(&out, len, size, bounds, &name, "converted"))
+        .await
+        .map(|(size, grown)| {
+            if let Some(said) = grown {
+                note(said);
+            }
+            size
+        })
 }
 
 /// A filesystem size that holds `usage` with room to spare, or the requested size if it does.
@@ -892,7 +1069,7 @@ mod tests {
         );
         let f = tempfile::tempfile().unwrap();
         (&f).write_all(b"QFI\xfb\0\0\0\x03").unwrap();
-        assert!(sniff(&f).unwrap().unwrap_err().contains("qcow2"));
+        assert_eq!(sniff(&f).unwrap().unwrap(), SourceKind::Qcow2);
         assert!(sniff(&tempfile::tempfile().unwrap())
             .unwrap()
             .unwrap_err()

@@ -92,6 +92,18 @@ impl LoopDevice {
             .custom_flags(libc::O_CLOEXEC)
             .open(backing)
             .map_err(|e| with_context(e, format!("opening {}", backing.display())))?;
+        Self::attach_file(&file, backing, offset, len, read_only)
+    }
+
+    /// Attaches `len` bytes of the open `file` (named `backing` in the device's status) from
+    /// `offset`; read-only if `read_only` (which a file opened only for reading must be).
+    pub fn attach_file(
+        file: &File,
+        backing: &Path,
+        offset: u64,
+        len: u64,
+        read_only: bool,
+    ) -> io::Result<LoopDevice> {
         let control = OpenOptions::new()
             .read(true)
             .write(true)
@@ -194,8 +206,15 @@ impl LoopDevice {
         }
     }
 
-    /// Detaches the device and waits until the kernel has released it.
+    /// Detaches the device and waits until the kernel has released it. What was written
+    /// through the device and still sits in its page cache (a writer that did not flush, and
+    /// did not close the device last, leaves it there) is written to the backing file first.
     pub fn detach(mut self, timeout: Duration) -> io::Result<()> {
+        if let Some(device) = &self.device {
+            device
+                .sync_all()
+                .map_err(|e| with_context(e, format!("flushing {}", self.path.display())))?;
+        }
         self.clear()?;
         let backing = PathBuf::from(format!("/sys/block/loop{}/loop/backing_file", self.number));
         let deadline = Instant::now() + timeout;

@@ -1132,9 +1132,7 @@ async fn import_base(
     // Debug-formatted: the name is the client's, and may hold anything until it is checked.
     tracing::info!(uid = peer.uid, pid = ?peer.pid, source = ?spec.source_name, "base import");
     let (tx, mut notes) = tokio::sync::mpsc::unbounded_channel();
-    let provider = daemon.provider.clone();
     let imports = ImportCount::new(daemon.clone());
-    let staging = daemon.catalog.tmp_dir();
     let requester = Requester {
         uid: peer.uid,
         gid: peer.gid,
@@ -1145,11 +1143,11 @@ async fn import_base(
         Err(f) => return conn.send_error(&f).await,
     };
     // Runs to its end (and cleans up) even if the client goes away.
+    let daemon_for_import = daemon.clone();
     let task = daemon.build_tasks.spawn(async move {
         let _running = imports;
         import::import(
-            provider.as_ref(),
-            &staging,
+            &daemon_for_import,
             spec,
             source,
             requester,

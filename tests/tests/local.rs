@@ -317,6 +317,97 @@ fn partitioned_raw_image_builds_on_its_root_partition() {
     env.assert_no_leaks();
 }
 
+/// Issue 15, point 2: a qcow2 image (compressed, as distributions publish them) imports as
+/// the disk it holds, converted by qemu-img in a sandbox, holes kept, and can grow; one that
+/// names another file or does not convert is refused, leaving nothing behind.
+#[test]
+fn a_qcow2_image_imports_as_the_disk_it_holds() {
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::start();
+    let rootfs = env.busybox_rootfs("rootfs");
+    let (disk, offset) = partitioned_disk(&env, &rootfs);
+    let qcow2 = env.dir.path().join("disk.qcow2");
+    run(Command::new("qemu-img")
+        .args(["convert", "-q", "-c", "-f", "raw", "-O", "qcow2"])
+        .arg(&disk)
+        .arg(&qcow2))
+    .ok();
+
+    let import = env.amidala(&["base", "import", qcow2.to_str().unwrap()]);
+    let base = import.ok().trim().to_owned();
+    assert!(
+        import.stderr.contains("converting qcow2 image"),
+        "{}",
+        import.stderr
+    );
+    let file = env.snapshot_file(&base);
+    assert_eq!(std::fs::read(&file).unwrap(), std::fs::read(&disk).unwrap());
+    let meta = std::fs::metadata(&file).unwrap();
+    assert!(
+        meta.blocks() * 512 < meta.len() / 2,
+        "holes kept: {} of {} bytes written",
+        meta.blocks() * 512,
+        meta.len()
+    );
+    env.assert_no_leaks();
+
+    // Grown at import: its GPT to the end, its root partition with it; and it builds.
+    let import = env.amidala(&[
+        "base",
+        "import",
+        qcow2.to_str().unwrap(),
+        "--size",
+        "160M",
+        "--tag",
+        "kind=qcow2",
+    ]);
+    let grown = import.ok().trim().to_owned();
+    assert!(
+        import
+            .stderr
+            .contains("grew partition 2 (the root) from 80 to 157 MiB"),
+        "{}",
+        import.stderr
+    );
+    gpt_verified(&env.snapshot_file(&grown));
+    let ws = env.workspace("ws", &[]);
+    let result = env.build(
+        &ws,
+        &[
+            "--from",
+            "kind=qcow2",
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo q > /root/q",
+        ],
+    );
+    let out = Mounted::new(&env.snapshot_file(field(&result, "snapshot_id")), offset);
+    assert_eq!(out.read("/root/q"), "q\n");
+    drop(out);
+
+    // An overlay naming its backing file: refused before qemu-img opens anything.
+    let overlay = env.dir.path().join("overlay.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(&qcow2)
+        .arg(&overlay))
+    .ok();
+    let refused = env.amidala(&["base", "import", overlay.to_str().unwrap()]);
+    let err = refused.err();
+    assert!(err.contains("with a backing file"), "{err}");
+    // Cut short: qemu-img's error, and nothing left (no snapshot, no loop device).
+    let cut = env.dir.path().join("cut.qcow2");
+    let bytes = std::fs::read(&qcow2).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let failed = env.amidala(&["base", "import", cut.to_str().unwrap()]);
+    let err = failed.err();
+    assert!(err.contains("qemu-img could not convert it"), "{err}");
+    let snapshots = env.amidala(&["snapshots", "--json"]).json();
+    assert_eq!(snapshots.as_array().map(Vec::len), Some(3), "{snapshots}");
+    env.assert_no_leaks();
+}
+
 /// Bytes of the filesystem mounted at `dir` (statvfs: blocks × fragment size).
 fn filesystem_bytes(dir: &Path) -> u64 {
     let st = nix::sys::statvfs::statvfs(dir).unwrap();

@@ -966,6 +966,70 @@ fn no_member_starves_another_or_fills_the_disk() {
     host.env.assert_no_leaks();
 }
 
+/// A member's qcow2 image is converted by qemu-img as an id of that member's range, and the
+/// conversion stops when what it writes passes the member's quota (a compressed qcow2 image
+/// can hold far more than its own size), leaving nothing behind.
+#[test]
+fn a_members_qcow2_import_is_converted_within_their_quota() {
+    const MEMBER: &str = "amidala-t-qcow2";
+    let _accounts = Accounts::create(&[(MEMBER, "amidala")]);
+    let env = Env::start_with("[limits]\nuser_quota = \"48M\"\n", &[]);
+    let client = env.dir.path().join("amidala");
+    fs::copy(bin_dir().join("amidala"), &client).unwrap();
+    let host = Host { env, client };
+    let dir = host.env.dir.path();
+    // A disk whose filesystem holds 64 MiB of data that compresses to almost nothing.
+    let tree = dir.join("tree");
+    fs::create_dir(&tree).unwrap();
+    fs::write(tree.join("data"), "amidala ".repeat(8 << 20)).unwrap();
+    let (raw, small, big) = (
+        dir.join("raw.img"),
+        dir.join("small.qcow2"),
+        dir.join("big.qcow2"),
+    );
+    for (file, size, content) in [
+        (&raw, "96M", Some(&tree)),
+        (&dir.join("empty.img"), "32M", None),
+    ] {
+        run(Command::new("truncate").arg("-s").arg(size).arg(file)).ok();
+        let mut mkfs = Command::new("mkfs.ext4");
+        mkfs.args(["-q", "-F"]);
+        if let Some(tree) = content {
+            mkfs.arg("-d").arg(tree);
+        }
+        run(mkfs.arg(file)).ok();
+    }
+    for (from, to) in [(&raw, &big), (&dir.join("empty.img"), &small)] {
+        run(Command::new("qemu-img")
+            .args(["convert", "-q", "-c", "-f", "raw", "-O", "qcow2"])
+            .arg(from)
+            .arg(to))
+        .ok();
+    }
+    run(Command::new("chmod").arg("a+r").arg(&small).arg(&big)).ok();
+    assert!(fs::metadata(&big).unwrap().len() < 8 << 20);
+
+    let over = host.as_user(MEMBER, &["base", "import", big.to_str().unwrap()]);
+    assert!(
+        // Stopped while converting, or refused once converted (the output is measured every
+        // 250 ms while qemu-img runs, and a fast conversion can finish in between).
+        over.err().contains("limit_exceeded")
+            && over.stderr.contains("big.qcow2")
+            && over.stderr.contains("your quota"),
+        "{}",
+        over.stderr
+    );
+    host.env.assert_no_leaks();
+    let snapshots = host.as_user(MEMBER, &["snapshots", "--json"]).json();
+    assert_eq!(snapshots, serde_json::json!([]));
+    // A small one fits, and is the member's.
+    let id = host.as_user(MEMBER, &["base", "import", small.to_str().unwrap()]);
+    let id = id.ok().trim().to_owned();
+    let snapshots = host.as_user(MEMBER, &["snapshots", "--json"]).json();
+    assert_eq!(snapshots[0]["id"], id.as_str(), "{snapshots}");
+    host.env.assert_no_leaks();
+}
+
 #[test]
 fn a_builds_output_is_bounded_and_counts_against_its_owners_quota() {
     // Point 13: a build that prints without end fills no disk: its log stops at build_log,
