@@ -235,7 +235,11 @@ pub fn mounts_root(fstab: &str) -> bool {
 }
 
 /// Reads at most `limit` bytes of the tree's regular file `path` (`None`: not there).
-fn read_file(root: BorrowedFd<'_>, path: &str, limit: u64) -> io::Result<Option<String>> {
+pub(crate) fn read_file(
+    root: BorrowedFd<'_>,
+    path: &str,
+    limit: u64,
+) -> io::Result<Option<String>> {
     let fd = match crate::sys::open_in_root(
         root,
         Path::new(path),

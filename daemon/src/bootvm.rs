@@ -346,6 +346,10 @@ pub struct VmJob {
     /// A block device made `/dev/source` in the VM's root, readable by the VM's user alone.
     #[serde(default)]
     pub source: Option<u64>,
+    /// A host directory, the VM's user's, bound at `/out` (nosuid, nodev, noexec): where a tool
+    /// writes files for the daemon or reads them from.
+    #[serde(default)]
+    pub out: Option<PathBuf>,
     /// The daemon's pid: the helper's parent, else the daemon has gone.
     #[serde(default)]
     pub parent: u32,
@@ -353,7 +357,9 @@ pub struct VmJob {
 
 /// The programs the helper executes: QEMU for a boot test, e2fsprogs' checker and resizer for
 /// a grown ext4 filesystem (see [`crate::grow`]), `qemu-img` for a qcow2 image imported (see
-/// [`crate::import`]). Named, not given as paths: the helper runs nothing else.
+/// [`crate::import`]), mtools' formatter and copier for an EFI system partition given to a
+/// build as a copy (see [`crate::espcopy`]). Named, not given as paths: the helper runs
+/// nothing else.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Program {
@@ -362,6 +368,8 @@ pub enum Program {
     E2fsck,
     Resize2fs,
     QemuImg,
+    Mformat,
+    Mcopy,
 }
 
 impl Program {
@@ -371,6 +379,8 @@ impl Program {
             Program::E2fsck => "/usr/sbin/e2fsck",
             Program::Resize2fs => "/usr/sbin/resize2fs",
             Program::QemuImg => QEMU_IMG,
+            Program::Mformat => "/usr/bin/mformat",
+            Program::Mcopy => "/usr/bin/mcopy",
         }
     }
 }
@@ -451,16 +461,19 @@ const HELPER_FAILED: i32 = 125;
 pub struct Tool<'a> {
     pub program: Program,
     pub args: &'a [&'a str],
-    /// The block device made `/dev/disk`, the tool's to read and write.
-    pub disk: u64,
+    /// The block device made `/dev/disk`, the tool's to read and write, if any.
+    pub disk: Option<u64>,
     /// The block device made `/dev/source`, the tool's to read, if any.
     pub source: Option<u64>,
+    /// A directory of the tool's user bound at `/out`, if any.
+    pub out: Option<&'a Path>,
     /// A file that must not come to take more than this many bytes (the tool is stopped and
     /// the run fails with `limit_exceeded` when it does), if any.
     pub limit: Option<(&'a std::fs::File, u64)>,
 }
 
-/// Runs one of the tools ([`Program::E2fsck`], [`Program::Resize2fs`], [`Program::QemuImg`])
+/// Runs one of the tools ([`Program::E2fsck`], [`Program::Resize2fs`], [`Program::QemuImg`],
+/// [`Program::Mformat`], [`Program::Mcopy`])
 /// in the helper's sandbox, as `uid` (see [`vm_uid`]): the tool parses a disk or filesystem a
 /// user made, so it gets what QEMU gets and the tool's block devices alone. Returns its exit
 /// status and what it printed (bounded). Ends it, and says so, when `cancel` fires.
@@ -478,8 +491,9 @@ pub async fn run_tool(
         uefi: false,
         program,
         args: tool.args.iter().map(|a| a.to_string()).collect(),
-        disk: Some(tool.disk),
+        disk: tool.disk,
         source: tool.source,
+        out: tool.out.map(Path::to_path_buf),
         parent: 0,
     };
     let (mut child, _dir) =
@@ -788,6 +802,7 @@ async fn run_qemu(
         args: qemu_args(test.firmware, kvm, settings),
         disk: None,
         source: None,
+        out: None,
         parent: 0,
     };
     let started = Instant::now();
@@ -1091,6 +1106,30 @@ fn helper() -> Result<std::convert::Infallible, String> {
         ("vm", 0o700),
     ] {
         mkdir(name, mode)?;
+    }
+    if let Some(out) = &job.out {
+        mkdir("out", 0o700)?;
+        let target = root.join("out");
+        mount(
+            Some(out),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(e("binding /out"))?;
+        mount(
+            None::<&str>,
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND
+                | MsFlags::MS_REMOUNT
+                | MsFlags::MS_NOSUID
+                | MsFlags::MS_NODEV
+                | MsFlags::MS_NOEXEC,
+            None::<&str>,
+        )
+        .map_err(e("making /out nosuid, nodev and noexec"))?;
     }
     bind_read_only("/usr", &root.join("usr"))?;
     // The host's top-level links into /usr (merged /usr), or its own directories.

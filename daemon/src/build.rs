@@ -539,7 +539,20 @@ async fn with_volume(
     }
 
     let provisioned = match grow_ext4(daemon, handle, &attachment).await {
-        Ok(()) => provision(daemon, handle, &attachment, source, workspace).await,
+        Ok(()) => match copy_boot_partitions(daemon, handle, &attachment).await {
+            Ok(copies) => {
+                let provisioned =
+                    provision(daemon, handle, &attachment, source, workspace, &copies).await;
+                match provisioned {
+                    Ok(arch) => write_boot_copies_back(daemon, handle, &copies)
+                        .await
+                        .map(|()| arch),
+                    Err(e) => Err(e),
+                }
+                // The copies' tmpfs unmounted here (dropped), before the volume is detached.
+            }
+            Err(e) => Err(e),
+        },
         Err(e) => Err(e),
     };
 
@@ -766,6 +779,7 @@ async fn provision(
     attachment: &Attachment,
     source: &str,
     workspace: OwnedFd,
+    copies: &[crate::bootparts::Copy],
 ) -> PhaseResult<Option<String>> {
     let record = handle.record();
     let plugin = daemon
@@ -827,6 +841,18 @@ async fn provision(
         // A member's provisioner is root of its own user namespace, not of the host, with
         // host ids of that member's alone (see crate::idrange).
         id_base,
+        boot_partitions: attachment
+            .others
+            .iter()
+            .map(|other| {
+                let mut part = other.part.clone();
+                part.copy = copies
+                    .iter()
+                    .find(|c| c.number == part.number)
+                    .map(|c| c.dir.clone());
+                part
+            })
+            .collect(),
     };
     let result = in_cgroup(daemon, handle, &spec, workspace).await;
     // Only ever mounted inside the executor's namespace, which is gone: a plain rmdir, never
@@ -929,6 +955,75 @@ async fn grow_ext4(
         .at(Phase::Attach)?;
     if let Some(said) = said {
         handle.note(said);
+    }
+    Ok(())
+}
+
+/// Copies out the disk's FAT partitions where this kernel cannot mount vfat (see
+/// [`crate::bootparts`]): the image's fstab, read by the executor, says whether the build sees
+/// one at `/boot/efi`. One larger than [`crate::bootparts::MAX_COPY`] is not copied (said).
+async fn copy_boot_partitions(
+    daemon: &Daemon,
+    handle: &BuildHandle,
+    attachment: &Attachment,
+) -> PhaseResult<Vec<crate::bootparts::Copy>> {
+    let fats: Vec<_> = attachment
+        .others
+        .iter()
+        .filter_map(|o| o.fat.clone().map(|fat| (o, fat)))
+        .collect();
+    if fats.is_empty() || crate::bootparts::kernel_mounts("vfat") {
+        return Ok(Vec::new());
+    }
+    let uid = crate::bootvm::vm_uid(daemon, handle.owner_uid).at(Phase::Mount)?;
+    let mut copies = Vec::new();
+    for (other, fat) in fats {
+        if other.size > crate::bootparts::MAX_COPY {
+            handle.note(format!(
+                "amidala: warning: partition {} (vfat, which this host's kernel cannot mount) is \
+                 {} MiB, more than the {} MiB amidala copies for a build: it is not given to \
+                 the build",
+                other.part.number,
+                other.size >> 20,
+                crate::bootparts::MAX_COPY >> 20
+            ));
+            continue;
+        }
+        let copy = crate::bootparts::Copy::take(
+            daemon,
+            &handle.id,
+            uid,
+            other.part.number,
+            &other.part.device,
+            (other.start, other.size),
+            fat,
+            &handle.cancel,
+        )
+        .await
+        .at(Phase::Mount)?;
+        copies.push(copy);
+    }
+    Ok(copies)
+}
+
+/// Writes back the copies the build changed, after a provisioner that succeeded.
+async fn write_boot_copies_back(
+    daemon: &Daemon,
+    handle: &BuildHandle,
+    copies: &[crate::bootparts::Copy],
+) -> PhaseResult<()> {
+    if copies.is_empty() {
+        return Ok(());
+    }
+    let uid = crate::bootvm::vm_uid(daemon, handle.owner_uid).at(Phase::Unmount)?;
+    for copy in copies {
+        if let Some(said) = copy
+            .write_back(daemon, uid, &handle.cancel)
+            .await
+            .at(Phase::Unmount)?
+        {
+            handle.note(said);
+        }
     }
     Ok(())
 }

@@ -84,6 +84,84 @@ pub fn fs_uuid(file: &File, offset: u64, fs: FsType) -> io::Result<Option<String
     Ok(Some(crate::bootcfg::uuid_text(&uuid)))
 }
 
+/// A GUID as GPT stores it (the first three fields little-endian) in its text form.
+fn gpt_guid_text(b: &[u8; 16]) -> String {
+    let mut swapped = *b;
+    swapped[0..4].reverse();
+    swapped[4..6].reverse();
+    swapped[6..8].reverse();
+    crate::bootcfg::uuid_text(&swapped)
+}
+
+/// The label of the ext4 filesystem whose superblock starts the region at `offset` (`None`:
+/// no ext4 there, or no label).
+pub fn ext4_label(file: &File, offset: u64) -> io::Result<Option<String>> {
+    let mut sb = [0u8; 0x88];
+    if read_exact_or_short(file, &mut sb, offset + 1024)? != sb.len()
+        || sb[0x38..0x3a] != [0x53, 0xEF]
+    {
+        return Ok(None);
+    }
+    Ok(text_field(&sb[0x78..0x88]))
+}
+
+/// A fixed-size name field: up to its first NUL, blanks at the end trimmed; `None` if empty
+/// or not printable ASCII.
+fn text_field(field: &[u8]) -> Option<String> {
+    let end = field.iter().position(|&b| b == 0).unwrap_or(field.len());
+    let text = std::str::from_utf8(&field[..end]).ok()?.trim_end();
+    (!text.is_empty() && text.bytes().all(|b| b.is_ascii_graphic() || b == b' '))
+        .then(|| text.to_owned())
+}
+
+/// A FAT filesystem (an EFI system partition), as its boot sector describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fat {
+    /// The volume serial, as `UUID=` names it (`ABCD-1234`).
+    pub uuid: String,
+    pub serial: u32,
+    pub label: Option<String>,
+    /// FAT32 (else FAT12 or FAT16).
+    pub fat32: bool,
+}
+
+/// The FAT filesystem whose boot sector starts the region at `offset`, if there is one.
+pub fn fat_volume(file: &File, offset: u64) -> io::Result<Option<Fat>> {
+    let mut bs = [0u8; 512];
+    if read_exact_or_short(file, &mut bs, offset)? != bs.len() {
+        return Ok(None);
+    }
+    Ok(parse_fat(&bs))
+}
+
+fn parse_fat(bs: &[u8; 512]) -> Option<Fat> {
+    let sector = u16::from_le_bytes([bs[11], bs[12]]);
+    let per_cluster = bs[13];
+    let fats = bs[16];
+    if bs[510..512] != [0x55, 0xAA]
+        || !matches!(sector, 512 | 1024 | 2048 | 4096)
+        || !per_cluster.is_power_of_two()
+        || fats == 0
+    {
+        return None;
+    }
+    // FAT32 keeps its table's size in the extended BPB, and its serial and label further on.
+    let fat32 = u16::from_le_bytes([bs[22], bs[23]]) == 0;
+    let ext = if fat32 { 0x40 } else { 0x24 };
+    let name = &bs[ext + 0x12..ext + 0x1a];
+    if bs[ext + 2] != 0x29 || !name.starts_with(b"FAT") {
+        return None;
+    }
+    let serial = u32::from_le_bytes(bs[ext + 3..ext + 7].try_into().expect("4 bytes"));
+    let label = text_field(&bs[ext + 7..ext + 0x12]).filter(|l| l != "NO NAME");
+    Some(Fat {
+        uuid: format!("{:04X}-{:04X}", serial >> 16, serial & 0xffff),
+        serial,
+        label,
+        fat32,
+    })
+}
+
 /// One partition of a partitioned disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Partition {
@@ -96,6 +174,8 @@ pub struct Partition {
     pub linux_root_type: bool,
     /// GPT: an EFI system partition; MBR: type 0xEF.
     pub esp: bool,
+    /// GPT: the partition's own GUID, as `PARTUUID=` and `/dev/disk/by-partuuid` name it.
+    pub unique: Option<String>,
 }
 
 /// The kind of partition table found.
@@ -166,6 +246,7 @@ pub fn read_partitions(
             size: sectors * SECTOR,
             linux_root_type: false,
             esp: kind == 0xEF,
+            unique: None,
         });
     }
     if parts.is_empty() {
@@ -219,6 +300,7 @@ fn read_gpt(file: &File, header: &[u8], disk_size: u64) -> io::Result<Vec<Partit
             size,
             linux_root_type: type_guid == GPT_ROOT_X86_64 || type_guid == GPT_ROOT_ARM64,
             esp: type_guid == GPT_ESP,
+            unique: Some(gpt_guid_text(e[16..32].try_into().expect("16 bytes"))),
         });
     }
     check_bounds(&parts, disk_size)?;

@@ -95,6 +95,10 @@ pub struct ExecutorSpec {
     /// provisioner is host root (with the baseline's capabilities).
     #[serde(default)]
     pub id_base: Option<u32>,
+    /// The disk's other partitions, which the image's fstab may mount at `/boot` and
+    /// `/boot/efi` (see [`crate::bootparts`]).
+    #[serde(default)]
+    pub boot_partitions: Vec<crate::bootparts::BootPartition>,
 }
 
 /// A host directory mounted on a directory of the image while provisioning.
@@ -166,8 +170,9 @@ fn init_process(
     filter: &ScmpFilterContext,
     workspace: &Workspace,
     userns: Option<&OwnedFd>,
+    boot: &crate::bootparts::Mounted,
 ) -> i32 {
-    if let Err(message) = child_setup(spec, pipe, filter, workspace, userns) {
+    if let Err(message) = child_setup(spec, pipe, filter, workspace, userns, boot) {
         send_result(pipe, &ChildResult::SetupFailed(message));
         return 125;
     }
@@ -384,8 +389,9 @@ fn with_root_mounted(
     userns: Option<&OwnedFd>,
 ) -> Result<(), Failure> {
     let mut prepared = Prepared::new(spec)?;
+    let mut boot = mount_boot_partitions(spec, prepared.root.as_fd())?;
     let started = now_secs();
-    let provisioned = provision(spec, plugin, workspace, userns);
+    let provisioned = provision(spec, plugin, workspace, userns, &boot);
     end_build_output();
     if let Ok(outcome) = &provisioned {
         report(&Report::Provisioned(outcome.clone()));
@@ -394,6 +400,10 @@ fn with_root_mounted(
     if matches!(provisioned, Ok(Outcome::Exited(0))) && restored.is_ok() {
         refresh_boot_menu(spec, prepared.root.as_fd());
     }
+    let unmounted = boot.unmount(&spec.mount_dir).map_err(|message| Failure {
+        phase: Phase::Unmount,
+        message,
+    });
     // Every process of the build is gone (its PID namespace with them): what it left in the
     // user's workspace is checked now.
     let scrubbed = match workspace.scrub(started) {
@@ -412,7 +422,40 @@ fn with_root_mounted(
     };
     provisioned?;
     restored?;
+    unmounted?;
     scrubbed
+}
+
+/// Mounts the partitions the image's fstab mounts at `/boot` and `/boot/efi` (see
+/// [`crate::bootparts`]), read before anything of the image has run.
+fn mount_boot_partitions(
+    spec: &ExecutorSpec,
+    root: BorrowedFd<'_>,
+) -> Result<crate::bootparts::Mounted, Failure> {
+    if spec.boot_partitions.is_empty() {
+        return Ok(crate::bootparts::Mounted::default());
+    }
+    let fstab = match crate::bootcfg::read_file(root, "etc/fstab", 1 << 20) {
+        Ok(text) => text,
+        Err(e) => {
+            report(&Report::Note(format!(
+                "amidala: warning: /etc/fstab could not be read ({e}): /boot and /boot/efi are \
+                 not mounted during the build"
+            )));
+            None
+        }
+    };
+    crate::bootparts::mount_all(
+        fstab.as_deref(),
+        &spec.boot_partitions,
+        &spec.mount_dir,
+        root,
+        &|said| report(&Report::Note(said)),
+    )
+    .map_err(|message| Failure {
+        phase: Phase::Mount,
+        message,
+    })
 }
 
 /// Grows the mounted root filesystem to fill its device (a disk made longer, its root
@@ -456,6 +499,11 @@ fn fs_type_of(spec: &ExecutorSpec) -> Option<crate::disk::FsType> {
 /// device there. `None` (mounted as `/dev/loopN`, no node) when the UUID cannot be read.
 fn root_disk_name(spec: &ExecutorSpec) -> Option<String> {
     let fs = fs_type_of(spec)?;
+    // btrfs registers devices kernel-wide by fsid and name: two builds from one base mounting
+    // it under one name would be given one filesystem.
+    if fs == crate::disk::FsType::Btrfs {
+        return None;
+    }
     let device = File::open(&spec.device).ok()?;
     let uuid = crate::disk::fs_uuid(&device, 0, fs).ok()??;
     Some(format!("/dev/disk/by-uuid/{uuid}"))
@@ -851,6 +899,7 @@ fn provision(
     plugin: &Plugin,
     workspace: &Workspace,
     userns: Option<&OwnedFd>,
+    boot: &crate::bootparts::Mounted,
 ) -> Result<Outcome, Failure> {
     await_cgroups()?;
     report(&Report::Phase(Phase::Provision));
@@ -872,6 +921,7 @@ fn provision(
                 &filter,
                 workspace,
                 userns,
+                boot,
             );
             // SAFETY: _exit ends the process without running the executor's exit handlers
             // (both the plugin process and PID 1 end here).
@@ -1040,21 +1090,43 @@ fn child_setup(
     filter: &ScmpFilterContext,
     workspace: &Workspace,
     userns: Option<&OwnedFd>,
+    boot: &crate::bootparts::Mounted,
 ) -> Result<(), String> {
     let root = &spec.mount_dir;
     let root_id = spec.id_base.filter(|_| userns.is_some()).unwrap_or(0);
-    // The build's own disk, as the root's mount names it.
-    let disk =
-        root_disk_name(spec).zip(nix::sys::stat::stat(&spec.device).ok().map(|st| st.st_rdev));
+    // The build's own disks, as their mounts name them.
+    let mut disks: Vec<(String, u64)> = root_disk_name(spec)
+        .zip(nix::sys::stat::stat(&spec.device).ok().map(|st| st.st_rdev))
+        .into_iter()
+        .collect();
+    disks.extend(boot.disks());
     unshare(CloneFlags::CLONE_NEWNS)
         .map_err(errno_context("creating the provisioner's mount namespace"))?;
     crate::sys::make_mounts_private().map_err(errno_context("making mounts private"))?;
     if let Some(userns) = userns {
+        // The boot partitions mounted on the image, before its mapped view covers them.
+        let mut below = Vec::new();
+        for (rel, part) in &boot.mounts {
+            let fd = File::open(root.join(rel)).map_err(|e| format!("opening /{rel}: {e}"))?;
+            below.push((rel, part.copy.is_some(), fd));
+        }
         // The image as the provisioner's namespace sees it: its owners 0 to 65 535 are the
         // namespace's, everything else on the host no one's it knows.
         let image = File::open(root).map_err(|e| format!("opening the image's root: {e}"))?;
         idmap::attach_mapped(image.as_fd(), userns.as_fd(), 0, root)
             .map_err(|e| format!("mapping the image's owners into the build's namespace: {e}"))?;
+        // Mapped as the root is; a copy's files (the copier's, an id of the same range) as
+        // they are.
+        let attrs = idmap::MOUNT_ATTR_NOSUID | idmap::MOUNT_ATTR_NODEV;
+        for (rel, copy, fd) in below {
+            let target = root.join(rel);
+            if copy {
+                idmap::clone_tree(fd.as_fd()).and_then(|tree| idmap::attach(tree.as_fd(), &target))
+            } else {
+                idmap::attach_mapped(fd.as_fd(), userns.as_fd(), attrs, &target)
+            }
+            .map_err(|e| format!("mounting /{rel} in the build's namespace: {e}"))?;
+        }
     }
     for step in provisioner_mounts(root_id) {
         match step {
@@ -1069,7 +1141,7 @@ fn child_setup(
                 what,
             } => mount(source, &root.join(target), fstype, flags, data.as_deref())
                 .map_err(errno_context(what))?,
-            SetupStep::PopulateDev => populate_dev(&root.join("dev"), root_id, disk.as_ref())?,
+            SetupStep::PopulateDev => populate_dev(&root.join("dev"), root_id, &disks)?,
             SetupStep::ReadOnly(target) => {
                 if root.join(target).exists() {
                     read_only_bind(&root.join(target), &root.join(target))?
@@ -1228,7 +1300,7 @@ fn mask(target: &Path, null: &Path) -> Result<(), String> {
 /// host's root, may read its own filesystem's device but not write it, change its mode or
 /// remove it, and the loop device's own ioctls are refused it by its seccomp filter
 /// ([`crate::confine::refuse_loop_ioctls`]).
-fn populate_dev(dev: &Path, owner: u32, disk: Option<&(String, u64)>) -> Result<(), String> {
+fn populate_dev(dev: &Path, owner: u32, disks: &[(String, u64)]) -> Result<(), String> {
     for (name, major, minor) in [
         ("null", 1, 3),
         ("zero", 1, 5),
@@ -1266,7 +1338,7 @@ fn populate_dev(dev: &Path, owner: u32, disk: Option<&(String, u64)>) -> Result<
         std::os::unix::fs::symlink(target, dev.join(link))
             .map_err(|e| format!("creating /dev/{link}: {e}"))?;
     }
-    if let Some((name, rdev)) = disk {
+    for (name, rdev) in disks {
         let rel = name.strip_prefix("/dev/").unwrap_or(name);
         let node = dev.join(rel);
         if let Some(parent) = node.parent() {

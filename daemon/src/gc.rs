@@ -89,9 +89,15 @@ pub async fn collect(daemon: &Daemon, scope: Scope) -> Result<Vec<GcItem>, Failu
             for mount_point in mounts_under(&state_dir)
                 .map_err(|e| Failure::io("reading /proc/self/mountinfo", e))?
             {
+                // A build's copy of a partition (see crate::bootparts) is that build's.
+                let build = mount_point
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(crate::bootparts::build_of_copy)
+                    .map(str::to_owned);
                 found.push(Found {
                     thing: Thing::Mount(mount_point),
-                    build: None,
+                    build,
                     detail: "mounted in the host's namespace".into(),
                 });
             }

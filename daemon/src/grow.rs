@@ -385,8 +385,9 @@ pub async fn grow_ext4(
     let tool = Tool {
         program: Program::E2fsck,
         args: &["-f", "-p", "/dev/disk"],
-        disk: rdev,
+        disk: Some(rdev),
         source: None,
+        out: None,
         limit: None,
     };
     let (code, said) = crate::bootvm::run_tool(daemon, uid, &tool, cancel).await?;
@@ -397,8 +398,9 @@ pub async fn grow_ext4(
     let tool = Tool {
         program: Program::Resize2fs,
         args: &["/dev/disk"],
-        disk: rdev,
+        disk: Some(rdev),
         source: None,
+        out: None,
         limit: None,
     };
     let (code, said) = crate::bootvm::run_tool(daemon, uid, &tool, cancel).await?;

@@ -945,13 +945,18 @@ async fn convert_qcow2(
                     "raw",
                     "-n",
                     "--target-is-zero",
+                    // Written past the loop device's cache, so that what it has written is
+                    // what the output's size shows (and a stop leaves nothing to flush).
+                    "-t",
+                    "none",
                     "-m",
                     "1",
                     "/dev/source",
                     "/dev/disk",
                 ],
-                disk: to_dev,
+                disk: Some(to_dev),
                 source: Some(from_dev),
+                out: None,
                 limit: Some((&out, bounds.bytes)),
             };
             crate::bootvm::run_tool(daemon, uid, &tool, &daemon.shutdown).await

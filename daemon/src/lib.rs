@@ -11,6 +11,7 @@
 
 pub mod bootcfg;
 pub mod bootdisk;
+pub mod bootparts;
 pub mod bootvm;
 pub mod build;
 pub mod catalog;

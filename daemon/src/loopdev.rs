@@ -54,6 +54,9 @@ pub struct LoopDevice {
     device: Option<File>,
     number: u32,
     path: PathBuf,
+    /// Written through (flushed before it is released); a read-only one is not flushed, so
+    /// that a source on a filesystem that stalls (FUSE, NFS) cannot hold its release up.
+    writable: bool,
 }
 
 /// Detaches the loop device at `path` (`/dev/loopN`), whoever attached it. A device still
@@ -165,6 +168,7 @@ impl LoopDevice {
                     device: Some(device),
                     number,
                     path,
+                    writable: !read_only,
                 });
             }
             let err = io::Error::last_os_error();
@@ -210,7 +214,7 @@ impl LoopDevice {
     /// through the device and still sits in its page cache (a writer that did not flush, and
     /// did not close the device last, leaves it there) is written to the backing file first.
     pub fn detach(mut self, timeout: Duration) -> io::Result<()> {
-        if let Some(device) = &self.device {
+        if let (Some(device), true) = (&self.device, self.writable) {
             device
                 .sync_all()
                 .map_err(|e| with_context(e, format!("flushing {}", self.path.display())))?;

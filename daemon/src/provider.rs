@@ -54,9 +54,92 @@ pub struct Attachment {
     pub partition: Option<u32>,
     /// What attaching grew of the disk's partition table, for the build's log.
     pub grown: Option<String>,
+    /// The disk's other partitions that hold a filesystem, which the image's fstab may mount
+    /// at `/boot` and `/boot/efi` (see [`crate::bootparts`]).
+    pub others: Vec<OtherPartition>,
     loop_device: Option<LoopDevice>,
     /// What the provider holds until the volume is detached (ec2: the device name).
     pub extra: Option<Box<dyn Any + Send + Sync>>,
+}
+
+/// A partition of the disk besides the root's that holds a filesystem, attached as a loop
+/// device of its own.
+#[derive(Debug)]
+pub struct OtherPartition {
+    pub part: crate::bootparts::BootPartition,
+    /// Where it lies on the disk, in bytes.
+    pub start: u64,
+    pub size: u64,
+    /// Its FAT volume, if it is one.
+    pub fat: Option<disk::Fat>,
+    loop_device: LoopDevice,
+}
+
+/// The partitions of the partitioned disk `file` but `root` that hold a filesystem amidala
+/// recognises, each attached (from the disk at `path`) as a loop device. One that overlaps the
+/// root or another is left out: the same blocks mounted twice would be two filesystems
+/// writing one.
+fn attach_others(
+    file: &File,
+    path: &Path,
+    root: &disk::RootLocation,
+) -> Result<Vec<OtherPartition>, Failure> {
+    let size = disk::disk_size(file).map_err(|e| Failure::io("reading the disk", e))?;
+    let parts = match disk::read_partitions(file, size) {
+        Ok(Some((_, parts))) => parts,
+        _ => return Ok(Vec::new()),
+    };
+    let overlaps = |p: &disk::Partition, start: u64, size: u64| {
+        p.start < start.saturating_add(size) && start < p.start.saturating_add(p.size)
+    };
+    let mut others: Vec<OtherPartition> = Vec::new();
+    for p in parts.iter().filter(|p| Some(p.number) != root.partition) {
+        // A root's size of 0 is the rest of the disk.
+        let root_size = if root.size == 0 { u64::MAX } else { root.size };
+        if overlaps(p, root.offset, root_size)
+            || others.iter().any(|o| overlaps(p, o.start, o.size))
+        {
+            tracing::warn!(
+                partition = p.number,
+                "a partition that overlaps another is not attached"
+            );
+            continue;
+        }
+        let read = |e| Failure::io(format!("reading partition {}", p.number), e);
+        let (fs_type, uuid, label, fat) = match disk::detect_fs(file, p.start).map_err(read)? {
+            Some(fs) => (
+                fs.kernel_name(),
+                disk::fs_uuid(file, p.start, fs).map_err(read)?,
+                match fs {
+                    FsType::Ext4 => disk::ext4_label(file, p.start).map_err(read)?,
+                    _ => None,
+                },
+                None,
+            ),
+            None => match disk::fat_volume(file, p.start).map_err(read)? {
+                Some(fat) => ("vfat", Some(fat.uuid.clone()), fat.label.clone(), Some(fat)),
+                None => continue,
+            },
+        };
+        let loop_device = LoopDevice::attach(path, p.start, p.size, false)
+            .map_err(|e| Failure::io(format!("attaching partition {}", p.number), e))?;
+        others.push(OtherPartition {
+            part: crate::bootparts::BootPartition {
+                number: p.number,
+                device: loop_device.path().to_owned(),
+                fs_type: fs_type.to_owned(),
+                uuid,
+                partuuid: p.unique.clone(),
+                label,
+                copy: None,
+            },
+            start: p.start,
+            size: p.size,
+            fat,
+            loop_device,
+        });
+    }
+    Ok(others)
 }
 
 impl Attachment {
@@ -80,6 +163,10 @@ impl Attachment {
                 root = disk::locate_root(&file, Some(n)).map_err(Failure::invalid)?;
             }
         }
+        let others = match root.partition {
+            Some(_) => attach_others(&file, disk, &root)?,
+            None => Vec::new(),
+        };
         drop(file);
         let device = LoopDevice::attach(disk, root.offset, root.size, false)
             .map_err(|e| Failure::io("attaching a loop device", e))?;
@@ -88,6 +175,7 @@ impl Attachment {
             fs: root.fs,
             partition: root.partition,
             grown,
+            others,
             loop_device: Some(device),
             extra: None,
         })
@@ -96,6 +184,13 @@ impl Attachment {
     /// Waits until nothing has the root filesystem mounted, then releases the loop device.
     /// Returns what the provider still holds.
     pub fn release_loop(mut self) -> Result<Option<Box<dyn Any + Send + Sync>>, Failure> {
+        for other in std::mem::take(&mut self.others) {
+            let device = other.loop_device;
+            device
+                .wait_unused(RELEASE_TIMEOUT)
+                .and_then(|()| device.detach(RELEASE_TIMEOUT))
+                .map_err(|e| Failure::io("detaching", e))?;
+        }
         if let Some(device) = self.loop_device.take() {
             device
                 .wait_unused(RELEASE_TIMEOUT)

@@ -1207,3 +1207,115 @@ impl Drop for Accounts {
         }
     }
 }
+
+/// Writes the partition table `layout` (sfdisk's script) on `disk`.
+#[track_caller]
+pub fn sfdisk(disk: &Path, layout: &str) {
+    use std::io::Write;
+    let mut sfdisk = Command::new("sfdisk")
+        .arg("-q")
+        .arg(disk)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    sfdisk
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(layout.as_bytes())
+        .unwrap();
+    assert!(sfdisk.wait().unwrap().success());
+}
+
+/// A GPT disk whose image mounts partitions at /boot and /boot/efi: 1 BIOS boot, 2 `/boot`
+/// (ext4, label `BOOT`, holding `vmlinuz-old` and `efi/`), 3 the ESP (FAT16, serial
+/// `0BAD-CAFE`, label `ESP`, holding `EFI/BOOT/BOOTX64.EFI`), 4 the root (ext4), whose fstab
+/// names them by label and UUID and whose own `/boot` holds `under-the-mount`.
+#[derive(Debug)]
+pub struct BootDisk {
+    pub disk: PathBuf,
+    pub boot_at: u64,
+    pub esp_at: u64,
+    pub root_at: u64,
+}
+
+impl BootDisk {
+    /// Makes it in `dir` from the tree `rootfs` (changed: its fstab and /boot).
+    pub fn make(dir: &Path, rootfs: &Path) -> BootDisk {
+        fs::write(
+            rootfs.join("etc/fstab"),
+            "LABEL=BOOT /boot ext4 defaults 0 2\nUUID=0bad-cafe /boot/efi vfat umask=0077 0 1\n",
+        )
+        .unwrap();
+        fs::create_dir_all(rootfs.join("boot")).unwrap();
+        fs::write(rootfs.join("boot/under-the-mount"), "root's /boot\n").unwrap();
+        let boot_tree = dir.join("boot-tree");
+        fs::create_dir_all(boot_tree.join("efi")).unwrap();
+        fs::write(boot_tree.join("vmlinuz-old"), "old kernel\n").unwrap();
+        let (root_img, boot_img) = (dir.join("root.img"), dir.join("boot.img"));
+        for (img, size, tree, label) in [
+            (&root_img, "80M", &rootfs.to_path_buf(), "ROOT"),
+            (&boot_img, "16M", &boot_tree, "BOOT"),
+        ] {
+            run(Command::new("truncate").arg("-s").arg(size).arg(img)).ok();
+            run(Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-L", label, "-E", "root_owner=0:0", "-d"])
+                .arg(tree)
+                .arg(img))
+            .ok();
+        }
+        // 1: BIOS boot, 2: /boot (ext4), 3: the ESP (FAT16), 4: the root.
+        let (boot_at, esp_at, root_at) = (2u64 << 20, 18u64 << 20, 34u64 << 20);
+        let disk = dir.join("disk.img");
+        run(Command::new("truncate").arg("-s").arg("116M").arg(&disk)).ok();
+        let layout = "label: gpt\n\
+            start=2048, size=2048, type=21686148-6449-6E6F-744E-656564454649\n\
+            start=4096, size=32768, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n\
+            start=36864, size=32768, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B\n\
+            start=69632, size=163840, type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709\n";
+        sfdisk(&disk, layout);
+        for (img, at) in [(&boot_img, boot_at), (&root_img, root_at)] {
+            run(Command::new("dd")
+                .arg(format!("if={}", img.display()))
+                .arg(format!("of={}", disk.display()))
+                .args(["bs=1M", "conv=notrunc,sparse", "status=none"])
+                .arg(format!("seek={}", at >> 20)))
+            .ok();
+        }
+        let esp = |image: &Path| format!("{}@@{esp_at}", image.display());
+        let mtools = |args: &[&str]| {
+            run(Command::new(args[0]).args(&args[1..])).ok();
+        };
+        mtools(&[
+            "mformat",
+            "-i",
+            &esp(&disk),
+            "-T",
+            "32768",
+            "-H",
+            "36864",
+            "-N",
+            "0BADCAFE",
+            "-v",
+            "ESP",
+            "::",
+        ]);
+        mtools(&["mmd", "-i", &esp(&disk), "::/EFI", "::/EFI/BOOT"]);
+        let loader = dir.join("BOOTX64.EFI");
+        fs::write(&loader, "the loader\n").unwrap();
+        mtools(&[
+            "mcopy",
+            "-i",
+            &esp(&disk),
+            loader.to_str().unwrap(),
+            "::/EFI/BOOT/BOOTX64.EFI",
+        ]);
+        BootDisk {
+            disk,
+            boot_at,
+            esp_at,
+            root_at,
+        }
+    }
+}

@@ -225,7 +225,8 @@ fn a_build_that_changes_the_kernel_boots_what_it_left() {
              update-initramfs -u\n\
              v=$(ls /boot | sed -n 's/^vmlinuz-//p' | head -n1)\n\
              cp /boot/vmlinuz-$v /boot/vmlinuz-6.99.0-1-amidala\n\
-             cp /boot/initrd.img-$v /boot/initrd.img-6.99.0-1-amidala\n",
+             cp /boot/initrd.img-$v /boot/initrd.img-6.99.0-1-amidala\n\
+             cp /boot/efi/EFI/BOOT/BOOTX64.EFI /boot/efi/EFI/BOOT/fallback.efi\n",
         )],
     );
     let built = env.amidala_in(
@@ -253,6 +254,13 @@ fn a_build_that_changes_the_kernel_boots_what_it_left() {
         log.contains("amidala: boot menu written for kernel 6.99.0-1-amidala, 6.1."),
         "{log}"
     );
+    // The ESP is at /boot/efi, as the image's fstab says; a copy, written back, where this
+    // kernel cannot mount vfat: the firmware boots from the partition as rewritten.
+    assert!(
+        log.contains("amidala: mounted partition 2 (vfat) at /boot/efi")
+            || log.contains("amidala: wrote the build's /boot/efi ("),
+        "{log}"
+    );
     // GRUB's menu on the console has the new kernel first, and it is the one booted.
     assert!(log.contains("*Linux 6.99.0-1-amidala"), "{log}");
     assert!(!log.contains("(bios,"), "only UEFI was asked for: {log}");
@@ -265,6 +273,20 @@ fn a_build_that_changes_the_kernel_boots_what_it_left() {
         "{menu}"
     );
     drop(out);
+    // amidala's ESP is partition 2, at 2 MiB.
+    let snap = env.snapshot_file(field(&result, "snapshot_id"));
+    let listed = run(Command::new("mdir").args([
+        "-b",
+        "-i",
+        &format!("{}@@{}", snap.display(), 2 << 20),
+        "::/EFI/BOOT",
+    ]))
+    .ok()
+    .to_owned();
+    assert!(
+        listed.contains("BOOTX64.EFI") && listed.contains("fallback.efi"),
+        "{listed}"
+    );
     assert_nothing_left(&env);
 }
 

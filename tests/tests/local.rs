@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use amidala::proto::{self, Response};
-use amidala_tests::{field, run, Env, Mounted};
+use amidala_tests::{field, run, BootDisk, Env, Mounted};
 
 /// The content the busybox image ships in /etc/resolv.conf.
 const IMAGE_RESOLV: &str = "# resolv.conf of the busybox test image\nnameserver 192.0.2.53\n";
@@ -219,20 +219,7 @@ fn partitioned_disk(env: &Env, rootfs: &Path) -> (std::path::PathBuf, u64) {
     .ok();
     run(Command::new("truncate").arg("-s").arg("96M").arg(&disk)).ok();
     let layout = "label: gpt\nstart=2048, size=2048, type=21686148-6449-6E6F-744E-656564454649\nstart=4096, size=163840, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n";
-    let mut sfdisk = Command::new("sfdisk")
-        .arg("-q")
-        .arg(&disk)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    sfdisk
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(layout.as_bytes())
-        .unwrap();
-    assert!(sfdisk.wait().unwrap().success());
+    amidala_tests::sfdisk(&disk, layout);
     let offset = 4096 * 512;
     run(Command::new("dd")
         .arg(format!("if={}", part.display()))
@@ -314,6 +301,144 @@ fn partitioned_raw_image_builds_on_its_root_partition() {
         ],
     );
     assert!(explicit["image_id"].is_string());
+    env.assert_no_leaks();
+}
+
+/// Issue 15, point 3: the partitions an image's fstab mounts at /boot (ext4, named by label)
+/// and /boot/efi (vfat, by UUID) are there while the provisioner runs, and what it writes
+/// there lands in them. A kernel with vfat mounts the ESP; one without (these machines) gives
+/// the build a copy, written back (same serial and label) only when the build changed it.
+#[test]
+fn the_boot_partitions_an_fstab_names_are_mounted_during_the_build() {
+    let env = Env::start();
+    let rootfs = env.busybox_rootfs("rootfs");
+    let BootDisk {
+        disk,
+        boot_at,
+        esp_at,
+        root_at,
+    } = BootDisk::make(env.dir.path(), &rootfs);
+    let esp = |image: &Path| format!("{}@@{esp_at}", image.display());
+    let base = env.import(&disk, &[]);
+    let ws = env.workspace("ws", &[]);
+    let vfat = fs::read_to_string("/proc/filesystems")
+        .unwrap()
+        .contains("\tvfat\n");
+
+    let built = env.amidala_in(
+        &ws,
+        &[
+            "build",
+            "--json",
+            "--source",
+            &base,
+            "--",
+            "/bin/sh",
+            "-c",
+            "set -e
+             cat /boot/vmlinuz-old /boot/efi/EFI/BOOT/BOOTX64.EFI > /root/seen
+             test ! -e /boot/under-the-mount
+             ls /dev/disk/by-uuid > /root/disks
+             echo new kernel > /boot/vmlinuz-new
+             mkdir /boot/efi/EFI/debian
+             echo menu > /boot/efi/EFI/debian/grub.cfg",
+        ],
+    );
+    let log = &built.stderr;
+    let result = built.json();
+    assert!(
+        log.contains("amidala: mounted partition 2 (ext4) at /boot, as /etc/fstab says"),
+        "{log}"
+    );
+    if vfat {
+        assert!(
+            log.contains("amidala: mounted partition 3 (vfat) at /boot/efi"),
+            "{log}"
+        );
+    } else {
+        assert!(log.contains("/boot/efi: partition 3 (vfat, which this host's kernel cannot mount) given as a copy"), "{log}");
+        assert!(
+            log.contains("amidala: wrote the build's /boot/efi (2 files) back into partition 3"),
+            "{log}"
+        );
+    }
+    let snap = env.snapshot_file(field(&result, "snapshot_id"));
+    let root = Mounted::new(&snap, root_at);
+    assert_eq!(root.read("/root/seen"), "old kernel\nthe loader\n");
+    // The build's /dev has the partitions mounted from their devices by UUID.
+    assert_eq!(
+        root.read("/root/disks").lines().count(),
+        if vfat { 3 } else { 2 },
+        "{}",
+        root.read("/root/disks")
+    );
+    assert!(
+        !root.exists("/boot/vmlinuz-new"),
+        "written into the boot partition, not the root"
+    );
+    assert_eq!(root.read("/boot/under-the-mount"), "root's /boot\n");
+    drop(root);
+    let boot = Mounted::new(&snap, boot_at);
+    assert_eq!(boot.read("/vmlinuz-new"), "new kernel\n");
+    drop(boot);
+    let read_esp = |image: &Path, path: &str| {
+        run(Command::new("mtype").args(["-i", &esp(image), path]))
+            .ok()
+            .to_owned()
+    };
+    assert_eq!(read_esp(&snap, "::/EFI/debian/grub.cfg"), "menu\n");
+    assert_eq!(read_esp(&snap, "::/EFI/BOOT/BOOTX64.EFI"), "the loader\n");
+    let info = run(Command::new("mdir").args(["-i", &esp(&snap), "::/"]))
+        .ok()
+        .to_owned();
+    assert!(
+        info.contains("Volume in drive : is ESP") && info.contains("Serial Number is 0BAD-CAFE"),
+        "{info}"
+    );
+    env.assert_no_leaks();
+
+    // A build that leaves the ESP alone leaves its bytes alone; one that leaves what FAT cannot
+    // hold fails, leaving nothing behind.
+    let esp_bytes = |image: &Path| {
+        let all = fs::read(image).unwrap();
+        all[esp_at as usize..(esp_at + (16 << 20)) as usize].to_vec()
+    };
+    let before = esp_bytes(&snap);
+    let again = env.build(
+        &ws,
+        &[
+            "--source",
+            field(&result, "snapshot_id"),
+            "--",
+            "/bin/sh",
+            "-c",
+            "ls /boot/efi/EFI",
+        ],
+    );
+    assert!(
+        esp_bytes(&env.snapshot_file(field(&again, "snapshot_id"))) == before,
+        "the ESP was rewritten"
+    );
+    let bad = env.amidala_in(
+        &ws,
+        &[
+            "build",
+            "--source",
+            &base,
+            "--",
+            "/bin/ln",
+            "-s",
+            "/etc",
+            "/boot/efi/etc",
+        ],
+    );
+    let err = bad.err();
+    if !vfat {
+        assert!(
+            err.contains("/etc, which is neither a file nor a directory"),
+            "{err}"
+        );
+    }
     env.assert_no_leaks();
 }
 

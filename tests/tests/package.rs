@@ -362,8 +362,8 @@ fn check_contents(deb: &Path) {
     );
     assert_eq!(
         field_of("Recommends"),
-        "qemu-system-x86, ovmf",
-        "the boot test runs QEMU"
+        "qemu-system-x86, ovmf, qemu-utils",
+        "the boot test runs QEMU; qcow2 imports, qemu-img"
     );
     let conffiles = run(Command::new("dpkg-deb")
         .arg("--info")

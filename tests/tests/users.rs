@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use amidala_tests::{as_user, bin_dir, field, run, uid_of, Accounts, Env, Mounted, Run};
+use amidala_tests::{as_user, bin_dir, field, run, uid_of, Accounts, BootDisk, Env, Mounted, Run};
 use std::os::unix::fs::FileTypeExt;
 
 const MEMBER: &str = "amidala-t-alice";
@@ -1107,5 +1107,67 @@ fn a_builds_output_is_bounded_and_counts_against_its_owners_quota() {
     let gone = host.as_user(CHATTY, &["status", &id]);
     assert!(gone.err().contains("does not exist"), "{}", gone.stderr);
     host.run_as(CHATTY, &ws, &["build", "--", "true"]).ok();
+    host.env.assert_no_leaks();
+}
+
+/// A member's build sees the partitions its image's fstab mounts at /boot and /boot/efi as
+/// its own root's (the boot partition mapped into the build's namespace as the root is, the
+/// ESP's copy writable by it), and what it writes there lands in the member's image.
+#[test]
+fn a_members_build_writes_its_boot_partitions() {
+    const MEMBER: &str = "amidala-t-boot";
+    let _accounts = Accounts::create(&[(MEMBER, "amidala")]);
+    let env = Env::start();
+    let client = env.dir.path().join("amidala");
+    fs::copy(bin_dir().join("amidala"), &client).unwrap();
+    let host = Host { env, client };
+    let rootfs = host.env.busybox_rootfs("rootfs");
+    let BootDisk {
+        disk,
+        boot_at,
+        esp_at,
+        ..
+    } = BootDisk::make(host.env.dir.path(), &rootfs);
+    run(Command::new("chmod").arg("a+r").arg(&disk)).ok();
+    let base = host.as_user(MEMBER, &["base", "import", disk.to_str().unwrap()]);
+    let base = base.ok().trim().to_owned();
+    let ws = host.workspace(MEMBER);
+    let built = host.run_as(
+        MEMBER,
+        &ws,
+        &[
+            "build",
+            "--json",
+            "--source",
+            &base,
+            "--",
+            "/bin/sh",
+            "-c",
+            "set -e
+             test \"$(stat -c %u /boot/vmlinuz-old)\" = 0
+             echo new kernel > /boot/vmlinuz-new
+             chown 0:0 /boot/vmlinuz-new
+             cp /boot/efi/EFI/BOOT/BOOTX64.EFI /boot/efi/EFI/BOOT/fallback.efi
+             mknod /boot/null c 1 3 2>/dev/null && exit 9 || true",
+        ],
+    );
+    let result = built.json();
+    let snap = host.env.snapshot_file(field(&result, "snapshot_id"));
+    let boot = Mounted::new(&snap, boot_at);
+    assert_eq!(boot.read("/vmlinuz-new"), "new kernel\n");
+    // Written as the build's root: host root's on the partition, as in any image.
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::uid(&fs::metadata(boot.path("/vmlinuz-new")).unwrap()),
+        0
+    );
+    drop(boot);
+    let fallback = run(Command::new("mtype").args([
+        "-i",
+        &format!("{}@@{esp_at}", snap.display()),
+        "::/EFI/BOOT/fallback.efi",
+    ]))
+    .ok()
+    .to_owned();
+    assert_eq!(fallback, "the loader\n");
     host.env.assert_no_leaks();
 }
