@@ -172,7 +172,7 @@ pub fn mount_all(
         let rel = target.trim_start_matches('/');
         // Nothing of the image has run yet: a directory reached without a symlink stays one
         // until the mount is made.
-        match open_dir_no_symlinks(root_fd, rel) {
+        match crate::executor::open_path_at(root_fd, rel) {
             Ok(_) => {}
             Err(e) => {
                 note(format!(
@@ -255,15 +255,6 @@ fn bind(from: &Path, to: &Path) -> Result<(), String> {
             )
         })
         .map_err(|e| e.to_string())
-}
-
-/// The directory `rel` below `dir`, following no symlink on the way.
-fn open_dir_no_symlinks(dir: BorrowedFd<'_>, rel: &str) -> nix::Result<OwnedFd> {
-    let mut current = crate::sys::open_at(dir, ".", OFlag::O_RDONLY | OFlag::O_DIRECTORY)?;
-    for part in rel.split('/').filter(|p| !p.is_empty()) {
-        current = crate::sys::open_at(current.as_fd(), part, OFlag::O_RDONLY | OFlag::O_DIRECTORY)?;
-    }
-    Ok(current)
 }
 
 /// Whether this host's kernel can mount filesystems of type `fs` (`/proc/filesystems`).

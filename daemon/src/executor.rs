@@ -37,7 +37,6 @@ use std::io::{self, BufRead, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::time::{Duration, Instant};
 
 use amidala::proto::Phase;
 use amidala_plugin::BuildInfo;
@@ -578,21 +577,10 @@ fn can_discard(device: &Path) -> bool {
 fn unmount_root(dir: &Path) -> Result<(), Failure> {
     // Anything the provisioner left is dead (its PID namespace is gone), so the filesystem is
     // idle; a short retry covers the kernel finishing the namespace's teardown.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match umount2(dir, MntFlags::empty()) {
-            Ok(()) => return Ok(()),
-            Err(Errno::EBUSY) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(50))
-            }
-            Err(e) => {
-                return Err(fail(
-                    Phase::Unmount,
-                    format!("unmounting {}", dir.display()),
-                )(e))
-            }
-        }
-    }
+    crate::bootparts::unmount_idle(dir).map_err(fail(
+        Phase::Unmount,
+        format!("unmounting {}", dir.display()),
+    ))
 }
 
 fn open_dir_at(dir: BorrowedFd<'_>, name: &str) -> nix::Result<OwnedFd> {
@@ -600,7 +588,7 @@ fn open_dir_at(dir: BorrowedFd<'_>, name: &str) -> nix::Result<OwnedFd> {
 }
 
 /// The directory `rel` (components separated by `/`) below `dir`, following no symlink.
-fn open_path_at(dir: BorrowedFd<'_>, rel: &str) -> nix::Result<OwnedFd> {
+pub(crate) fn open_path_at(dir: BorrowedFd<'_>, rel: &str) -> nix::Result<OwnedFd> {
     let mut current = open_dir_at(dir, ".")?;
     for part in rel.split('/').filter(|p| !p.is_empty() && *p != ".") {
         current = open_dir_at(current.as_fd(), part)?;
