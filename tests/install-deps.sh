@@ -100,6 +100,13 @@ if [ -n "$missing" ]; then
         exit 1
     }
     [ -z "$policy" ] || rm -f "$policy"
+    # Debian's QEMU may have replaced a qemu-img of another release (a backported qemu-utils
+    # conflicts with bookworm's qemu-system-x86 and is removed with it): the one of its own
+    # release, then.
+    if [ "$mode" != --demo ] && [ "$mode" != --deb ] && ! command -v qemu-img >/dev/null 2>&1; then
+        echo "installing: qemu-utils (again: installing QEMU removed it)" >&2
+        apt-get install -y -qq --no-install-recommends qemu-utils >/dev/null
+    fi
 fi
 
 # A bootable Debian root filesystem (cloud kernel, systemd, udev) for the boot tests and the

@@ -205,10 +205,33 @@ impl Client {
         }
     }
 
+    /// A second handle on the connection that sends requests while this one reads (a run's
+    /// keystrokes).
+    pub fn writer(&self) -> Result<Writer, ClientError> {
+        Ok(Writer(self.stream.try_clone()?))
+    }
+
     /// Sends a request and reads the single answer.
     pub fn call(&mut self, request: &Request) -> Result<Response, ClientError> {
         self.send(request, None)?;
         self.recv()
+    }
+}
+
+/// Sends requests on a connection another handle reads (see [`Client::writer`]).
+#[derive(Debug)]
+pub struct Writer(UnixStream);
+
+impl Writer {
+    pub fn send(&mut self, request: &Request) -> Result<(), ClientError> {
+        let frame = encode_frame(request)?;
+        self.0.write_all(&frame)?;
+        Ok(())
+    }
+
+    /// Says that nothing more will be sent; the other handle still reads.
+    pub fn shutdown_write(&self) -> std::io::Result<()> {
+        self.0.shutdown(std::net::Shutdown::Write)
     }
 }
 

@@ -114,6 +114,16 @@ enum Command {
         #[arg(long, value_name = "DURATION", value_parser = parse_timeout)]
         timeout: Option<u64>,
     },
+    /// Boot an image or snapshot of yours (admins: anyone's) in a VM on a throw-away overlay,
+    /// its serial console on this terminal, to look at what a build made (local provider:
+    /// QEMU, as the boot test runs it). Ctrl-] leaves (the VM is stopped).
+    Run {
+        /// An image (ami-...) or snapshot (snap-...) id.
+        id: String,
+        /// The firmware: bios or uefi (default: the first the image was made for).
+        #[arg(long, value_name = "bios|uefi")]
+        firmware: Option<String>,
+    },
     /// List images.
     Images,
     /// List snapshots.
@@ -461,6 +471,14 @@ fn on_host(host: &str, cli: Cli, argv: &[std::ffi::OsString]) -> Result<ExitCode
     };
     let (upload, source) = match &cli.command {
         Command::Completions { .. } | Command::Man => return run(cli),
+        Command::Run { .. } => {
+            return Err(BadInput(
+                "run with --host: the console needs the terminal, which --host uses to talk to \
+                 the builder; log in to it instead (ssh -t HOST amidala run ID)"
+                    .into(),
+            )
+            .into())
+        }
         Command::Export { .. } => {
             return Err(BadInput(
                 "export with --host: the file would be written on the builder, in a scratch \
@@ -599,6 +617,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             boot_test(&socket, out, id, test)
         }
+        Command::Run { id, firmware } => run_console(&socket, out, id, firmware),
         Command::Build(args) => build(&socket, out, *args),
         Command::Validate(args) => validate(&socket, out, *args),
         Command::List => {
@@ -1015,6 +1034,142 @@ fn boot_test(socket: &Path, out: Output, id: String, test: BootTestSpec) -> Resu
             Ok(other) => return Err(unexpected(other).into()),
             Err(err @ ClientError::Daemon(_)) => {
                 return Err(anyhow::Error::from(err).context("boot test failed"))
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
+}
+
+/// The byte that leaves a run's console (Ctrl-], as telnet's and virsh's).
+const LEAVE: u8 = 0x1d;
+
+/// The terminal in raw mode while it lives (keys go to the guest as typed, Ctrl-C too), as it
+/// was again when dropped.
+struct RawTerminal(Option<nix::sys::termios::Termios>);
+
+impl RawTerminal {
+    fn new() -> RawTerminal {
+        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+        let stdin = std::io::stdin();
+        let Ok(saved) = tcgetattr(&stdin) else {
+            return RawTerminal(None);
+        };
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        if tcsetattr(&stdin, SetArg::TCSANOW, &raw).is_err() {
+            return RawTerminal(None);
+        }
+        RawTerminal(Some(saved))
+    }
+
+    /// A line of the client's own, said where the terminal's cursor is.
+    fn say(&self, line: &str) {
+        if self.0.is_some() {
+            eprint!("\r\n{line}\r\n");
+        } else {
+            eprintln!("{line}");
+        }
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.0 {
+            let _ = nix::sys::termios::tcsetattr(
+                std::io::stdin(),
+                nix::sys::termios::SetArg::TCSANOW,
+                saved,
+            );
+        }
+    }
+}
+
+/// `amidala run`: the VM's console on this terminal until the run ends. Ctrl-] (on the
+/// terminal or in what stdin brings) leaves: the daemon stops the VM, then says so.
+fn run_console(
+    socket: &Path,
+    out: Output,
+    id: String,
+    firmware: Option<String>,
+) -> Result<ExitCode> {
+    use std::io::{Read, Write};
+    let mut client = connect(socket)?;
+    client.send(
+        &Request::Run {
+            id: id.clone(),
+            firmware,
+        },
+        None,
+    )?;
+    let firmware = match client.recv() {
+        Ok(Response::Running { firmware, .. }) => firmware,
+        Ok(other) => return Err(unexpected(other).into()),
+        Err(err @ ClientError::Daemon(_)) => {
+            return Err(anyhow::Error::from(err).context("run refused"))
+        }
+        Err(err) => return Err(err.into()),
+    };
+    let terminal = RawTerminal::new();
+    if !out.quiet {
+        terminal.say(&format!(
+            "amidala: the serial console of {id} ({firmware}); Ctrl-] leaves and stops the VM"
+        ));
+    }
+    // Keys to the guest, from a thread of their own; the end of stdin is not the end of the
+    // run (the guest may still be writing), Ctrl-] is.
+    let mut keys = client.writer()?;
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let typed = &buf[..n];
+            let (send, leave) = match typed.iter().position(|&b| b == LEAVE) {
+                Some(at) => (&typed[..at], true),
+                None => (typed, false),
+            };
+            if !send.is_empty()
+                && keys
+                    .send(&Request::Input {
+                        data: send.to_vec(),
+                    })
+                    .is_err()
+            {
+                return;
+            }
+            if leave {
+                let _ = keys.shutdown_write();
+                return;
+            }
+        }
+    });
+    let mut stdout = std::io::stdout().lock();
+    loop {
+        match client.recv() {
+            Ok(Response::Console { data }) => {
+                stdout.write_all(&data)?;
+                stdout.flush()?;
+            }
+            Ok(Response::Log { line }) => {
+                if !out.quiet {
+                    terminal.say(&line);
+                }
+            }
+            Ok(Response::RunEnded { why }) => {
+                drop(terminal);
+                if out.json {
+                    print_json(&serde_json::json!({ "id": id, "ended": why }))?;
+                } else if !out.quiet {
+                    eprintln!("\namidala: the run of {id} ended: {why}");
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            Ok(other) => return Err(unexpected(other).into()),
+            Err(err @ ClientError::Daemon(_)) => {
+                return Err(anyhow::Error::from(err).context("run failed"))
             }
             Err(err) => return Err(err.into()),
         }

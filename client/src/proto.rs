@@ -5,8 +5,11 @@
 //! Every type rejects unknown fields, so a typo or a newer peer is an error, not a silent no-op.
 //!
 //! A conversation starts with [`Request::Hello`] answered by [`Response::Hello`]; then any
-//! number of requests follow, each answered by one response, except `build`, `base import` and
-//! `logs`, which are answered by a stream of events ending in a terminal event.
+//! number of requests follow, each answered by one response, except `build`, `base import`,
+//! `logs` and `boot-test`, which are answered by a stream of events ending in a terminal event,
+//! and `run`, after whose [`Response::Running`] console bytes flow both ways
+//! ([`Response::Console`], [`Request::Input`]) until [`Response::RunEnded`], which ends the
+//! connection.
 //!
 //! File descriptors travel with a frame by `SCM_RIGHTS`: the build request carries the
 //! workspace directory, the import request the source, each opened by the client itself.
@@ -82,6 +85,19 @@ pub enum Request {
     /// does (`amidala boot-test`): log lines (the console) follow, then
     /// [`Response::BootTested`]. The local provider only.
     BootTest { id: String, test: BootTestSpec },
+    /// Boot an image (or a snapshot) of the caller's, admins' anyone's, with its serial console
+    /// connected to the client (`amidala run`), with `firmware` (`bios` or `uefi`; default:
+    /// the first the image was made for): answered by [`Response::Running`], then
+    /// [`Response::Console`] (and log lines of the daemon's) until [`Response::RunEnded`];
+    /// the client sends [`Request::Input`] meanwhile. The connection ends with the run. The
+    /// local provider only.
+    Run {
+        id: String,
+        #[serde(default)]
+        firmware: Option<String>,
+    },
+    /// Bytes typed on the console of a run (only after [`Response::Running`]).
+    Input { data: Vec<u8> },
 }
 
 /// The tag holding the user name of a snapshot's or image's owner.
@@ -922,6 +938,19 @@ pub enum Response {
     BootTested {
         id: String,
         detail: String,
+    },
+    /// A run's VM is starting with this firmware: console frames follow.
+    Running {
+        id: String,
+        firmware: String,
+    },
+    /// Bytes the guest wrote on its serial console.
+    Console {
+        data: Vec<u8>,
+    },
+    /// Terminal: a run ended, and why (the guest powered off, the time limit passed...).
+    RunEnded {
+        why: String,
     },
 }
 

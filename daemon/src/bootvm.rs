@@ -125,6 +125,8 @@ pub struct Settings {
     /// Seconds a boot may take unless the build says otherwise, and the most it may say.
     pub timeout: u64,
     pub max_timeout: u64,
+    /// Seconds an `amidala run` VM may run.
+    pub max_run: u64,
 }
 
 impl Default for Settings {
@@ -135,6 +137,7 @@ impl Default for Settings {
             cpus: 1,
             timeout: 300,
             max_timeout: 1800,
+            max_run: 3600,
         }
     }
 }
@@ -353,6 +356,10 @@ pub struct VmJob {
     /// The daemon's pid: the helper's parent, else the daemon has gone.
     #[serde(default)]
     pub parent: u32,
+    /// The program's stdin is what follows the job on the helper's (`amidala run`: the user's
+    /// keystrokes for the serial console), not `/dev/null`.
+    #[serde(default)]
+    pub console_input: bool,
 }
 
 /// The programs the helper executes: QEMU for a boot test, e2fsprogs' checker and resizer for
@@ -420,10 +427,16 @@ async fn start_helper(
     })
     .map_err(|e| Failure::io(format!("starting {name}"), e))?;
     let mut stdin = child.stdin.take().expect("piped");
+    // One line of JSON (it holds no newline): what follows is the program's, if anything.
+    let mut line = serde_json::to_vec(&job).expect("jobs serialize");
+    line.push(b'\n');
     stdin
-        .write_all(&serde_json::to_vec(&job).expect("jobs serialize"))
+        .write_all(&line)
         .await
         .map_err(|e| Failure::io(format!("sending {name} its job"), e))?;
+    if job.console_input {
+        child.stdin = Some(stdin);
+    }
     Ok((child, dir))
 }
 
@@ -495,6 +508,7 @@ pub async fn run_tool(
         source: tool.source,
         out: tool.out.map(Path::to_path_buf),
         parent: 0,
+        console_input: false,
     };
     let (mut child, _dir) =
         start_helper(&daemon.catalog.tmp_dir(), job, "amidalad-tool", None).await?;
@@ -804,6 +818,7 @@ async fn run_qemu(
         source: None,
         out: None,
         parent: 0,
+        console_input: false,
     };
     let started = Instant::now();
     let (mut child, _dir) = start_helper(test.staging, job, "amidalad-bootvm", Some(image)).await?;
@@ -891,6 +906,203 @@ async fn run_qemu(
     // The VM and its overlay are done with, whatever the guest is doing.
     stop(&mut child).await;
     Ok(ended)
+}
+
+/// What an `amidala run` VM shows its user.
+#[derive(Debug)]
+pub enum Shown {
+    /// A line of the daemon's: the accelerator, a restart under TCG.
+    Note(String),
+    /// Bytes of the serial console, as the guest wrote them.
+    Console(Vec<u8>),
+}
+
+/// The firmware `amidala run` boots with: `asked`, else the first the image was made for.
+pub fn run_firmware(asked: Option<&str>, made_for: Option<&str>) -> Result<Firmware, Failure> {
+    let list = match (asked, made_for) {
+        (Some(asked), _) => asked,
+        (None, Some("none")) => {
+            return Err(Failure::invalid(
+                "the image cannot boot: it was imported from a tree without a kernel \
+                 (amidala:boot = none)",
+            ))
+        }
+        (None, Some(made_for)) => made_for,
+        (None, None) => {
+            return Err(Failure::invalid(
+                "the image does not say how it boots (no amidala:boot tag): name the firmware \
+                 with --firmware bios|uefi",
+            ))
+        }
+    };
+    match Firmware::parse_list(list)
+        .map_err(|why| Failure::invalid(format!("--firmware: {why}")))?[..]
+    {
+        [one] => Ok(one),
+        [first, _] if asked.is_none() => Ok(first),
+        _ => Err(Failure::invalid(
+            "--firmware: a run boots with one firmware, bios or uefi",
+        )),
+    }
+}
+
+/// `amidala run`: boots `image` with `firmware` on a throw-away overlay, as a boot test does
+/// (the same sandbox, memory and CPUs, KVM where it works), with the serial console connected
+/// to the user: what `input` brings is typed on it, what the guest writes goes to `shown`
+/// (bounded: a user who does not read holds the guest's console up, never the daemon's
+/// memory). Ends when the guest powers off or reboots, the user goes away (`input` or `shown`
+/// closes) or `[boot_test] max_run` passes, and says which.
+pub async fn run_console(
+    daemon: &crate::Daemon,
+    owner: u32,
+    image: &Path,
+    firmware: Firmware,
+    input: &mut tokio::sync::mpsc::Receiver<Vec<u8>>,
+    shown: &tokio::sync::mpsc::Sender<Shown>,
+) -> Result<String, Failure> {
+    use tokio::io::AsyncWriteExt;
+    const GONE: &str = "the client went away";
+    if let Some(missing) = missing(&[firmware]) {
+        return Err(Failure::new(
+            ErrorCode::Io,
+            format!("this host cannot run VMs: it lacks {missing}"),
+        ));
+    }
+    let settings = &daemon.config.boot_test;
+    let file = std::fs::File::open(image)
+        .map_err(|e| Failure::io(format!("opening {}", image.display()), e))?;
+    let uid = vm_uid(daemon, owner)?;
+    let mut kvm = match settings.accel {
+        Accel::Tcg => false,
+        Accel::Kvm => true,
+        Accel::Auto => Path::new("/dev/kvm").exists() && !kvm_broken_for(owner),
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(settings.max_run);
+    loop {
+        let accel = if kvm { "kvm" } else { "tcg" };
+        let note = Shown::Note(format!(
+            "amidala: booting {} ({}, {accel}) on a throw-away overlay",
+            image.file_name().unwrap_or_default().to_string_lossy(),
+            firmware.name()
+        ));
+        if shown.send(note).await.is_err() {
+            return Ok(GONE.to_owned());
+        }
+        let job = VmJob {
+            root_dir: PathBuf::new(),
+            uid,
+            kvm,
+            uefi: firmware == Firmware::Uefi,
+            program: Program::Qemu,
+            args: qemu_args(firmware, kvm, settings),
+            disk: None,
+            source: None,
+            out: None,
+            parent: 0,
+            console_input: true,
+        };
+        let staging = daemon.catalog.tmp_dir();
+        let started = Instant::now();
+        let (mut child, _dir) = start_helper(&staging, job, "amidalad-run", Some(&file)).await?;
+        let mut stdin = child.stdin.take().expect("piped");
+        let mut stdout = child.stdout.take().expect("piped");
+        let mut stderr = child.stderr.take().expect("piped").take(64 << 10);
+        let (mut buf, mut err_buf) = (vec![0u8; 16 << 10], vec![0u8; 4096]);
+        let mut said = Vec::new();
+        let mut err_open = true;
+        // The kernel's first line, looked for in what the console showed last.
+        let mut recent: Vec<u8> = Vec::new();
+        let mut kernel_seen = false;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let broken = loop {
+            tokio::select! {
+                _ = tick.tick(), if kvm && !kernel_seen => {
+                    if started.elapsed() > KVM_TRIAL {
+                        break format!("the guest's kernel had not started after {} s", KVM_TRIAL.as_secs());
+                    }
+                }
+                read = stdout.read(&mut buf) => {
+                    let n = read.map_err(|e| Failure::io("reading the console", e))?;
+                    if n == 0 {
+                        let said = String::from_utf8_lossy(&said);
+                        if kvm && (said.contains("KVM internal error") || said.contains("emulation failure")) {
+                            remember_kvm_broken(owner);
+                            break first_line(&said);
+                        }
+                        stop(&mut child).await;
+                        return Ok(match first_line(&said) {
+                            s if s.is_empty() => "the guest powered off or rebooted".to_owned(),
+                            s => format!("QEMU ended: {s}"),
+                        });
+                    }
+                    if kvm && !kernel_seen {
+                        recent.extend_from_slice(&buf[..n]);
+                        let text = String::from_utf8_lossy(&recent);
+                        kernel_seen = text.contains("Linux version") || text.contains("[    0.");
+                        let keep = recent.len().saturating_sub(64);
+                        recent.drain(..keep);
+                    }
+                    match tokio::time::timeout_at(deadline, shown.send(Shown::Console(buf[..n].to_vec()))).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => {
+                            stop(&mut child).await;
+                            return Ok(GONE.to_owned());
+                        }
+                        Err(_) => {
+                            stop(&mut child).await;
+                            return Ok(ran_out(settings.max_run));
+                        }
+                    }
+                }
+                read = stderr.read(&mut err_buf), if err_open => match read {
+                    Ok(0) | Err(_) => err_open = false,
+                    Ok(n) => {
+                        said.extend_from_slice(&err_buf[..n]);
+                        let text = String::from_utf8_lossy(&said);
+                        if kvm && (text.contains("KVM internal error") || text.contains("emulation failure")) {
+                            remember_kvm_broken(owner);
+                            break first_line(&text);
+                        }
+                    }
+                },
+                typed = input.recv() => match typed {
+                    // QEMU gone: its console's end says so next.
+                    // What QEMU does not take within seconds is dropped, as a terminal drops
+                    // what a stuck line cannot carry: the console stays the user's to leave.
+                    Some(bytes) => {
+                        let _ = tokio::time::timeout(Duration::from_secs(5), stdin.write_all(&bytes)).await;
+                    }
+                    None => {
+                        stop(&mut child).await;
+                        return Ok(GONE.to_owned());
+                    }
+                },
+                () = tokio::time::sleep_until(deadline) => {
+                    stop(&mut child).await;
+                    return Ok(ran_out(settings.max_run));
+                }
+            }
+        };
+        stop(&mut child).await;
+        if settings.accel != Accel::Auto {
+            return Err(Failure::new(
+                ErrorCode::Io,
+                format!("KVM cannot run the guest ([boot_test] accel = \"kvm\"): {broken}"),
+            ));
+        }
+        let note = Shown::Note(format!(
+            "amidala: KVM cannot run this guest on this host ({broken}): booting again under \
+             TCG, QEMU's emulator, which is slower"
+        ));
+        if shown.send(note).await.is_err() {
+            return Ok(GONE.to_owned());
+        }
+        kvm = false;
+    }
+}
+
+fn ran_out(max_run: u64) -> String {
+    format!("the VM ran for {max_run} s, the most a run may ([boot_test] max_run)")
 }
 
 fn first_line(text: &str) -> String {
@@ -1003,15 +1215,23 @@ extern "C" fn kill_first(_: libc::c_int) {
 }
 
 fn helper() -> Result<std::convert::Infallible, String> {
-    use std::io::Read;
     use std::os::unix::fs::{symlink, DirBuilderExt, PermissionsExt};
     nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
         .map_err(e("setting the parent-death signal"))?;
+    // The job is the first line of stdin, read a byte at a time: what follows it is the
+    // program's (a buffered reader could take some of it).
     let mut input = Vec::new();
-    std::io::stdin()
-        .take(1 << 20)
-        .read_to_end(&mut input)
-        .map_err(|err| format!("reading the job: {err}"))?;
+    loop {
+        let mut byte = [0u8; 1];
+        match nix::unistd::read(0, &mut byte) {
+            Ok(1) if byte[0] == b'\n' => break,
+            Ok(1) if input.len() < 1 << 20 => input.push(byte[0]),
+            Ok(1) => return Err("the job is longer than 1 MiB".into()),
+            Ok(_) => break,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(err) => return Err(format!("reading the job: {err}")),
+        }
+    }
     let job: VmJob =
         serde_json::from_slice(&input).map_err(|err| format!("decoding the job: {err}"))?;
     if job.uid == 0 {
@@ -1198,15 +1418,17 @@ fn helper() -> Result<std::convert::Infallible, String> {
     nix::unistd::pivot_root(".", ".").map_err(e("pivoting into the VM's root"))?;
     umount2(".", MntFlags::MNT_DETACH).map_err(e("detaching the host's tree"))?;
     nix::unistd::chdir("/").map_err(e("entering /"))?;
-    // stdin: nothing (the job is read); stdout: the console, for the daemon; stderr: QEMU's
-    // messages. Nothing else open but the image.
-    let null = nix::fcntl::open(
-        "/dev/null",
-        nix::fcntl::OFlag::O_RDONLY,
-        nix::sys::stat::Mode::empty(),
-    )
-    .map_err(e("opening /dev/null"))?;
-    nix::unistd::dup2(null, 0).map_err(e("redirecting stdin"))?;
+    // stdin: nothing (the job is read), or what the daemon sends the console; stdout: the
+    // console, for the daemon; stderr: QEMU's messages. Nothing else open but the image.
+    if !job.console_input {
+        let null = nix::fcntl::open(
+            "/dev/null",
+            nix::fcntl::OFlag::O_RDONLY,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(e("opening /dev/null"))?;
+        nix::unistd::dup2(null, 0).map_err(e("redirecting stdin"))?;
+    }
     // The VM's user: no groups, no capabilities (all ids non-zero), no way to gain any.
     let id = nix::unistd::Uid::from_raw(job.uid);
     let gid = nix::unistd::Gid::from_raw(job.uid);

@@ -161,6 +161,8 @@ pub struct Limits {
     pub request_timeout: u64,
     /// Builds one user may have queued or running at once.
     pub max_builds_per_user: usize,
+    /// Base imports one user may have in flight at once (admins: any number).
+    pub max_imports_per_user: usize,
     /// Builds one user may have running at once (the others wait, and builds of users who run
     /// fewer go first); by default half of `max_builds`, at least 1.
     pub max_running_builds_per_user: Option<usize>,
@@ -229,6 +231,7 @@ impl Default for Limits {
         Limits {
             request_timeout: 60,
             max_builds_per_user: 8,
+            max_imports_per_user: 2,
             max_running_builds_per_user: None,
             max_connections_per_user: 32,
             max_connections: 512,
@@ -344,10 +347,11 @@ impl Config {
             || vm.cpus > 64
             || vm.timeout < 10
             || vm.timeout > vm.max_timeout
+            || vm.max_run < 10
         {
             bail!(
-                "boot_test: memory_mib must be at least 128, cpus 1 to 64, and timeout at least \
-                 10 and at most max_timeout"
+                "boot_test: memory_mib must be at least 128, cpus 1 to 64, timeout at least \
+                 10 and at most max_timeout, and max_run at least 10"
             );
         }
         if config.import_id_base == 0

@@ -14,7 +14,6 @@
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 
 use amidala::proto::GcItem;
 
@@ -147,8 +146,7 @@ pub async fn collect(daemon: &Daemon, scope: Scope) -> Result<Vec<GcItem>, Failu
     }
 
     // 2. Checks against what is live now.
-    let busy = !daemon.builds.lock().expect("builds lock").is_empty()
-        || daemon.imports.load(Ordering::SeqCst) > 0;
+    let busy = !daemon.builds.lock().expect("builds lock").is_empty() || daemon.imports.any();
     if !busy {
         let local = daemon.provider.name() == "local";
         let catalog = daemon.catalog.clone();
@@ -160,7 +158,7 @@ pub async fn collect(daemon: &Daemon, scope: Scope) -> Result<Vec<GcItem>, Failu
             .await?,
         );
     }
-    let importing = daemon.imports.load(Ordering::SeqCst) > 0;
+    let importing = daemon.imports.any();
     {
         let live = daemon.builds.lock().expect("builds lock");
         found.retain(|f| {

@@ -70,16 +70,26 @@ pub struct Bounds {
     pub id_base: u32,
     /// Most seconds each pass may take.
     pub timeout: std::time::Duration,
+    /// Of the free space and the quota, what other imports in flight had claimed when
+    /// `bytes` was measured (see [`crate::claims`]).
+    pub claimed: u64,
 }
 
 impl Bounds {
     /// The refusal of `what` (which names the source and how much it would take).
     fn refuse(&self, what: std::fmt::Arguments) -> Failure {
+        let claimed = match self.claimed {
+            0 => String::new(),
+            claimed => format!(
+                ", less the {} MiB imports in flight have claimed",
+                claimed.div_ceil(MIB)
+            ),
+        };
         Failure::new(
             ErrorCode::LimitExceeded,
             format!(
                 "{what} is more than this import may take ({} MiB: the state directory's free \
-                 space beyond its reserve, and your quota)",
+                 space beyond its reserve, and your quota{claimed})",
                 self.bytes / MIB
             ),
         )
@@ -180,6 +190,7 @@ pub async fn import(
     source: OwnedFd,
     requester: Requester,
     bounds: Bounds,
+    in_flight: &crate::claims::InFlight,
     note: impl Fn(String),
 ) -> Result<SnapshotRecord, Failure> {
     validate_source_name(&spec.source_name)?;
@@ -220,7 +231,7 @@ pub async fn import(
     let work = staging_dir.join(&job);
     let image = staging_dir.join(format!("{job}.img"));
     let result = make_image(
-        daemon, kind, &source, &spec, &requester, bounds, &work, &image, &note,
+        daemon, kind, &source, &spec, &requester, bounds, in_flight, &work, &image, &note,
     )
     .await;
     // The boot loader's files, made by the daemon from the host's GRUB.
@@ -287,6 +298,7 @@ async fn make_image(
     spec: &ImportSpec,
     requester: &Requester,
     bounds: Bounds,
+    in_flight: &crate::claims::InFlight,
     work: &Path,
     image: &Path,
     note: &impl Fn(String),
@@ -300,9 +312,12 @@ async fn make_image(
                 ));
             }
             let size = if kind == SourceKind::Qcow2 {
-                convert_qcow2(daemon, source, spec, requester, bounds, image, note).await?
+                convert_qcow2(
+                    daemon, source, spec, requester, bounds, in_flight, image, note,
+                )
+                .await?
             } else {
-                copy_disk(source, spec, bounds, image, note).await?
+                copy_disk(daemon, source, spec, bounds, in_flight, image, note).await?
             };
             let boot = File::open(image)
                 .and_then(|f| crate::bootdisk::boot_modes(&f))
@@ -413,6 +428,10 @@ async fn make_image(
             takes.div_ceil(MIB)
         )));
     }
+    daemon
+        .imports
+        .claim(daemon, in_flight, takes, false, image, &spec.source_name)
+        .await?;
     // 2. An empty filesystem of that size (in partition 3 of a new GPT disk if bootable): mkfs
     // sees no byte of the user's.
     note(format!(
@@ -756,9 +775,11 @@ fn empty_filesystem(
 
 /// A raw disk image, copied as it is (holes kept), after checking it fits.
 async fn copy_disk(
+    daemon: &crate::Daemon,
     source: &File,
     spec: &ImportSpec,
     bounds: Bounds,
+    in_flight: &crate::claims::InFlight,
     image: &Path,
     note: &impl Fn(String),
 ) -> Result<u64, Failure> {
@@ -766,15 +787,29 @@ async fn copy_disk(
     let src = source
         .try_clone()
         .map_err(|e| Failure::io("reading the source", e))?;
-    let (image, want, name) = (image.to_owned(), spec.size, spec.source_name.clone());
-    blocking(move || {
+    let (want, name) = (spec.size, spec.source_name.clone());
+    // What it holds (its data regions), against what the import may take, and claimed.
+    let (src, len, size, data) = blocking(move || {
         let len = disk::disk_size(&src).map_err(|e| Failure::io("reading the source", e))?;
         let size = disk_size_wanted(want, len, &name)?;
-        // What it holds (its data regions), against what the import may take.
         let data = disk::data_bytes(&src, len).map_err(|e| Failure::io("reading the source", e))?;
         if data > bounds.bytes {
             return Err(bounds.refuse(format_args!("{name}: {} MiB of data", data / MIB)));
         }
+        Ok((src, len, size, data))
+    })
+    .await?;
+    daemon
+        .imports
+        .claim(daemon, in_flight, data, false, image, &spec.source_name)
+        .await?;
+    // The copy is measured against the claim.
+    let bounds = Bounds {
+        bytes: data,
+        ..bounds
+    };
+    let (image, name) = (image.to_owned(), spec.source_name.clone());
+    blocking(move || {
         copy_to_new(&src, &image, 0o600, Keep::Durable)
             .map_err(|e| Failure::io("copying the disk image", e))?;
         let out = OpenOptions::new()
@@ -858,12 +893,14 @@ fn finish_disk(
 /// Converts the qcow2 image `source` into the new raw image file `image` with `qemu-img`,
 /// sandboxed as the boot test's QEMU is, as an id of the owner's range; returns the disk's
 /// size.
+#[allow(clippy::too_many_arguments)]
 async fn convert_qcow2(
     daemon: &crate::Daemon,
     source: &File,
     spec: &ImportSpec,
     requester: &Requester,
     bounds: Bounds,
+    in_flight: &crate::claims::InFlight,
     image: &Path,
     note: &impl Fn(String),
 ) -> Result<u64, Failure> {
@@ -890,6 +927,16 @@ async fn convert_qcow2(
             .map_err(|why| Failure::invalid(format!("{name}: not imported: {why}")))?;
     let len = header.virtual_size;
     let size = disk_size_wanted(spec.size, len, &name)?;
+    // Its clusters may expand to the whole disk it holds (many entries may name one cluster):
+    // that is claimed, or what is left if less, and the conversion is stopped past it.
+    let claimed = daemon
+        .imports
+        .claim(daemon, in_flight, len, true, image, &name)
+        .await?;
+    let bounds = Bounds {
+        bytes: claimed.min(bounds.bytes),
+        ..bounds
+    };
     note(format!(
         "amidala: converting qcow2 image {name} (a disk of {} MiB) with qemu-img",
         len.div_ceil(MIB)

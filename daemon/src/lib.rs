@@ -16,6 +16,7 @@ pub mod bootvm;
 pub mod build;
 pub mod catalog;
 pub mod cgroup;
+pub mod claims;
 pub mod config;
 pub mod confine;
 pub mod disk;
@@ -90,8 +91,8 @@ pub struct Daemon {
     /// Where builds' cgroups are made; `None` without a cgroup v2 hierarchy, where builds run
     /// without one and `--network no-metadata` is refused.
     pub cgroups: Option<cgroup::Hierarchy>,
-    /// Base imports running now.
-    pub imports: std::sync::atomic::AtomicUsize,
+    /// Base imports running now, and the space they claimed.
+    pub imports: Arc<claims::Ledger>,
     /// Volumes made ahead of time (`[[warm_pool]]`).
     pub pool: pool::Pool,
     /// Whose host ids members' builds run as.
@@ -204,7 +205,7 @@ pub async fn run(config: Config) -> Result<()> {
         shutdown: CancellationToken::new(),
         build_tasks: TaskTracker::new(),
         cgroups,
-        imports: std::sync::atomic::AtomicUsize::new(0),
+        imports: Arc::new(claims::Ledger::default()),
         pool,
         id_ranges,
     });

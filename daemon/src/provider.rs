@@ -296,6 +296,8 @@ pub trait Provider: Send + Sync + Debug {
     async fn tag_snapshot(&self, id: &str, tags: &BTreeMap<String, String>) -> Result<(), Failure>;
     /// Removes the tag `key` from a snapshot.
     async fn untag_snapshot(&self, id: &str, key: &str) -> Result<(), Failure>;
+    /// Adds `tags` to an image.
+    async fn tag_image(&self, id: &str, tags: &BTreeMap<String, String>) -> Result<(), Failure>;
     /// Deregisters an image (its snapshot stays).
     async fn deregister_image(&self, id: &str) -> Result<(), Failure>;
     /// Deletes a snapshot no image uses.
@@ -696,6 +698,25 @@ impl Provider for LocalProvider {
             catalog
                 .put_snapshot(&record)
                 .map_err(|e| Failure::io("writing the snapshot record", e))
+        })
+        .await
+    }
+
+    async fn tag_image(&self, id: &str, tags: &BTreeMap<String, String>) -> Result<(), Failure> {
+        let (catalog, id, tags) = (self.catalog.clone(), id.to_owned(), tags.clone());
+        blocking(move || {
+            let mut record = catalog
+                .images()
+                .map_err(|e| Failure::io("reading the catalog", e))?
+                .into_iter()
+                .find(|i| i.id == id)
+                .ok_or_else(|| {
+                    Failure::new(ErrorCode::NotFound, format!("image {id} does not exist"))
+                })?;
+            record.tags.extend(tags);
+            catalog
+                .put_image(&record)
+                .map_err(|e| Failure::io("writing the image record", e))
         })
         .await
     }

@@ -197,26 +197,6 @@ impl Conn {
 }
 
 /// One of a user's open connections; released when dropped.
-/// Counts a base import as running while it lives, so that gc leaves its files alone.
-struct ImportCount(Arc<Daemon>);
-
-impl ImportCount {
-    fn new(daemon: Arc<Daemon>) -> ImportCount {
-        daemon
-            .imports
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        ImportCount(daemon)
-    }
-}
-
-impl Drop for ImportCount {
-    fn drop(&mut self) {
-        self.0
-            .imports
-            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
 struct ConnectionSlot<'a> {
     daemon: &'a Daemon,
     uid: u32,
@@ -386,7 +366,12 @@ fn one_fd(fds: Vec<OwnedFd>, what: &str) -> Result<OwnedFd, Failure> {
 fn action_of(request: &Request) -> Action {
     match request {
         // A boot test is a build's worth of CPU and memory.
-        Request::Build(_) | Request::Validate(_) | Request::BootTest { .. } => Action::Build,
+        Request::Build(_)
+        | Request::Validate(_)
+        | Request::BootTest { .. }
+        | Request::Run { .. } => Action::Build,
+        // Judged as the run it belongs to.
+        Request::Input { .. } => Action::Describe,
         Request::ImportBase(_) => Action::Import,
         Request::List => Action::ListBuilds,
         Request::Images | Request::Snapshots => Action::ListImages,
@@ -530,6 +515,14 @@ async fn dispatch(
             Err(f) => conn.send_error(&f).await,
         },
         Request::BootTest { id, test } => boot_test(daemon, conn, peer, &id, test).await,
+        Request::Run { id, firmware } => run_vm(daemon, conn, peer, &id, firmware).await,
+        Request::Input { .. } => {
+            conn.send_error(&Failure::new(
+                ErrorCode::BadRequest,
+                "console input outside a run",
+            ))
+            .await
+        }
         Request::Plugins => conn.send(&Response::Plugins(daemon.plugins.infos())).await,
         Request::Gc { dry_run } => {
             tracing::info!(uid = peer.uid, pid = ?peer.pid, dry_run, "gc");
@@ -915,7 +908,8 @@ async fn export(
 /// `amidala boot-test ID`: boots an image or snapshot of the caller's (admins: anyone's) as
 /// a build's `--boot-test` does, the console streamed as log lines. It waits for, and holds, one
 /// of the caller's build slots (a VM costs what a build costs), and ends, QEMU killed, when the
-/// client goes away or the daemon stops. The image's tags are left as they are.
+/// client goes away or the daemon stops. The image (or the snapshot, if that is what was named)
+/// is tagged with the outcome: `amidala:boot-test` `passed` or `failed`, and the detail.
 async fn boot_test(
     daemon: &Arc<Daemon>,
     conn: &mut Conn,
@@ -924,40 +918,24 @@ async fn boot_test(
     test: proto::BootTestSpec,
 ) -> io::Result<()> {
     let found = async {
-        refuse_when_shutting_down(daemon)?;
         crate::bootvm::check_test(&test, &daemon.config.boot_test, daemon.provider.name())
             .map_err(|f| Failure::invalid(f.message.replacen("--boot-test: ", "boot-test: ", 1)))?;
-        let viewer = daemon.policy.viewer(peer);
-        let (snapshot, _) = find_snapshot(daemon, viewer, id).await?;
-        let owner = owner_uid(&snapshot.tags).unwrap_or(NO_OWNER);
-        if !viewer.owns(owner) {
-            return Err(not_yours("snapshot", id));
-        }
-        let path = daemon
-            .provider
-            .snapshot_path(&snapshot.id)
-            .ok_or_else(|| Failure::invalid(format!("{id} has no disk image on this host")))?;
-        Ok((snapshot, owner, path))
+        own_disk(daemon, peer, id).await
     }
     .await;
-    let (snapshot, owner, path) = match found {
+    let Disk {
+        snapshot,
+        image,
+        owner,
+        path,
+    } = match found {
         Ok(found) => found,
         Err(f) => return conn.send_error(&f).await,
     };
     tracing::info!(uid = peer.uid, snapshot = %snapshot.id, "boot test");
     let watch = second_handle(conn)?;
-    let slot = tokio::select! {
-        slot = daemon.scheduler.acquire(peer.uid) => slot,
-        () = daemon.shutdown.cancelled() => Err(crate::schedule::Closed),
-        () = closed(&watch) => return Ok(()),
-    };
-    let Ok(_slot) = slot else {
-        return conn
-            .send_error(&Failure::new(
-                ErrorCode::ShuttingDown,
-                "amidalad is shutting down",
-            ))
-            .await;
+    let Some(_slot) = vm_slot(daemon, conn, peer, &watch).await? else {
+        return Ok(());
     };
     let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
     let console = move |line: String| {
@@ -983,6 +961,39 @@ async fn boot_test(
     while let Ok(line) = lines.try_recv() {
         conn.send(&Response::Log { line }).await?;
     }
+    // What was tested says how it went: the image named (or the snapshot), passed with the
+    // firmware, accelerator and time, or failed; a test that could not run says nothing.
+    let verdict = match &result {
+        Ok(passed) => Some(("passed", crate::bootvm::detail(passed))),
+        Err(f) if f.code == ErrorCode::BootTestFailed => Some((
+            "failed",
+            format!("failed {}", Utc::now().format("%Y-%m-%dT%H:%M:%SZ")),
+        )),
+        Err(_) => None,
+    };
+    if let Some((verdict, detail)) = &verdict {
+        let tags = [
+            (proto::BOOT_TEST_TAG.to_owned(), (*verdict).to_owned()),
+            (proto::BOOT_TEST_DETAIL_TAG.to_owned(), detail.clone()),
+        ]
+        .into();
+        let tagged = match &image {
+            Some(image) => daemon.provider.tag_image(&image.id, &tags).await,
+            None => daemon.provider.tag_snapshot(&snapshot.id, &tags).await,
+        };
+        if let Err(f) = tagged {
+            tracing::error!(id, error = %f, "tagging what the boot test tested");
+            return conn
+                .send_error(&Failure::new(
+                    f.code,
+                    format!(
+                        "the boot test {verdict}, but tagging {id} failed: {}",
+                        f.message
+                    ),
+                ))
+                .await;
+        }
+    }
     match result {
         Ok(passed) => {
             let detail = crate::bootvm::detail(&passed);
@@ -995,6 +1006,172 @@ async fn boot_test(
         }
         Err(f) => conn.send_error(&f).await,
     }
+}
+
+/// The disk image of an image or snapshot of the caller's (admins: anyone's), to boot.
+struct Disk {
+    snapshot: SnapshotInfo,
+    /// The image, if `id` named one.
+    image: Option<ImageInfo>,
+    owner: u32,
+    path: std::path::PathBuf,
+}
+
+async fn own_disk(daemon: &Daemon, peer: &Peer, id: &str) -> Result<Disk, Failure> {
+    refuse_when_shutting_down(daemon)?;
+    let viewer = daemon.policy.viewer(peer);
+    let (snapshot, image) = find_snapshot(daemon, viewer, id).await?;
+    let owner = owner_uid(&snapshot.tags).unwrap_or(NO_OWNER);
+    if !viewer.owns(owner) {
+        return Err(not_yours("snapshot", id));
+    }
+    let path = daemon
+        .provider
+        .snapshot_path(&snapshot.id)
+        .ok_or_else(|| Failure::invalid(format!("{id} has no disk image on this host")))?;
+    Ok(Disk {
+        snapshot,
+        image,
+        owner,
+        path,
+    })
+}
+
+/// One of `peer`'s build slots for a VM (a VM costs what a build costs), waited for until
+/// the client goes away (`None`, nothing sent) or the daemon stops (said, then `None`).
+async fn vm_slot(
+    daemon: &Daemon,
+    conn: &mut Conn,
+    peer: &Peer,
+    watch: &UnixStream,
+) -> io::Result<Option<crate::schedule::Slot>> {
+    let slot = tokio::select! {
+        slot = daemon.scheduler.acquire(peer.uid) => slot,
+        () = daemon.shutdown.cancelled() => Err(crate::schedule::Closed),
+        () = closed(watch) => return Ok(None),
+    };
+    match slot {
+        Ok(slot) => Ok(Some(slot)),
+        Err(crate::schedule::Closed) => {
+            conn.send_error(&Failure::new(
+                ErrorCode::ShuttingDown,
+                "amidalad is shutting down",
+            ))
+            .await?;
+            Ok(None)
+        }
+    }
+}
+
+/// `amidala run ID`: boots an image or snapshot of the caller's (admins: anyone's) in QEMU on
+/// a throw-away overlay, as the boot test does, with its serial console connected to the
+/// client: [`Response::Running`], then [`Response::Console`] frames one way and
+/// [`Request::Input`] frames the other, until [`Response::RunEnded`]. It holds one of the
+/// caller's build slots; the connection ends with the run.
+async fn run_vm(
+    daemon: &Arc<Daemon>,
+    conn: &mut Conn,
+    peer: &Peer,
+    id: &str,
+    firmware: Option<String>,
+) -> io::Result<()> {
+    let found = async {
+        if daemon.provider.name() != "local" {
+            return Err(Failure::invalid(format!(
+                "run: the {} provider has no disk image to boot here (only the local provider \
+                 runs images, in QEMU)",
+                daemon.provider.name()
+            )));
+        }
+        let disk = own_disk(daemon, peer, id).await?;
+        let made_for = disk.snapshot.tags.get(proto::BOOT_TAG).map(String::as_str);
+        let firmware = crate::bootvm::run_firmware(firmware.as_deref(), made_for)?;
+        Ok((disk, firmware))
+    }
+    .await;
+    let (disk, firmware) = match found {
+        Ok(found) => found,
+        Err(f) => return conn.send_error(&f).await,
+    };
+    tracing::info!(uid = peer.uid, snapshot = %disk.snapshot.id, "run");
+    let watch = second_handle(conn)?;
+    let Some(_slot) = vm_slot(daemon, conn, peer, &watch).await? else {
+        return Ok(());
+    };
+    conn.send(&Response::Running {
+        id: id.to_owned(),
+        firmware: firmware.name().to_owned(),
+    })
+    .await?;
+    // The client's keystrokes: Input frames, read off the second handle (nothing else reads
+    // the connection now); its end, or any other frame, ends the run.
+    let (typed, mut input) = tokio::sync::mpsc::channel(16);
+    let reader = tokio::spawn(async move {
+        let mut decoder = amidala::proto::FrameDecoder::new();
+        let mut buf = vec![0u8; 16 << 10];
+        loop {
+            while let Some(body) = decoder.next_frame().ok().flatten() {
+                match amidala::proto::decode::<Request>(&body) {
+                    Ok(Request::Input { data }) => {
+                        if typed.send(data).await.is_err() {
+                            return;
+                        }
+                    }
+                    _ => return,
+                }
+            }
+            if decoder.next_frame().is_err() {
+                return;
+            }
+            if watch.readable().await.is_err() {
+                return;
+            }
+            match watch.try_read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => decoder.push(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+    });
+    let (tx, mut shown) = tokio::sync::mpsc::channel(16);
+    let running =
+        crate::bootvm::run_console(daemon, disk.owner, &disk.path, firmware, &mut input, &tx);
+    tokio::pin!(running);
+    let mut sent = Ok(());
+    let ended = loop {
+        tokio::select! {
+            ended = &mut running => break ended,
+            Some(what) = shown.recv(), if sent.is_ok() => {
+                sent = match what {
+                    crate::bootvm::Shown::Note(line) => conn.send(&Response::Log { line }).await,
+                    crate::bootvm::Shown::Console(data) => conn.send(&Response::Console { data }).await,
+                };
+                // The client is gone: the run ends once QEMU has been stopped.
+                if sent.is_err() {
+                    shown.close();
+                }
+            }
+            () = daemon.shutdown.cancelled() => {
+                break Err(Failure::new(ErrorCode::ShuttingDown, "amidalad is shutting down"))
+            }
+        }
+    };
+    reader.abort();
+    sent?;
+    while let Ok(what) = shown.try_recv() {
+        match what {
+            crate::bootvm::Shown::Note(line) => conn.send(&Response::Log { line }).await?,
+            crate::bootvm::Shown::Console(data) => conn.send(&Response::Console { data }).await?,
+        }
+    }
+    tracing::info!(snapshot = %disk.snapshot.id, ended = ?ended.as_ref().map_err(|f| &f.message), "run ended");
+    match ended {
+        Ok(why) => conn.send(&Response::RunEnded { why }).await?,
+        Err(f) => conn.send_error(&f).await?,
+    }
+    // Frames of the run may be half read: nothing more is taken on this connection.
+    Err(io::Error::other("the run ended"))
 }
 
 /// The provisioner's time limit of a build of `peer`'s that asks for `requested` seconds: the
@@ -1132,26 +1309,34 @@ async fn import_base(
     // Debug-formatted: the name is the client's, and may hold anything until it is checked.
     tracing::info!(uid = peer.uid, pid = ?peer.pid, source = ?spec.source_name, "base import");
     let (tx, mut notes) = tokio::sync::mpsc::unbounded_channel();
-    let imports = ImportCount::new(daemon.clone());
     let requester = Requester {
         uid: peer.uid,
         gid: peer.gid,
         groups: peer.groups.clone(),
     };
-    let bounds = match import_bounds(daemon, peer).await {
+    // In flight (gc leaves its files alone, its claims count) until the task ends.
+    let viewer = daemon.policy.viewer(peer);
+    let in_flight = match daemon
+        .imports
+        .enter(viewer, daemon.config.limits.max_imports_per_user)
+    {
+        Ok(in_flight) => in_flight,
+        Err(f) => return conn.send_error(&f).await,
+    };
+    let bounds = match import_bounds(daemon, &in_flight).await {
         Ok(bounds) => bounds,
         Err(f) => return conn.send_error(&f).await,
     };
     // Runs to its end (and cleans up) even if the client goes away.
     let daemon_for_import = daemon.clone();
     let task = daemon.build_tasks.spawn(async move {
-        let _running = imports;
         import::import(
             &daemon_for_import,
             spec,
             source,
             requester,
             bounds,
+            &in_flight,
             move |line| {
                 let _ = tx.send(line);
             },
@@ -1182,47 +1367,23 @@ async fn import_base(
     }
 }
 
-/// What an import may take now: the state directory's free space beyond its reserve.
-async fn import_bounds(daemon: &Daemon, peer: &Peer) -> Result<import::Bounds, Failure> {
-    let limits = &daemon.config.limits;
-    let (free, total) = free_space(daemon.catalog.root())?;
-    let reserve = limits.min_free_space.unwrap_or((total / 20).min(1 << 30));
-    let mut bytes = free.saturating_sub(reserve).min(import::MAX_SIZE);
-    if let Some(left) = crate::quota::left(daemon, daemon.policy.viewer(peer)).await? {
-        if left == 0 {
-            // Said the quota's way: what is used, and what to do.
-            crate::quota::check(daemon, daemon.policy.viewer(peer), 1, "an import").await?;
-        }
-        bytes = bytes.min(left);
-    }
-    if bytes == 0 {
-        return Err(Failure::new(
-            ErrorCode::LimitExceeded,
-            format!(
-                "the state directory {} has {} MiB free, within its reserve of {} MiB \
-                 ([limits] min_free_space): no import fits",
-                daemon.catalog.root().display(),
-                free >> 20,
-                reserve >> 20
-            ),
-        ));
+/// What an import may take at most (what it takes is claimed once it is known: see
+/// [`crate::claims`]): the state directory's free space beyond its reserve, and the quota,
+/// less what the other imports in flight have claimed.
+async fn import_bounds(
+    daemon: &Daemon,
+    in_flight: &crate::claims::InFlight,
+) -> Result<import::Bounds, Failure> {
+    let available = daemon.imports.available(daemon, in_flight).await?;
+    if available.bytes == 0 {
+        return Err(available.no_import_fits(daemon.catalog.root()));
     }
     Ok(import::Bounds {
-        bytes,
+        bytes: available.bytes,
         id_base: daemon.config.import_id_base,
-        timeout: Duration::from_secs(limits.import_timeout),
+        timeout: Duration::from_secs(daemon.config.limits.import_timeout),
+        claimed: available.claimed(),
     })
-}
-
-/// Bytes free for the daemon on the filesystem of `dir`, and its size.
-fn free_space(dir: &Path) -> Result<(u64, u64), Failure> {
-    let stat = nix::sys::statvfs::statvfs(dir)
-        .map_err(|e| Failure::io(format!("reading the free space of {}", dir.display()), e))?;
-    let block = stat.fragment_size() as u64;
-    Ok((
-        stat.blocks_available() as u64 * block,
-        stat.blocks() as u64 * block,
-    ))
 }
 
 /// A second handle on the connection, to notice the client leave while nothing is sent.

@@ -8,7 +8,8 @@
 //! the tests of this file take turns, and boot only as often as they need.
 
 use std::fs;
-use std::process::Command;
+use std::io::Write;
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -206,7 +207,68 @@ fn a_debian_tree_becomes_a_disk_that_boots_with_bios_and_uefi() {
         "the guest's first boot wrote its machine id into the image"
     );
     drop(out);
+    // `amidala run` of the image: the guest's console on the client's stdout, the keys from
+    // its stdin; Ctrl-] leaves, and the VM is stopped before the client ends.
+    let image = field(&result, "image_id");
+    let mut client = env
+        .amidala_command(env.dir.path(), &["run", image, "--firmware", "bios"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut keys = client.stdin.take().unwrap();
+    let console = Console::read(client.stdout.take().unwrap());
+    console.wait_for("amidala-boot login:");
+    // What is typed reaches the guest's getty: it asks for root's password.
+    keys.write_all(b"root\n").unwrap();
+    console.wait_for("Password:");
+    keys.write_all(&[0x1d]).unwrap();
+    let ended = client.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&ended.stderr);
+    assert!(ended.status.success(), "{said}");
+    assert!(
+        said.contains(&format!("the run of {image} ended: the client went away")),
+        "{said}"
+    );
+    assert!(amidala_tests::qemu_processes().is_empty());
     assert_nothing_left(&env);
+}
+
+/// What a client's stdout shows, read on a thread of its own.
+struct Console(std::sync::Mutex<(std::sync::mpsc::Receiver<Vec<u8>>, Vec<u8>)>);
+
+impl Console {
+    fn read(mut from: impl std::io::Read + Send + 'static) -> Console {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = from.read(&mut buf) {
+                if tx.send(buf[..n].to_vec()).is_err() {
+                    return;
+                }
+            }
+        });
+        Console(std::sync::Mutex::new((rx, Vec::new())))
+    }
+
+    /// Waits (five minutes at most: a boot under TCG) until the output shows `text`.
+    #[track_caller]
+    fn wait_for(&self, text: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+        let mut guard = self.0.lock().unwrap();
+        let (rx, shown) = &mut *guard;
+        while !String::from_utf8_lossy(shown).contains(text) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(bytes) => shown.extend_from_slice(&bytes),
+                Err(_) => panic!(
+                    "the console never showed {text:?}: {}",
+                    String::from_utf8_lossy(shown)
+                ),
+            }
+        }
+    }
 }
 
 #[test]
@@ -537,19 +599,24 @@ fn a_tree_without_a_kernel_imports_as_before_and_cannot_be_boot_tested() {
     let own = env.amidala(&["boot-test", &base]);
     assert_eq!(own.code, Some(2), "{}", own.stderr);
     assert!(own.stderr.contains("cannot boot"), "{}", own.stderr);
+    let run_it = env.amidala(&["run", &base]);
+    assert_eq!(run_it.code, Some(2), "{}", run_it.stderr);
+    assert!(run_it.stderr.contains("cannot boot"), "{}", run_it.stderr);
     env.amidala(&["base", "publish", &base]).ok();
     let client = env.dir.path().join("amidala");
     fs::copy(amidala_tests::bin_dir().join("amidala"), &client).unwrap();
-    let theirs = run(amidala_tests::as_user(MEMBER, &client)
-        .args(["boot-test", &base, "--firmware", "bios"])
-        .current_dir(env.dir.path())
-        .env("AMIDALA_SOCKET", &env.socket));
-    assert_eq!(theirs.code, Some(2), "{}", theirs.stderr);
-    assert!(
-        theirs.stderr.contains("neither yours nor published"),
-        "{}",
-        theirs.stderr
-    );
+    for command in ["boot-test", "run"] {
+        let theirs = run(amidala_tests::as_user(MEMBER, &client)
+            .args([command, &base, "--firmware", "bios"])
+            .current_dir(env.dir.path())
+            .env("AMIDALA_SOCKET", &env.socket));
+        assert_eq!(theirs.code, Some(2), "{command}: {}", theirs.stderr);
+        assert!(
+            theirs.stderr.contains("neither yours nor published"),
+            "{command}: {}",
+            theirs.stderr
+        );
+    }
     assert!(amidala_tests::qemu_processes().is_empty());
     env.assert_no_leaks();
 }
@@ -636,13 +703,12 @@ fn the_original_workflow_from_a_root_tarball_to_an_application_image_that_boots(
     let out = root_of(&env.snapshot_file(field(&app, "snapshot_id")));
     assert_eq!(out.read("/etc/app-layer"), "app\n");
     drop(out);
-    // `amidala boot-test` of an existing snapshot, the grown system layer, with UEFI.
-    let tested = env.amidala(&[
-        "boot-test",
-        field(&system, "snapshot_id"),
-        "--firmware",
-        "uefi",
-    ]);
+    // `amidala boot-test` of an existing image, the grown system layer's, with UEFI: the image
+    // is tagged with what it showed.
+    let system_image = field(&system, "image_id");
+    let before = image_tags(&env, system_image);
+    assert!(before.get("amidala:boot-test").is_none(), "{before}");
+    let tested = env.amidala(&["boot-test", system_image, "--firmware", "uefi"]);
     assert!(
         tested.ok().contains(" booted: uefi "),
         "{}\n{}",
@@ -654,5 +720,9 @@ fn the_original_workflow_from_a_root_tarball_to_an_application_image_that_boots(
         "{}",
         tested.stderr
     );
+    let after = image_tags(&env, system_image);
+    assert_eq!(after["amidala:boot-test"], "passed", "{after}");
+    let detail = after["amidala:boot-test-detail"].as_str().unwrap();
+    assert!(detail.starts_with("uefi "), "{detail}");
     assert_nothing_left(&env);
 }

@@ -22,6 +22,13 @@ struct Host {
 }
 
 impl Host {
+    /// The environment, with a copy of the client every user may run.
+    fn new(env: Env) -> Host {
+        let client = env.dir.path().join("amidala");
+        fs::copy(bin_dir().join("amidala"), &client).unwrap();
+        Host { env, client }
+    }
+
     /// The client run as `user` (with that user's groups), in `cwd`.
     fn command(&self, user: &str, cwd: &Path, args: &[&str]) -> Command {
         let mut cmd = as_user(user, &self.client);
@@ -317,9 +324,7 @@ fn a_build_sees_the_workspace_with_its_users_rights() {
     const BOB: &str = "amidala-t-ws-bob";
     let _accounts = Accounts::create(&[(ALICE, "amidala"), (BOB, "amidala")]);
     let env = Env::start();
-    let client = env.dir.path().join("amidala");
-    fs::copy(bin_dir().join("amidala"), &client).unwrap();
-    let host = Host { env, client };
+    let host = Host::new(env);
     host.env.import_busybox();
     let ws = host.workspace(ALICE);
     use std::os::unix::fs::MetadataExt;
@@ -481,9 +486,7 @@ fn a_descriptor_handed_into_a_build_opens_nothing_its_user_could_not() {
     const DAVE: &str = "amidala-t-fd-dave";
     let _accounts = Accounts::create(&[(CAROL, "amidala"), (DAVE, "amidala")]);
     let env = Env::start();
-    let client = env.dir.path().join("amidala");
-    fs::copy(bin_dir().join("amidala"), &client).unwrap();
-    let host = Host { env, client };
+    let host = Host::new(env);
     host.env.import_busybox();
     let ws = host.workspace(CAROL);
     fs::copy(amidala_tests::escape_probe(), ws.join("escape-probe")).unwrap();
@@ -619,9 +622,7 @@ fn bases_snapshots_and_logs_are_their_owners() {
     const MALLORY: &str = "amidala-t-own-mallory";
     let _accounts = Accounts::create(&[(ALICE, "amidala"), (MALLORY, "amidala")]);
     let env = Env::start();
-    let client = env.dir.path().join("amidala");
-    fs::copy(bin_dir().join("amidala"), &client).unwrap();
-    let host = Host { env, client };
+    let host = Host::new(env);
     // The admin's published base.
     let base = host.env.import_busybox();
     // Mallory's trojan base, newer, tagged as everyone's default.
@@ -820,9 +821,7 @@ fn an_import_gives_its_user_no_handle_on_the_snapshot() {
     const IMPORTER: &str = "amidala-t-importer";
     let _accounts = Accounts::create(&[(IMPORTER, "amidala")]);
     let env = Env::start();
-    let client = env.dir.path().join("amidala");
-    fs::copy(bin_dir().join("amidala"), &client).unwrap();
-    let host = Host { env, client };
+    let host = Host::new(env);
     let tree = host.env.busybox_rootfs("big-tree");
     // Enough data for the import to last a while, read by the user's own process.
     run(Command::new("dd")
@@ -892,9 +891,7 @@ fn no_member_starves_another_or_fills_the_disk() {
          build_timeout = 600\nmax_build_timeout = 600\nuser_quota = \"150M\"\n",
         &[],
     );
-    let client = env.dir.path().join("amidala");
-    fs::copy(bin_dir().join("amidala"), &client).unwrap();
-    let host = Host { env, client };
+    let host = Host::new(env);
     host.env.import_busybox();
 
     // The greedy member queues four long builds: one runs, three wait, a slot stays free.
@@ -974,9 +971,7 @@ fn a_members_qcow2_import_is_converted_within_their_quota() {
     const MEMBER: &str = "amidala-t-qcow2";
     let _accounts = Accounts::create(&[(MEMBER, "amidala")]);
     let env = Env::start_with("[limits]\nuser_quota = \"48M\"\n", &[]);
-    let client = env.dir.path().join("amidala");
-    fs::copy(bin_dir().join("amidala"), &client).unwrap();
-    let host = Host { env, client };
+    let host = Host::new(env);
     let dir = host.env.dir.path();
     // A disk whose filesystem holds 64 MiB of data that compresses to almost nothing.
     let tree = dir.join("tree");
@@ -1030,6 +1025,89 @@ fn a_members_qcow2_import_is_converted_within_their_quota() {
     host.env.assert_no_leaks();
 }
 
+/// Imports in flight claim what they will write: a member's imports running at once cannot
+/// together pass their quota (each was bounded by the whole of it before), and an import whose
+/// client has gone runs to its end and counts until then.
+#[test]
+fn a_members_imports_in_flight_claim_their_space_until_they_end() {
+    const MEMBER: &str = "amidala-t-claims";
+    let _accounts = Accounts::create(&[(MEMBER, "amidala")]);
+    let env = Env::start_with(
+        "[limits]\nuser_quota = \"700M\"\nmax_imports_per_user = 2\n",
+        &[],
+    );
+    let host = Host::new(env);
+    let dir = host.env.dir.path();
+    // A: a tree of 500 MiB (it claims what its filesystem will take, and takes seconds to
+    // unpack); B: a raw disk holding 250 MiB, which fits the quota alone.
+    let tree = dir.join("tree");
+    fs::create_dir(&tree).unwrap();
+    fs::set_permissions(&tree, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(tree.join("data"), vec![7u8; 500 << 20]).unwrap();
+    let content = dir.join("content");
+    fs::create_dir(&content).unwrap();
+    fs::write(content.join("data"), vec![9u8; 250 << 20]).unwrap();
+    let disk = dir.join("disk.img");
+    run(Command::new("truncate").arg("-s").arg("300M").arg(&disk)).ok();
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&content)
+        .arg(&disk))
+    .ok();
+    fs::remove_dir_all(&content).unwrap();
+    fs::set_permissions(&disk, fs::Permissions::from_mode(0o644)).unwrap();
+
+    let mut first = host
+        .command(MEMBER, dir, &["base", "import", tree.to_str().unwrap()])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Its claim is made before it unpacks: once it says so, its client goes away.
+    let mut said = std::io::BufReader::new(first.stderr.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = std::io::BufRead::read_line(&mut said, &mut line).unwrap();
+        assert!(n > 0, "the first import ended before it unpacked");
+        if line.contains("amidala: unpacking") {
+            break;
+        }
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let second = host.as_user(MEMBER, &["base", "import", disk.to_str().unwrap()]);
+    assert!(
+        second.err().contains("limit_exceeded")
+            && second.stderr.contains("imports in flight have claimed"),
+        "{}",
+        second.stderr
+    );
+    // The first runs to its end without its client.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let snapshot = loop {
+        let snapshots = host.as_user(MEMBER, &["snapshots", "--json"]).json();
+        if let Some(s) = snapshots.as_array().unwrap().first() {
+            break s["id"].as_str().unwrap().to_owned();
+        }
+        assert!(Instant::now() < deadline, "the first import never ended");
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    // Its snapshot now counts as such; without it, the second fits.
+    // (Its claim goes when its task has ended, just after the snapshot is in the catalog.)
+    host.as_user(MEMBER, &["delete", &snapshot]).ok();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let id = loop {
+        let id = host.as_user(MEMBER, &["base", "import", disk.to_str().unwrap()]);
+        if !id.stderr.contains("imports in flight have claimed") || Instant::now() > deadline {
+            break id;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(id.ok().trim().starts_with("snap-"), "{}", id.stdout);
+    host.env.assert_no_leaks();
+}
+
 #[test]
 fn a_builds_output_is_bounded_and_counts_against_its_owners_quota() {
     // Point 13: a build that prints without end fills no disk: its log stops at build_log,
@@ -1049,9 +1127,7 @@ fn a_builds_output_is_bounded_and_counts_against_its_owners_quota() {
         &format!("[limits]\nbuild_log = \"1M\"\nuser_quota = {quota}\n"),
         &[],
     );
-    let client = env.dir.path().join("amidala");
-    fs::copy(bin_dir().join("amidala"), &client).unwrap();
-    let host = Host { env, client };
+    let host = Host::new(env);
     host.env.import_busybox();
     let ws = host.workspace(CHATTY);
     // A build is not deleted while it runs.
@@ -1118,9 +1194,7 @@ fn a_members_build_writes_its_boot_partitions() {
     const MEMBER: &str = "amidala-t-boot";
     let _accounts = Accounts::create(&[(MEMBER, "amidala")]);
     let env = Env::start();
-    let client = env.dir.path().join("amidala");
-    fs::copy(bin_dir().join("amidala"), &client).unwrap();
-    let host = Host { env, client };
+    let host = Host::new(env);
     let rootfs = host.env.busybox_rootfs("rootfs");
     let BootDisk {
         disk,

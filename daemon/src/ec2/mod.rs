@@ -1137,6 +1137,10 @@ impl Provider for Ec2Provider {
         Ok(())
     }
 
+    async fn tag_image(&self, id: &str, tags: &BTreeMap<String, String>) -> Result<(), Failure> {
+        self.tag_resource(id, tags).await
+    }
+
     async fn deregister_image(&self, id: &str) -> Result<(), Failure> {
         self.client
             .deregister_image()
