@@ -269,6 +269,14 @@ pub fn kernel_mounts(fs: &str) -> bool {
 /// time; what says whether the build changed the copy.
 type Entry = (Vec<u8>, bool, u64, i64, i64);
 
+/// What a tree [`list_tree`] walks may hold (an ESP holds tens of files a few levels deep;
+/// the build made this one, so it is bounded before the daemon holds its listing): entries,
+/// levels, directories open at once, and bytes of paths.
+const TREE_ENTRIES: usize = 16384;
+const TREE_DEPTH: usize = 32;
+const TREE_OPEN_DIRS: usize = 1024;
+const TREE_PATH_BYTES: usize = 8 << 20;
+
 /// Walks the tree of `dir` (no symlink followed, one filesystem) and lists it, sorted; with
 /// `owner`, gives every entry to that id (the build's processes are gone: nothing races).
 /// Anything but directories and regular files (which a FAT filesystem cannot hold) is an
@@ -284,6 +292,15 @@ pub fn list_tree(dir: &Path, owner: Option<u32>) -> Result<Vec<Entry>, String> {
     let root = Rc::new(root);
     let mut entries = Vec::new();
     let mut pending: Vec<(Rc<OwnedFd>, Vec<u8>)> = vec![(root, Vec::new())];
+    let mut path_bytes = 0usize;
+    let too_much = |what: &str| {
+        format!(
+            "the build left more in the copy than a boot partition holds: {what} (at most \
+             {TREE_ENTRIES} entries, {TREE_DEPTH} levels, {TREE_OPEN_DIRS} directories in one \
+             and {} MiB of paths)",
+            TREE_PATH_BYTES >> 20
+        )
+    };
     while let Some((fd, prefix)) = pending.pop() {
         let mut listing = nix::dir::Dir::from_fd(
             nix::unistd::dup(fd.as_raw_fd()).map_err(|e| format!("reading the copy: {e}"))?,
@@ -298,6 +315,10 @@ pub fn list_tree(dir: &Path, owner: Option<u32>) -> Result<Vec<Entry>, String> {
             let mut path = prefix.clone();
             path.push(b'/');
             path.extend_from_slice(name.as_bytes());
+            path_bytes += path.len();
+            if entries.len() >= TREE_ENTRIES || path_bytes > TREE_PATH_BYTES {
+                return Err(too_much("too many entries"));
+            }
             let shown = String::from_utf8_lossy(&path).into_owned();
             let st = fstatat(Some(fd.as_raw_fd()), name, AtFlags::AT_SYMLINK_NOFOLLOW)
                 .map_err(|e| format!("reading {shown}: {e}"))?;
@@ -336,6 +357,12 @@ pub fn list_tree(dir: &Path, owner: Option<u32>) -> Result<Vec<Entry>, String> {
                 st.st_mtime_nsec,
             ));
             if is_dir {
+                if path.iter().filter(|&&b| b == b'/').count() > TREE_DEPTH {
+                    return Err(too_much(&format!("{shown} is too deep")));
+                }
+                if pending.len() >= TREE_OPEN_DIRS {
+                    return Err(too_much("too many directories"));
+                }
                 let sub =
                     crate::sys::open_at(fd.as_fd(), name, OFlag::O_RDONLY | OFlag::O_DIRECTORY)
                         .map_err(|e| format!("opening {shown}: {e}"))?;
@@ -458,6 +485,7 @@ impl Copy {
             source: Some(rdev(device)?),
             out: Some(&copy.dir),
             limit: None,
+            timeout: None,
         };
         let (code, said) = crate::bootvm::run_tool(daemon, uid, &tool, cancel).await?;
         if code != 0 {
@@ -520,6 +548,7 @@ impl Copy {
             source: None,
             out: None,
             limit: None,
+            timeout: None,
         };
         let (code, said) = crate::bootvm::run_tool(daemon, uid, &tool, cancel).await?;
         if code != 0 {
@@ -549,6 +578,7 @@ impl Copy {
                 source: None,
                 out: Some(&self.dir),
                 limit: None,
+                timeout: None,
             };
             let (code, said) = crate::bootvm::run_tool(daemon, uid, &tool, cancel).await?;
             if code != 0 {
@@ -655,5 +685,22 @@ mod tests {
         std::os::unix::fs::symlink("/etc", dir.path().join("EFI/etc")).unwrap();
         let why = list_tree(dir.path(), None).unwrap_err();
         assert!(why.contains("/EFI/etc") && why.contains("FAT"), "{why}");
+    }
+
+    #[test]
+    fn a_copys_tree_is_bounded_before_its_listing_is_held() {
+        // A chain of directories deeper than a boot partition's (the daemon would hold every
+        // prefix of it), and more entries than one holds.
+        let dir = tempfile::tempdir().unwrap();
+        let deep: std::path::PathBuf = (0..TREE_DEPTH + 2).map(|_| "d").collect();
+        std::fs::create_dir_all(dir.path().join(&deep)).unwrap();
+        let why = list_tree(dir.path(), None).unwrap_err();
+        assert!(why.contains("too deep"), "{why}");
+        let wide = tempfile::tempdir().unwrap();
+        for i in 0..=TREE_ENTRIES {
+            std::fs::write(wide.path().join(i.to_string()), b"").unwrap();
+        }
+        let why = list_tree(wide.path(), None).unwrap_err();
+        assert!(why.contains("too many entries"), "{why}");
     }
 }

@@ -483,6 +483,9 @@ pub struct Tool<'a> {
     /// A file that must not come to take more than this many bytes (the tool is stopped and
     /// the run fails with `limit_exceeded` when it does), if any.
     pub limit: Option<(&'a std::fs::File, u64)>,
+    /// How long it may run, and the setting that says so; default: `[boot_test]
+    /// max_timeout`.
+    pub timeout: Option<(Duration, &'static str)>,
 }
 
 /// Runs one of the tools ([`Program::E2fsck`], [`Program::Resize2fs`], [`Program::QemuImg`],
@@ -525,7 +528,10 @@ pub async fn run_tool(
             read_bounded(err, &mut complained, 64 << 10)
         );
     };
-    let limit = Duration::from_secs(daemon.config.boot_test.max_timeout);
+    let (limit, setting) = tool.timeout.unwrap_or((
+        Duration::from_secs(daemon.config.boot_test.max_timeout),
+        "[boot_test] max_timeout",
+    ));
     tokio::select! {
         () = read => {}
         () = outgrows(tool.limit) => {
@@ -544,7 +550,7 @@ pub async fn run_tool(
             stop(&mut child).await;
             return Err(Failure::new(
                 ErrorCode::Timeout,
-                format!("{} did not end within {} s ([boot_test] max_timeout)", program.path(), limit.as_secs()),
+                format!("{} did not end within {} s ({setting})", program.path(), limit.as_secs()),
             ));
         }
     }

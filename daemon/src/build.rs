@@ -967,11 +967,14 @@ async fn copy_boot_partitions(
     handle: &BuildHandle,
     attachment: &Attachment,
 ) -> PhaseResult<Vec<crate::bootparts::Copy>> {
-    let fats: Vec<_> = attachment
+    // One FAT partition at most, the ESP if the disk types one: it costs its size in memory.
+    let mut fats: Vec<_> = attachment
         .others
         .iter()
         .filter_map(|o| o.fat.clone().map(|fat| (o, fat)))
         .collect();
+    fats.sort_by_key(|(o, _)| !o.esp);
+    fats.truncate(1);
     if fats.is_empty() || crate::bootparts::kernel_mounts("vfat") {
         return Ok(Vec::new());
     }

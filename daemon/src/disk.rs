@@ -565,6 +565,12 @@ nix::ioctl_write_int!(ficlone, 0x94, 9);
 /// Copies all of `src` into the empty file `dst`: by reflink where the filesystem shares
 /// blocks, else region by region skipping holes. Does not sync `dst`.
 pub fn copy_file(src: &File, dst: &File) -> io::Result<CopyMethod> {
+    copy_file_within(src, dst, None)
+}
+
+/// [`copy_file`], writing at most `budget` bytes of data, if given: a source with more (one
+/// filled in while it is copied) fails the copy with [`io::ErrorKind::FileTooLarge`].
+pub fn copy_file_within(src: &File, dst: &File, budget: Option<u64>) -> io::Result<CopyMethod> {
     let len = src.metadata()?.len();
     // SAFETY: FICLONE takes the source descriptor as its integer argument; both descriptors
     // are open for the duration of the call and the kernel validates them.
@@ -572,7 +578,8 @@ pub fn copy_file(src: &File, dst: &File) -> io::Result<CopyMethod> {
     let method = match cloned {
         Ok(_) => CopyMethod::Reflink,
         Err(_) => {
-            copy_sparse(src, dst, len)?;
+            dst.set_len(len)?;
+            copy_regions(src, dst, len, budget)?;
             CopyMethod::Sparse
         }
     };
@@ -583,18 +590,14 @@ pub fn copy_file(src: &File, dst: &File) -> io::Result<CopyMethod> {
 /// Writes the data regions of `src` onto `dst` (a zeroed block device, say) at the same
 /// offsets, skipping holes, and syncs `dst`.
 pub fn copy_data(src: &File, dst: &File) -> io::Result<()> {
-    copy_regions(src, dst, src.metadata()?.len())?;
+    copy_regions(src, dst, src.metadata()?.len(), None)?;
     dst.sync_all()
 }
 
-fn copy_sparse(src: &File, dst: &File, len: u64) -> io::Result<()> {
-    dst.set_len(len)?;
-    copy_regions(src, dst, len)
-}
-
-fn copy_regions(src: &File, dst: &File, len: u64) -> io::Result<()> {
+fn copy_regions(src: &File, dst: &File, len: u64, budget: Option<u64>) -> io::Result<()> {
     let mut pos: i64 = 0;
     let end = len as i64;
+    let mut copied: u64 = 0;
     while pos < end {
         let data = match lseek(src.as_raw_fd(), pos, Whence::SeekData) {
             Ok(off) => off,
@@ -602,7 +605,15 @@ fn copy_regions(src: &File, dst: &File, len: u64) -> io::Result<()> {
             Err(e) => return Err(e.into()),
         };
         let hole = lseek(src.as_raw_fd(), data, Whence::SeekHole).map_err(io::Error::from)?;
-        copy_range(src, dst, data as u64, (hole.min(end) - data) as u64)?;
+        let region = (hole.min(end) - data) as u64;
+        copied = copied.saturating_add(region);
+        if budget.is_some_and(|budget| copied > budget) {
+            return Err(io::Error::new(
+                io::ErrorKind::FileTooLarge,
+                "the source holds more data than it did when it was measured",
+            ));
+        }
+        copy_range(src, dst, data as u64, region)?;
         pos = hole;
     }
     Ok(())

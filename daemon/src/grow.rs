@@ -389,6 +389,7 @@ pub async fn grow_ext4(
         source: None,
         out: None,
         limit: None,
+        timeout: None,
     };
     let (code, said) = crate::bootvm::run_tool(daemon, uid, &tool, cancel).await?;
     // 0, or 1 and 2 (errors corrected) alone.
@@ -402,6 +403,7 @@ pub async fn grow_ext4(
         source: None,
         out: None,
         limit: None,
+        timeout: None,
     };
     let (code, said) = crate::bootvm::run_tool(daemon, uid, &tool, cancel).await?;
     if code != 0 {

@@ -47,7 +47,7 @@ use crate::error::{blocking, Failure};
 use crate::ids::new_id;
 use crate::importer::{Job, Outcome, Task, IMPORT_ARG, INPUT_FD};
 use crate::pack::PACK_ARG;
-use crate::provider::{copy_to_new, Keep, Provider, SnapshotMeta};
+use crate::provider::{copy_to_new_within, Keep, Provider, SnapshotMeta};
 
 /// Largest snapshot size accepted (EBS's own limit is 64 TiB; a local file this large is a typo).
 pub const MAX_SIZE: u64 = 16 << 40;
@@ -428,9 +428,19 @@ async fn make_image(
             takes.div_ceil(MIB)
         )));
     }
+    // Claimed: what the filesystem can come to hold (the tree may change between the two
+    // passes), not only what was measured.
+    let most = size + around + if bootable { 12 * MIB } else { 0 };
     daemon
         .imports
-        .claim(daemon, in_flight, takes, false, image, &spec.source_name)
+        .claim(
+            daemon,
+            in_flight,
+            most.max(takes),
+            false,
+            image,
+            &spec.source_name,
+        )
         .await?;
     // 2. An empty filesystem of that size (in partition 3 of a new GPT disk if bootable): mkfs
     // sees no byte of the user's.
@@ -810,8 +820,16 @@ async fn copy_disk(
     };
     let (image, name) = (image.to_owned(), spec.source_name.clone());
     blocking(move || {
-        copy_to_new(&src, &image, 0o600, Keep::Durable)
-            .map_err(|e| Failure::io("copying the disk image", e))?;
+        // The copy writes no more than was claimed, whatever the source holds by then.
+        copy_to_new_within(&src, &image, 0o600, Keep::Durable, Some(bounds.bytes)).map_err(
+            |e| match e.kind() {
+                io::ErrorKind::FileTooLarge => bounds.refuse(format_args!(
+                    "{name} changed while it was copied: more than {} MiB of data",
+                    bounds.bytes / MIB
+                )),
+                _ => Failure::io("copying the disk image", e),
+            },
+        )?;
         let out = OpenOptions::new()
             .read(true)
             .write(true)
@@ -1005,6 +1023,7 @@ async fn convert_qcow2(
                 source: Some(from_dev),
                 out: None,
                 limit: Some((&out, bounds.bytes)),
+                timeout: Some((bounds.timeout, "[limits] import_timeout")),
             };
             crate::bootvm::run_tool(daemon, uid, &tool, &daemon.shutdown).await
         }

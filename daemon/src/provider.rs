@@ -72,13 +72,19 @@ pub struct OtherPartition {
     pub size: u64,
     /// Its FAT volume, if it is one.
     pub fat: Option<disk::Fat>,
+    /// Typed as an EFI system partition.
+    pub esp: bool,
     loop_device: LoopDevice,
 }
+
+/// Most partitions besides the root attached for a build: an image mounts `/boot` and
+/// `/boot/efi` from them, and each costs a loop device (and, for a copied ESP, memory).
+pub const MAX_OTHERS: usize = 4;
 
 /// The partitions of the partitioned disk `file` but `root` that hold a filesystem amidala
 /// recognises, each attached (from the disk at `path`) as a loop device. One that overlaps the
 /// root or another is left out: the same blocks mounted twice would be two filesystems
-/// writing one.
+/// writing one; so are those past the first [`MAX_OTHERS`].
 fn attach_others(
     file: &File,
     path: &Path,
@@ -94,6 +100,13 @@ fn attach_others(
     };
     let mut others: Vec<OtherPartition> = Vec::new();
     for p in parts.iter().filter(|p| Some(p.number) != root.partition) {
+        if others.len() == MAX_OTHERS {
+            tracing::warn!(
+                partition = p.number,
+                "partitions past the first {MAX_OTHERS} besides the root are not attached"
+            );
+            break;
+        }
         // A root's size of 0 is the rest of the disk.
         let root_size = if root.size == 0 { u64::MAX } else { root.size };
         if overlaps(p, root.offset, root_size)
@@ -136,6 +149,7 @@ fn attach_others(
             start: p.start,
             size: p.size,
             fat,
+            esp: p.esp,
             loop_device,
         });
     }
@@ -386,13 +400,24 @@ pub fn copy_to_new(
     mode: u32,
     keep: Keep,
 ) -> std::io::Result<disk::CopyMethod> {
+    copy_to_new_within(src, dst, mode, keep, None)
+}
+
+/// [`copy_to_new`], writing at most `budget` bytes of data (see [`disk::copy_file_within`]).
+pub fn copy_to_new_within(
+    src: &File,
+    dst: &Path,
+    mode: u32,
+    keep: Keep,
+    budget: Option<u64>,
+) -> std::io::Result<disk::CopyMethod> {
     let out = OpenOptions::new()
         .read(true)
         .write(true)
         .create_new(true)
         .mode(mode)
         .open(dst)?;
-    let result = disk::copy_file(src, &out).and_then(|method| {
+    let result = disk::copy_file_within(src, &out, budget).and_then(|method| {
         if keep == Keep::Durable {
             out.sync_all()?;
         }

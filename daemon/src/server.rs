@@ -66,6 +66,9 @@ impl ReadError {
     }
 }
 
+/// How long a client that streams a VM's console may take to read what it is sent.
+const STALLED: Duration = Duration::from_secs(60);
+
 struct Conn {
     stream: UnixStream,
     timeout: Duration,
@@ -189,6 +192,20 @@ impl Conn {
             })
             .await?;
         self.stream.write_all(&frame[sent..]).await
+    }
+
+    /// [`send`](Self::send), given up (as if the client had gone) when the client has not
+    /// taken it within [`STALLED`]: what waits on a client that reads nothing must not hold a
+    /// VM, a build slot or the daemon's shutdown.
+    async fn send_or_drop(&mut self, response: &Response) -> io::Result<()> {
+        tokio::time::timeout(STALLED, self.send(response))
+            .await
+            .unwrap_or_else(|_| {
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client read nothing for a minute",
+                ))
+            })
     }
 
     async fn send_error(&mut self, failure: &Failure) -> io::Result<()> {
@@ -934,7 +951,7 @@ async fn boot_test(
     };
     tracing::info!(uid = peer.uid, snapshot = %snapshot.id, "boot test");
     let watch = second_handle(conn)?;
-    let Some(_slot) = vm_slot(daemon, conn, peer, &watch).await? else {
+    let Some(slot) = vm_slot(daemon, conn, peer, &watch).await? else {
         return Ok(());
     };
     let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
@@ -942,13 +959,19 @@ async fn boot_test(
         let _ = tx.send(line);
     };
     let made_for = snapshot.tags.get(proto::BOOT_TAG).cloned();
-    let booting =
-        crate::bootvm::boot_all(daemon, owner, &path, made_for.as_deref(), &test, &console);
-    tokio::pin!(booting);
+    // Boxed, so that dropping it stops QEMU before the last lines are sent.
+    let mut booting = Box::pin(crate::bootvm::boot_all(
+        daemon,
+        owner,
+        &path,
+        made_for.as_deref(),
+        &test,
+        &console,
+    ));
     let result = loop {
         tokio::select! {
             result = &mut booting => break result,
-            Some(line) = lines.recv() => conn.send(&Response::Log { line }).await?,
+            Some(line) = lines.recv() => conn.send_or_drop(&Response::Log { line }).await?,
             () = daemon.shutdown.cancelled() => {
                 break Err(Failure::new(ErrorCode::ShuttingDown, "amidalad is shutting down"))
             }
@@ -958,8 +981,10 @@ async fn boot_test(
             }
         }
     };
+    drop(booting);
+    drop(slot);
     while let Ok(line) = lines.try_recv() {
-        conn.send(&Response::Log { line }).await?;
+        conn.send_or_drop(&Response::Log { line }).await?;
     }
     // What was tested says how it went: the image named (or the snapshot), passed with the
     // firmware, accelerator and time, or failed; a test that could not run says nothing.
@@ -1095,10 +1120,10 @@ async fn run_vm(
     };
     tracing::info!(uid = peer.uid, snapshot = %disk.snapshot.id, "run");
     let watch = second_handle(conn)?;
-    let Some(_slot) = vm_slot(daemon, conn, peer, &watch).await? else {
+    let Some(slot) = vm_slot(daemon, conn, peer, &watch).await? else {
         return Ok(());
     };
-    conn.send(&Response::Running {
+    conn.send_or_drop(&Response::Running {
         id: id.to_owned(),
         firmware: firmware.name().to_owned(),
     })
@@ -1135,17 +1160,18 @@ async fn run_vm(
         }
     });
     let (tx, mut shown) = tokio::sync::mpsc::channel(16);
-    let running =
-        crate::bootvm::run_console(daemon, disk.owner, &disk.path, firmware, &mut input, &tx);
-    tokio::pin!(running);
+    // Boxed, so that dropping it stops QEMU before the last frames are sent.
+    let mut running = Box::pin(crate::bootvm::run_console(
+        daemon, disk.owner, &disk.path, firmware, &mut input, &tx,
+    ));
     let mut sent = Ok(());
     let ended = loop {
         tokio::select! {
             ended = &mut running => break ended,
             Some(what) = shown.recv(), if sent.is_ok() => {
                 sent = match what {
-                    crate::bootvm::Shown::Note(line) => conn.send(&Response::Log { line }).await,
-                    crate::bootvm::Shown::Console(data) => conn.send(&Response::Console { data }).await,
+                    crate::bootvm::Shown::Note(line) => conn.send_or_drop(&Response::Log { line }).await,
+                    crate::bootvm::Shown::Console(data) => conn.send_or_drop(&Response::Console { data }).await,
                 };
                 // The client is gone: the run ends once QEMU has been stopped.
                 if sent.is_err() {
@@ -1158,17 +1184,21 @@ async fn run_vm(
         }
     };
     reader.abort();
+    drop(running);
+    drop(slot);
     sent?;
     while let Ok(what) = shown.try_recv() {
         match what {
-            crate::bootvm::Shown::Note(line) => conn.send(&Response::Log { line }).await?,
-            crate::bootvm::Shown::Console(data) => conn.send(&Response::Console { data }).await?,
+            crate::bootvm::Shown::Note(line) => conn.send_or_drop(&Response::Log { line }).await?,
+            crate::bootvm::Shown::Console(data) => {
+                conn.send_or_drop(&Response::Console { data }).await?
+            }
         }
     }
     tracing::info!(snapshot = %disk.snapshot.id, ended = ?ended.as_ref().map_err(|f| &f.message), "run ended");
     match ended {
-        Ok(why) => conn.send(&Response::RunEnded { why }).await?,
-        Err(f) => conn.send_error(&f).await?,
+        Ok(why) => conn.send_or_drop(&Response::RunEnded { why }).await?,
+        Err(f) => conn.send_or_drop(&Response::Error(f.reply())).await?,
     }
     // Frames of the run may be half read: nothing more is taken on this connection.
     Err(io::Error::other("the run ended"))

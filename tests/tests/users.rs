@@ -502,9 +502,9 @@ fn a_descriptor_handed_into_a_build_opens_nothing_its_user_could_not() {
         "echo dave > /root/secret; chmod 600 /root/secret; sleep 30",
     );
     let dave_id = host.running_build_of(DAVE);
-    let dave_pid = (|| {
-        for entry in fs::read_dir("/proc").ok()? {
-            let path = entry.ok()?.path();
+    let find_dave = || {
+        for entry in fs::read_dir("/proc").ok()?.flatten() {
+            let path = entry.path();
             let status = fs::read_to_string(path.join("status")).unwrap_or_default();
             let uid: u64 = status
                 .lines()
@@ -520,8 +520,16 @@ fn a_descriptor_handed_into_a_build_opens_nothing_its_user_could_not() {
             }
         }
         None
-    })()
-    .expect("dave's provisioner, running as dave's build ids");
+    };
+    // Running once its build is, but maybe not yet at its sleep.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let dave_pid = loop {
+        match find_dave() {
+            Some(pid) => break pid,
+            None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            None => panic!("dave's provisioner, running as dave's build ids, never started"),
+        }
+    };
     // What the member's process hands in: the host's root directory, the daemon's socket, and
     // the host's /proc.
     let handed = [
