@@ -923,6 +923,9 @@ async fn boot_test(
     id: &str,
     test: proto::BootTestSpec,
 ) -> io::Result<()> {
+    if daemon.provider.boots_images() {
+        return boot_test_image(daemon, conn, peer, id, test).await;
+    }
     let found = async {
         refuse_when_shutting_down(daemon)?;
         crate::bootvm::check_test(&test, &daemon.config.boot_test, daemon.provider.name())
@@ -994,6 +997,138 @@ async fn boot_test(
             .await
         }
         Err(f) => conn.send_error(&f).await,
+    }
+}
+
+/// `amidala boot-test ID` where the provider boots registered images (ec2): ID is an image of
+/// the caller's (admins: anyone's); a snapshot boots only once an image is registered from it.
+/// Holds one of the caller's build slots; the instance is terminated when the test ends, the
+/// client goes away or the daemon stops (the test is cancelled and awaited, never dropped).
+async fn boot_test_image(
+    daemon: &Arc<Daemon>,
+    conn: &mut Conn,
+    peer: &Peer,
+    id: &str,
+    test: proto::BootTestSpec,
+) -> io::Result<()> {
+    let found = async {
+        refuse_when_shutting_down(daemon)?;
+        crate::bootvm::check_test(&test, &daemon.config.boot_test, daemon.provider.name())
+            .map_err(|f| Failure::invalid(f.message.replacen("--boot-test: ", "boot-test: ", 1)))?;
+        if !id.starts_with("ami-") {
+            return Err(Failure::invalid(format!(
+                "boot-test {id}: on EC2 an image boots, not a snapshot: name the image (AMI) \
+                 registered from it (`amidala images`), or build with --boot-test"
+            )));
+        }
+        let (_, image) = find_snapshot(daemon, daemon.policy.viewer(peer), id).await?;
+        let image = image.ok_or_else(|| not_yours("image", id))?;
+        Ok(owner_uid(&image.tags).unwrap_or(NO_OWNER))
+    }
+    .await;
+    let owner = match found {
+        Ok(owner) => owner,
+        Err(f) => return conn.send_error(&f).await,
+    };
+    let job = new_id("boot");
+    tracing::info!(uid = peer.uid, image = id, %job, "boot test");
+    let watch = second_handle(conn)?;
+    let slot = tokio::select! {
+        slot = daemon.scheduler.acquire(peer.uid) => slot,
+        () = daemon.shutdown.cancelled() => Err(crate::schedule::Closed),
+        () = closed(&watch) => return Ok(()),
+    };
+    let Ok(_slot) = slot else {
+        return conn
+            .send_error(&Failure::new(
+                ErrorCode::ShuttingDown,
+                "amidalad is shutting down",
+            ))
+            .await;
+    };
+    // Live for gc while it runs: its instance is no leftover.
+    let _running = BootTestRunning::new(daemon, &job);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    let console = move |line: String| {
+        let _ = tx.send(line);
+    };
+    let owner_name = build::owner_name(owner);
+    let booting = daemon.provider.boot_image(crate::provider::BootJob {
+        image_id: id,
+        job_id: &job,
+        owner: &owner_name,
+        test: &test,
+        default_timeout: daemon.config.boot_test.timeout,
+        cancel: &cancel,
+        console: &console,
+    });
+    tokio::pin!(booting);
+    let mut client_gone = false;
+    let result = loop {
+        tokio::select! {
+            result = &mut booting => break result,
+            Some(line) = lines.recv(), if !client_gone => {
+                if conn.send(&Response::Log { line }).await.is_err() {
+                    client_gone = true;
+                    cancel.cancel();
+                }
+            }
+            () = daemon.shutdown.cancelled(), if !cancel.is_cancelled() => cancel.cancel(),
+            () = closed(&watch), if !client_gone => {
+                tracing::info!(image = id, "the client went away: boot test stopped");
+                client_gone = true;
+                cancel.cancel();
+            }
+        }
+    };
+    if client_gone {
+        return Ok(());
+    }
+    while let Ok(line) = lines.try_recv() {
+        conn.send(&Response::Log { line }).await?;
+    }
+    match result {
+        Ok(detail) => {
+            tracing::info!(image = id, %detail, "boot test passed");
+            conn.send(&Response::BootTested {
+                id: id.to_owned(),
+                detail,
+            })
+            .await
+        }
+        Err(f) if f.code == ErrorCode::Cancelled => {
+            conn.send_error(&Failure::new(
+                ErrorCode::ShuttingDown,
+                "amidalad is shutting down",
+            ))
+            .await
+        }
+        Err(f) => conn.send_error(&f).await,
+    }
+}
+
+/// Marks an `amidala boot-test` request as running (see [`Daemon::boot_tests`]).
+struct BootTestRunning<'a>(&'a Daemon, String);
+
+impl<'a> BootTestRunning<'a> {
+    fn new(daemon: &'a Daemon, job: &str) -> Self {
+        daemon
+            .boot_tests
+            .lock()
+            .expect("boot tests lock")
+            .insert(job.to_owned());
+        BootTestRunning(daemon, job.to_owned())
+    }
+}
+
+impl Drop for BootTestRunning<'_> {
+    fn drop(&mut self) {
+        self.0
+            .boot_tests
+            .lock()
+            .expect("boot tests lock")
+            .remove(&self.1);
     }
 }
 
