@@ -9,17 +9,38 @@ can, per its configuration:
 - answer the first N calls of an action with EC2's throttling error (RequestLimitExceeded);
 - answer every call of an action with a given error;
 - answer each call of an action only after some seconds (EC2's own latency, stretched);
-- count the calls of each action.
+- lose the answers of the first N calls of an action (the call reaches moto, the caller gets
+  EC2's InternalError and retries);
+- count the calls of each action, and record their order.
+
+And for instances (boot tests), what moto does not model:
+
+- RunInstances is idempotent by ClientToken as on EC2 (a repeated token answers the first
+  answer again, starting nothing), which moto ignores;
+- instances launched through the proxy are `pending` for instance_pending_secs, their status
+  checks `initializing` for instance_status_initializing_secs after the launch (moto: `running`
+  and `ok` at once; while `pending`, DescribeInstanceStatus lists nothing of them, as EC2);
+  terminated ones are `shutting-down` for instance_shutting_down_secs (moto: `terminated` at
+  once); each delay as it was set when the instance was launched or terminated;
+- DescribeImages reports the boot mode and architecture RegisterImage was given (moto ignores
+  both and reports every image as `uefi`, where EC2 reports no boot mode unless one was given);
+- GetConsoleOutput answers, base64-encoded, console_output (a text, or {ImageId: text} with
+  "*" for any other image) instead of moto's fixed Xen boot log; with console_reveal_secs,
+  the text's lines appear bit by bit over that many seconds after the launch, as a booting
+  machine's do.
 
 Control: POST /_proxy/config with a JSON object (keys: volume_creating_secs,
 snapshot_pending_secs, throttle {Action: count}, fail {Action: {code, message, status}},
-latency {Action: seconds}),
+latency {Action: seconds}, lose {Action: count}, instance_pending_secs,
+instance_status_initializing_secs, instance_shutting_down_secs, console_output,
+console_reveal_secs),
 GET /_proxy/stats: {"calls": {Action: count}, "latency_secs": {Action: seconds of latency
-injected so far}}. Listens on 127.0.0.1 only.
+injected so far}, "order": [Action, ...]}. Listens on 127.0.0.1 only.
 
 Usage: python ec2_proxy.py LISTEN_PORT UPSTREAM_URL
 """
 
+import base64
 import http.client
 import http.server
 import json
@@ -30,10 +51,27 @@ import urllib.parse
 import xml.etree.ElementTree as ET
 
 lock = threading.Lock()
-config = {"volume_creating_secs": 0, "snapshot_pending_secs": 0, "throttle": {}, "fail": {}, "latency": {}}
+config = {
+    "volume_creating_secs": 0,
+    "snapshot_pending_secs": 0,
+    "throttle": {},
+    "fail": {},
+    "latency": {},
+    "lose": {},
+    "instance_pending_secs": 0,
+    "instance_status_initializing_secs": 0,
+    "instance_shutting_down_secs": 0,
+    "console_output": None,
+    "console_reveal_secs": 0,
+}
 calls = {}
+order = []  # actions, in the order they came
 injected = {}  # action -> seconds of latency injected
 created = {"volume": {}, "snapshot": {}}  # id -> time made
+launched = {}  # instance id -> {"at", "image", "pending", "initializing"}
+terminated = {}  # instance id -> (time, shutting-down seconds)
+tokens = {}  # RunInstances ClientToken -> its first answer
+registered = {}  # image id -> {"bootMode": ..., "architecture": ...} as RegisterImage was given
 
 
 def delayed(kind, ident, secs):
@@ -74,8 +112,168 @@ def hold_back(kind, element):
     return True
 
 
-def rewrite(action, body):
+def find(element, name):
+    """The first descendant of `element` named `name`."""
+    for c in element.iter():
+        if local(c.tag) == name:
+            return c
+    return None
+
+
+def instance_items(root):
+    """The items of a response that describe an instance: (item, instance id)."""
+    for item in root.iter():
+        if local(item.tag) == "item":
+            ident = child(item, "instanceId")
+            if ident is not None:
+                yield item, ident.text
+
+
+def set_state(item, code, name):
+    state = child(item, "instanceState")
+    if state is not None:
+        child(state, "code").text = str(code)
+        child(state, "name").text = name
+
+
+def instance_delay(ident):
+    """What an instance reports now: 'pending', 'initializing', 'shutting-down' or None."""
+    now = time.monotonic()
+    gone = terminated.get(ident)
+    if gone is not None:
+        return "shutting-down" if now - gone[0] < gone[1] else None
+    made = launched.get(ident)
+    if made is None:
+        return None
+    if now - made["at"] < made["pending"]:
+        return "pending"
+    if now - made["at"] < made["pending"] + made["initializing"]:
+        return "initializing"
+    return None
+
+
+def console_text(ident):
+    """The console output configured for the instance, as far as it has come."""
+    text = config["console_output"]
+    made = launched.get(ident, {})
+    if isinstance(text, dict):
+        text = text.get(made.get("image"), text.get("*"))
+    if text is None:
+        return None
+    reveal = config["console_reveal_secs"]
+    if reveal > 0 and "at" in made:
+        lines = text.splitlines(keepends=True)
+        shown = int(len(lines) * min(1.0, (time.monotonic() - made["at"]) / reveal))
+        text = "".join(lines[:shown])
+    return text
+
+
+def rewrite_images(action, root, params):
+    """What RegisterImage was given, as DescribeImages reports it; returns whether it changed."""
+    if action == "RegisterImage":
+        ident = child(root, "imageId")
+        if ident is not None:
+            registered[ident.text] = {
+                "bootMode": params.get("BootMode", [None])[0],
+                "architecture": params.get("Architecture", ["x86_64"])[0],
+            }
+        return False
+    changed = False
+    for item in root.iter():
+        if local(item.tag) != "item":
+            continue
+        ident = child(item, "imageId")
+        given = registered.get(ident.text) if ident is not None else None
+        if given is None:
+            continue
+        for name, value in given.items():
+            element = child(item, name)
+            if element is not None and value is None:
+                item.remove(element)
+            elif value is not None:
+                if element is None:
+                    ns = item.tag[: item.tag.index("}") + 1] if item.tag.startswith("{") else ""
+                    element = ET.SubElement(item, ns + name)
+                element.text = value
+            changed = True
+    return changed
+
+
+def rewrite_instances(action, root, params):
+    """Applies the instance emulation; returns whether the response changed."""
+    changed = False
+    if action in ("RegisterImage", "DescribeImages"):
+        return rewrite_images(action, root, params)
+    if action == "RunInstances":
+        for item, ident in instance_items(root):
+            image = child(item, "imageId")
+            launched[ident] = {
+                "at": time.monotonic(),
+                "image": image.text if image is not None else None,
+                "pending": config["instance_pending_secs"],
+                "initializing": config["instance_status_initializing_secs"],
+            }
+    elif action == "TerminateInstances":
+        for key, values in params.items():
+            if key.startswith("InstanceId."):
+                terminated.setdefault(values[0], (time.monotonic(), config["instance_shutting_down_secs"]))
+    elif action == "DescribeInstances":
+        for item, ident in instance_items(root):
+            delay = instance_delay(ident)
+            if delay == "pending":
+                set_state(item, 0, "pending")
+                changed = True
+            elif delay == "shutting-down":
+                set_state(item, 32, "shutting-down")
+                changed = True
+    elif action == "DescribeInstanceStatus":
+        for statuses in root.iter():
+            if local(statuses.tag) != "instanceStatusSet":
+                continue
+            for item in list(statuses):
+                ident = child(item, "instanceId")
+                delay = instance_delay(ident.text) if ident is not None else None
+                if delay == "pending":
+                    statuses.remove(item)
+                    changed = True
+                elif delay == "initializing":
+                    for name in ("instanceStatus", "systemStatus"):
+                        summary = child(item, name)
+                        if summary is not None:
+                            for status in summary.iter():
+                                if local(status.tag) == "status":
+                                    status.text = "initializing"
+                    changed = True
+                elif delay == "shutting-down":
+                    set_state(item, 32, "shutting-down")
+                    changed = True
+    elif action == "GetConsoleOutput":
+        ident = child(root, "instanceId")
+        output = child(root, "output")
+        text = console_text(ident.text) if ident is not None else None
+        if output is not None and text is not None:
+            output.text = base64.b64encode(text.encode()).decode()
+            changed = True
+    return changed
+
+
+INSTANCE_ACTIONS = ("RegisterImage", "DescribeImages", "RunInstances", "TerminateInstances", "DescribeInstances", "DescribeInstanceStatus", "GetConsoleOutput")
+
+
+def rewrite(action, body, params):
     """Applies the configured delays to a successful response."""
+    if action in INSTANCE_ACTIONS:
+        try:
+            root = ET.fromstring(body)
+        except ET.ParseError:
+            return body
+        with lock:
+            changed = rewrite_instances(action, root, params)
+        if not changed:
+            return body
+        if root.tag.startswith("{"):
+            ET.register_namespace("", root.tag[1:].split("}")[0])
+        return ET.tostring(root, encoding="utf-8", xml_declaration=True)
     kinds = {"CreateVolume": "volume", "DescribeVolumes": "volume", "CreateSnapshot": "snapshot", "DescribeSnapshots": "snapshot"}
     kind = kinds.get(action)
     if kind is None:
@@ -128,7 +326,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path == "/_proxy/stats":
             with lock:
-                stats = {"calls": calls, "latency_secs": injected}
+                stats = {"calls": calls, "latency_secs": injected, "order": order}
                 return self.reply(200, json.dumps(stats).encode(), "application/json")
         self.forward(b"")
 
@@ -142,9 +340,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.forward(body)
 
     def forward(self, body):
-        action = urllib.parse.parse_qs(body.decode("utf-8", "replace")).get("Action", [""])[0]
+        params = urllib.parse.parse_qs(body.decode("utf-8", "replace"))
+        action = params.get("Action", [""])[0]
+        token = params.get("ClientToken", [None])[0] if action == "RunInstances" else None
         with lock:
             calls[action] = calls.get(action, 0) + 1
+            order.append(action)
+            lose = config["lose"].get(action, 0)
+            if lose > 0:
+                config["lose"][action] = lose - 1
+            repeated = tokens.get(token) if token else None
             throttle = config["throttle"].get(action, 0)
             if throttle > 0:
                 config["throttle"][action] = throttle - 1
@@ -158,6 +363,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return self.reply(503, error_body("RequestLimitExceeded", "Request limit exceeded."))
         if fail:
             return self.reply(fail.get("status", 400), error_body(fail["code"], fail["message"]))
+        if repeated is not None:
+            # EC2's idempotency: the same token, the same instance, nothing new started.
+            return self.reply(200, repeated)
         url = urllib.parse.urlsplit(self.upstream)
         conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
         headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length", "connection")}
@@ -165,7 +373,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         response = conn.getresponse()
         data = response.read()
         if response.status == 200:
-            data = rewrite(action, data)
+            data = rewrite(action, data, params)
+            if token:
+                with lock:
+                    tokens.setdefault(token, data)
+        if lose > 0:
+            # Done by moto, but the answer is lost on the way back.
+            return self.reply(500, error_body("InternalError", "An internal error has occurred (answer lost by the test proxy)."))
         self.send_response(response.status)
         for k, v in response.getheaders():
             if k.lower() not in ("content-length", "transfer-encoding", "connection", "server", "date"):

@@ -59,7 +59,7 @@ pub const QEMU_IMG: &str = "/usr/bin/qemu-img";
 /// How long KVM has to show the guest's kernel starting before it is judged unable to run it.
 const KVM_TRIAL: Duration = Duration::from_secs(20);
 /// Lines of the console kept for the error of a failed test.
-const TAIL_LINES: usize = 25;
+pub(crate) const TAIL_LINES: usize = 25;
 /// The longest console line written to the log (longer ones are cut).
 const LINE_MAX: usize = 400;
 
@@ -225,10 +225,12 @@ pub fn check_test(
     settings: &Settings,
     provider: &str,
 ) -> Result<(), Failure> {
-    if provider != "local" {
+    // Local: QEMU boots the snapshot before it is registered. Ec2: an instance of the
+    // registered AMI (see crate::ec2::boot), whose firmware the provider checks against the
+    // AMI's boot mode.
+    if provider != "local" && provider != "ec2" {
         return Err(Failure::invalid(format!(
-            "--boot-test: the {provider} provider cannot boot-test images yet (only the local \
-             provider can, in QEMU)"
+            "--boot-test: the {provider} provider cannot boot-test images"
         )));
     }
     if let Some(list) = &test.firmware {
@@ -641,13 +643,13 @@ fn qemu_args(firmware: Firmware, kvm: bool, settings: &Settings) -> Vec<String> 
 
 /// What a console line says about the boot.
 #[derive(Debug, PartialEq, Eq)]
-enum Sign {
+pub(crate) enum Sign {
     Booted,
     Failed(&'static str),
 }
 
 /// Reads a console line (complete or not yet) for the boot signal or a failure.
-fn read_sign(line: &str, marker: Option<&str>) -> Option<Sign> {
+pub(crate) fn read_sign(line: &str, marker: Option<&str>) -> Option<Sign> {
     let failures: &[(&str, &str)] = &[
         ("Kernel panic", "the kernel panicked"),
         (
@@ -687,7 +689,7 @@ fn read_sign(line: &str, marker: Option<&str>) -> Option<Sign> {
 }
 
 /// A console line as the log shows it: escape sequences and control characters removed.
-fn clean(raw: &[u8]) -> String {
+pub(crate) fn clean(raw: &[u8]) -> String {
     let text = String::from_utf8_lossy(raw);
     let mut out = String::with_capacity(text.len());
     let mut chars = text.chars().peekable();
@@ -1144,7 +1146,7 @@ fn ended_without_sign(
     Ended::Failed(with_tail(&why, tail))
 }
 
-fn with_tail(why: &str, tail: &VecDeque<String>) -> String {
+pub(crate) fn with_tail(why: &str, tail: &VecDeque<String>) -> String {
     if tail.is_empty() {
         return format!("{why}; the console showed nothing");
     }

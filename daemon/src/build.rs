@@ -599,31 +599,9 @@ async fn with_volume(
         image_tags.insert(BOOT_TAG.to_owned(), boot.clone());
     }
     let registered = match &spec.boot_test {
-        Some(test) => {
-            // Not a source for a build by its tags until the image booted.
-            let pending = [(FAILED_BUILD_TAG.to_owned(), handle.id.clone())].into();
-            let tested = match provider.tag_snapshot(&snapshot.id, &pending).await {
-                Ok(()) => boot_test(daemon, handle, &snapshot, source_boot.as_deref(), test).await,
-                Err(e) => Err((Phase::BootTest, e)),
-            };
-            match tested {
-                Ok(detail) => provider
-                    .untag_snapshot(&snapshot.id, FAILED_BUILD_TAG)
-                    .await
-                    .map(|()| {
-                        image_tags.insert(BOOT_TEST_TAG.to_owned(), "passed".to_owned());
-                        image_tags.insert(BOOT_TEST_DETAIL_TAG.to_owned(), detail);
-                    })
-                    .map_err(|f| (Phase::BootTest, f)),
-                Err(e) => Err(e),
-            }
-            .map_err(|(phase, f)| (phase, kept_snapshot(f, &snapshot.id)))
-        }
-        None => Ok(()),
-    };
-    let registered = match registered {
-        Ok(()) => {
-            register(
+        // Ec2: the image must exist to boot.
+        Some(test) if provider.boots_images() => {
+            boot_registered(
                 daemon,
                 handle,
                 &record,
@@ -631,10 +609,53 @@ async fn with_volume(
                 source,
                 detected_arch,
                 image_tags,
+                test,
             )
             .await
         }
-        Err(e) => Err(e),
+        boot_test_asked => {
+            let tested = match boot_test_asked {
+                Some(test) => {
+                    // Not a source for a build by its tags until the image booted.
+                    let pending = [(FAILED_BUILD_TAG.to_owned(), handle.id.clone())].into();
+                    let tested = match provider.tag_snapshot(&snapshot.id, &pending).await {
+                        Ok(()) => {
+                            boot_test(daemon, handle, &snapshot, source_boot.as_deref(), test).await
+                        }
+                        Err(e) => Err((Phase::BootTest, e)),
+                    };
+                    match tested {
+                        Ok(detail) => provider
+                            .untag_snapshot(&snapshot.id, FAILED_BUILD_TAG)
+                            .await
+                            .map(|()| {
+                                image_tags.insert(BOOT_TEST_TAG.to_owned(), "passed".to_owned());
+                                image_tags.insert(BOOT_TEST_DETAIL_TAG.to_owned(), detail);
+                            })
+                            .map_err(|f| (Phase::BootTest, f)),
+                        Err(e) => Err(e),
+                    }
+                    .map_err(|(phase, f)| (phase, kept_snapshot(f, &snapshot.id)))
+                }
+                None => Ok(()),
+            };
+            match tested {
+                Ok(()) => {
+                    register(
+                        daemon,
+                        handle,
+                        &record,
+                        &snapshot,
+                        source,
+                        detected_arch,
+                        image_tags,
+                        true,
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            }
+        }
     };
     if registered.is_err() {
         // Kept, but never to be taken as the source of a build by its tags.
@@ -654,6 +675,8 @@ async fn with_volume(
     })
 }
 
+/// `publish`: shared and copied now (else later, once a boot test of the image passed).
+#[allow(clippy::too_many_arguments)]
 async fn register(
     daemon: &Daemon,
     handle: &BuildHandle,
@@ -662,6 +685,7 @@ async fn register(
     source: &str,
     detected_arch: Option<String>,
     amidala_tags: BTreeMap<String, String>,
+    publish: bool,
 ) -> PhaseResult<ImageRecord> {
     let provider = &daemon.provider;
     let spec = &record.spec;
@@ -687,8 +711,17 @@ async fn register(
         build_id: Some(handle.id.clone()),
         architecture: spec.arch.clone().or(detected_arch),
         boot_mode: spec.boot_mode.clone(),
-        copy_to: spec.copy_to.clone(),
-        share_with: spec.share_with.clone(),
+        // Shared and copied only once it booted, where the test comes after registering.
+        copy_to: if publish {
+            spec.copy_to.clone()
+        } else {
+            Vec::new()
+        },
+        share_with: if publish {
+            spec.share_with.clone()
+        } else {
+            Vec::new()
+        },
     };
     cancellable(handle.cancel.clone(), provider.register(snapshot, meta))
         .await
@@ -723,6 +756,110 @@ async fn boot_test(
     }
     .at(Phase::BootTest)?;
     Ok(crate::bootvm::detail(&passed))
+}
+
+/// The boot test of a provider that boots registered images (ec2): the snapshot marked as a
+/// failed build's while it is tested, the image registered (not shared or copied yet), booted;
+/// passed, the image is tagged so, shared and copied, and the snapshot's mark removed; failed,
+/// the image is deregistered and the snapshot kept, marked.
+#[allow(clippy::too_many_arguments)]
+async fn boot_registered(
+    daemon: &Daemon,
+    handle: &BuildHandle,
+    record: &BuildRecord,
+    snapshot: &SnapshotRecord,
+    source: &str,
+    detected_arch: Option<String>,
+    image_tags: BTreeMap<String, String>,
+    test: &BootTestSpec,
+) -> PhaseResult<ImageRecord> {
+    let provider = &daemon.provider;
+    // Not a source for a build by its tags until the image booted.
+    let pending = [(FAILED_BUILD_TAG.to_owned(), handle.id.clone())].into();
+    provider
+        .tag_snapshot(&snapshot.id, &pending)
+        .await
+        .map_err(|f| (Phase::Register, kept_snapshot(f, &snapshot.id)))?;
+    let mut image = register(
+        daemon,
+        handle,
+        record,
+        snapshot,
+        source,
+        detected_arch,
+        image_tags,
+        false,
+    )
+    .await?;
+    handle.note(format!(
+        "amidala: registered image {} to boot-test it",
+        image.id
+    ));
+    let console = |line: String| handle.note(line);
+    let tested = async {
+        handle.enter(Phase::BootTest)?;
+        let detail = provider
+            .boot_image(crate::provider::BootJob {
+                image_id: &image.id,
+                job_id: &handle.id,
+                owner: &owner_name(handle.owner_uid),
+                test,
+                default_timeout: daemon.config.boot_test.timeout,
+                cancel: &handle.cancel,
+                console: &console,
+            })
+            .await
+            .at(Phase::BootTest)?;
+        let tags: BTreeMap<String, String> = [
+            (BOOT_TEST_TAG.to_owned(), "passed".to_owned()),
+            (BOOT_TEST_DETAIL_TAG.to_owned(), detail),
+        ]
+        .into();
+        provider
+            .tag_image(&image.id, &tags)
+            .await
+            .at(Phase::BootTest)?;
+        image.tags.extend(tags);
+        provider
+            .untag_snapshot(&snapshot.id, FAILED_BUILD_TAG)
+            .await
+            .at(Phase::BootTest)?;
+        let spec = &record.spec;
+        provider
+            .publish_image(
+                &image,
+                &format!("amidala build {} from {source}", handle.id),
+                &spec.copy_to,
+                &spec.share_with,
+            )
+            .await
+            .at(Phase::Register)
+    }
+    .await;
+    match tested {
+        Ok(()) => Ok(image),
+        Err((phase, mut failure)) => {
+            failure.message = match provider.deregister_image(&image.id).await {
+                Ok(()) => {
+                    handle.note(format!("amidala: deregistered image {}", image.id));
+                    format!(
+                        "{} (image {} was deregistered; snapshot {} is kept, tagged \
+                         {FAILED_BUILD_TAG})",
+                        failure.message, image.id, snapshot.id
+                    )
+                }
+                Err(e) => {
+                    tracing::error!(build = %handle.id, image = %image.id, error = %e, "deregistering the image of a failed boot test");
+                    format!(
+                        "{} (image {} could NOT be deregistered: {}; `amidala delete {}` \
+                         removes it; snapshot {} is kept, tagged {FAILED_BUILD_TAG})",
+                        failure.message, image.id, e.message, image.id, snapshot.id
+                    )
+                }
+            };
+            Err((phase, failure))
+        }
+    }
 }
 
 fn kept_snapshot(mut failure: Failure, snapshot: &str) -> Failure {

@@ -83,6 +83,9 @@ pub struct Ec2Timeouts {
     pub detach: u64,
     pub snapshot: u64,
     pub image: u64,
+    /// How long a boot test's instance is waited for to be `terminated` once TerminateInstances
+    /// was accepted (EC2 finishes it anyway; gc finds one that does not end).
+    pub instance_terminated: u64,
 }
 
 impl Default for Ec2Timeouts {
@@ -94,6 +97,7 @@ impl Default for Ec2Timeouts {
             detach: 300,
             snapshot: 3600,
             image: 600,
+            instance_terminated: 120,
         }
     }
 }
@@ -117,6 +121,15 @@ pub struct Ec2Config {
     pub ena_support: Option<bool>,
     /// Require IMDSv2 on instances of registered images (default true).
     pub require_imdsv2: Option<bool>,
+    /// Instance type of boot tests of x86_64 images (default t3.micro).
+    pub boot_test_instance_type: Option<String>,
+    /// Instance type of boot tests of arm64 images (default t4g.micro).
+    pub boot_test_instance_type_arm64: Option<String>,
+    /// Subnet boot tests' instances run in (default: the builder instance's own).
+    pub boot_test_subnet: Option<String>,
+    /// Security group of boot tests' instances (default: one amidala makes in the subnet's
+    /// VPC for this builder host, `amidala-boot-test-HOST`, without inbound or outbound rules).
+    pub boot_test_security_group: Option<String>,
     #[serde(default)]
     pub timeouts: Ec2Timeouts,
 }

@@ -1,6 +1,7 @@
 //! Finding and removing what builds left behind: build cgroups (and whatever still runs in
-//! them), mounts and loop devices of the state directory in the host's namespace, volumes the
-//! provider made for builds of this host, snapshots of failed builds, and partial files.
+//! them), mounts and loop devices of the state directory in the host's namespace, boot tests'
+//! instances (ec2) and volumes the provider made for builds of this host, snapshots of failed
+//! builds, and partial files.
 //!
 //! Everything is first listed, and only then is each thing checked against the builds that
 //! are live at that moment: a build is registered before it makes anything, so whatever a
@@ -19,7 +20,7 @@ use amidala::proto::GcItem;
 
 use crate::cgroup;
 use crate::error::{blocking, Failure};
-use crate::provider::{BuildVolume, FAILED_BUILD_TAG};
+use crate::provider::{BootInstance, BuildVolume, FAILED_BUILD_TAG};
 use crate::Daemon;
 
 /// What to look for.
@@ -36,6 +37,7 @@ enum Thing {
     Cgroup(PathBuf),
     Mount(PathBuf),
     Loop(PathBuf),
+    Instance(BootInstance),
     Volume(BuildVolume),
     Snapshot(String),
     File(PathBuf),
@@ -126,6 +128,14 @@ pub async fn collect(daemon: &Daemon, scope: Scope) -> Result<Vec<GcItem>, Failu
             }
         }
     }
+    // Instances before volumes: a boot test's instance holds its volume until it is terminated.
+    for i in daemon.provider.boot_instances().await? {
+        found.push(Found {
+            build: i.build.clone(),
+            detail: i.state.clone(),
+            thing: Thing::Instance(i),
+        });
+    }
     for v in &volumes {
         found.push(Found {
             build: v.build.clone(),
@@ -167,6 +177,16 @@ pub async fn collect(daemon: &Daemon, scope: Scope) -> Result<Vec<GcItem>, Failu
             }
             match &f.build {
                 Some(b) if live.contains_key(b) || daemon.pool.holds(b) => false,
+                // An `amidala boot-test` running now.
+                Some(b)
+                    if daemon
+                        .boot_tests
+                        .lock()
+                        .expect("boot tests lock")
+                        .contains(b) =>
+                {
+                    false
+                }
                 Some(b) if b.starts_with("import-") => !importing,
                 // Whose it is is not known: only when nothing runs.
                 None => !busy || matches!(f.thing, Thing::Mount(_)),
@@ -182,6 +202,7 @@ pub async fn collect(daemon: &Daemon, scope: Scope) -> Result<Vec<GcItem>, Failu
             Thing::Cgroup(p) => ("cgroup", p.display().to_string()),
             Thing::Mount(p) => ("mount", p.display().to_string()),
             Thing::Loop(p) => ("loop-device", p.display().to_string()),
+            Thing::Instance(i) => ("instance", i.id.clone()),
             Thing::Volume(v) => ("volume", v.id.clone()),
             Thing::Snapshot(id) => ("snapshot", id.clone()),
             Thing::File(p) | Thing::Dir(p) => ("file", p.display().to_string()),
@@ -227,6 +248,7 @@ async fn remove(daemon: &Daemon, thing: Thing) -> Result<(), Failure> {
             })
             .await
         }
+        Thing::Instance(i) => daemon.provider.reclaim_instance(&i).await,
         Thing::Volume(v) => daemon.provider.reclaim_volume(&v).await,
         Thing::Snapshot(id) => daemon.provider.delete_snapshot(&id).await,
         Thing::File(p) => blocking(move || crate::provider::remove_if_present(&p)).await,

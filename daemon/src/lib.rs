@@ -97,6 +97,8 @@ pub struct Daemon {
     pub pool: pool::Pool,
     /// Whose host ids members' builds run as.
     pub id_ranges: idrange::IdRanges,
+    /// The ids of `amidala boot-test` requests running now (gc leaves their instances alone).
+    pub boot_tests: Mutex<std::collections::HashSet<String>>,
 }
 
 /// Drops, from every set of this (still single-threaded) process, the capabilities neither the
@@ -208,6 +210,7 @@ pub async fn run(config: Config) -> Result<()> {
         imports: Arc::new(claims::Ledger::default()),
         pool,
         id_ranges,
+        boot_tests: Mutex::new(std::collections::HashSet::new()),
     });
     recover(&daemon)
         .await
@@ -277,8 +280,10 @@ pub async fn run(config: Config) -> Result<()> {
 }
 
 /// Cleans up after a daemon that died, before serving: whatever still runs of its builds is
-/// killed, their mounts, loop devices and volumes are removed (see [`gc`]), snapshots they
-/// finished are kept but tagged as made by a failed build, and each build is marked failed,
+/// killed, their mounts, loop devices, boot tests' instances and volumes are removed (see
+/// [`gc`]), an image registered for a boot test that did not pass (ec2) is deregistered,
+/// snapshots they finished are kept but tagged as made by a failed build, and each build is
+/// marked failed,
 /// "interrupted by daemon restart". A step that fails is logged and recovery goes on: the
 /// daemon serves, and `amidala gc` can finish the job.
 async fn recover(daemon: &Daemon) -> Result<()> {
@@ -306,7 +311,37 @@ async fn recover(daemon: &Daemon) -> Result<()> {
     // Finished work is kept: a snapshot an interrupted build made (but no image uses) is
     // tagged so that it is never taken as a source by tag, and gc may remove it.
     let snapshots = daemon.provider.list_snapshots().await;
-    let images = daemon.provider.list_images().await;
+    let mut images = daemon.provider.list_images().await;
+    if let (Ok(snapshots), Ok(images)) = (&snapshots, &mut images) {
+        // An image registered to be boot-tested (its snapshot still marked as the build's
+        // failure) did not pass: it goes, as it would have had the test failed.
+        let untested: Vec<String> = images
+            .iter()
+            .filter(|i| {
+                let build = i.tags.get("amidala:build");
+                build.is_some_and(|b| interrupted.iter().any(|r| &r.id == b))
+                    && i.tags
+                        .get(amidala::proto::BOOT_TEST_TAG)
+                        .map(String::as_str)
+                        != Some("passed")
+                    && snapshots.iter().any(|s| {
+                        s.id == i.snapshot_id && s.tags.get(provider::FAILED_BUILD_TAG) == build
+                    })
+            })
+            .map(|i| i.id.clone())
+            .collect();
+        for id in untested {
+            match daemon.provider.deregister_image(&id).await {
+                Ok(()) => {
+                    tracing::warn!(image = %id, "recovery: deregistered the image of an interrupted boot test");
+                    images.retain(|i| i.id != id);
+                }
+                Err(e) => {
+                    tracing::error!(image = %id, error = %e, "recovery: could not deregister the image of an interrupted boot test")
+                }
+            }
+        }
+    }
     match (snapshots, images) {
         (Ok(snapshots), Ok(images)) => {
             for record in &interrupted {

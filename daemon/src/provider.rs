@@ -11,10 +11,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use amidala::proto::{
-    is_published, validate_id, BuildSpec, ErrorCode, ImageInfo, SnapshotInfo, Source,
+    is_published, validate_id, BootTestSpec, BuildSpec, ErrorCode, ImageInfo, SnapshotInfo, Source,
 };
 use async_trait::async_trait;
 use chrono::Utc;
+use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{Catalog, ImageRecord, SnapshotRecord};
 use crate::disk::{self, FsType};
@@ -38,6 +39,44 @@ pub struct BuildVolume {
 }
 
 pub const RELEASE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A boot test of a registered image by a provider that boots images, not snapshots (see
+/// [`Provider::boots_images`]).
+pub struct BootJob<'a> {
+    pub image_id: &'a str,
+    /// The build (or `amidala boot-test` request) whose tags the test's machine carries.
+    pub job_id: &'a str,
+    /// The owner's user name, for the owner tag.
+    pub owner: &'a str,
+    pub test: &'a BootTestSpec,
+    /// Seconds the boot may take when `test` does not say (`[boot_test] timeout`).
+    pub default_timeout: u64,
+    /// Ends the test early; the machine is stopped all the same.
+    pub cancel: &'a CancellationToken,
+    /// Receives the lines of the build's log: `console: …` lines and amidala's own.
+    pub console: &'a (dyn Fn(String) + Sync),
+}
+
+impl Debug for BootJob<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BootJob")
+            .field("image_id", &self.image_id)
+            .field("job_id", &self.job_id)
+            .field("owner", &self.owner)
+            .field("test", &self.test)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A machine a provider started for a boot test on this host that still exists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootInstance {
+    pub id: String,
+    /// The build (or boot-test request) it was started for, where known.
+    pub build: Option<String>,
+    /// Its state as the provider says it (`running`, `shutting-down`, ...).
+    pub state: String,
+}
 
 /// A writable volume made from a snapshot.
 #[derive(Debug, Clone)]
@@ -316,6 +355,43 @@ pub trait Provider: Send + Sync + Debug {
     async fn deregister_image(&self, id: &str) -> Result<(), Failure>;
     /// Deletes a snapshot no image uses.
     async fn delete_snapshot(&self, id: &str) -> Result<(), Failure>;
+
+    /// Whether its boot test boots a registered image (ec2: an instance of the AMI, which must
+    /// exist to boot) rather than the snapshot's disk before the image is registered (local:
+    /// QEMU on the snapshot's file).
+    fn boots_images(&self) -> bool {
+        false
+    }
+    /// Boots the registered image as `job` says; whatever the outcome, also when `job.cancel`
+    /// fires, the machine is stopped before this returns. Returns what the image's
+    /// [`amidala::proto::BOOT_TEST_DETAIL_TAG`] says.
+    async fn boot_image(&self, job: BootJob<'_>) -> Result<String, Failure> {
+        Err(Failure::invalid(format!(
+            "the {} provider boot-tests snapshots, not images ({})",
+            self.name(),
+            job.image_id
+        )))
+    }
+    /// Shares the image and copies it to other regions, where the provider can: what
+    /// [`register`](Self::register) does with `meta.copy_to` and `meta.share_with`, done later
+    /// (once the image's boot test passed).
+    async fn publish_image(
+        &self,
+        _image: &ImageRecord,
+        _description: &str,
+        _copy_to: &[String],
+        _share_with: &[String],
+    ) -> Result<(), Failure> {
+        Ok(())
+    }
+    /// The boot tests' machines of this host that still exist (not yet terminated).
+    async fn boot_instances(&self) -> Result<Vec<BootInstance>, Failure> {
+        Ok(Vec::new())
+    }
+    /// Stops (terminates) a boot test's machine; one already gone is done.
+    async fn reclaim_instance(&self, _instance: &BootInstance) -> Result<(), Failure> {
+        Ok(())
+    }
 }
 
 /// Whether a build may start from `tags`' snapshot when it asks for a tag: not if the snapshot

@@ -934,6 +934,9 @@ async fn boot_test(
     id: &str,
     test: proto::BootTestSpec,
 ) -> io::Result<()> {
+    if daemon.provider.boots_images() {
+        return boot_test_image(daemon, conn, peer, id, test).await;
+    }
     let found = async {
         crate::bootvm::check_test(&test, &daemon.config.boot_test, daemon.provider.name())
             .map_err(|f| Failure::invalid(f.message.replacen("--boot-test: ", "boot-test: ", 1)))?;
@@ -986,38 +989,13 @@ async fn boot_test(
     while let Ok(line) = lines.try_recv() {
         conn.send_or_drop(&Response::Log { line }).await?;
     }
-    // What was tested says how it went: the image named (or the snapshot), passed with the
-    // firmware, accelerator and time, or failed; a test that could not run says nothing.
-    let verdict = match &result {
-        Ok(passed) => Some(("passed", crate::bootvm::detail(passed))),
-        Err(f) if f.code == ErrorCode::BootTestFailed => Some((
-            "failed",
-            format!("failed {}", Utc::now().format("%Y-%m-%dT%H:%M:%SZ")),
-        )),
-        Err(_) => None,
+    let outcome = result.as_ref().map(|passed| crate::bootvm::detail(passed));
+    let tested = match &image {
+        Some(image) => Tested::Image(&image.id),
+        None => Tested::Snapshot(&snapshot.id),
     };
-    if let Some((verdict, detail)) = &verdict {
-        let tags = [
-            (proto::BOOT_TEST_TAG.to_owned(), (*verdict).to_owned()),
-            (proto::BOOT_TEST_DETAIL_TAG.to_owned(), detail.clone()),
-        ]
-        .into();
-        let tagged = match &image {
-            Some(image) => daemon.provider.tag_image(&image.id, &tags).await,
-            None => daemon.provider.tag_snapshot(&snapshot.id, &tags).await,
-        };
-        if let Err(f) = tagged {
-            tracing::error!(id, error = %f, "tagging what the boot test tested");
-            return conn
-                .send_error(&Failure::new(
-                    f.code,
-                    format!(
-                        "the boot test {verdict}, but tagging {id} failed: {}",
-                        f.message
-                    ),
-                ))
-                .await;
-        }
+    if let Err(f) = tag_tested(daemon, tested, outcome.as_deref().map_err(|f| *f)).await {
+        return conn.send_error(&f).await;
     }
     match result {
         Ok(passed) => {
@@ -1031,6 +1009,50 @@ async fn boot_test(
         }
         Err(f) => conn.send_error(&f).await,
     }
+}
+
+/// What `amidala boot-test` tested.
+#[derive(Clone, Copy)]
+enum Tested<'a> {
+    Image(&'a str),
+    Snapshot(&'a str),
+}
+
+/// Tags what was tested with how it went: passed with the detail (firmware, time, accelerator
+/// or instance type), or failed and when; a test that could not run (cancelled, the daemon
+/// stopping, an error of the host's) changes nothing.
+async fn tag_tested(
+    daemon: &Daemon,
+    tested: Tested<'_>,
+    outcome: Result<&str, &Failure>,
+) -> Result<(), Failure> {
+    let (verdict, detail) = match outcome {
+        Ok(detail) => ("passed", detail.to_owned()),
+        Err(f) if f.code == ErrorCode::BootTestFailed => (
+            "failed",
+            format!("failed {}", Utc::now().format("%Y-%m-%dT%H:%M:%SZ")),
+        ),
+        Err(_) => return Ok(()),
+    };
+    let tags = [
+        (proto::BOOT_TEST_TAG.to_owned(), verdict.to_owned()),
+        (proto::BOOT_TEST_DETAIL_TAG.to_owned(), detail),
+    ]
+    .into();
+    let (tagged, id) = match tested {
+        Tested::Image(id) => (daemon.provider.tag_image(id, &tags).await, id),
+        Tested::Snapshot(id) => (daemon.provider.tag_snapshot(id, &tags).await, id),
+    };
+    tagged.map_err(|f| {
+        tracing::error!(id, error = %f, "tagging what the boot test tested");
+        Failure::new(
+            f.code,
+            format!(
+                "the boot test {verdict}, but tagging {id} failed: {}",
+                f.message
+            ),
+        )
+    })
 }
 
 /// The disk image of an image or snapshot of the caller's (admins: anyone's), to boot.
@@ -1202,6 +1224,132 @@ async fn run_vm(
     }
     // Frames of the run may be half read: nothing more is taken on this connection.
     Err(io::Error::other("the run ended"))
+}
+
+/// `amidala boot-test ID` where the provider boots registered images (ec2): ID is an image of
+/// the caller's (admins: anyone's); a snapshot boots only once an image is registered from it.
+/// Holds one of the caller's build slots; the instance is terminated when the test ends, the
+/// client goes away or the daemon stops (the test is cancelled and awaited, never dropped).
+async fn boot_test_image(
+    daemon: &Arc<Daemon>,
+    conn: &mut Conn,
+    peer: &Peer,
+    id: &str,
+    test: proto::BootTestSpec,
+) -> io::Result<()> {
+    let found = async {
+        refuse_when_shutting_down(daemon)?;
+        crate::bootvm::check_test(&test, &daemon.config.boot_test, daemon.provider.name())
+            .map_err(|f| Failure::invalid(f.message.replacen("--boot-test: ", "boot-test: ", 1)))?;
+        if !id.starts_with("ami-") {
+            return Err(Failure::invalid(format!(
+                "boot-test {id}: on EC2 an image boots, not a snapshot: name the image (AMI) \
+                 registered from it (`amidala images`), or build with --boot-test"
+            )));
+        }
+        let (_, image) = find_snapshot(daemon, daemon.policy.viewer(peer), id).await?;
+        let image = image.ok_or_else(|| not_yours("image", id))?;
+        Ok(owner_uid(&image.tags).unwrap_or(NO_OWNER))
+    }
+    .await;
+    let owner = match found {
+        Ok(owner) => owner,
+        Err(f) => return conn.send_error(&f).await,
+    };
+    let job = new_id("boot");
+    tracing::info!(uid = peer.uid, image = id, %job, "boot test");
+    let watch = second_handle(conn)?;
+    let Some(slot) = vm_slot(daemon, conn, peer, &watch).await? else {
+        return Ok(());
+    };
+    // Live for gc while it runs: its instance is no leftover.
+    let _running = BootTestRunning::new(daemon, &job);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    let console = move |line: String| {
+        let _ = tx.send(line);
+    };
+    let owner_name = build::owner_name(owner);
+    let booting = daemon.provider.boot_image(crate::provider::BootJob {
+        image_id: id,
+        job_id: &job,
+        owner: &owner_name,
+        test: &test,
+        default_timeout: daemon.config.boot_test.timeout,
+        cancel: &cancel,
+        console: &console,
+    });
+    tokio::pin!(booting);
+    let mut client_gone = false;
+    let result = loop {
+        tokio::select! {
+            result = &mut booting => break result,
+            Some(line) = lines.recv(), if !client_gone => {
+                if conn.send_or_drop(&Response::Log { line }).await.is_err() {
+                    client_gone = true;
+                    cancel.cancel();
+                }
+            }
+            () = daemon.shutdown.cancelled(), if !cancel.is_cancelled() => cancel.cancel(),
+            () = closed(&watch), if !client_gone => {
+                tracing::info!(image = id, "the client went away: boot test stopped");
+                client_gone = true;
+                cancel.cancel();
+            }
+        }
+    };
+    drop(slot);
+    if client_gone {
+        return Ok(());
+    }
+    while let Ok(line) = lines.try_recv() {
+        conn.send_or_drop(&Response::Log { line }).await?;
+    }
+    if let Err(f) = tag_tested(daemon, Tested::Image(id), result.as_deref()).await {
+        return conn.send_error(&f).await;
+    }
+    match result {
+        Ok(detail) => {
+            tracing::info!(image = id, %detail, "boot test passed");
+            conn.send(&Response::BootTested {
+                id: id.to_owned(),
+                detail,
+            })
+            .await
+        }
+        Err(f) if f.code == ErrorCode::Cancelled => {
+            conn.send_error(&Failure::new(
+                ErrorCode::ShuttingDown,
+                "amidalad is shutting down",
+            ))
+            .await
+        }
+        Err(f) => conn.send_error(&f).await,
+    }
+}
+
+/// Marks an `amidala boot-test` request as running (see [`Daemon::boot_tests`]).
+struct BootTestRunning<'a>(&'a Daemon, String);
+
+impl<'a> BootTestRunning<'a> {
+    fn new(daemon: &'a Daemon, job: &str) -> Self {
+        daemon
+            .boot_tests
+            .lock()
+            .expect("boot tests lock")
+            .insert(job.to_owned());
+        BootTestRunning(daemon, job.to_owned())
+    }
+}
+
+impl Drop for BootTestRunning<'_> {
+    fn drop(&mut self) {
+        self.0
+            .boot_tests
+            .lock()
+            .expect("boot tests lock")
+            .remove(&self.1);
+    }
 }
 
 /// The provisioner's time limit of a build of `peer`'s that asks for `requested` seconds: the

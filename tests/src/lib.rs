@@ -975,9 +975,132 @@ impl Ec2Emulator {
             .collect()
     }
 
-    /// Asserts the EC2 side holds nothing of a build: no amidala volume, no attachment.
+    /// The actions of the EC2 calls the proxy received so far, in their order.
+    pub fn order(&self) -> Vec<String> {
+        self.stats()["order"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Instances that boot tests started (tagged `amidala:role = boot-test`), whatever their
+    /// state.
+    pub fn boot_instances(&self) -> Vec<aws_sdk_ec2::types::Instance> {
+        let out = self
+            .runtime
+            .block_on(
+                self.client(REGION)
+                    .describe_instances()
+                    .filters(
+                        aws_sdk_ec2::types::Filter::builder()
+                            .name("tag:amidala:role")
+                            .values("boot-test")
+                            .build(),
+                    )
+                    .send(),
+            )
+            .unwrap();
+        out.reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .cloned()
+            .collect()
+    }
+
+    /// The boot tests' instances of build `build`.
+    pub fn boot_instances_of(&self, build: &str) -> Vec<aws_sdk_ec2::types::Instance> {
+        self.boot_instances()
+            .into_iter()
+            .filter(|i| {
+                i.tags()
+                    .iter()
+                    .any(|t| t.key() == Some("amidala:build") && t.value() == Some(build))
+            })
+            .collect()
+    }
+
+    /// Waits (up to `secs`) for a boot test's instance of `build` to be running; returns its id.
+    #[track_caller]
+    pub fn running_boot_instance(&self, build: &str, secs: u64) -> String {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(i) = self.boot_instances_of(build).iter().find(|i| {
+                i.state().and_then(|s| s.name())
+                    == Some(&aws_sdk_ec2::types::InstanceStateName::Running)
+            }) {
+                return i.instance_id().unwrap().to_owned();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no running boot-test instance of {build}: {:?}",
+                self.boot_instances_of(build)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The state of instance `id`.
+    pub fn instance_state(&self, id: &str) -> String {
+        let out = self
+            .runtime
+            .block_on(
+                self.client(REGION)
+                    .describe_instances()
+                    .instance_ids(id)
+                    .send(),
+            )
+            .unwrap();
+        out.reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .find_map(|i| {
+                i.state()
+                    .and_then(|s| s.name())
+                    .map(|n| n.as_str().to_owned())
+            })
+            .unwrap_or_default()
+    }
+
+    /// Images of build `build` (registered, not deregistered).
+    pub fn images_of(&self, build: &str) -> Vec<String> {
+        let out = self
+            .runtime
+            .block_on(
+                self.client(REGION)
+                    .describe_images()
+                    .owners("self")
+                    .filters(
+                        aws_sdk_ec2::types::Filter::builder()
+                            .name("tag:amidala:build")
+                            .values(build)
+                            .build(),
+                    )
+                    .send(),
+            )
+            .unwrap();
+        out.images()
+            .iter()
+            .filter_map(|i| i.image_id().map(str::to_owned))
+            .collect()
+    }
+
+    /// Asserts the EC2 side holds nothing of a build: no amidala volume, no attachment, no
+    /// boot test's instance that is not terminated.
     #[track_caller]
     pub fn assert_no_leaks(&self) {
+        let instances: Vec<(String, String)> = self
+            .boot_instances()
+            .iter()
+            .filter_map(|i| {
+                let state = i.state().and_then(|s| s.name())?.as_str().to_owned();
+                (state != "terminated").then(|| (i.instance_id().unwrap().to_owned(), state))
+            })
+            .collect();
+        assert_eq!(instances, vec![], "boot-test instances left");
         assert_eq!(self.amidala_volumes(), vec![], "volumes left");
         assert_eq!(
             self.instance_mappings(),

@@ -325,3 +325,663 @@ fn ec2_off_ec2_without_settings_says_which_to_set() {
         "{err}"
     );
 }
+
+/// What a Debian guest's serial console shows up to its login prompt.
+const BOOTED: &str = "[    0.000000] Linux version 6.1.0-50-cloud-amd64\n\
+    [    1.020000] Run /init as init process\n\
+    Welcome to Debian GNU/Linux 12 (bookworm)!\n\
+    \n\
+    Debian GNU/Linux 12 debian ttyS0\n\
+    \n\
+    debian login: ";
+
+/// The build id a failed build's client printed.
+fn build_of(stderr: &str) -> String {
+    stderr
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("amidala: build ")
+                .and_then(|r| r.strip_suffix(" accepted"))
+        })
+        .unwrap_or_else(|| panic!("no build id in {stderr}"))
+        .to_owned()
+}
+
+/// Tags of an EC2 resource listing.
+fn tag_map(tags: &[aws_sdk_ec2::types::Tag]) -> std::collections::BTreeMap<String, String> {
+    tags.iter()
+        .map(|t| {
+            (
+                t.key().unwrap().to_owned(),
+                t.value().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// The snapshot build `build` made, with its tags.
+fn snapshot_of(
+    ec2: &Ec2Emulator,
+    build: &str,
+) -> (String, std::collections::BTreeMap<String, String>) {
+    let out = ec2
+        .runtime
+        .block_on(
+            ec2.client(REGION)
+                .describe_snapshots()
+                .owner_ids("self")
+                .filters(
+                    aws_sdk_ec2::types::Filter::builder()
+                        .name("tag:amidala:build")
+                        .values(build)
+                        .build(),
+                )
+                .send(),
+        )
+        .unwrap();
+    let snapshot = &out.snapshots()[0];
+    (
+        snapshot.snapshot_id().unwrap().to_owned(),
+        tag_map(snapshot.tags()),
+    )
+}
+
+/// The boot test's calls from its RunInstances on, repeats folded: what the build asked EC2
+/// in which order.
+fn boot_calls(order: &[String]) -> Vec<&str> {
+    let from = order
+        .iter()
+        .position(|a| a == "RunInstances")
+        .expect("a RunInstances");
+    let mut folded: Vec<&str> = Vec::new();
+    for action in &order[from..] {
+        if [
+            "RunInstances",
+            "DescribeInstances",
+            "DescribeInstanceStatus",
+            "GetConsoleOutput",
+            "TerminateInstances",
+        ]
+        .contains(&action.as_str())
+            && folded.last() != Some(&action.as_str())
+        {
+            folded.push(action);
+        }
+    }
+    folded
+}
+
+#[test]
+fn ec2_boot_test_boots_an_instance_of_the_image_and_always_terminates_it() {
+    let ec2 = Ec2Emulator::start();
+    let env = start(&ec2, "loop", "");
+    env.import_busybox();
+    let ws = env.workspace("ws", &[]);
+
+    // EC2 boots an AMI with its own boot mode only: a firmware it is not registered for is
+    // refused before anything is made.
+    let launches = ec2.calls("RunInstances");
+    let refused = env.amidala_in(
+        &ws,
+        &[
+            "build",
+            "--boot-test",
+            "--boot-firmware",
+            "uefi",
+            "--boot-mode",
+            "legacy-bios",
+            "--",
+            "/bin/true",
+        ],
+    );
+    let stderr = refused.err();
+    assert!(
+        stderr.contains(
+            "--boot-firmware uefi: on EC2 an image boots only with the firmware of its boot mode"
+        ) && stderr.contains("--boot-mode uefi"),
+        "{stderr}"
+    );
+    assert_eq!(ec2.calls("RunInstances"), launches, "nothing started");
+    assert!(
+        ec2.calls("CreateVolume") == 1,
+        "only the import's volume was made"
+    );
+
+    // A guest that boots slowly, as on EC2: pending, then status checks initializing, the
+    // console's lines coming over two seconds; RunInstances' first answer is lost (the SDK
+    // retries with the same client token).
+    ec2.configure(json!({
+        "instance_pending_secs": 1.5,
+        "instance_status_initializing_secs": 1.5,
+        "instance_shutting_down_secs": 1,
+        "console_output": BOOTED,
+        "console_reveal_secs": 2,
+        "lose": {"RunInstances": 1},
+    }));
+    let before = ec2.order().len();
+    let result = env.build(
+        &ws,
+        &["--boot-test", "--boot-firmware", "bios", "--", "/bin/true"],
+    );
+    let (build, image, snapshot) = (
+        field(&result, "build_id"),
+        field(&result, "image_id"),
+        field(&result, "snapshot_id"),
+    );
+    let order = ec2.order()[before..].to_vec();
+
+    // Passed: the image says so, the snapshot is a source again.
+    let out = ec2
+        .runtime
+        .block_on(ec2.client(REGION).describe_images().image_ids(image).send())
+        .unwrap();
+    let tags = tag_map(out.images()[0].tags());
+    assert_eq!(tags["amidala:boot-test"], "passed", "{tags:?}");
+    let detail = &tags["amidala:boot-test-detail"];
+    assert!(
+        detail.starts_with("ec2 t3.micro bios ") && detail.ends_with('s'),
+        "{detail}"
+    );
+    assert!(
+        !ec2.snapshot_tags(snapshot)
+            .contains_key("amidala:failed-build"),
+        "{:?}",
+        ec2.snapshot_tags(snapshot)
+    );
+
+    // One instance (the lost answer's retry started none), as asked for, terminated.
+    let instances = ec2.boot_instances_of(build);
+    assert_eq!(instances.len(), 1, "{instances:?}");
+    let instance = &instances[0];
+    let id = instance.instance_id().unwrap();
+    assert_eq!(ec2.instance_state(id), "terminated");
+    assert_eq!(instance.image_id(), Some(image));
+    assert_eq!(instance.instance_type().unwrap().as_str(), "t3.micro");
+    assert_eq!(
+        instance
+            .metadata_options()
+            .and_then(|m| m.http_tokens())
+            .map(|t| t.as_str()),
+        Some("required")
+    );
+    let itags = tag_map(instance.tags());
+    assert_eq!(itags["amidala:role"], "boot-test");
+    assert_eq!(itags["amidala:owner"], "root");
+    assert_eq!(
+        itags["amidala:host"],
+        nix::unistd::gethostname().unwrap().to_string_lossy()
+    );
+    let client = ec2.client(REGION);
+    let builder = ec2
+        .runtime
+        .block_on(
+            client
+                .describe_instances()
+                .instance_ids(&ec2.instance_id)
+                .send(),
+        )
+        .unwrap();
+    let builder_subnet = builder.reservations()[0].instances()[0]
+        .subnet_id()
+        .unwrap()
+        .to_owned();
+    assert_eq!(instance.subnet_id(), Some(builder_subnet.as_str()));
+    let shutdown = ec2
+        .runtime
+        .block_on(
+            client
+                .describe_instance_attribute()
+                .instance_id(id)
+                .attribute(
+                    aws_sdk_ec2::types::InstanceAttributeName::InstanceInitiatedShutdownBehavior,
+                )
+                .send(),
+        )
+        .unwrap();
+    assert_eq!(
+        shutdown
+            .instance_initiated_shutdown_behavior()
+            .and_then(|v| v.value()),
+        Some("terminate")
+    );
+    // Its security group: this host's, without any rule in or out.
+    let groups: Vec<String> = instance
+        .security_groups()
+        .iter()
+        .filter_map(|g| g.group_id().map(str::to_owned))
+        .collect();
+    assert_eq!(groups.len(), 1, "{groups:?}");
+    let group = ec2
+        .runtime
+        .block_on(
+            client
+                .describe_security_groups()
+                .group_ids(&groups[0])
+                .send(),
+        )
+        .unwrap();
+    let group = &group.security_groups()[0];
+    assert!(
+        group
+            .group_name()
+            .unwrap()
+            .starts_with("amidala-boot-test-"),
+        "{group:?}"
+    );
+    assert!(group.ip_permissions().is_empty(), "{group:?}");
+    assert!(group.ip_permissions_egress().is_empty(), "{group:?}");
+
+    // The calls, in order: started, running awaited, status checks and console polled,
+    // terminated, terminated awaited.
+    let calls = boot_calls(&order);
+    assert_eq!(
+        &calls[..4],
+        [
+            "RunInstances",
+            "DescribeInstances",
+            "DescribeInstanceStatus",
+            "GetConsoleOutput"
+        ],
+        "{order:?}"
+    );
+    assert_eq!(
+        calls.iter().filter(|c| **c == "TerminateInstances").count(),
+        1,
+        "{order:?}"
+    );
+    let terminate = calls
+        .iter()
+        .position(|c| *c == "TerminateInstances")
+        .unwrap();
+    assert!(calls[..terminate].contains(&"GetConsoleOutput"));
+    assert!(
+        calls[terminate + 1..]
+            .iter()
+            .all(|c| *c == "DescribeInstances")
+            && calls.len() > terminate + 1,
+        "terminated awaited: {order:?}"
+    );
+    let ran = order
+        .iter()
+        .position(|a| a == "DescribeInstanceStatus")
+        .unwrap();
+    let run = order.iter().position(|a| a == "RunInstances").unwrap();
+    assert!(
+        order[run..ran]
+            .iter()
+            .filter(|a| *a == "DescribeInstances")
+            .count()
+            >= 2,
+        "pending was polled: {order:?}"
+    );
+    assert!(
+        order
+            .iter()
+            .filter(|a| *a == "DescribeInstanceStatus")
+            .count()
+            >= 2,
+        "initializing status checks were polled: {order:?}"
+    );
+    assert_eq!(
+        order.iter().filter(|a| *a == "RunInstances").count(),
+        2,
+        "{order:?}"
+    );
+
+    // The console in the build's log, each line once.
+    let log = env.amidala(&["logs", build]).ok().to_owned();
+    for line in [
+        "console: Welcome to Debian GNU/Linux 12 (bookworm)!",
+        "console: debian login: ",
+    ] {
+        assert_eq!(log.matches(line).count(), 1, "{line:?} once in {log}");
+    }
+    assert!(
+        log.contains(&format!("amidala: boot test: instance {id} terminated")),
+        "{log}"
+    );
+
+    // `amidala boot-test` of the image: another instance, terminated; a snapshot is refused.
+    let tested = env.amidala(&["boot-test", image, "--timeout", "60"]);
+    assert!(
+        tested
+            .ok()
+            .starts_with(&format!("{image} booted: ec2 t3.micro bios ")),
+        "{}",
+        tested.stderr
+    );
+    assert!(
+        tested.stderr.contains("console: debian login: "),
+        "{}",
+        tested.stderr
+    );
+    let all = ec2.boot_instances();
+    assert_eq!(all.len(), 2, "{all:?}");
+    let refused = env.amidala(&["boot-test", snapshot]);
+    assert!(
+        refused
+            .err()
+            .contains("on EC2 an image boots, not a snapshot"),
+        "{}",
+        refused.stderr
+    );
+    assert_eq!(ec2.boot_instances().len(), 2);
+    // The host's security group was made once and found again.
+    let named = ec2
+        .runtime
+        .block_on(
+            client
+                .describe_security_groups()
+                .filters(
+                    aws_sdk_ec2::types::Filter::builder()
+                        .name("group-name")
+                        .values(group.group_name().unwrap())
+                        .build(),
+                )
+                .send(),
+        )
+        .unwrap();
+    assert_eq!(named.security_groups().len(), 1);
+    assert!(all
+        .iter()
+        .all(|i| i.security_groups()[0].group_id() == Some(groups[0].as_str())));
+    ec2.assert_no_leaks();
+    env.assert_no_leaks();
+}
+
+#[test]
+fn ec2_boot_test_that_fails_deregisters_the_image_and_keeps_the_snapshot() {
+    let ec2 = Ec2Emulator::start();
+    let env = start(&ec2, "loop", "");
+    env.import_busybox();
+    let ws = env.workspace("ws", &[]);
+    ec2.configure(json!({
+        "console_output": "[    0.000000] Linux version 6.1.0\n[    1.500000] Kernel panic - not syncing: VFS: Unable to mount root fs on unknown-block(0,0)\n",
+    }));
+    let failed = env.amidala_in(
+        &ws,
+        &[
+            "build",
+            "--boot-test",
+            "--boot-firmware",
+            "bios",
+            "--",
+            "/bin/true",
+        ],
+    );
+    let stderr = failed.err();
+    let build = build_of(stderr);
+    assert!(
+        stderr.contains("boot test (ec2 t3.micro, bios) failed: the kernel panicked")
+            && stderr.contains("  [    1.500000] Kernel panic - not syncing: VFS")
+            && stderr.contains("was deregistered"),
+        "{stderr}"
+    );
+    let status = env.amidala(&["status", "--json", &build]).json();
+    assert_eq!(status["error"]["phase"], "boot_test", "{status}");
+    assert_eq!(status["error"]["code"], "boot_test_failed", "{status}");
+    assert_eq!(ec2.images_of(&build), Vec::<String>::new(), "deregistered");
+    let (snapshot, tags) = snapshot_of(&ec2, &build);
+    assert_eq!(tags["amidala:failed-build"], build, "{snapshot}: {tags:?}");
+    let instances = ec2.boot_instances_of(&build);
+    assert_eq!(instances.len(), 1);
+    assert_eq!(
+        ec2.instance_state(instances[0].instance_id().unwrap()),
+        "terminated"
+    );
+    ec2.assert_no_leaks();
+
+    // An instance that does not start: the image goes all the same.
+    ec2.configure(json!({
+        "console_output": BOOTED,
+        "fail": {"RunInstances": {"code": "InsufficientInstanceCapacity", "message": "emulated: no t3.micro"}},
+    }));
+    let failed = env.amidala_in(
+        &ws,
+        &[
+            "build",
+            "--boot-test",
+            "--boot-firmware",
+            "bios",
+            "--",
+            "/bin/true",
+        ],
+    );
+    let stderr = failed.err();
+    let build = build_of(stderr);
+    assert!(
+        stderr.contains("RunInstances: InsufficientInstanceCapacity: emulated: no t3.micro")
+            && stderr.contains("was deregistered"),
+        "{stderr}"
+    );
+    assert_eq!(ec2.images_of(&build), Vec::<String>::new());
+    assert_eq!(snapshot_of(&ec2, &build).1["amidala:failed-build"], build);
+    ec2.configure(json!({"fail": {}}));
+
+    // A guest that never shows a sign: the time limit, with what the console showed.
+    ec2.configure(
+        json!({"console_output": "[    0.000000] Linux version 6.1.0\nstill starting\n"}),
+    );
+    let failed = env.amidala_in(
+        &ws,
+        &[
+            "build",
+            "--boot-test",
+            "--boot-firmware",
+            "bios",
+            "--boot-timeout",
+            "10",
+            "--",
+            "/bin/true",
+        ],
+    );
+    let stderr = failed.err();
+    assert!(
+        stderr.contains("no boot signal within 10 s; the console's last lines:")
+            && stderr.contains("  still starting"),
+        "{stderr}"
+    );
+    ec2.assert_no_leaks();
+    env.assert_no_leaks();
+}
+
+#[test]
+fn ec2_boot_test_instance_is_terminated_on_cancel_ctrl_c_and_after_a_crash() {
+    let ec2 = Ec2Emulator::start();
+    let mut env = start(&ec2, "loop", "");
+    env.import_busybox();
+    let ws = env.workspace("ws", &[]);
+    // A guest that shows nothing: the test waits until it is stopped.
+    ec2.configure(json!({"console_output": "", "instance_shutting_down_secs": 1}));
+    let args = [
+        "build",
+        "--boot-test",
+        "--boot-firmware",
+        "bios",
+        "--",
+        "/bin/true",
+    ];
+
+    // amidala cancel.
+    let client = env
+        .amidala_command(&ws, &args)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let build = env.build_in_phase("boot_test");
+    let instance = ec2.running_boot_instance(&build, 60);
+    env.amidala(&["cancel", &build]).ok();
+    let out = client.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("cancelled"),
+        "{stderr}"
+    );
+    assert_eq!(ec2.instance_state(&instance), "terminated", "{stderr}");
+    assert_eq!(
+        env.amidala(&["status", "--json", &build]).json()["state"],
+        "cancelled"
+    );
+    assert_eq!(ec2.images_of(&build), Vec::<String>::new());
+    assert_eq!(snapshot_of(&ec2, &build).1["amidala:failed-build"], build);
+    ec2.assert_no_leaks();
+
+    // Ctrl-C of the client.
+    let client = env.spawn_client(&ws, &args);
+    let build = env.build_in_phase("boot_test");
+    let instance = ec2.running_boot_instance(&build, 60);
+    let (code, stderr) = amidala_tests::interrupt(client);
+    assert_eq!(code, Some(130), "{stderr}");
+    assert_eq!(ec2.instance_state(&instance), "terminated", "{stderr}");
+    assert_eq!(ec2.images_of(&build), Vec::<String>::new());
+    ec2.assert_no_leaks();
+
+    // kill -9 of the daemon while the instance runs: recovery terminates it at the restart
+    // and deregisters the untested image.
+    let client = env.spawn_client(&ws, &args);
+    let build = env.build_in_phase("boot_test");
+    let instance = ec2.running_boot_instance(&build, 60);
+    let image = ec2.images_of(&build);
+    assert_eq!(image.len(), 1, "registered before it boots");
+    env.kill9();
+    let _ = client.wait_with_output();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(
+        ec2.instance_state(&instance),
+        "running",
+        "the kill left it running"
+    );
+    env.restart();
+    // Answered once recovery is over.
+    let status = env.amidala(&["status", "--json", &build]).json();
+    assert_eq!(ec2.instance_state(&instance), "terminated");
+    assert_eq!(ec2.images_of(&build), Vec::<String>::new());
+    assert_eq!(
+        status["error"]["message"], "interrupted by daemon restart",
+        "{status}"
+    );
+    assert_eq!(snapshot_of(&ec2, &build).1["amidala:failed-build"], build);
+    assert!(
+        env.daemon_log()
+            .contains("recovery: deregistered the image of an interrupted boot test"),
+        "{}",
+        env.daemon_log()
+    );
+    ec2.assert_no_leaks();
+    env.assert_no_leaks();
+}
+
+#[test]
+fn ec2_gc_terminates_boot_test_instances_of_builds_that_are_not_running() {
+    use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
+    let ec2 = Ec2Emulator::start();
+    let env = start(&ec2, "loop", "");
+    // Answered once the daemon's recovery is over (which would take what follows for its own).
+    let first = env.amidala(&["gc", "--dry-run", "--json"]).json();
+    assert_eq!(first, json!([]), "{first}");
+    let host = nix::unistd::gethostname()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let client = ec2.client(REGION);
+    // A boot test's instance of a build that is gone, as a crash leaves it, and one of another
+    // host's, which is not this daemon's to remove.
+    let launch = |host: &str| {
+        let tags = |kind| {
+            TagSpecification::builder()
+                .resource_type(kind)
+                .tags(
+                    Tag::builder()
+                        .key("amidala:build")
+                        .value("bld-00000000000000dead")
+                        .build(),
+                )
+                .tags(Tag::builder().key("amidala:host").value(host).build())
+                .tags(
+                    Tag::builder()
+                        .key("amidala:role")
+                        .value("boot-test")
+                        .build(),
+                )
+                .build()
+        };
+        let out = ec2
+            .runtime
+            .block_on(
+                client
+                    .run_instances()
+                    .image_id("ami-12345678")
+                    .min_count(1)
+                    .max_count(1)
+                    .tag_specifications(tags(ResourceType::Instance))
+                    .tag_specifications(tags(ResourceType::Volume))
+                    .send(),
+            )
+            .unwrap();
+        out.instances()[0].instance_id().unwrap().to_owned()
+    };
+    let dead = launch(&host);
+    let other = launch("some-other-builder");
+
+    let listed = env.amidala(&["gc", "--dry-run", "--json"]).json();
+    let items = listed.as_array().unwrap();
+    let found = items
+        .iter()
+        .find(|i| i["kind"] == "instance")
+        .unwrap_or_else(|| panic!("no instance in {listed}"));
+    assert_eq!(found["id"], dead.as_str(), "{listed}");
+    assert_eq!(found["build"], "bld-00000000000000dead", "{listed}");
+    assert_eq!(
+        items.iter().filter(|i| i["kind"] == "instance").count(),
+        1,
+        "{listed}"
+    );
+    assert!(
+        items.iter().any(|i| i["kind"] == "volume"
+            && i["detail"]
+                .as_str()
+                .unwrap()
+                .starts_with("root volume of a boot-test instance")),
+        "its volume: {listed}"
+    );
+    assert_eq!(
+        ec2.instance_state(&dead),
+        "running",
+        "a dry run removes nothing"
+    );
+
+    let removed = env.amidala(&["gc", "--json"]).json();
+    assert!(
+        removed
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["removed"] == true),
+        "{removed}"
+    );
+    assert_eq!(ec2.instance_state(&dead), "terminated");
+    assert_eq!(
+        ec2.instance_state(&other),
+        "running",
+        "another host's is left alone"
+    );
+    assert_eq!(
+        ec2.instance_state(&ec2.instance_id),
+        "running",
+        "the builder is left alone"
+    );
+    let again = env.amidala(&["gc", "--dry-run", "--json"]).json();
+    assert!(
+        !again
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["kind"] == "instance"),
+        "{again}"
+    );
+    ec2.runtime
+        .block_on(client.terminate_instances().instance_ids(&other).send())
+        .unwrap();
+    ec2.assert_no_leaks();
+    env.assert_no_leaks();
+}

@@ -9,6 +9,7 @@
 //! every state change is awaited with [`wait::wait_for`], and a phase that fails part way
 //! undoes what it made before returning.
 
+pub mod boot;
 pub mod devices;
 pub mod wait;
 
@@ -35,8 +36,9 @@ use crate::config::{DataPlane, Ec2Config, Ec2Timeouts};
 use crate::disk;
 use crate::error::{blocking, Failure};
 use crate::provider::{
-    copy_to_new, grow, no_snapshot_tagged, not_yours, remove_if_present, Attachment, BuildVolume,
-    ImageMeta, Keep, Provider, SnapshotMeta, Viewer, Volume, FAILED_BUILD_TAG, NO_OWNER,
+    copy_to_new, grow, no_snapshot_tagged, not_yours, remove_if_present, Attachment, BootInstance,
+    BootJob, BuildVolume, ImageMeta, Keep, Provider, SnapshotMeta, Viewer, Volume,
+    FAILED_BUILD_TAG, NO_OWNER,
 };
 use devices::{DeviceAllocator, DeviceLease};
 use wait::wait_for;
@@ -125,6 +127,18 @@ pub struct Ec2Provider {
     devices: Arc<DeviceAllocator>,
     timeouts: Ec2Timeouts,
     host: String,
+    boot: BootSettings,
+    /// The subnet and security group of boot tests, once looked up.
+    boot_net: tokio::sync::Mutex<Option<boot::BootNetwork>>,
+}
+
+/// How boot tests' instances are started (`boot_test_*` in `[ec2]`).
+#[derive(Debug)]
+struct BootSettings {
+    instance_type: String,
+    instance_type_arm64: String,
+    subnet: Option<String>,
+    security_group: Option<String>,
 }
 
 /// What an ec2 attachment holds until its detach has finished.
@@ -230,6 +244,19 @@ impl Ec2Provider {
             host: nix::unistd::gethostname()
                 .map(|h| h.to_string_lossy().into_owned())
                 .unwrap_or_default(),
+            boot: BootSettings {
+                instance_type: config
+                    .boot_test_instance_type
+                    .clone()
+                    .unwrap_or_else(|| "t3.micro".into()),
+                instance_type_arm64: config
+                    .boot_test_instance_type_arm64
+                    .clone()
+                    .unwrap_or_else(|| "t4g.micro".into()),
+                subnet: config.boot_test_subnet.clone(),
+                security_group: config.boot_test_security_group.clone(),
+            },
+            boot_net: tokio::sync::Mutex::new(None),
         };
         // Fail at start, not in the first build, if the API or the instance is not reachable.
         provider
@@ -250,6 +277,17 @@ impl Ec2Provider {
 
     /// Device names the instance's block device mappings use.
     async fn instance_mappings(&self) -> Result<Vec<String>, Failure> {
+        Ok(self
+            .builder_instance()
+            .await?
+            .block_device_mappings()
+            .iter()
+            .filter_map(|m| m.device_name().map(str::to_owned))
+            .collect())
+    }
+
+    /// This builder's instance, as DescribeInstances says.
+    async fn builder_instance(&self) -> Result<aws_sdk_ec2::types::Instance, Failure> {
         let out = self
             .client
             .describe_instances()
@@ -268,11 +306,7 @@ impl Ec2Provider {
                     format!("instance {} not found", self.instance_id),
                 )
             })?;
-        Ok(instance
-            .block_device_mappings()
-            .iter()
-            .filter_map(|m| m.device_name().map(str::to_owned))
-            .collect())
+        Ok(instance.clone())
     }
 
     /// One snapshot, if it exists.
@@ -628,6 +662,45 @@ impl Ec2Provider {
         .into()
     }
 
+    /// Shares the image with `share_with` and copies it (tagged `tags`) to `copy_to`.
+    async fn share_and_copy(
+        &self,
+        image_id: &str,
+        name: &str,
+        description: &str,
+        copy_to: &[String],
+        share_with: &[String],
+        tags: &BTreeMap<String, String>,
+    ) -> Result<(), Failure> {
+        if !share_with.is_empty() {
+            let mut permissions = LaunchPermissionModifications::builder();
+            for account in share_with {
+                permissions = permissions.add(LaunchPermission::builder().user_id(account).build());
+            }
+            self.client
+                .modify_image_attribute()
+                .image_id(image_id)
+                .launch_permission(permissions.build())
+                .send()
+                .await
+                .map_err(cloud("ModifyImageAttribute"))?;
+        }
+        let copies = futures::future::join_all(
+            copy_to
+                .iter()
+                .map(|region| self.copy_image(image_id, name, description, region, tags)),
+        )
+        .await;
+        for (region, copy) in copy_to.iter().zip(copies) {
+            let copy = copy.map_err(|mut f| {
+                f.message = format!("copying {image_id} to {region}: {}", f.message);
+                f
+            })?;
+            tracing::info!(image = %image_id, %region, copy = %copy, "image copied");
+        }
+        Ok(())
+    }
+
     /// Copies the image to `region` and tags the copy.
     async fn copy_image(
         &self,
@@ -668,7 +741,16 @@ impl Provider for Ec2Provider {
         "ec2"
     }
 
-    fn check_options(&self, _spec: &BuildSpec) -> Result<(), Failure> {
+    fn check_options(&self, spec: &BuildSpec) -> Result<(), Failure> {
+        // The AMI boots with the boot mode it is registered with: a firmware it will not be
+        // registered for is refused now, not after the build.
+        if let Some(test) = &spec.boot_test {
+            boot::firmware_of(
+                spec.boot_mode.as_deref(),
+                spec.arch.as_deref(),
+                test.firmware.as_deref(),
+            )?;
+        }
         Ok(())
     }
 
@@ -902,30 +984,15 @@ impl Provider for Ec2Provider {
             tag_call = tag_call.tags(Tag::builder().key(k).value(v).build());
         }
         tag_call.send().await.map_err(cloud("CreateTags"))?;
-        if !meta.share_with.is_empty() {
-            let mut permissions = LaunchPermissionModifications::builder();
-            for account in &meta.share_with {
-                permissions = permissions.add(LaunchPermission::builder().user_id(account).build());
-            }
-            self.client
-                .modify_image_attribute()
-                .image_id(&image_id)
-                .launch_permission(permissions.build())
-                .send()
-                .await
-                .map_err(cloud("ModifyImageAttribute"))?;
-        }
-        let copies = futures::future::join_all(meta.copy_to.iter().map(|region| {
-            self.copy_image(&image_id, &meta.name, &meta.description, region, &tags)
-        }))
-        .await;
-        for (region, copy) in meta.copy_to.iter().zip(copies) {
-            let copy = copy.map_err(|mut f| {
-                f.message = format!("copying {image_id} to {region}: {}", f.message);
-                f
-            })?;
-            tracing::info!(image = %image_id, %region, copy = %copy, "image copied");
-        }
+        self.share_and_copy(
+            &image_id,
+            &meta.name,
+            &meta.description,
+            &meta.copy_to,
+            &meta.share_with,
+            &tags,
+        )
+        .await?;
         Ok(ImageRecord {
             id: image_id,
             name: meta.name,
@@ -1069,10 +1136,18 @@ impl Provider for Ec2Provider {
         while let Some(page) = pages.next().await {
             for v in page.map_err(cloud("DescribeVolumes"))?.volumes() {
                 let tags = tags_of(v.tags());
+                let state = v.state().map_or("unknown", |s| s.as_str());
                 found.push(BuildVolume {
                     id: v.volume_id().unwrap_or_default().to_owned(),
                     build: tags.get("amidala:build").cloned(),
-                    state: v.state().map_or("unknown", |s| s.as_str()).to_owned(),
+                    // A boot test's instance's own: it goes with the instance.
+                    state: if tags.get(boot::ROLE_TAG).map(String::as_str)
+                        == Some(boot::BOOT_TEST_ROLE)
+                    {
+                        format!("{} ({state})", boot::BOOT_VOLUME)
+                    } else {
+                        state.to_owned()
+                    },
                 });
             }
         }
@@ -1090,6 +1165,9 @@ impl Provider for Ec2Provider {
     }
 
     async fn reclaim_volume(&self, volume: &BuildVolume) -> Result<(), Failure> {
+        if volume.state.starts_with(boot::BOOT_VOLUME) {
+            return self.reclaim_boot_volume(&volume.id).await;
+        }
         if volume.state != "file without a volume" {
             let (state, attachment) = self.volume_state(&volume.id).await?;
             if attachment.is_some() {
@@ -1149,6 +1227,40 @@ impl Provider for Ec2Provider {
             .await
             .map_err(cloud("DeregisterImage"))?;
         Ok(())
+    }
+
+    fn boots_images(&self) -> bool {
+        true
+    }
+
+    async fn boot_image(&self, job: BootJob<'_>) -> Result<String, Failure> {
+        self.boot_test(job).await
+    }
+
+    async fn publish_image(
+        &self,
+        image: &ImageRecord,
+        description: &str,
+        copy_to: &[String],
+        share_with: &[String],
+    ) -> Result<(), Failure> {
+        self.share_and_copy(
+            &image.id,
+            &image.name,
+            description,
+            copy_to,
+            share_with,
+            &image.tags,
+        )
+        .await
+    }
+
+    async fn boot_instances(&self) -> Result<Vec<BootInstance>, Failure> {
+        self.host_boot_instances().await
+    }
+
+    async fn reclaim_instance(&self, instance: &BootInstance) -> Result<(), Failure> {
+        self.terminate(&instance.id, false).await.map(drop)
     }
 
     async fn delete_snapshot(&self, id: &str) -> Result<(), Failure> {
