@@ -143,6 +143,20 @@ fn is_file(root: BorrowedFd<'_>, path: &str) -> bool {
         .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG)
 }
 
+/// Whether the tree's file `path` is an x86 Linux kernel: the boot protocol's `HdrS` at 0x202,
+/// which every bzImage carries (arm64's Image and EFI zboot kernels do not).
+fn x86_kernel(root: BorrowedFd<'_>, path: &str) -> bool {
+    let Ok(fd) = crate::sys::open_in_root(
+        root,
+        Path::new(path),
+        libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY,
+    ) else {
+        return false;
+    };
+    let mut header = [0u8; 4];
+    nix::sys::uio::pread(&fd, &mut header, 0x202).is_ok_and(|n| n == 4) && &header == b"HdrS"
+}
+
 /// The tree's kernels that have an initramfs, newest first: `/boot/vmlinuz-V` with
 /// `/boot/initrd.img-V` or `/boot/initramfs-V.img`, and `/lib/modules/V/vmlinuz` with one of
 /// those or `/lib/modules/V/initrd`.
@@ -381,7 +395,18 @@ pub struct Done {
 /// Makes the tree bootable from the disk amidala lays out: the menu, `/boot/efi`, and an
 /// fstab if the tree's own mounts nothing at `/`.
 pub fn set_up(root: BorrowedFd<'_>, setup: &Setup) -> Result<Done, String> {
-    let kernels = find_kernels(root).map_err(|e| format!("looking for kernels: {e}"))?;
+    let mut kernels = find_kernels(root).map_err(|e| format!("looking for kernels: {e}"))?;
+    // The disk's GRUB is for x86 (i386-pc, x86_64-efi): an arm64 tree's kernel would be put
+    // where nothing boots it.
+    let found = kernels.first().map(|k| k.kernel.clone());
+    kernels.retain(|k| x86_kernel(root, &k.kernel));
+    if let (Some(first), true) = (found, kernels.is_empty()) {
+        return Err(format!(
+            "the tree's kernels are not x86 kernels ({first} has no x86 boot header): amidala \
+             makes bootable disks for x86_64 only (GRUB for legacy BIOS and x86_64-efi; arm64 \
+             is not covered yet); import it with --boot no to make a disk without a boot loader"
+        ));
+    }
     if kernels.is_empty() {
         return Err(
             "the tree holds no kernel with a matching initramfs (/boot/vmlinuz-VERSION with \
@@ -584,14 +609,26 @@ mod tests {
         assert_eq!(found[0].kernel, "/lib/modules/6.9.0/vmlinuz");
         assert_eq!(found[0].initramfs, "/boot/initramfs-6.9.0.img");
 
-        let done = set_up(
-            root.as_fd(),
-            &Setup {
-                root_uuid: "u-1".into(),
-                esp_uuid: "E-1".into(),
-            },
-        )
-        .unwrap();
+        let setup = Setup {
+            root_uuid: "u-1".into(),
+            esp_uuid: "E-1".into(),
+        };
+        // Kernels without the x86 boot header (an arm64 tree's) make no disk amidala boots.
+        let why = set_up(root.as_fd(), &setup).unwrap_err();
+        assert!(
+            why.contains("not x86 kernels") && why.contains("--boot no"),
+            "{why}"
+        );
+        let mut bzimage = vec![0u8; 0x400];
+        bzimage[0x202..0x206].copy_from_slice(b"HdrS");
+        for k in [
+            "lib/modules/6.9.0/vmlinuz",
+            "boot/vmlinuz-6.1.0-28-amd64",
+            "boot/vmlinuz-6.1.0-9-amd64",
+        ] {
+            std::fs::write(p.join(k), &bzimage).unwrap();
+        }
+        let done = set_up(root.as_fd(), &setup).unwrap();
         assert!(done.wrote_fstab);
         assert!(p.join("boot/efi").is_dir());
         let menu = std::fs::read_to_string(p.join("boot/grub/grub.cfg")).unwrap();

@@ -411,7 +411,7 @@ async fn make_image(
         }
         other => other.map(|size| size - around),
     };
-    let size = filesystem_size(usage, requested)?;
+    let size = filesystem_size(usage, requested, bootable)?;
     let layout = bootable.then(|| crate::bootdisk::Layout::new(size));
     // What the image file will take: the filesystem's size with --size (the archive was not
     // measured; the kernel keeps it within), else what the content holds and the
@@ -428,19 +428,12 @@ async fn make_image(
             takes.div_ceil(MIB)
         )));
     }
-    // Claimed: what the filesystem can come to hold (the tree may change between the two
-    // passes), not only what was measured.
-    let most = size + around + if bootable { 12 * MIB } else { 0 };
+    // Claimed: what was measured. (A tree changed between the two passes can take more, up
+    // to the filesystem's size; claiming that would refuse imports that fit, since its room
+    // is never written otherwise.)
     daemon
         .imports
-        .claim(
-            daemon,
-            in_flight,
-            most.max(takes),
-            false,
-            image,
-            &spec.source_name,
-        )
+        .claim(daemon, in_flight, takes, false, image, &spec.source_name)
         .await?;
     // 2. An empty filesystem of that size (in partition 3 of a new GPT disk if bootable): mkfs
     // sees no byte of the user's.
@@ -783,6 +776,10 @@ fn empty_filesystem(
     Ok(())
 }
 
+/// The room a bootable tree's filesystem gets for a kernel update (the file is sparse: room
+/// never written costs nothing).
+const KERNEL_UPDATE_ROOM: u64 = 512 * MIB;
+
 /// A raw disk image, copied as it is (holes kept), after checking it fits.
 async fn copy_disk(
     daemon: &crate::Daemon,
@@ -1066,9 +1063,17 @@ async fn convert_qcow2(
 }
 
 /// A filesystem size that holds `usage` with room to spare, or the requested size if it does.
-pub fn filesystem_size(usage: Usage, requested: Option<u64>) -> Result<u64, Failure> {
-    let needed =
-        (usage.bytes + usage.bytes / 5 + usage.inodes * 512 + 64 * MIB).div_ceil(MIB) * MIB;
+pub fn filesystem_size(
+    usage: Usage,
+    requested: Option<u64>,
+    bootable: bool,
+) -> Result<u64, Failure> {
+    // A bootable tree gets room for a kernel update besides: dpkg unpacks the new kernel's
+    // modules beside the old ones, and the initramfs is made again beside the old one.
+    let update = if bootable { KERNEL_UPDATE_ROOM } else { 0 };
+    let needed = (usage.bytes + usage.bytes / 5 + usage.inodes * 512 + 64 * MIB + update)
+        .div_ceil(MIB)
+        * MIB;
     match requested {
         Some(size) if size < needed => Err(Failure::invalid(format!(
             "--size {} MiB is too small for the content, which needs about {} MiB",
@@ -1092,10 +1097,17 @@ mod tests {
             inodes: 1000,
             ..Usage::default()
         };
-        let auto = filesystem_size(usage, None).unwrap();
+        let auto = filesystem_size(usage, None, false).unwrap();
+        assert_eq!(
+            filesystem_size(usage, None, true).unwrap(),
+            auto + KERNEL_UPDATE_ROOM
+        );
         assert!(auto >= 120 * MIB && auto % MIB == 0, "{auto}");
-        assert_eq!(filesystem_size(usage, Some(1 << 30)).unwrap(), 1 << 30);
-        let err = filesystem_size(usage, Some(10 * MIB)).unwrap_err();
+        assert_eq!(
+            filesystem_size(usage, Some(1 << 30), false).unwrap(),
+            1 << 30
+        );
+        let err = filesystem_size(usage, Some(10 * MIB), false).unwrap_err();
         assert!(err.message.contains("too small"), "{}", err.message);
     }
 

@@ -1262,8 +1262,10 @@ async fn boot_test_image(
     let Some(slot) = vm_slot(daemon, conn, peer, &watch).await? else {
         return Ok(());
     };
-    // Live for gc while it runs: its instance is no leftover.
+    // Live for gc while it runs: its instance is no leftover. Awaited by the daemon's stop
+    // as a build is, so that the instance is terminated before the daemon ends.
     let _running = BootTestRunning::new(daemon, &job);
+    let _awaited = daemon.build_tasks.token();
     let cancel = tokio_util::sync::CancellationToken::new();
     let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
     let console = move |line: String| {

@@ -371,7 +371,8 @@ impl Ec2Provider {
     }
 
     /// This host's security group of boot tests in `vpc`: found by its name, else made
-    /// without rules. One found with inbound rules is refused.
+    /// without rules. One found with inbound rules is refused; one found with outbound rules
+    /// (its maker stopped before it took them) has them taken first.
     async fn host_group(&self, vpc: &str) -> Result<String, Failure> {
         let name = group_name(&self.host);
         for attempt in 0..2 {
@@ -394,6 +395,19 @@ impl Ec2Provider {
                              boot_test_security_group)"
                         ),
                     ));
+                }
+                // Made by a daemon that stopped (or was refused) before it took the default
+                // rule that lets everything out: taken now, before the group is used.
+                let egress = group.ip_permissions_egress().to_vec();
+                if !egress.is_empty() {
+                    self.client
+                        .revoke_security_group_egress()
+                        .group_id(&id)
+                        .set_ip_permissions(Some(egress))
+                        .send()
+                        .await
+                        .map_err(cloud("RevokeSecurityGroupEgress"))?;
+                    tracing::warn!(group = %id, %name, "took the outbound rules of the boot tests' security group");
                 }
                 return Ok(id);
             }
