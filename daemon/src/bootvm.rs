@@ -1193,14 +1193,17 @@ fn bind_read_only(source: &str, target: &Path) -> Result<(), String> {
     .map_err(e(&format!("making {source} read-only")))
 }
 
-/// What e2fsprogs may use beyond the sandbox they share with QEMU (which has its own
-/// seccomp sandbox): 4 GiB of address space, 64 processes of their id, and no loop device
-/// ioctl (`/dev/disk` is a loop device; its offset and flags are the daemon's).
-fn confine_tool() -> Result<(), String> {
+/// What the tools (e2fsprogs, qemu-img, mtools) may use beyond the sandbox they share with
+/// QEMU (which has its own seccomp sandbox): 4 GiB of address space, 64 processes of their id
+/// (qemu-img 256: its I/O threads), and no loop device ioctl (`/dev/disk` is a loop device;
+/// its offset and flags are the daemon's).
+fn confine_tool(program: Program) -> Result<(), String> {
     use libseccomp::{ScmpAction, ScmpFilterContext};
     use nix::sys::resource::{setrlimit, Resource};
     setrlimit(Resource::RLIMIT_AS, 4 << 30, 4 << 30).map_err(e("bounding memory"))?;
-    setrlimit(Resource::RLIMIT_NPROC, 64, 64).map_err(e("bounding processes"))?;
+    // qemu-img's I/O thread pool alone may start 64 threads (each counts as a process).
+    let processes = if program == Program::QemuImg { 256 } else { 64 };
+    setrlimit(Resource::RLIMIT_NPROC, processes, processes).map_err(e("bounding processes"))?;
     let seccomp = |what: &str, err: libseccomp::error::SeccompError| format!("{what}: {err}");
     let mut filter = ScmpFilterContext::new(ScmpAction::Allow)
         .map_err(|err| seccomp("a seccomp filter", err))?;
@@ -1458,7 +1461,7 @@ fn helper() -> Result<std::convert::Infallible, String> {
         .map_err(e("refusing core dumps"))?;
     nix::sys::prctl::set_no_new_privs().map_err(e("setting no_new_privs"))?;
     if job.program != Program::Qemu {
-        confine_tool()?;
+        confine_tool(job.program)?;
     }
     let path = job.program.path();
     let program = CString::new(path).expect("no NUL");

@@ -398,15 +398,10 @@ impl Ec2Provider {
                 }
                 // Made by a daemon that stopped (or was refused) before it took the default
                 // rule that lets everything out: taken now, before the group is used.
-                let egress = group.ip_permissions_egress().to_vec();
-                if !egress.is_empty() {
-                    self.client
-                        .revoke_security_group_egress()
-                        .group_id(&id)
-                        .set_ip_permissions(Some(egress))
-                        .send()
-                        .await
-                        .map_err(cloud("RevokeSecurityGroupEgress"))?;
+                if self
+                    .close_egress(&id, group.ip_permissions_egress().to_vec())
+                    .await?
+                {
                     tracing::warn!(group = %id, %name, "took the outbound rules of the boot tests' security group");
                 }
                 return Ok(id);
@@ -452,15 +447,7 @@ impl Ec2Provider {
                 .flat_map(|g| g.ip_permissions_egress())
                 .cloned()
                 .collect();
-            if !egress.is_empty() {
-                self.client
-                    .revoke_security_group_egress()
-                    .group_id(&id)
-                    .set_ip_permissions(Some(egress))
-                    .send()
-                    .await
-                    .map_err(cloud("RevokeSecurityGroupEgress"))?;
-            }
+            self.close_egress(&id, egress).await?;
             tracing::info!(group = %id, %name, vpc, "made the security group of boot tests");
             return Ok(id);
         }
@@ -468,6 +455,25 @@ impl Ec2Provider {
             ErrorCode::Cloud,
             format!("security group {name} was made and then not found"),
         ))
+    }
+
+    /// Revokes the group's outbound rules `egress`; returns whether it had any.
+    async fn close_egress(
+        &self,
+        id: &str,
+        egress: Vec<aws_sdk_ec2::types::IpPermission>,
+    ) -> Result<bool, Failure> {
+        if egress.is_empty() {
+            return Ok(false);
+        }
+        self.client
+            .revoke_security_group_egress()
+            .group_id(id)
+            .set_ip_permissions(Some(egress))
+            .send()
+            .await
+            .map_err(cloud("RevokeSecurityGroupEgress"))?;
+        Ok(true)
     }
 
     /// RunInstances of the test's image; returns the instance id.
