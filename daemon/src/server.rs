@@ -922,6 +922,12 @@ async fn export(
     Ok((snapshot, file))
 }
 
+/// The checks of `build --boot-test`, said as `amidala boot-test`'s.
+fn check_boot_test(daemon: &Daemon, test: &proto::BootTestSpec) -> Result<(), Failure> {
+    crate::bootvm::check_test(test, &daemon.config.boot_test, daemon.provider.name())
+        .map_err(|f| Failure::invalid(f.message.replacen("--boot-test: ", "boot-test: ", 1)))
+}
+
 /// `amidala boot-test ID`: boots an image or snapshot of the caller's (admins: anyone's) as
 /// a build's `--boot-test` does, the console streamed as log lines. It waits for, and holds, one
 /// of the caller's build slots (a VM costs what a build costs), and ends, QEMU killed, when the
@@ -938,8 +944,7 @@ async fn boot_test(
         return boot_test_image(daemon, conn, peer, id, test).await;
     }
     let found = async {
-        crate::bootvm::check_test(&test, &daemon.config.boot_test, daemon.provider.name())
-            .map_err(|f| Failure::invalid(f.message.replacen("--boot-test: ", "boot-test: ", 1)))?;
+        check_boot_test(daemon, &test)?;
         own_disk(daemon, peer, id).await
     }
     .await;
@@ -1239,8 +1244,7 @@ async fn boot_test_image(
 ) -> io::Result<()> {
     let found = async {
         refuse_when_shutting_down(daemon)?;
-        crate::bootvm::check_test(&test, &daemon.config.boot_test, daemon.provider.name())
-            .map_err(|f| Failure::invalid(f.message.replacen("--boot-test: ", "boot-test: ", 1)))?;
+        check_boot_test(daemon, &test)?;
         if !id.starts_with("ami-") {
             return Err(Failure::invalid(format!(
                 "boot-test {id}: on EC2 an image boots, not a snapshot: name the image (AMI) \
