@@ -3,8 +3,10 @@
 # builds with (libseccomp-dev), the tools it calls (mkfs.ext4, from e2fsprogs), the ones the
 # tests use (sfdisk, sgdisk, mkfs.xfs, mount, losetup, tar, xz, systemd-analyze and systemd-socket-activate, ssh
 # and sshd, gcc and a static libc for tests/escape-probe.c), busybox-static for the test root
-# filesystem, GRUB's images (grub-pc-bin, grub-efi-amd64-bin), mtools, QEMU and OVMF for
-# bootable disks and their boot test, qemu-img (qemu-utils) for qcow2 imports, a bootable Debian rootfs (cloud kernel, systemd) in
+# filesystem, GRUB's images (grub-pc-bin, grub-efi-amd64-bin, and grub-efi-arm64-bin, of arm64
+# through multiarch on x86), mtools, QEMU and OVMF (and QEMU's arm64 machine with AAVMF) for
+# bootable disks and their boot test, a small arm64 tree that boots in
+# $AMIDALA_ARM64_BOOT_TREE, by default /var/cache/amidala-tests/arm64-boot, qemu-img (qemu-utils) for qcow2 imports, a bootable Debian rootfs (cloud kernel, systemd) in
 # $AMIDALA_DEBIAN_BOOT_ROOTFS, by default /var/cache/amidala-tests/debian-bookworm-boot, and a
 # Python venv with moto server (the EC2 API emulator of the ec2 tests) in
 # $AMIDALA_MOTO_VENV, by default /var/cache/amidala-tests/moto-venv, and a Debian rootfs with
@@ -36,6 +38,22 @@ need mformat mtools
 # The boot test (and the demo's): QEMU, SeaBIOS (its dependency) and OVMF.
 need qemu-system-x86_64 qemu-system-x86
 [ -e /usr/share/OVMF/OVMF_CODE_4M.fd ] || missing="$missing ovmf"
+# arm64 bootable disks and their boot test: arm64's GRUB images (on this x86 host the arm64
+# package, through dpkg's multiarch: its files are data, nothing of it runs), QEMU's arm64
+# machine and its UEFI firmware (AAVMF), cpio for the arm64 test tree's initramfs.
+if [ "$mode" != --demo ] && [ "$mode" != --deb ]; then
+    arm64_grub=grub-efi-arm64-bin
+    if [ "$(dpkg --print-architecture)" != arm64 ]; then
+        arm64_grub=grub-efi-arm64-bin:arm64
+        if ! dpkg --print-foreign-architectures | grep -qx arm64; then
+            [ "$(id -u)" = 0 ] && dpkg --add-architecture arm64
+        fi
+    fi
+    [ -e /usr/lib/grub/arm64-efi/normal.mod ] || missing="$missing $arm64_grub"
+    need qemu-system-aarch64 qemu-system-arm
+    [ -e /usr/share/AAVMF/AAVMF_CODE.fd ] || missing="$missing qemu-efi-aarch64"
+    need cpio cpio
+fi
 # The systemd tests: systemd-analyze verify on the units, systemd-socket-activate.
 if [ "${1:-}" != --demo ]; then
     need systemd-analyze systemd
@@ -146,6 +164,16 @@ if ! "$venv/bin/python" -c "import moto, sys; sys.exit(moto.__version__ != '$mot
     mkdir -p "$(dirname "$venv")"
     python3 -m venv "$venv"
     "$venv/bin/pip" install -q --disable-pip-version-check "moto[server]==$moto_version"
+fi
+
+# A small arm64 tree that boots (Debian's arm64 cloud kernel, a busybox initramfs), for the
+# test of arm64 bootable disks.
+arm64=${AMIDALA_ARM64_BOOT_TREE:-/var/cache/amidala-tests/arm64-boot}
+if [ ! -e "$arm64/bin/busybox" ]; then
+    echo "making $arm64 (arm64's kernel and busybox, unpacked from their packages)" >&2
+    rm -rf "$arm64"
+    mkdir -p "$(dirname "$arm64")"
+    "$(dirname "$0")/make-arm64-boot-tree.sh" "$arm64"
 fi
 
 # A Debian minbase root filesystem with ansible-core, for the ansible provisioner's tests.

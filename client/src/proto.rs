@@ -404,6 +404,10 @@ pub struct ImportSpec {
 /// `none` (a tree without a kernel, or a disk without a boot loader amidala can see).
 pub const BOOT_TAG: &str = "amidala:boot";
 
+/// The tag of a bootable snapshot and image saying for which machine it boots: `x86_64` or
+/// `arm64` (told by its kernel when a tree is imported). A disk without it boots on x86-64.
+pub const BOOT_ARCH_TAG: &str = "amidala:boot-arch";
+
 /// A `key=value` tag.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

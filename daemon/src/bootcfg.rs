@@ -24,9 +24,90 @@ use serde::{Deserialize, Serialize};
 /// The first line of a menu amidala wrote (and may write again).
 pub const MARKER: &str = "# amidala: this menu is written by amidala after every build; remove this line to keep your own";
 
-/// The kernel command line's consoles: the screen, then the serial port (the last is
-/// `/dev/console`, where the login prompt the boot test waits for appears).
+/// The kernel command line's consoles on x86-64: the screen, then the serial port (the last is
+/// `/dev/console`, where the login prompt the boot test waits for appears). An arm64 kernel is
+/// given none: it takes its console from the firmware's tables (ACPI's SPCR or the device
+/// tree's `stdout-path`), the serial port on EC2 (`ttyS0`) and in QEMU (`ttyAMA0`) alike, and a
+/// `console=` naming one of them would take that away on the other.
 pub const CONSOLES: &str = "console=tty0 console=ttyS0,115200";
+
+/// The architecture of a bootable disk, told by its kernel's header: which GRUB amidala
+/// writes and how the disk boots.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Arch {
+    /// Legacy BIOS (`i386-pc`) and UEFI (`x86_64-efi`, `EFI/BOOT/BOOTX64.EFI`).
+    #[default]
+    X86_64,
+    /// UEFI only (`arm64-efi`, `EFI/BOOT/BOOTAA64.EFI`).
+    Arm64,
+}
+
+impl Arch {
+    /// As amidala names architectures (ELF headers, `--arch`, EC2): `x86_64`, `arm64`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64",
+            Arch::Arm64 => "arm64",
+        }
+    }
+
+    /// The architecture a disk's [`amidala::proto::BOOT_ARCH_TAG`] names: a disk without the tag
+    /// (imported before amidala made arm64 disks, or a disk image imported as it is) is taken
+    /// for x86-64.
+    pub fn of_tag(tag: Option<&str>) -> Result<Arch, String> {
+        match tag {
+            None | Some("x86_64") => Ok(Arch::X86_64),
+            Some("arm64") => Ok(Arch::Arm64),
+            Some(other) => Err(format!(
+                "the image's architecture {other:?} (amidala:boot-arch) is not one amidala boots: \
+                 x86_64 or arm64"
+            )),
+        }
+    }
+
+    /// The builder host's own.
+    pub fn host() -> Arch {
+        if cfg!(target_arch = "aarch64") {
+            Arch::Arm64
+        } else {
+            Arch::X86_64
+        }
+    }
+
+    /// The GRUB platforms amidala installs for it.
+    pub fn grub_platforms(self) -> &'static [&'static str] {
+        match self {
+            Arch::X86_64 => &["i386-pc", "x86_64-efi"],
+            Arch::Arm64 => &["arm64-efi"],
+        }
+    }
+
+    /// The firmware its disks boot with, as the [`amidala::proto::BOOT_TAG`] says it.
+    pub fn boot_modes(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "bios+uefi",
+            Arch::Arm64 => "uefi",
+        }
+    }
+
+    /// The removable-media path's file name on the ESP, which firmware boots without a boot
+    /// entry.
+    pub fn efi_file(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "BOOTX64.EFI",
+            Arch::Arm64 => "BOOTAA64.EFI",
+        }
+    }
+
+    /// The GPT type of its root partition (the Discoverable Partitions Specification's).
+    pub fn root_type(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709",
+            Arch::Arm64 => "B921B045-1DF0-41C3-AF44-4C6F280D3FAE",
+        }
+    }
+}
 
 /// The GPT partition label of the root filesystem's partition and its filesystem label.
 pub const ROOT_LABEL: &str = "rootfs";
@@ -143,18 +224,45 @@ fn is_file(root: BorrowedFd<'_>, path: &str) -> bool {
         .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG)
 }
 
-/// Whether the tree's file `path` is an x86 Linux kernel: the boot protocol's `HdrS` at 0x202,
-/// which every bzImage carries (arm64's Image and EFI zboot kernels do not).
-fn x86_kernel(root: BorrowedFd<'_>, path: &str) -> bool {
-    let Ok(fd) = crate::sys::open_in_root(
+/// The architecture of the tree's kernel `path`, by its header: x86's boot protocol puts
+/// `HdrS` at 0x202 of every bzImage, arm64's `Image` format `ARM\x64` at 0x38 (GRUB's
+/// `linux` loads both). `None` for anything else (an EFI zboot kernel, say, which GRUB 2.06
+/// cannot load).
+fn kernel_arch(root: BorrowedFd<'_>, path: &str) -> Option<Arch> {
+    let fd = crate::sys::open_in_root(
         root,
         Path::new(path),
         libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY,
-    ) else {
-        return false;
-    };
-    let mut header = [0u8; 4];
-    nix::sys::uio::pread(&fd, &mut header, 0x202).is_ok_and(|n| n == 4) && &header == b"HdrS"
+    )
+    .ok()?;
+    let mut header = [0u8; 0x206];
+    let n = nix::sys::uio::pread(&fd, &mut header, 0).ok()?;
+    arch_of_header(&header[..n])
+}
+
+/// [`kernel_arch`] of a kernel's first bytes.
+fn arch_of_header(header: &[u8]) -> Option<Arch> {
+    if header.get(0x202..0x206) == Some(b"HdrS") {
+        Some(Arch::X86_64)
+    } else if header.get(0x38..0x3c) == Some(b"ARM\x64") {
+        Some(Arch::Arm64)
+    } else {
+        None
+    }
+}
+
+/// The tree's kernels that boot on the architecture of its newest one that amidala knows, that
+/// architecture, and the newest kernel if none is known.
+fn bootable_kernels(root: BorrowedFd<'_>) -> io::Result<(Vec<Kernel>, Option<Arch>)> {
+    let mut kernels = find_kernels(root)?;
+    let arches: Vec<Option<Arch>> = kernels
+        .iter()
+        .map(|k| kernel_arch(root, &k.kernel))
+        .collect();
+    let arch = arches.iter().flatten().next().copied();
+    let mut arches = arches.into_iter();
+    kernels.retain(|_| arches.next().flatten() == arch);
+    Ok((kernels, arch))
 }
 
 /// The tree's kernels that have an initramfs, newest first: `/boot/vmlinuz-V` with
@@ -205,21 +313,28 @@ pub fn find_kernels(root: BorrowedFd<'_>) -> io::Result<Vec<Kernel>> {
 }
 
 /// amidala's GRUB menu for `kernels` (newest first) on the root filesystem `root_uuid`.
-pub fn grub_menu(kernels: &[Kernel], root_uuid: &str) -> String {
-    let mut menu = format!(
-        "{MARKER}\n\
-         # The root filesystem is found by UUID; the serial console (ttyS0, 115200) shows the\n\
-         # menu and the boot. Newest kernel first.\n\
-         serial --unit=0 --speed=115200\n\
-         terminal_input serial console\n\
-         terminal_output serial console\n\
-         set timeout=1\n\
-         set default=0\n"
-    );
+/// On arm64 (UEFI only) GRUB's console is the firmware's, which is the serial port there.
+pub fn grub_menu(kernels: &[Kernel], root_uuid: &str, arch: Arch) -> String {
+    let (terminal, consoles) = match arch {
+        Arch::X86_64 => (
+            "# The root filesystem is found by UUID; the serial console (ttyS0, 115200) shows the\n\
+             # menu and the boot. Newest kernel first.\n\
+             serial --unit=0 --speed=115200\n\
+             terminal_input serial console\n\
+             terminal_output serial console\n",
+            format!(" {CONSOLES}"),
+        ),
+        Arch::Arm64 => (
+            "# The root filesystem is found by UUID; the firmware's console (the serial port) shows\n\
+             # the menu, and the kernel finds it in the firmware's tables. Newest kernel first.\n",
+            String::new(),
+        ),
+    };
+    let mut menu = format!("{MARKER}\n{terminal}set timeout=1\nset default=0\n");
     for k in kernels {
         menu.push_str(&format!(
             "menuentry 'Linux {v}' {{\n    search --no-floppy --fs-uuid --set=root {root_uuid}\n    \
-             linux {kernel} root=UUID={root_uuid} ro {CONSOLES}\n    initrd {initramfs}\n}}\n",
+             linux {kernel} root=UUID={root_uuid} ro{consoles}\n    initrd {initramfs}\n}}\n",
             v = k.version,
             kernel = k.kernel,
             initramfs = k.initramfs,
@@ -341,16 +456,13 @@ fn write_in(dir: BorrowedFd<'_>, name: &str, content: &[u8], sync: bool) -> io::
     written
 }
 
-/// The GRUB platforms amidala installs: legacy BIOS and UEFI on x86-64.
-pub const GRUB_PLATFORMS: &[&str] = &["i386-pc", "x86_64-efi"];
-
 /// Copies the GRUB modules of `lib` (the host's `/usr/lib/grub`, whose core images amidala
 /// writes) and their lists into the tree's `/boot/grub/PLATFORM`, as `grub-install` does: a
 /// menu's `insmod` (the ones `update-grub` writes) loads them from there, and a module must be
-/// of the core image's version. Returns how many files were copied.
-pub fn install_modules(root: BorrowedFd<'_>, lib: &Path) -> Result<usize, String> {
+/// of the core image's version. Only `arch`'s platforms. Returns how many files were copied.
+pub fn install_modules(root: BorrowedFd<'_>, lib: &Path, arch: Arch) -> Result<usize, String> {
     let mut copied = 0;
-    for platform in GRUB_PLATFORMS {
+    for platform in arch.grub_platforms() {
         let from = lib.join(platform);
         let dir = make_dirs(root, &format!("boot/grub/{platform}"))
             .map_err(|e| format!("making /boot/grub/{platform}: {e}"))?;
@@ -381,6 +493,8 @@ pub fn install_modules(root: BorrowedFd<'_>, lib: &Path) -> Result<usize, String
 pub struct Setup {
     pub root_uuid: String,
     pub esp_uuid: String,
+    /// The architectures whose GRUB the host has (see [`crate::bootdisk::installable`]).
+    pub arches: Vec<Arch>,
 }
 
 /// What was done to the tree.
@@ -390,21 +504,39 @@ pub struct Done {
     pub kernels: Vec<String>,
     /// Whether amidala wrote `/etc/fstab` (the tree's own mounted nothing at `/`).
     pub wrote_fstab: bool,
+    /// The kernels' architecture, which the disk's boot loader is for.
+    pub arch: Arch,
 }
 
 /// Makes the tree bootable from the disk amidala lays out: the menu, `/boot/efi`, and an
 /// fstab if the tree's own mounts nothing at `/`.
 pub fn set_up(root: BorrowedFd<'_>, setup: &Setup) -> Result<Done, String> {
-    let mut kernels = find_kernels(root).map_err(|e| format!("looking for kernels: {e}"))?;
-    // The disk's GRUB is for x86 (i386-pc, x86_64-efi): an arm64 tree's kernel would be put
-    // where nothing boots it.
-    let found = kernels.first().map(|k| k.kernel.clone());
-    kernels.retain(|k| x86_kernel(root, &k.kernel));
-    if let (Some(first), true) = (found, kernels.is_empty()) {
+    let (kernels, arch) =
+        bootable_kernels(root).map_err(|e| format!("looking for kernels: {e}"))?;
+    let Some(arch) = arch else {
+        if let Some(first) = kernels.first() {
+            return Err(format!(
+                "{} is neither an x86-64 kernel (a bzImage) nor an arm64 one (an Image): amidala \
+                 makes bootable disks of those two (an EFI zboot kernel is not loaded by GRUB \
+                 2.06); import it with --boot no to make a disk without a boot loader",
+                first.kernel
+            ));
+        }
+        return Err(
+            "the tree holds no kernel with a matching initramfs (/boot/vmlinuz-VERSION with \
+             /boot/initrd.img-VERSION or /boot/initramfs-VERSION.img, or \
+             /lib/modules/VERSION/vmlinuz): import it with --boot no to make a disk without a \
+             boot loader"
+                .into(),
+        );
+    };
+    if !setup.arches.contains(&arch) {
         return Err(format!(
-            "the tree's kernels are not x86 kernels ({first} has no x86 boot header): amidala \
-             makes bootable disks for x86_64 only (GRUB for legacy BIOS and x86_64-efi; arm64 \
-             is not covered yet); import it with --boot no to make a disk without a boot loader"
+            "the tree's kernel {} is for {}, and this host has no GRUB for it ({}): install \
+             it, or import with --boot no to make a disk without a boot loader",
+            kernels[0].kernel,
+            arch.name(),
+            crate::bootdisk::grub_package(arch)
         ));
     }
     if kernels.is_empty() {
@@ -420,7 +552,7 @@ pub fn set_up(root: BorrowedFd<'_>, setup: &Setup) -> Result<Done, String> {
         root,
         "boot/grub",
         "grub.cfg",
-        &grub_menu(&kernels, &setup.root_uuid),
+        &grub_menu(&kernels, &setup.root_uuid, arch),
     )
     .map_err(|e| format!("writing /boot/grub/grub.cfg: {e}"))?;
     make_dirs(root, "boot/efi").map_err(|e| format!("making /boot/efi: {e}"))?;
@@ -439,6 +571,7 @@ pub fn set_up(root: BorrowedFd<'_>, setup: &Setup) -> Result<Done, String> {
     Ok(Done {
         kernels: kernels.into_iter().map(|k| k.version).collect(),
         wrote_fstab,
+        arch,
     })
 }
 
@@ -453,15 +586,16 @@ pub fn refresh(root: BorrowedFd<'_>, root_uuid: &str) -> Result<Option<String>, 
     if menu.lines().next() != Some(MARKER) {
         return Ok(None);
     }
-    let kernels = find_kernels(root).map_err(|e| format!("looking for kernels: {e}"))?;
-    if kernels.is_empty() {
+    let (kernels, arch) =
+        bootable_kernels(root).map_err(|e| format!("looking for kernels: {e}"))?;
+    let Some(arch) = arch.filter(|_| !kernels.is_empty()) else {
         return Ok(Some(
-            "amidala: warning: the image holds no kernel with an initramfs any more: it will not \
-             boot"
+            "amidala: warning: the image holds no x86-64 or arm64 kernel with an initramfs any \
+             more: it will not boot"
                 .into(),
         ));
-    }
-    let new = grub_menu(&kernels, root_uuid);
+    };
+    let new = grub_menu(&kernels, root_uuid, arch);
     if new == menu {
         return Ok(None);
     }
@@ -567,11 +701,28 @@ mod tests {
             kernel: "/boot/vmlinuz-6.1.0-28-cloud-amd64".into(),
             initramfs: "/boot/initrd.img-6.1.0-28-cloud-amd64".into(),
         };
-        let menu = grub_menu(&[k], "0e8f2b1c-0000-4000-8000-000000000001");
+        let menu = grub_menu(
+            std::slice::from_ref(&k),
+            "0e8f2b1c-0000-4000-8000-000000000001",
+            Arch::X86_64,
+        );
         assert!(menu.starts_with(MARKER), "{menu}");
         assert!(menu.contains(
-            "linux /boot/vmlinuz-6.1.0-28-cloud-amd64 root=UUID=0e8f2b1c-0000-4000-8000-000000000001 ro console=tty0 console=ttyS0,115200"
+            "linux /boot/vmlinuz-6.1.0-28-cloud-amd64 root=UUID=0e8f2b1c-0000-4000-8000-000000000001 ro console=tty0 console=ttyS0,115200\n"
         ));
+        assert!(
+            menu.contains("\nserial --unit=0 --speed=115200\n"),
+            "{menu}"
+        );
+        // arm64: no serial command (the firmware's console is the serial port), no console=.
+        let menu = grub_menu(&[k], "0e8f2b1c-0000-4000-8000-000000000001", Arch::Arm64);
+        assert!(menu.contains(
+            "linux /boot/vmlinuz-6.1.0-28-cloud-amd64 root=UUID=0e8f2b1c-0000-4000-8000-000000000001 ro\n"
+        ), "{menu}");
+        assert!(
+            !menu.contains("\nserial ") && !menu.contains("console="),
+            "{menu}"
+        );
         let tab = fstab("r-u-u-i-d", "ABCD-1234");
         assert!(mounts_root(&tab));
         assert!(tab.contains("UUID=ABCD-1234 /boot/efi vfat"));
@@ -612,11 +763,21 @@ mod tests {
         let setup = Setup {
             root_uuid: "u-1".into(),
             esp_uuid: "E-1".into(),
+            arches: vec![Arch::X86_64],
         };
-        // Kernels without the x86 boot header (an arm64 tree's) make no disk amidala boots.
+        // Kernels of no architecture amidala knows make no disk amidala boots.
         let why = set_up(root.as_fd(), &setup).unwrap_err();
         assert!(
-            why.contains("not x86 kernels") && why.contains("--boot no"),
+            why.contains("neither an x86-64 kernel") && why.contains("--boot no"),
+            "{why}"
+        );
+        // An arm64 kernel, on a host without arm64's GRUB.
+        let mut image = vec![0u8; 0x400];
+        image[0x38..0x3c].copy_from_slice(b"ARM\x64");
+        std::fs::write(p.join("lib/modules/6.9.0/vmlinuz"), &image).unwrap();
+        let why = set_up(root.as_fd(), &setup).unwrap_err();
+        assert!(
+            why.contains("is for arm64") && why.contains("grub-efi-arm64-bin"),
             "{why}"
         );
         let mut bzimage = vec![0u8; 0x400];
@@ -629,6 +790,7 @@ mod tests {
             std::fs::write(p.join(k), &bzimage).unwrap();
         }
         let done = set_up(root.as_fd(), &setup).unwrap();
+        assert_eq!(done.arch, Arch::X86_64);
         assert!(done.wrote_fstab);
         assert!(p.join("boot/efi").is_dir());
         let menu = std::fs::read_to_string(p.join("boot/grub/grub.cfg")).unwrap();
@@ -657,6 +819,7 @@ mod tests {
             &Setup {
                 root_uuid: "u-2".into(),
                 esp_uuid: "E-2".into(),
+                arches: vec![Arch::X86_64, Arch::Arm64],
             },
         )
         .unwrap();
@@ -671,7 +834,7 @@ mod tests {
     fn grub_modules_are_copied_as_grub_install_leaves_them() {
         let tmp = tempfile::tempdir().unwrap();
         let (lib, tree) = (tmp.path().join("lib"), tmp.path().join("tree"));
-        for platform in GRUB_PLATFORMS {
+        for platform in Arch::X86_64.grub_platforms() {
             std::fs::create_dir_all(lib.join(platform)).unwrap();
             std::fs::write(lib.join(platform).join("normal.mod"), platform).unwrap();
             std::fs::write(lib.join(platform).join("fs.lst"), "ext2\n").unwrap();
@@ -685,7 +848,10 @@ mod tests {
         )
         .unwrap();
         let root = crate::sys::open_dir(&tree).unwrap();
-        assert_eq!(install_modules(root.as_fd(), &lib).unwrap(), 4);
+        assert_eq!(
+            install_modules(root.as_fd(), &lib, Arch::X86_64).unwrap(),
+            4
+        );
         let module = tree.join("boot/grub/i386-pc/normal.mod");
         assert!(!module.is_symlink());
         assert_eq!(std::fs::read_to_string(module).unwrap(), "i386-pc");
@@ -696,8 +862,37 @@ mod tests {
         assert!(!tree.join("boot/grub/x86_64-efi/boot.img").exists());
         assert!(!tmp.path().join("outside").exists());
         // A host without GRUB's modules says which directory it lacks.
-        let err = install_modules(root.as_fd(), &tmp.path().join("none")).unwrap_err();
+        let err =
+            install_modules(root.as_fd(), &tmp.path().join("none"), Arch::X86_64).unwrap_err();
         assert!(err.contains("none/i386-pc"), "{err}");
+        // arm64's one platform only.
+        std::fs::create_dir_all(lib.join("arm64-efi")).unwrap();
+        std::fs::write(lib.join("arm64-efi/normal.mod"), "arm64-efi").unwrap();
+        assert_eq!(install_modules(root.as_fd(), &lib, Arch::Arm64).unwrap(), 1);
+        assert_eq!(
+            std::fs::read_to_string(tree.join("boot/grub/arm64-efi/normal.mod")).unwrap(),
+            "arm64-efi"
+        );
+    }
+
+    #[test]
+    fn kernels_are_told_apart_by_their_headers() {
+        let mut bzimage = vec![0u8; 0x206];
+        bzimage[0x202..].copy_from_slice(b"HdrS");
+        assert_eq!(arch_of_header(&bzimage), Some(Arch::X86_64));
+        let mut image = vec![0u8; 0x40];
+        image[..2].copy_from_slice(b"MZ");
+        image[0x38..0x3c].copy_from_slice(b"ARM\x64");
+        assert_eq!(arch_of_header(&image), Some(Arch::Arm64));
+        // EFI zboot: a PE whose payload is compressed, no Image header.
+        let mut zboot = vec![0u8; 0x206];
+        zboot[..2].copy_from_slice(b"MZ");
+        zboot[4..8].copy_from_slice(b"zimg");
+        assert_eq!(arch_of_header(&zboot), None);
+        assert_eq!(arch_of_header(b"HdrS"), None);
+        assert_eq!(Arch::of_tag(None), Ok(Arch::X86_64));
+        assert_eq!(Arch::of_tag(Some("arm64")), Ok(Arch::Arm64));
+        assert!(Arch::of_tag(Some("riscv64")).is_err());
     }
 
     #[test]

@@ -8,19 +8,23 @@
 //! |---|------|-------|------|------|
 //! | 1 | BIOS boot (GRUB's core image, for legacy BIOS) | 1 MiB | 1 MiB | `21686148-…` |
 //! | 2 | EFI system partition, FAT32, label `ESP` | 2 MiB | 64 MiB | `C12A7328-…` |
-//! | 3 | the root filesystem, ext4, label `rootfs` | 66 MiB | the tree's | Linux root (x86-64) |
+//! | 3 | the root filesystem, ext4, label `rootfs` | 66 MiB | the tree's | Linux root (x86-64 or arm64) |
 //!
-//! and 1 MiB at the end for the GPT's backup. GRUB comes from the host's `grub-pc-bin`
-//! (i386-pc) and `grub-efi-amd64-bin` (x86_64-efi) packages: `grub-mkimage` makes one core
-//! image per firmware with every module the boot needs built in and its prefix on partition 3
-//! of the disk it booted from (`(,gpt3)/boot/grub`), so neither depends on the image (the
-//! menu, [`crate::bootcfg`], is on the root filesystem, and so are the same GRUB's modules in
-//! `/boot/grub/i386-pc` and `/boot/grub/x86_64-efi`, as `grub-install` leaves them, for the
-//! `insmod` of a menu the image's own `update-grub` writes). For legacy BIOS, the core image is
-//! written into partition 1 and GRUB's boot sector into the first 440 bytes of the disk (the
-//! protective MBR's partition entries stay), patched with the core image's sector; for UEFI,
-//! it is `EFI/BOOT/BOOTX64.EFI` on the ESP (the removable-media path firmware boots without
-//! a boot entry), which mtools formats and fills in the image file: the ESP is never mounted.
+//! and 1 MiB at the end for the GPT's backup. The tree's kernel says the architecture
+//! ([`crate::bootcfg::Arch`]). On x86-64, GRUB comes from the host's `grub-pc-bin` (i386-pc)
+//! and `grub-efi-amd64-bin` (x86_64-efi) packages; on arm64, which boots with UEFI only, from
+//! `grub-efi-arm64-bin` (arm64-efi; on an x86 host, the arm64 package through multiarch), and
+//! partition 1 stays empty (kept, so that both architectures have one layout). `grub-mkimage`
+//! makes one core image per firmware with every module the boot needs built in and its prefix
+//! on partition 3 of the disk it booted from (`(,gpt3)/boot/grub`), so none depends on the
+//! image (the menu, [`crate::bootcfg`], is on the root filesystem, and so are the same GRUB's
+//! modules in `/boot/grub/PLATFORM`, as `grub-install` leaves them, for the `insmod` of a menu
+//! the image's own `update-grub` writes). For legacy BIOS, the core image is written into
+//! partition 1 and GRUB's boot sector into the first 440 bytes of the disk (the protective
+//! MBR's partition entries stay), patched with the core image's sector; for UEFI, it is
+//! `EFI/BOOT/BOOTX64.EFI` (`BOOTAA64.EFI` on arm64) on the ESP (the removable-media path
+//! firmware boots without a boot entry), which mtools formats and fills in the image file: the
+//! ESP is never mounted.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -30,6 +34,7 @@ use std::process::{Command, Stdio};
 
 use amidala::proto::ErrorCode;
 
+use crate::bootcfg::Arch;
 use crate::error::Failure;
 
 const MIB: u64 = 1 << 20;
@@ -86,6 +91,9 @@ pub struct Layout {
     pub root_uuid: String,
     /// The ESP's FAT volume serial.
     pub esp_serial: u32,
+    /// The architecture the disk boots (its root partition's type, its GRUB): told by the
+    /// tree's kernel once it is unpacked.
+    pub arch: Arch,
 }
 
 impl Layout {
@@ -98,6 +106,7 @@ impl Layout {
             part_guids: std::array::from_fn(|_| crate::bootcfg::random_uuid()),
             root_uuid: crate::bootcfg::random_uuid(),
             esp_serial: u32::from_le_bytes(serial),
+            arch: Arch::X86_64,
         }
     }
 
@@ -122,7 +131,7 @@ impl Layout {
             "label: gpt\nlabel-id: {disk}\nfirst-lba: 2048\n\
              start={bs}, size={bn}, type=21686148-6449-6E6F-744E-656564454649, uuid={p1}, name=\"bios-boot\"\n\
              start={es}, size={en}, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, uuid={p2}, name=\"esp\"\n\
-             start={rs}, size={rn}, type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709, uuid={p3}, name=\"{label}\"\n",
+             start={rs}, size={rn}, type={root_type}, uuid={p3}, name=\"{label}\"\n",
             disk = self.disk_guid,
             bs = s(BIOS_BOOT_START),
             bn = s(BIOS_BOOT_SIZE),
@@ -133,38 +142,53 @@ impl Layout {
             p1 = self.part_guids[0],
             p2 = self.part_guids[1],
             p3 = self.part_guids[2],
+            root_type = self.arch.root_type(),
             label = crate::bootcfg::ROOT_LABEL,
         )
     }
 }
 
-/// What the host lacks to make bootable disks, named by package; `None` if it has it all.
+/// What the host lacks to make any bootable disk, named by package; `None` if it has the
+/// tools and GRUB for at least one architecture ([`installable`]).
 pub fn missing_tools() -> Option<String> {
     let mut missing = Vec::new();
     if !crate::bootvm::on_path("grub-mkimage") {
         missing.push("grub-mkimage (package grub-common)");
     }
-    if !Path::new(GRUB_LIB).join("i386-pc/boot.img").exists() {
-        missing.push("GRUB for legacy BIOS (package grub-pc-bin)");
+    if installable().is_empty() {
+        missing.push(
+            "GRUB's images (packages grub-pc-bin and grub-efi-amd64-bin for x86-64, \
+             grub-efi-arm64-bin for arm64)",
+        );
     }
-    if !Path::new(GRUB_LIB).join("x86_64-efi/normal.mod").exists() {
-        missing.push("GRUB for UEFI (package grub-efi-amd64-bin)");
+    if !(crate::bootvm::on_path("mformat") && crate::bootvm::on_path("mcopy")) {
+        missing.push("mformat and mcopy (package mtools)");
     }
-    for (tool, package) in [
-        ("mformat", "mtools"),
-        ("mcopy", "mtools"),
-        ("sfdisk", "fdisk"),
-    ] {
-        if !crate::bootvm::on_path(tool) {
-            missing.push(if package == "mtools" {
-                "mformat and mcopy (package mtools)"
-            } else {
-                "sfdisk (package fdisk)"
-            });
-        }
+    if !crate::bootvm::on_path("sfdisk") {
+        missing.push("sfdisk (package fdisk)");
     }
-    missing.dedup();
     (!missing.is_empty()).then(|| missing.join(", "))
+}
+
+/// The architectures whose GRUB the host has, for every platform amidala installs.
+pub fn installable() -> Vec<Arch> {
+    [Arch::X86_64, Arch::Arm64]
+        .into_iter()
+        .filter(|arch| {
+            arch.grub_platforms()
+                .iter()
+                .all(|p| Path::new(GRUB_LIB).join(p).join("normal.mod").exists())
+                && (*arch != Arch::X86_64 || Path::new(GRUB_LIB).join("i386-pc/boot.img").exists())
+        })
+        .collect()
+}
+
+/// The packages of `arch`'s GRUB images.
+pub fn grub_package(arch: Arch) -> &'static str {
+    match arch {
+        Arch::X86_64 => "packages grub-pc-bin and grub-efi-amd64-bin",
+        Arch::Arm64 => "package grub-efi-arm64-bin; on an x86 host, grub-efi-arm64-bin:arm64",
+    }
 }
 
 /// Runs a host tool on amidala's own files; its error output says why it failed.
@@ -239,11 +263,16 @@ fn core_image(platform: &str, extra: &[&str], dir: &Path, name: &str) -> Result<
     Ok(out)
 }
 
-/// Installs GRUB for legacy BIOS and UEFI on the partitioned image (its root filesystem
-/// already holds the menu), using `dir` (an empty directory of root's) for the core images.
+/// Installs GRUB on the partitioned image (its root filesystem already holds the menu), for
+/// UEFI and, on x86-64, legacy BIOS, using `dir` (an empty directory of root's) for the core
+/// images.
 pub fn install_loader(image: &Path, layout: &Layout, dir: &Path) -> Result<(), Failure> {
     // UEFI: the ESP, formatted and filled through mtools, addressing the image at its offset.
-    let efi = core_image("x86_64-efi", EFI_MODULES, dir, "BOOTX64.EFI")?;
+    let (platform, file) = match layout.arch {
+        Arch::X86_64 => ("x86_64-efi", Arch::X86_64.efi_file()),
+        Arch::Arm64 => ("arm64-efi", Arch::Arm64.efi_file()),
+    };
+    let efi = core_image(platform, EFI_MODULES, dir, file)?;
     let esp = format!("{}@@{ESP_START}", image.display());
     run(
         "mformat",
@@ -265,9 +294,12 @@ pub fn install_loader(image: &Path, layout: &Layout, dir: &Path) -> Result<(), F
         Command::new("mcopy")
             .args(["-i", &esp])
             .arg(&efi)
-            .arg("::/EFI/BOOT/BOOTX64.EFI"),
+            .arg(format!("::/EFI/BOOT/{file}")),
         None,
     )?;
+    if layout.arch != Arch::X86_64 {
+        return Ok(());
+    }
 
     // Legacy BIOS: the core image in partition 1, the boot sector in the MBR.
     let core = std::fs::read(core_image("i386-pc", BIOS_MODULES, dir, "core.img")?)

@@ -44,6 +44,7 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 
+use crate::bootcfg::Arch;
 use crate::error::Failure;
 
 /// The argument that makes `amidalad-exec` the boot test's helper.
@@ -54,6 +55,10 @@ const IMAGE_FD: RawFd = 3;
 const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 const QEMU: &str = "/usr/bin/qemu-system-x86_64";
+/// arm64 guests: QEMU's `virt` machine with UEFI (AAVMF, EDK2's build for it).
+const AAVMF_CODE: &str = "/usr/share/AAVMF/AAVMF_CODE.fd";
+const AAVMF_VARS: &str = "/usr/share/AAVMF/AAVMF_VARS.fd";
+const QEMU_ARM64: &str = "/usr/bin/qemu-system-aarch64";
 /// QEMU's disk image tool (package qemu-utils), for qcow2 imports.
 pub const QEMU_IMG: &str = "/usr/bin/qemu-img";
 /// How long KVM has to show the guest's kernel starting before it is judged unable to run it.
@@ -181,24 +186,73 @@ pub fn on_path(program: &str) -> bool {
     })
 }
 
-/// What the host lacks to boot images with `firmware`, by package.
-pub fn missing(firmware: &[Firmware]) -> Option<String> {
+/// What the host lacks to boot `arch`'s images with `firmware`, by package.
+pub fn missing(arch: Arch, firmware: &[Firmware]) -> Option<String> {
     let mut missing = Vec::new();
-    if !Path::new(QEMU).exists() {
-        missing.push("qemu-system-x86_64 (package qemu-system-x86)");
+    let (qemu, code, vars, packages) = match arch {
+        Arch::X86_64 => (
+            QEMU,
+            OVMF_CODE,
+            OVMF_VARS,
+            [
+                "qemu-system-x86_64 (package qemu-system-x86)",
+                "UEFI firmware for QEMU (package ovmf)",
+            ],
+        ),
+        Arch::Arm64 => (
+            QEMU_ARM64,
+            AAVMF_CODE,
+            AAVMF_VARS,
+            [
+                "qemu-system-aarch64 (package qemu-system-arm)",
+                "UEFI firmware for QEMU's arm64 machine (package qemu-efi-aarch64)",
+            ],
+        ),
+    };
+    if !Path::new(qemu).exists() {
+        missing.push(packages[0]);
     }
-    if firmware.contains(&Firmware::Uefi)
-        && !(Path::new(OVMF_CODE).exists() && Path::new(OVMF_VARS).exists())
+    if firmware.contains(&Firmware::Uefi) && !(Path::new(code).exists() && Path::new(vars).exists())
     {
-        missing.push("UEFI firmware for QEMU (package ovmf)");
+        missing.push(packages[1]);
     }
     (!missing.is_empty()).then(|| missing.join(", "))
+}
+
+/// The machine a snapshot or image boots on, by its [`amidala::proto::BOOT_ARCH_TAG`].
+pub fn arch_of(tags: &std::collections::BTreeMap<String, String>) -> Result<Arch, Failure> {
+    Arch::of_tag(tags.get(amidala::proto::BOOT_ARCH_TAG).map(String::as_str))
+        .map_err(Failure::invalid)
+}
+
+/// Refuses a firmware `arch` has not: arm64 boots with UEFI only.
+pub fn check_firmware(arch: Arch, firmware: &[Firmware]) -> Result<(), Failure> {
+    if arch == Arch::Arm64 && firmware.contains(&Firmware::Bios) {
+        return Err(Failure::invalid(
+            "the image is an arm64 one (amidala:boot-arch = arm64), which boots with UEFI only: \
+             legacy BIOS is x86's",
+        ));
+    }
+    Ok(())
+}
+
+/// Whether KVM can run `arch`'s guests here at all: only the host's own architecture (another
+/// one is emulated by TCG).
+fn kvm_for(arch: Arch, settings: &Settings, owner: u32) -> bool {
+    arch == Arch::host()
+        && match settings.accel {
+            Accel::Tcg => false,
+            Accel::Kvm => true,
+            Accel::Auto => Path::new("/dev/kvm").exists() && !kvm_broken_for(owner),
+        }
 }
 
 /// One boot to test.
 #[derive(Debug, Clone)]
 pub struct Test<'a> {
     pub firmware: Firmware,
+    /// The machine QEMU emulates.
+    pub arch: Arch,
     /// What shows the guest booted, else a login prompt.
     pub marker: Option<&'a str>,
     pub timeout: Duration,
@@ -268,12 +322,14 @@ pub fn vm_uid(daemon: &crate::Daemon, owner: u32) -> Result<u32, Failure> {
 }
 
 /// Boots the image file `image` with each firmware `test` asks for, else each the image
-/// was made for (`boot`, its [`amidala::proto::BOOT_TAG`]); stops at the first that fails.
+/// was made for (`boot`, its [`amidala::proto::BOOT_TAG`]), on a machine of `arch`; stops at
+/// the first that fails.
 pub async fn boot_all(
     daemon: &crate::Daemon,
     owner: u32,
     image: &Path,
     made_for: Option<&str>,
+    arch: Arch,
     test: &amidala::proto::BootTestSpec,
     console: &(dyn Fn(String) + Sync),
 ) -> Result<Vec<Passed>, Failure> {
@@ -292,6 +348,7 @@ pub async fn boot_all(
             ))
         }
     };
+    check_firmware(arch, &firmware)?;
     let settings = &daemon.config.boot_test;
     let file = std::fs::File::open(image)
         .map_err(|e| Failure::io(format!("opening {}", image.display()), e))?;
@@ -301,6 +358,7 @@ pub async fn boot_all(
     for firmware in firmware {
         let one = Test {
             firmware,
+            arch,
             marker: test.marker.as_deref(),
             timeout: Duration::from_secs(test.timeout.unwrap_or(settings.timeout)),
             uid,
@@ -374,6 +432,7 @@ pub struct VmJob {
 pub enum Program {
     #[default]
     Qemu,
+    QemuArm64,
     E2fsck,
     Resize2fs,
     QemuImg,
@@ -385,6 +444,7 @@ impl Program {
     fn path(self) -> &'static str {
         match self {
             Program::Qemu => QEMU,
+            Program::QemuArm64 => QEMU_ARM64,
             Program::E2fsck => "/usr/sbin/e2fsck",
             Program::Resize2fs => "/usr/sbin/resize2fs",
             Program::QemuImg => QEMU_IMG,
@@ -588,8 +648,18 @@ async fn outgrows(limit: Option<(&std::fs::File, u64)>) {
     }
 }
 
-/// QEMU's command line for a test.
-fn qemu_args(firmware: Firmware, kvm: bool, settings: &Settings) -> Vec<String> {
+/// The QEMU that emulates `arch`.
+fn qemu_of(arch: Arch) -> Program {
+    match arch {
+        Arch::X86_64 => Program::Qemu,
+        Arch::Arm64 => Program::QemuArm64,
+    }
+}
+
+/// QEMU's command line for a test: x86-64's `q35` machine with SeaBIOS or OVMF, arm64's `virt`
+/// machine with AAVMF (a Cortex-A72 under TCG: QEMU's `max` CPU emulates pointer
+/// authentication slowly).
+fn qemu_args(firmware: Firmware, arch: Arch, kvm: bool, settings: &Settings) -> Vec<String> {
     let mut args: Vec<String> = [
         "-nodefaults",
         "-no-user-config",
@@ -601,7 +671,10 @@ fn qemu_args(firmware: Firmware, kvm: bool, settings: &Settings) -> Vec<String> 
         "-sandbox",
         "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         "-machine",
-        "q35",
+        match arch {
+            Arch::X86_64 => "q35",
+            Arch::Arm64 => "virt",
+        },
         "-chardev",
         "stdio,id=console,signal=off",
         "-serial",
@@ -623,6 +696,9 @@ fn qemu_args(firmware: Firmware, kvm: bool, settings: &Settings) -> Vec<String> 
     } else {
         // The translation cache bounded (MiB): QEMU's own memory, besides the guest's.
         args.extend(["-accel", "tcg,tb-size=256"].map(String::from));
+        if arch == Arch::Arm64 {
+            args.extend(["-cpu", "cortex-a72"].map(String::from));
+        }
     }
     args.extend([
         "-m".to_owned(),
@@ -631,9 +707,13 @@ fn qemu_args(firmware: Firmware, kvm: bool, settings: &Settings) -> Vec<String> 
         settings.cpus.to_string(),
     ]);
     if firmware == Firmware::Uefi {
+        let code = match arch {
+            Arch::X86_64 => OVMF_CODE,
+            Arch::Arm64 => AAVMF_CODE,
+        };
         args.extend([
             "-drive".to_owned(),
-            format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"),
+            format!("if=pflash,format=raw,unit=0,readonly=on,file={code}"),
             "-drive".to_owned(),
             "if=pflash,format=raw,unit=1,file=/vm/vars.fd".to_owned(),
         ]);
@@ -739,17 +819,14 @@ pub async fn boot(
     console: &(dyn Fn(String) + Sync),
 ) -> Result<Passed, Failure> {
     let firmware = [test.firmware];
-    if let Some(missing) = missing(&firmware) {
+    check_firmware(test.arch, &firmware)?;
+    if let Some(missing) = missing(test.arch, &firmware) {
         return Err(Failure::new(
             ErrorCode::Io,
             format!("this host cannot run boot tests: it lacks {missing}"),
         ));
     }
-    let kvm_usable = match settings.accel {
-        Accel::Tcg => false,
-        Accel::Kvm => true,
-        Accel::Auto => Path::new("/dev/kvm").exists() && !kvm_broken_for(test.owner),
-    };
+    let kvm_usable = kvm_for(test.arch, settings, test.owner);
     let started = Instant::now();
     let mut kvm = kvm_usable;
     // A guest slow under KVM makes KVM unusable for the daemon's later tests only if it then
@@ -820,8 +897,8 @@ async fn run_qemu(
         uid: test.uid,
         kvm,
         uefi: test.firmware == Firmware::Uefi,
-        program: Program::Qemu,
-        args: qemu_args(test.firmware, kvm, settings),
+        program: qemu_of(test.arch),
+        args: qemu_args(test.firmware, test.arch, kvm, settings),
         disk: None,
         source: None,
         out: None,
@@ -965,12 +1042,14 @@ pub async fn run_console(
     owner: u32,
     image: &Path,
     firmware: Firmware,
+    arch: Arch,
     input: &mut tokio::sync::mpsc::Receiver<Vec<u8>>,
     shown: &tokio::sync::mpsc::Sender<Shown>,
 ) -> Result<String, Failure> {
     use tokio::io::AsyncWriteExt;
     const GONE: &str = "the client went away";
-    if let Some(missing) = missing(&[firmware]) {
+    check_firmware(arch, &[firmware])?;
+    if let Some(missing) = missing(arch, &[firmware]) {
         return Err(Failure::new(
             ErrorCode::Io,
             format!("this host cannot run VMs: it lacks {missing}"),
@@ -980,11 +1059,7 @@ pub async fn run_console(
     let file = std::fs::File::open(image)
         .map_err(|e| Failure::io(format!("opening {}", image.display()), e))?;
     let uid = vm_uid(daemon, owner)?;
-    let mut kvm = match settings.accel {
-        Accel::Tcg => false,
-        Accel::Kvm => true,
-        Accel::Auto => Path::new("/dev/kvm").exists() && !kvm_broken_for(owner),
-    };
+    let mut kvm = kvm_for(arch, settings, owner);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(settings.max_run);
     loop {
         let accel = if kvm { "kvm" } else { "tcg" };
@@ -1001,8 +1076,8 @@ pub async fn run_console(
             uid,
             kvm,
             uefi: firmware == Firmware::Uefi,
-            program: Program::Qemu,
-            args: qemu_args(firmware, kvm, settings),
+            program: qemu_of(arch),
+            args: qemu_args(firmware, arch, kvm, settings),
             disk: None,
             source: None,
             out: None,
@@ -1415,8 +1490,12 @@ fn helper() -> Result<std::convert::Infallible, String> {
         }
     }
     if job.uefi {
-        std::fs::copy(OVMF_VARS, root.join("vm/vars.fd"))
-            .map_err(|err| format!("copying {OVMF_VARS}: {err}"))?;
+        let vars = match job.program {
+            Program::QemuArm64 => AAVMF_VARS,
+            _ => OVMF_VARS,
+        };
+        std::fs::copy(vars, root.join("vm/vars.fd"))
+            .map_err(|err| format!("copying {vars}: {err}"))?;
         std::os::unix::fs::chown(root.join("vm/vars.fd"), Some(job.uid), Some(job.uid))
             .map_err(|err| format!("giving UEFI's variables to the VM: {err}"))?;
     }
@@ -1460,7 +1539,7 @@ fn helper() -> Result<std::convert::Infallible, String> {
     nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0)
         .map_err(e("refusing core dumps"))?;
     nix::sys::prctl::set_no_new_privs().map_err(e("setting no_new_privs"))?;
-    if job.program != Program::Qemu {
+    if !matches!(job.program, Program::Qemu | Program::QemuArm64) {
         confine_tool(job.program)?;
     }
     let path = job.program.path();
@@ -1561,7 +1640,7 @@ mod tests {
 
     #[test]
     fn qemu_gets_the_image_read_only_with_an_overlay_and_no_network() {
-        let args = qemu_args(Firmware::Uefi, false, &Settings::default()).join(" ");
+        let args = qemu_args(Firmware::Uefi, Arch::X86_64, false, &Settings::default()).join(" ");
         assert!(
             args.contains("file=/dev/fdset/1,format=raw,snapshot=on"),
             "{args}"
@@ -1571,10 +1650,37 @@ mod tests {
         assert!(!args.contains("-netdev"), "{args}");
         assert!(args.contains("tcg,tb-size=256"), "{args}");
         assert!(args.contains(OVMF_CODE), "{args}");
-        let args = qemu_args(Firmware::Bios, true, &Settings::default()).join(" ");
+        assert!(args.contains("-machine q35"), "{args}");
+        let args = qemu_args(Firmware::Bios, Arch::X86_64, true, &Settings::default()).join(" ");
         assert!(
             args.contains("-accel kvm") && !args.contains("pflash"),
             "{args}"
         );
+        let args = qemu_args(Firmware::Uefi, Arch::Arm64, false, &Settings::default()).join(" ");
+        assert!(
+            args.contains("-machine virt") && args.contains("-cpu cortex-a72"),
+            "{args}"
+        );
+        assert!(
+            args.contains(AAVMF_CODE) && !args.contains(OVMF_CODE),
+            "{args}"
+        );
+        assert!(
+            args.contains("file=/dev/fdset/1,format=raw,snapshot=on"),
+            "{args}"
+        );
+        assert!(check_firmware(Arch::Arm64, &[Firmware::Bios]).is_err());
+        assert!(check_firmware(Arch::Arm64, &[Firmware::Uefi]).is_ok());
+        // KVM runs the host's own architecture only.
+        let kvm = Settings {
+            accel: Accel::Kvm,
+            ..Settings::default()
+        };
+        assert!(kvm_for(Arch::host(), &kvm, 1000));
+        let other = match Arch::host() {
+            Arch::X86_64 => Arch::Arm64,
+            Arch::Arm64 => Arch::X86_64,
+        };
+        assert!(!kvm_for(other, &kvm, 1000));
     }
 }

@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use amidala::proto::{
-    BootTestSpec, BuildFailure, BuildResult, BuildState, ErrorCode, Phase, Response, BOOT_TAG,
-    BOOT_TEST_DETAIL_TAG, BOOT_TEST_TAG, OWNER_TAG, OWNER_UID_TAG,
+    BootTestSpec, BuildFailure, BuildResult, BuildState, ErrorCode, Phase, Response, BOOT_ARCH_TAG,
+    BOOT_TAG, BOOT_TEST_DETAIL_TAG, BOOT_TEST_TAG, OWNER_TAG, OWNER_UID_TAG,
 };
 use amidala_plugin::BuildInfo as PluginBuildInfo;
 use chrono::Utc;
@@ -382,6 +382,13 @@ async fn execute(
     ));
     handle.progress(|r| r.source_snapshot = Some(source.id.clone()));
     if let Some(test) = &spec.boot_test {
+        if let Some(list) = &test.firmware {
+            // An arm64 image boots with UEFI only: said now, not after the build.
+            let firmware = crate::bootvm::Firmware::parse_list(list).map_err(Failure::invalid);
+            crate::bootvm::arch_of(&source.tags)
+                .and_then(|arch| crate::bootvm::check_firmware(arch, &firmware?))
+                .map_err(|e| (Phase::Resolve, e))?;
+        }
         if test.firmware.is_none() && source.tags.get(BOOT_TAG).map(String::as_str) == Some("none")
         {
             return Err((
@@ -436,7 +443,11 @@ async fn execute(
     };
     handle.progress(|r| r.volume_id = Some(volume.id.clone()));
 
-    let source_boot = source.tags.get(BOOT_TAG).cloned();
+    // A build changes the image's files, not its disk's layout: it boots as its source did.
+    let source_boot: BTreeMap<String, String> = [BOOT_TAG, BOOT_ARCH_TAG]
+        .into_iter()
+        .filter_map(|key| Some((key.to_owned(), source.tags.get(key)?.clone())))
+        .collect();
     let result = with_volume(
         daemon,
         handle,
@@ -504,7 +515,7 @@ async fn with_volume(
     daemon: &Daemon,
     handle: &BuildHandle,
     source: &str,
-    source_boot: Option<String>,
+    source_boot: BTreeMap<String, String>,
     volume: &Volume,
     attached: Option<Attachment>,
     workspace: OwnedFd,
@@ -577,10 +588,7 @@ async fn with_volume(
     snapshot_tags.insert(OWNER_TAG.into(), owner.clone());
     snapshot_tags.insert(OWNER_UID_TAG.into(), handle.owner_uid.to_string());
     snapshot_tags.insert("amidala:provisioner".into(), spec.provisioner.clone());
-    // A build changes the image's files, not its disk's layout: it boots as its source did.
-    if let Some(boot) = &source_boot {
-        snapshot_tags.insert(BOOT_TAG.into(), boot.clone());
-    }
+    snapshot_tags.extend(source_boot.clone());
     handle.enter(Phase::Snapshot)?;
     let meta = SnapshotMeta {
         tags: snapshot_tags,
@@ -594,10 +602,7 @@ async fn with_volume(
         .at(Phase::Snapshot)?;
     handle.progress(|r| r.snapshot_id = Some(snapshot.id.clone()));
 
-    let mut image_tags = BTreeMap::new();
-    if let Some(boot) = &source_boot {
-        image_tags.insert(BOOT_TAG.to_owned(), boot.clone());
-    }
+    let mut image_tags = source_boot.clone();
     let registered = match &spec.boot_test {
         // Ec2: the image must exist to boot.
         Some(test) if provider.boots_images() => {
@@ -619,9 +624,7 @@ async fn with_volume(
                     // Not a source for a build by its tags until the image booted.
                     let pending = [(FAILED_BUILD_TAG.to_owned(), handle.id.clone())].into();
                     let tested = match provider.tag_snapshot(&snapshot.id, &pending).await {
-                        Ok(()) => {
-                            boot_test(daemon, handle, &snapshot, source_boot.as_deref(), test).await
-                        }
+                        Ok(()) => boot_test(daemon, handle, &snapshot, &source_boot, test).await,
                         Err(e) => Err((Phase::BootTest, e)),
                     };
                     match tested {
@@ -735,10 +738,11 @@ async fn boot_test(
     daemon: &Daemon,
     handle: &BuildHandle,
     snapshot: &SnapshotRecord,
-    boot: Option<&str>,
+    boot: &BTreeMap<String, String>,
     test: &BootTestSpec,
 ) -> PhaseResult<String> {
     handle.enter(Phase::BootTest)?;
+    let arch = crate::bootvm::arch_of(boot).at(Phase::BootTest)?;
     let image = daemon
         .provider
         .snapshot_path(&snapshot.id)
@@ -751,7 +755,15 @@ async fn boot_test(
         .at(Phase::BootTest)?;
     let console = |line: String| handle.note(line);
     let passed = tokio::select! {
-        passed = crate::bootvm::boot_all(daemon, handle.owner_uid, &image, boot, test, &console) => passed,
+        passed = crate::bootvm::boot_all(
+            daemon,
+            handle.owner_uid,
+            &image,
+            boot.get(BOOT_TAG).map(String::as_str),
+            arch,
+            test,
+            &console,
+        ) => passed,
         () = handle.cancel.cancelled() => Err(Failure::new(ErrorCode::Cancelled, "build cancelled")),
     }
     .at(Phase::BootTest)?;

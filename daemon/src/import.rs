@@ -37,8 +37,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use amidala::proto::{
-    validate_source_name, validate_user_tags, ErrorCode, ImportSpec, Tag, BOOT_TAG, OWNER_TAG,
-    OWNER_UID_TAG, PUBLISHED_TAG,
+    validate_source_name, validate_user_tags, ErrorCode, ImportSpec, Tag, BOOT_ARCH_TAG, BOOT_TAG,
+    OWNER_TAG, OWNER_UID_TAG, PUBLISHED_TAG,
 };
 
 use crate::catalog::SnapshotRecord;
@@ -235,7 +235,7 @@ pub async fn import(
     )
     .await;
     // The boot loader's files, made by the daemon from the host's GRUB.
-    for file in ["BOOTX64.EFI", "core.img"] {
+    for file in ["BOOTX64.EFI", "BOOTAA64.EFI", "core.img"] {
         let _ = fs::remove_file(work.join("grub").join(file));
     }
     // Mount points of the import's helper, mounted only in its own namespace, which is gone:
@@ -248,8 +248,8 @@ pub async fn import(
     ] {
         let _ = fs::remove_dir(dir);
     }
-    let boot = match result {
-        Ok((_, boot)) => boot,
+    let (boot, arch) = match result {
+        Ok((_, boot, arch)) => (boot, arch),
         Err(e) => {
             let _ = fs::remove_file(&image);
             return Err(e);
@@ -271,6 +271,9 @@ pub async fn import(
         tags.insert(PUBLISHED_TAG.into(), "true".into());
     }
     tags.insert(BOOT_TAG.into(), boot.into());
+    if let Some(arch) = arch {
+        tags.insert(BOOT_ARCH_TAG.into(), arch.name().into());
+    }
     note(format!(
         "amidala: storing the image as a {} snapshot",
         provider.name()
@@ -289,7 +292,8 @@ pub async fn import(
         .await
 }
 
-/// Makes the image file; returns its size and how it boots (the [`BOOT_TAG`] value).
+/// Makes the image file; returns its size, how it boots (the [`BOOT_TAG`] value) and, for a
+/// bootable disk amidala made, for which machine ([`BOOT_ARCH_TAG`]).
 #[allow(clippy::too_many_arguments)]
 async fn make_image(
     daemon: &crate::Daemon,
@@ -302,7 +306,7 @@ async fn make_image(
     work: &Path,
     image: &Path,
     note: &impl Fn(String),
-) -> Result<(u64, &'static str), Failure> {
+) -> Result<(u64, &'static str, Option<crate::bootcfg::Arch>), Failure> {
     let compression = match kind {
         SourceKind::RawDisk | SourceKind::Qcow2 => {
             if spec.boot.is_some() {
@@ -322,7 +326,7 @@ async fn make_image(
             let boot = File::open(image)
                 .and_then(|f| crate::bootdisk::boot_modes(&f))
                 .map_err(|e| Failure::io("reading the snapshot", e))?;
-            return Ok((size, boot));
+            return Ok((size, boot, None));
         }
         SourceKind::Directory => Compression::None,
         SourceKind::Tar(compression) => compression,
@@ -468,8 +472,8 @@ async fn make_image(
         uuid: layout.as_ref().map(|l| l.root_uuid.clone()),
     };
     {
-        let (image, layout, placement) = (image.to_owned(), layout.clone(), placement.clone());
-        blocking(move || empty_filesystem(&image, &placement, layout.as_ref())).await?;
+        let (image, placement) = (image.to_owned(), placement.clone());
+        blocking(move || empty_filesystem(&image, &placement)).await?;
     }
     // 3. The sandbox unpacks the content into it, through the kernel; the helper then writes
     // the boot menu and fstab (if bootable).
@@ -488,6 +492,7 @@ async fn make_image(
         boot: layout.as_ref().map(|l| crate::bootcfg::Setup {
             root_uuid: l.root_uuid.clone(),
             esp_uuid: l.esp_uuid(),
+            arches: crate::bootdisk::installable(),
         }),
     };
     let unpacked = match kind {
@@ -522,7 +527,7 @@ async fn make_image(
             .map_err(|e| Failure::io("detaching the new image", e))
     })
     .await;
-    match unpacked? {
+    let boot = match unpacked? {
         Outcome::Unpacked {
             entries,
             specials,
@@ -544,9 +549,10 @@ async fn make_image(
             if !discarded {
                 note("amidala: the image's free blocks could not be discarded".into());
             }
-            if let Some(done) = boot {
+            if let Some(done) = &boot {
                 note(format!(
-                    "amidala: boot menu for kernel {}{}",
+                    "amidala: boot menu for {} kernel {}{}",
+                    done.arch.name(),
                     done.kernels.join(", "),
                     if done.wrote_fstab {
                         "; /etc/fstab written (root and ESP by UUID)"
@@ -555,24 +561,40 @@ async fn make_image(
                     }
                 ));
             }
+            boot
         }
         other => return Err(refused(other, &spec.source_name)),
-    }
-    // 4. The boot loader, for legacy BIOS and UEFI.
-    if let Some(layout) = layout {
-        note("amidala: installing GRUB for legacy BIOS and UEFI".into());
+    };
+    // 4. The partition table, with the root partition's type of the kernel's architecture, and
+    // the boot loader: for legacy BIOS and UEFI on x86-64, UEFI on arm64.
+    if let Some(mut layout) = layout {
+        let done = boot.ok_or_else(|| {
+            Failure::new(
+                ErrorCode::Internal,
+                "the import's helper did not make the tree bootable",
+            )
+        })?;
+        layout.arch = done.arch;
+        note(
+            match layout.arch {
+                crate::bootcfg::Arch::X86_64 => "amidala: installing GRUB for legacy BIOS and UEFI",
+                crate::bootcfg::Arch::Arm64 => "amidala: installing GRUB for UEFI (arm64)",
+            }
+            .into(),
+        );
         let (image, dir, size) = (image.to_owned(), work.join("grub"), layout.disk_size());
         blocking(move || {
             fs::DirBuilder::new()
                 .mode(0o700)
                 .create(&dir)
                 .map_err(|e| Failure::io("creating the boot loader's directory", e))?;
+            crate::bootdisk::partition(&image, &layout)?;
             crate::bootdisk::install_loader(&image, &layout, &dir)
         })
         .await?;
-        return Ok((size, "bios+uefi"));
+        return Ok((size, done.arch.boot_modes(), Some(done.arch)));
     }
-    Ok((size, "none"))
+    Ok((size, "none", None))
 }
 
 /// The refusal of an import whose pass did not succeed.
@@ -728,12 +750,9 @@ struct Placement {
 }
 
 /// A new, empty ext4 filesystem placed as `at` says in the new (sparse) file `image` (root's,
-/// 0600), after the partition table of `layout` if it is a bootable disk.
-fn empty_filesystem(
-    image: &Path,
-    at: &Placement,
-    layout: Option<&crate::bootdisk::Layout>,
-) -> Result<(), Failure> {
+/// 0600); a bootable disk's partition table is written once the tree's kernel has told its
+/// architecture.
+fn empty_filesystem(image: &Path, at: &Placement) -> Result<(), Failure> {
     let out = OpenOptions::new()
         .read(true)
         .write(true)
@@ -744,9 +763,6 @@ fn empty_filesystem(
         .map_err(|e| Failure::io(format!("creating {}", image.display()), e))?;
     out.set_len(at.disk_size)
         .map_err(|e| Failure::io("sizing the image", e))?;
-    if let Some(layout) = layout {
-        crate::bootdisk::partition(image, layout)?;
-    }
     // The default of one inode per 16 KiB, or more for a tree of many small files.
     let inodes = (at.size / 16384).max(at.inodes + at.inodes / 4 + 1024);
     let mut mkfs = std::process::Command::new("mkfs.ext4");

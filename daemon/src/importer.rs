@@ -187,6 +187,7 @@ fn run() -> Result<Outcome, String> {
                             crate::bootcfg::install_modules(
                                 root.as_fd(),
                                 Path::new(crate::bootdisk::GRUB_LIB),
+                                done.arch,
                             )?;
                             Some(done)
                         }

@@ -945,15 +945,20 @@ async fn boot_test(
     }
     let found = async {
         check_boot_test(daemon, &test)?;
-        own_disk(daemon, peer, id).await
+        let disk = own_disk(daemon, peer, id).await?;
+        let arch = crate::bootvm::arch_of(&disk.snapshot.tags)?;
+        Ok((disk, arch))
     }
     .await;
-    let Disk {
-        snapshot,
-        image,
-        owner,
-        path,
-    } = match found {
+    let (
+        Disk {
+            snapshot,
+            image,
+            owner,
+            path,
+        },
+        arch,
+    ) = match found {
         Ok(found) => found,
         Err(f) => return conn.send_error(&f).await,
     };
@@ -973,6 +978,7 @@ async fn boot_test(
         owner,
         &path,
         made_for.as_deref(),
+        arch,
         &test,
         &console,
     ));
@@ -1138,10 +1144,12 @@ async fn run_vm(
         let disk = own_disk(daemon, peer, id).await?;
         let made_for = disk.snapshot.tags.get(proto::BOOT_TAG).map(String::as_str);
         let firmware = crate::bootvm::run_firmware(firmware.as_deref(), made_for)?;
-        Ok((disk, firmware))
+        let arch = crate::bootvm::arch_of(&disk.snapshot.tags)?;
+        crate::bootvm::check_firmware(arch, &[firmware])?;
+        Ok((disk, firmware, arch))
     }
     .await;
-    let (disk, firmware) = match found {
+    let (disk, firmware, arch) = match found {
         Ok(found) => found,
         Err(f) => return conn.send_error(&f).await,
     };
@@ -1189,7 +1197,7 @@ async fn run_vm(
     let (tx, mut shown) = tokio::sync::mpsc::channel(16);
     // Boxed, so that dropping it stops QEMU before the last frames are sent.
     let mut running = Box::pin(crate::bootvm::run_console(
-        daemon, disk.owner, &disk.path, firmware, &mut input, &tx,
+        daemon, disk.owner, &disk.path, firmware, arch, &mut input, &tx,
     ));
     let mut sent = Ok(());
     let ended = loop {

@@ -1198,6 +1198,20 @@ pub fn debian_boot_rootfs() -> PathBuf {
     path
 }
 
+/// The arm64 tree that boots (tests/make-arm64-boot-tree.sh, made by tests/install-deps.sh):
+/// `$AMIDALA_ARM64_BOOT_TREE`, by default under /var/cache/amidala-tests.
+pub fn arm64_boot_tree() -> PathBuf {
+    let path = std::env::var_os("AMIDALA_ARM64_BOOT_TREE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/amidala-tests/arm64-boot"));
+    assert!(
+        path.join("bin/busybox").is_file(),
+        "{} has no arm64 tree: run tests/install-deps.sh",
+        path.display()
+    );
+    path
+}
+
 /// QEMU processes running on this host (pid and command line).
 pub fn qemu_processes() -> Vec<String> {
     let mut found = Vec::new();

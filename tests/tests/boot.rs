@@ -525,6 +525,106 @@ fn an_image_that_does_not_boot_fails_its_build_and_is_not_registered() {
     assert_nothing_left(&env);
 }
 
+/// An arm64 tree (Debian's arm64 cloud kernel and a busybox initramfs) on this x86 builder: a
+/// disk for UEFI only, with arm64's root partition type and `EFI/BOOT/BOOTAA64.EFI` made from
+/// the host's arm64 GRUB, booted by the boot test in QEMU's arm64 machine with AAVMF (TCG: KVM
+/// runs only the host's own architecture) to the marker its init prints.
+#[test]
+fn an_arm64_tree_becomes_a_uefi_disk_that_boots_on_an_arm64_machine() {
+    let _turn = take_turn();
+    let env = Env::start();
+    let tree = amidala_tests::arm64_boot_tree();
+    let imported = env.amidala(&["base", "import", tree.to_str().unwrap()]);
+    let base = imported.ok().trim().to_owned();
+    assert!(
+        imported.stderr.contains("boot menu for arm64 kernel 6.1.")
+            && imported.stderr.contains("installing GRUB for UEFI (arm64)"),
+        "{}",
+        imported.stderr
+    );
+    let tags = &snapshot(&env, &base)["tags"];
+    assert_eq!(tags["amidala:boot"], "uefi", "{tags}");
+    assert_eq!(tags["amidala:boot-arch"], "arm64", "{tags}");
+
+    let disk = env.snapshot_file(&base);
+    let table = run(Command::new("sfdisk").arg("--dump").arg(&disk))
+        .ok()
+        .to_owned();
+    assert!(
+        table.contains("type=B921B045-1DF0-41C3-AF44-4C6F280D3FAE"),
+        "arm64's root partition type: {table}"
+    );
+    run(Command::new("sfdisk").arg("--verify").arg(&disk)).ok();
+    // No boot code in the MBR (UEFI only); BOOTAA64.EFI on the ESP, a PE for arm64 (0xAA64).
+    let bytes = fs::read(&disk).unwrap();
+    assert!(bytes[..440].iter().all(|&b| b == 0), "no BIOS boot code");
+    let esp = format!("{}@@{}", disk.display(), 2 << 20);
+    let listing = run(Command::new("mdir").args(["-i", &esp, "-b", "::/EFI/BOOT"]))
+        .ok()
+        .to_owned();
+    assert!(
+        listing.contains("BOOTAA64.EFI") && !listing.contains("BOOTX64.EFI"),
+        "{listing}"
+    );
+    let efi = env.dir.path().join("BOOTAA64.EFI");
+    run(Command::new("mcopy")
+        .args(["-i", &esp, "::/EFI/BOOT/BOOTAA64.EFI"])
+        .arg(&efi))
+    .ok();
+    let pe = fs::read(&efi).unwrap();
+    let at = u32::from_le_bytes(pe[0x3c..0x40].try_into().unwrap()) as usize;
+    assert_eq!(&pe[at..at + 4], b"PE\0\0");
+    assert_eq!(&pe[at + 4..at + 6], &0xAA64u16.to_le_bytes(), "an arm64 PE");
+    {
+        let root = root_of(&disk);
+        let menu = root.read("/boot/grub/grub.cfg");
+        assert!(
+            menu.contains("linux /boot/vmlinuz-6.1.") && !menu.contains("console="),
+            "{menu}"
+        );
+        assert!(
+            root.exists("/boot/grub/arm64-efi/normal.mod") && !root.exists("/boot/grub/i386-pc"),
+            "arm64's GRUB modules only"
+        );
+    }
+
+    // Legacy BIOS is refused for what the image is, before any VM.
+    let bios = env.amidala(&["boot-test", &base, "--firmware", "bios"]);
+    assert_eq!(bios.code, Some(2), "{}", bios.stderr);
+    assert!(bios.stderr.contains("UEFI only"), "{}", bios.stderr);
+    let ws = env.workspace("ws", &[]);
+    let build = env.amidala_in(
+        &ws,
+        &[
+            "build",
+            "--source",
+            &base,
+            "--boot-test",
+            "--boot-firmware",
+            "bios",
+            "--",
+            "/bin/true",
+        ],
+    );
+    assert!(build.err().contains("UEFI only"), "{}", build.stderr);
+
+    // The boot test: GRUB from the ESP, the menu from the root, the kernel and its initramfs.
+    let tested = env.amidala(&[
+        "boot-test",
+        &base,
+        "--marker",
+        "amidala-arm64-init: up on aarch64",
+    ]);
+    let log = &tested.stderr;
+    tested.ok();
+    assert!(log.contains("boot test (uefi, tcg)"), "{log}");
+    assert!(log.contains("Linux version 6.1."), "{log}");
+    assert!(log.contains("amidala-arm64-init: up on aarch64"), "{log}");
+    let tags = &snapshot(&env, &base)["tags"];
+    assert_eq!(tags["amidala:boot-test"], "passed", "{tags}");
+    assert_nothing_left(&env);
+}
+
 #[test]
 fn a_tree_without_a_kernel_imports_as_before_and_cannot_be_boot_tested() {
     // Its turn too: it checks that no VM runs.
