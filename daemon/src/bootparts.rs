@@ -197,13 +197,15 @@ pub fn mount_all(
                 )
             }),
             (None, uuid) => {
+                // XFS: as the root is (see crate::executor's root_mount_data).
+                let data = (part.fs_type == "xfs").then_some("nouuid");
                 let mounted = match uuid {
                     Some(uuid) => crate::sys::mount_as(
                         &part.device,
                         &format!("/dev/disk/by-uuid/{uuid}"),
                         &path,
                         &part.fs_type,
-                        None,
+                        data,
                         attrs,
                     ),
                     None => mount(
@@ -211,7 +213,7 @@ pub fn mount_all(
                         &path,
                         Some(part.fs_type.as_str()),
                         MsFlags::MS_NODEV | MsFlags::MS_NOSUID,
-                        None::<&str>,
+                        data,
                     )
                     .map_err(std::io::Error::from),
                 };

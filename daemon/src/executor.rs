@@ -346,7 +346,7 @@ fn run() -> Result<(), Failure> {
             &name,
             &spec.mount_dir,
             &spec.fs_type,
-            discard_option(&spec.fs_type),
+            root_mount_data(&spec.fs_type),
             idmap::MOUNT_ATTR_NODEV,
         )
         .map_err(|e| Failure {
@@ -358,7 +358,7 @@ fn run() -> Result<(), Failure> {
             &spec.mount_dir,
             Some(spec.fs_type.as_str()),
             MsFlags::MS_NODEV,
-            discard_option(&spec.fs_type),
+            root_mount_data(&spec.fs_type),
         )
         .map_err(fail(Phase::Mount, mounting))?,
     }
@@ -550,9 +550,14 @@ fn now_secs() -> i64 {
 /// which waits for its discards. A build that deletes nothing pays nothing, unlike a trim of
 /// all free space after the build (`FITRIM`), whose cost grows with the volume's size.
 /// Blocks the source snapshot had free are holes already, or the source's own.
-fn discard_option(fs_type: &str) -> Option<&'static str> {
+///
+/// XFS also gets `nouuid`: it refuses to mount a filesystem whose UUID a mounted one has, and
+/// every build of one base (and a builder whose own root was made from the same image) mounts
+/// a copy of the same filesystem.
+pub(crate) fn root_mount_data(fs_type: &str) -> Option<&'static str> {
     match fs_type {
-        "ext4" | "xfs" => Some("discard"),
+        "ext4" => Some("discard"),
+        "xfs" => Some("discard,nouuid"),
         // Not btrfs's default "async", which drops what is pending at unmount.
         "btrfs" => Some("discard=sync"),
         _ => None,

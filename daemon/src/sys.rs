@@ -115,7 +115,7 @@ pub fn set_times_at(dir: BorrowedFd<'_>, name: &std::ffi::OsStr, mtime: i64) -> 
 /// `/proc/self/mountinfo` shows as the mount's source, and so where tools that find a
 /// filesystem's device through it (GRUB's `grub-probe`) look for the device, in a root where
 /// a node of that device is made at `name` (see the executor's `/dev/disk`). `options` are
-/// the filesystem's (`discard`, `discard=sync`); `attrs` the mount's (`MOUNT_ATTR_*`).
+/// the filesystem's (`discard`, `discard=sync`, `nouuid`); `attrs` the mount's (`MOUNT_ATTR_*`).
 ///
 /// The kernel keeps the source as it was given and looks it up in the caller's root, so the
 /// filesystem is made while this process's root is a tmpfs over `target` holding a node of

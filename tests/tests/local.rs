@@ -665,19 +665,7 @@ fn a_longer_disk_gets_its_table_partition_and_filesystem_grown() {
     assert!(filesystem_bytes(&out.path("/")) > 170 << 20);
     drop(out);
 
-    let xfs = env.dir.path().join("xfs.img");
-    fs::File::create(&xfs).unwrap().set_len(320 << 20).unwrap();
-    run(Command::new("mkfs.xfs").arg("-q").arg(&xfs)).ok();
-    let mnt = env.dir.path().join("xfs-mnt");
-    fs::create_dir(&mnt).unwrap();
-    run(Command::new("mount")
-        .args(["-o", "loop"])
-        .arg(&xfs)
-        .arg(&mnt))
-    .ok();
-    let copied = run(Command::new("cp").arg("-a").arg(rootfs.join(".")).arg(&mnt));
-    run(Command::new("umount").arg(&mnt)).ok();
-    copied.ok();
+    let xfs = xfs_image(&env, &rootfs);
     let xfs_base = env.import(&xfs, &["--tag", "kind=xfs"]);
     let said = env.amidala_in(
         &ws,
@@ -703,6 +691,86 @@ fn a_longer_disk_gets_its_table_partition_and_filesystem_grown() {
     let xfs_bytes = filesystem_bytes(&out.path("/"));
     assert!(xfs_bytes > 400 << 20, "{xfs_bytes}");
     drop(out);
+    env.assert_no_leaks();
+}
+
+/// A 320 MiB whole-disk XFS image in the test's directory holding `rootfs`.
+fn xfs_image(env: &Env, rootfs: &Path) -> std::path::PathBuf {
+    let xfs = env.dir.path().join("xfs.img");
+    fs::File::create(&xfs).unwrap().set_len(320 << 20).unwrap();
+    run(Command::new("mkfs.xfs").arg("-q").arg(&xfs)).ok();
+    let mnt = env.dir.path().join("xfs-mnt");
+    fs::create_dir(&mnt).unwrap();
+    run(Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&xfs)
+        .arg(&mnt))
+    .ok();
+    let copied = run(Command::new("cp").arg("-a").arg(rootfs.join(".")).arg(&mnt));
+    run(Command::new("umount").arg(&mnt)).ok();
+    copied.ok();
+    xfs
+}
+
+/// Issue 16, point 9: XFS refuses to mount a second filesystem with a UUID already mounted, and
+/// every build of one base mounts a copy of the same filesystem: two builds of an XFS base at
+/// once both succeed (their roots are mounted with `nouuid`).
+#[test]
+fn two_builds_of_one_xfs_base_run_at_once() {
+    let env = Env::start();
+    let rootfs = env.busybox_rootfs("rootfs");
+    let xfs = xfs_image(&env, &rootfs);
+    let base = env.import(&xfs, &["--tag", "kind=xfs"]);
+    let ws = env.workspace("ws", &[]);
+    // The first holds its mount until the second has mounted its own (or failed to).
+    let build = |script: &str| {
+        vec![
+            "build".to_owned(),
+            "--json".to_owned(),
+            "--source".to_owned(),
+            base.clone(),
+            "--".to_owned(),
+            "/bin/sh".to_owned(),
+            "-c".to_owned(),
+            script.to_owned(),
+        ]
+    };
+    let first_args = build("echo first up; sleep 8; echo first done");
+    let mut first = env.spawn_client(
+        &ws,
+        &first_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let stderr = first.stderr.take().unwrap();
+    let (up, is_up) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("first up") {
+                let _ = up.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    is_up
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the first build's provisioner started");
+    let second_args = build("echo second ran");
+    let second = env.amidala_in(
+        &ws,
+        &second_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert!(second.stderr.contains("second ran"), "{}", second.stderr);
+    second.json();
+    let status = first.wait().unwrap();
+    let log = reader.join().unwrap();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("first done"), "{log}");
     env.assert_no_leaks();
 }
 
