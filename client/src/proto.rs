@@ -542,13 +542,14 @@ pub fn validate_image_name(name: &str) -> Result<(), ValidationError> {
     Ok(())
 }
 
-/// Checks that `id` looks like an amidala resource id: `prefix-` and 17 lowercase hex digits.
+/// Checks that `id` looks like an amidala resource id: `prefix-` and 17 lowercase hex digits,
+/// or 8 (EC2's ids from before 2016, which older snapshots and images still carry).
 pub fn validate_id(prefix: &str, id: &str) -> Result<(), ValidationError> {
     let ok = id
         .strip_prefix(prefix)
         .and_then(|rest| rest.strip_prefix('-'))
         .is_some_and(|hex| {
-            hex.len() == 17
+            (hex.len() == 17 || hex.len() == 8)
                 && hex
                     .bytes()
                     .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
@@ -557,7 +558,8 @@ pub fn validate_id(prefix: &str, id: &str) -> Result<(), ValidationError> {
         Ok(())
     } else {
         Err(ValidationError(format!(
-            "{id:?} is not a valid id (expected {prefix}- and 17 hexadecimal digits)"
+            "{id:?} is not a valid id (expected {prefix}- and 17 or 8 lowercase hexadecimal \
+             digits)"
         )))
     }
 }
@@ -1279,6 +1281,9 @@ mod tests {
     fn ids_are_checked() {
         assert!(validate_id("snap", "snap-0123456789abcdef0").is_ok());
         assert!(validate_id("snap", "snap-0123456789abcdef").is_err());
+        // EC2's short ids of before 2016.
+        assert!(validate_id("snap", "snap-1a2b3c4d").is_ok());
+        assert!(validate_id("ami", "ami-1a2b3c4").is_err());
         assert!(validate_id("snap", "snap-0123456789ABCDEF0").is_err());
         assert!(validate_id("snap", "vol-0123456789abcdef0").is_err());
         assert!(validate_id("snap", "snap-../../etc/passwd").is_err());
