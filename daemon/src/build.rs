@@ -589,6 +589,10 @@ async fn with_volume(
     snapshot_tags.insert(OWNER_UID_TAG.into(), handle.owner_uid.to_string());
     snapshot_tags.insert("amidala:provisioner".into(), spec.provisioner.clone());
     snapshot_tags.extend(source_boot.clone());
+    // The snapshot is made with its tags (EC2 tags it as it makes it), so it is marked as not
+    // yet a successful build's from the start, and taken by no build as a source by those tags
+    // until this build has registered its image (and passed its boot test) and unmarked it.
+    snapshot_tags.insert(FAILED_BUILD_TAG.into(), handle.id.clone());
     handle.enter(Phase::Snapshot)?;
     let meta = SnapshotMeta {
         tags: snapshot_tags,
@@ -620,31 +624,18 @@ async fn with_volume(
         }
         boot_test_asked => {
             let tested = match boot_test_asked {
-                Some(test) => {
-                    // Not a source for a build by its tags until the image booted.
-                    let pending = [(FAILED_BUILD_TAG.to_owned(), handle.id.clone())].into();
-                    let tested = match provider.tag_snapshot(&snapshot.id, &pending).await {
-                        Ok(()) => boot_test(daemon, handle, &snapshot, &source_boot, test).await,
-                        Err(e) => Err((Phase::BootTest, e)),
-                    };
-                    match tested {
-                        Ok(detail) => provider
-                            .untag_snapshot(&snapshot.id, FAILED_BUILD_TAG)
-                            .await
-                            .map(|()| {
-                                image_tags.insert(BOOT_TEST_TAG.to_owned(), "passed".to_owned());
-                                image_tags.insert(BOOT_TEST_DETAIL_TAG.to_owned(), detail);
-                            })
-                            .map_err(|f| (Phase::BootTest, f)),
-                        Err(e) => Err(e),
-                    }
-                    .map_err(|(phase, f)| (phase, kept_snapshot(f, &snapshot.id)))
-                }
+                Some(test) => boot_test(daemon, handle, &snapshot, &source_boot, test)
+                    .await
+                    .map(|detail| {
+                        image_tags.insert(BOOT_TEST_TAG.to_owned(), "passed".to_owned());
+                        image_tags.insert(BOOT_TEST_DETAIL_TAG.to_owned(), detail);
+                    })
+                    .map_err(|(phase, f)| (phase, kept_snapshot(f, &snapshot.id))),
                 None => Ok(()),
             };
             match tested {
                 Ok(()) => {
-                    register(
+                    let image = register(
                         daemon,
                         handle,
                         &record,
@@ -654,14 +645,26 @@ async fn with_volume(
                         image_tags,
                         true,
                     )
-                    .await
+                    .await?;
+                    // The build has succeeded: its snapshot is a source from now on.
+                    match provider
+                        .untag_snapshot(&snapshot.id, FAILED_BUILD_TAG)
+                        .await
+                    {
+                        Ok(()) => Ok(image),
+                        Err(f) => Err((
+                            Phase::Register,
+                            undo_image(daemon, handle, &image.id, &snapshot.id, f).await,
+                        )),
+                    }
                 }
                 Err(e) => Err(e),
             }
         }
     };
     if registered.is_err() {
-        // Kept, but never to be taken as the source of a build by its tags.
+        // Kept, but never to be taken as the source of a build by its tags (marked from its
+        // creation; again, in case a failure came after the mark was taken off).
         let tags = [(FAILED_BUILD_TAG.to_owned(), handle.id.clone())].into();
         if let Err(e) = provider.tag_snapshot(&snapshot.id, &tags).await {
             tracing::error!(build = %handle.id, snapshot = %snapshot.id, error = %e, "tagging the snapshot of a failed build");
@@ -786,12 +789,8 @@ async fn boot_registered(
     test: &BootTestSpec,
 ) -> PhaseResult<ImageRecord> {
     let provider = &daemon.provider;
-    // Not a source for a build by its tags until the image booted.
-    let pending = [(FAILED_BUILD_TAG.to_owned(), handle.id.clone())].into();
-    provider
-        .tag_snapshot(&snapshot.id, &pending)
-        .await
-        .map_err(|f| (Phase::Register, kept_snapshot(f, &snapshot.id)))?;
+    // The snapshot is not a source for a build by its tags until the image booted (marked
+    // since its creation).
     let mut image = register(
         daemon,
         handle,
@@ -850,28 +849,41 @@ async fn boot_registered(
     .await;
     match tested {
         Ok(()) => Ok(image),
-        Err((phase, mut failure)) => {
-            failure.message = match provider.deregister_image(&image.id).await {
-                Ok(()) => {
-                    handle.note(format!("amidala: deregistered image {}", image.id));
-                    format!(
-                        "{} (image {} was deregistered; snapshot {} is kept, tagged \
-                         {FAILED_BUILD_TAG})",
-                        failure.message, image.id, snapshot.id
-                    )
-                }
-                Err(e) => {
-                    tracing::error!(build = %handle.id, image = %image.id, error = %e, "deregistering the image of a failed boot test");
-                    format!(
-                        "{} (image {} could NOT be deregistered: {}; `amidala delete {}` \
-                         removes it; snapshot {} is kept, tagged {FAILED_BUILD_TAG})",
-                        failure.message, image.id, e.message, image.id, snapshot.id
-                    )
-                }
-            };
-            Err((phase, failure))
-        }
+        Err((phase, failure)) => Err((
+            phase,
+            undo_image(daemon, handle, &image.id, &snapshot.id, failure).await,
+        )),
     }
+}
+
+/// After `failure` of a build whose image `image` was registered: the image deregistered (or
+/// the failure says it could not be, and how to remove it); the snapshot is kept, marked.
+async fn undo_image(
+    daemon: &Daemon,
+    handle: &BuildHandle,
+    image: &str,
+    snapshot: &str,
+    mut failure: Failure,
+) -> Failure {
+    failure.message = match daemon.provider.deregister_image(image).await {
+        Ok(()) => {
+            handle.note(format!("amidala: deregistered image {image}"));
+            format!(
+                "{} (image {image} was deregistered; snapshot {snapshot} is kept, tagged \
+                 {FAILED_BUILD_TAG})",
+                failure.message
+            )
+        }
+        Err(e) => {
+            tracing::error!(build = %handle.id, image = %image, error = %e, "deregistering the image of a failed build");
+            format!(
+                "{} (image {image} could NOT be deregistered: {}; `amidala delete {image}` \
+                 removes it; snapshot {snapshot} is kept, tagged {FAILED_BUILD_TAG})",
+                failure.message, e.message
+            )
+        }
+    };
+    failure
 }
 
 fn kept_snapshot(mut failure: Failure, snapshot: &str) -> Failure {

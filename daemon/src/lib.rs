@@ -313,8 +313,9 @@ async fn recover(daemon: &Daemon) -> Result<()> {
     let snapshots = daemon.provider.list_snapshots().await;
     let mut images = daemon.provider.list_images().await;
     if let (Ok(snapshots), Ok(images)) = (&snapshots, &mut images) {
-        // An image registered to be boot-tested (its snapshot still marked as the build's
-        // failure) did not pass: it goes, as it would have had the test failed.
+        // An image whose build did not end (its snapshot still marked as not yet a
+        // successful build's, as every build's snapshot is until the build has registered
+        // its image and passed its boot test) goes, as it would have had the build failed.
         let untested: Vec<String> = images
             .iter()
             .filter(|i| {
