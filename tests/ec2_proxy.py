@@ -22,6 +22,9 @@ And for instances (boot tests), what moto does not model:
   and `ok` at once; while `pending`, DescribeInstanceStatus lists nothing of them, as EC2);
   terminated ones are `shutting-down` for instance_shutting_down_secs (moto: `terminated` at
   once); each delay as it was set when the instance was launched or terminated;
+- RegisterImage refuses a name an image registered through the proxy and not deregistered
+  has (EC2's InvalidAMIName.Duplicate: names are unique among an account's images in a
+  region), which moto accepts;
 - DescribeImages reports the boot mode and architecture RegisterImage was given (moto ignores
   both and reports every image as `uefi`, where EC2 reports no boot mode unless one was given);
 - GetConsoleOutput answers, base64-encoded, console_output (a text, or {ImageId: text} with
@@ -72,6 +75,7 @@ launched = {}  # instance id -> {"at", "image", "pending", "initializing"}
 terminated = {}  # instance id -> (time, shutting-down seconds)
 tokens = {}  # RunInstances ClientToken -> its first answer
 registered = {}  # image id -> {"bootMode": ..., "architecture": ...} as RegisterImage was given
+names = {}  # image id -> the name RegisterImage gave it, while it is registered
 
 
 def delayed(kind, ident, secs):
@@ -366,6 +370,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if repeated is not None:
             # EC2's idempotency: the same token, the same instance, nothing new started.
             return self.reply(200, repeated)
+        name = params.get("Name", [None])[0] if action == "RegisterImage" else None
+        with lock:
+            taken = name is not None and name in names.values()
+        if taken:
+            return self.reply(400, error_body("InvalidAMIName.Duplicate", f"AMI name {name} is already in use by AMI"))
         url = urllib.parse.urlsplit(self.upstream)
         conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
         headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length", "connection")}
@@ -373,6 +382,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         response = conn.getresponse()
         data = response.read()
         if response.status == 200:
+            with lock:
+                if name is not None:
+                    ident = child(ET.fromstring(data), "imageId")
+                    if ident is not None:
+                        names[ident.text] = name
+                elif action == "DeregisterImage":
+                    names.pop(params.get("ImageId", [""])[0], None)
             data = rewrite(action, data, params)
             if token:
                 with lock:

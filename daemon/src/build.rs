@@ -369,12 +369,28 @@ async fn execute(
     workspace: OwnedFd,
 ) -> PhaseResult<BuildResult> {
     let provider = &daemon.provider;
-    let spec = handle.record().spec;
+    let record = handle.record();
+    let spec = &record.spec;
     handle.enter(Phase::Resolve)?;
     let source = provider
         .resolve(&spec.source, handle.viewer)
         .await
         .at(Phase::Resolve)?;
+    // A name the image cannot have is said now, not after the provisioner and the snapshot.
+    let name = image_name(spec.name.as_deref(), &handle.id, &record.created)
+        .map_err(|e| Failure::invalid(format!("--name: {e}")))
+        .at(Phase::Resolve)?;
+    if let Some(taken) = provider.image_named(&name).await.at(Phase::Resolve)? {
+        return Err((
+            Phase::Resolve,
+            Failure::invalid(format!(
+                "--name: image {taken} is named {name:?} already, and the {} provider's image \
+                 names are unique (EC2's in each region and account): put {{build}} or {{time}} \
+                 in the name",
+                provider.name()
+            )),
+        ));
+    }
     handle.note(format!(
         "amidala: starting from {} ({})",
         source.id,

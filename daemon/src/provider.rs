@@ -339,6 +339,11 @@ pub trait Provider: Send + Sync + Debug {
     ) -> Result<SnapshotRecord, Failure>;
     async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>, Failure>;
     async fn list_images(&self) -> Result<Vec<ImageInfo>, Failure>;
+    /// The id of an image already named `name`, where the provider's image names must be
+    /// unique (ec2: among the account's images in the region); `None` where they need not be.
+    async fn image_named(&self, _name: &str) -> Result<Option<String>, Failure> {
+        Ok(None)
+    }
     /// Where the snapshot's disk image can be read on this host, if it is a file.
     fn snapshot_path(&self, snapshot_id: &str) -> Option<PathBuf>;
     /// The volumes made for builds on this host that still exist.

@@ -1095,6 +1095,23 @@ impl Provider for Ec2Provider {
         Ok(images)
     }
 
+    async fn image_named(&self, name: &str) -> Result<Option<String>, Failure> {
+        // Any of the account's images in the region, amidala's or not: RegisterImage refuses
+        // a name one of them has.
+        let out = self
+            .client
+            .describe_images()
+            .owners("self")
+            .filters(Filter::builder().name("name").values(name).build())
+            .send()
+            .await
+            .map_err(cloud("DescribeImages"))?;
+        Ok(out
+            .images()
+            .iter()
+            .find_map(|i| i.image_id().map(str::to_owned)))
+    }
+
     fn snapshot_path(&self, snapshot_id: &str) -> Option<PathBuf> {
         (self.data_plane == DataPlane::Loop).then(|| self.loop_file("snapshots", snapshot_id))
     }

@@ -1,5 +1,6 @@
-//! Which snapshots a build may start from, on EC2 (moto behind tests/ec2_proxy.py): a snapshot
-//! is taken as a source by its tags only once the build that made it has succeeded.
+//! What a build's snapshot and image may be, on EC2 (moto behind tests/ec2_proxy.py): a
+//! snapshot is taken as a source by its tags only once the build that made it has succeeded,
+//! and an image name EC2 would refuse is refused before anything is made.
 
 use amidala_tests::{field, Ec2Emulator, Env, AWS_ENV};
 use serde_json::json;
@@ -64,6 +65,40 @@ fn ec2_a_snapshot_is_a_source_only_once_its_build_has_succeeded() {
         "{}",
         third.stderr
     );
+    ec2.assert_no_leaks();
+    env.assert_no_leaks();
+}
+
+/// Issue 16, point 6: AMI names are unique in a region; the README's `--name "system {date}"`
+/// on the second build of a day is refused in the resolve phase, before a volume is made.
+#[test]
+fn ec2_a_name_an_image_has_already_is_refused_before_anything_is_made() {
+    let ec2 = Ec2Emulator::start();
+    let env = Env::start_with(&ec2.daemon_config("loop", ""), &AWS_ENV);
+    env.import_busybox();
+    let ws = env.workspace("ws", &[]);
+    let first = env.build(&ws, &["--name", "system {date}", "--", "/bin/true"]);
+    let (volumes, snapshots) = (ec2.calls("CreateVolume"), ec2.calls("CreateSnapshot"));
+    let second = env.amidala_in(
+        &ws,
+        &["build", "--name", "system {date}", "--", "/bin/true"],
+    );
+    let err = second.err();
+    assert!(
+        err.contains("failed in phase resolve")
+            && err.contains(&format!("image {} is named", field(&first, "image_id")))
+            && err.contains("put {build} or {time} in the name"),
+        "{}",
+        second.stderr
+    );
+    assert_eq!(ec2.calls("CreateVolume"), volumes, "no volume was made");
+    assert_eq!(
+        ec2.calls("CreateSnapshot"),
+        snapshots,
+        "no snapshot was made"
+    );
+    // Another name is taken.
+    env.build(&ws, &["--name", "system {date} {time}", "--", "/bin/true"]);
     ec2.assert_no_leaks();
     env.assert_no_leaks();
 }
