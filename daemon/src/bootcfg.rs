@@ -590,8 +590,8 @@ pub fn refresh(root: BorrowedFd<'_>, root_uuid: &str) -> Result<Option<String>, 
         bootable_kernels(root).map_err(|e| format!("looking for kernels: {e}"))?;
     let Some(arch) = arch.filter(|_| !kernels.is_empty()) else {
         return Ok(Some(
-            "amidala: warning: the image holds no x86-64 or arm64 kernel with an initramfs any \
-             more: it will not boot"
+            "amidala: warning: the image holds no kernel with an initramfs any more (of x86-64 \
+             or arm64): it will not boot"
                 .into(),
         ));
     };
