@@ -985,3 +985,116 @@ fn ec2_gc_terminates_boot_test_instances_of_builds_that_are_not_running() {
     ec2.assert_no_leaks();
     env.assert_no_leaks();
 }
+
+/// EC2's eventual consistency (issue 16): for a while after a create, calls naming the new id
+/// answer NotFound. A build waits through it, tags on creation (no CreateTags on the new image
+/// or its copy), and its undoing (a deleted volume, a tagged snapshot, a deregistered image)
+/// is not lost to it.
+#[test]
+fn ec2_new_ids_that_ec2_does_not_know_yet_are_waited_for_and_undone() {
+    let ec2 = Ec2Emulator::start();
+    let env = start(
+        &ec2,
+        "loop",
+        "[ec2.timeouts]\nvolume_available = 2\nsnapshot = 2\n",
+    );
+    ec2.configure(json!({"not_found_secs": {"volume": 1, "snapshot": 1, "image": 1}}));
+    let base = env.import_busybox();
+    let ws = env.workspace("ws", &[]);
+    let tags_before = ec2.calls("CreateTags");
+    let result = env.build(
+        &ws,
+        &[
+            "--tag",
+            "role=system",
+            "--copy-to",
+            "us-west-2",
+            "--",
+            "/bin/true",
+        ],
+    );
+    let (build, image) = (field(&result, "build_id"), field(&result, "image_id"));
+    assert_eq!(
+        ec2.calls("CreateTags") - tags_before,
+        0,
+        "the image and its copy are tagged on creation"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let described = ec2
+        .runtime
+        .block_on(ec2.client(REGION).describe_images().image_ids(image).send())
+        .unwrap();
+    let tags = tag_map(described.images()[0].tags());
+    assert_eq!(tags["role"], "system", "{tags:?}");
+    assert_eq!(tags["amidala:build"], build, "{tags:?}");
+    let copies = ec2
+        .runtime
+        .block_on(
+            ec2.client("us-west-2")
+                .describe_images()
+                .owners("self")
+                .send(),
+        )
+        .unwrap();
+    assert!(
+        copies.images().iter().any(|i| {
+            let tags = tag_map(i.tags());
+            tags.get("amidala:build").map(String::as_str) == Some(build)
+                && tags.get("role").map(String::as_str) == Some("system")
+        }),
+        "the copy's tags: {copies:?}"
+    );
+    ec2.assert_no_leaks();
+
+    // A volume that never becomes available and that EC2 does not know yet when the wait
+    // gives up: its DeleteVolume is sent again until EC2 knows it.
+    ec2.configure(json!({"volume_creating_secs": -1, "not_found_secs": {"volume": 4}}));
+    let err = env.amidala_in(&ws, &["build", "--source", &base, "--", "/bin/true"]);
+    let stderr = err.err();
+    assert!(
+        stderr.contains("failed in phase volume")
+            && stderr.contains("timed out after 2s waiting for volume vol-"),
+        "{stderr}"
+    );
+    ec2.configure(json!({"volume_creating_secs": 0, "not_found_secs": {}}));
+    ec2.assert_no_leaks();
+
+    // A snapshot that does not complete in time, unknown to EC2 a while longer: it is kept,
+    // and its failed-build tag is not lost.
+    ec2.configure(json!({"snapshot_pending_secs": -1, "not_found_secs": {"snapshot": 4}}));
+    let err = env.amidala_in(&ws, &["build", "--source", &base, "--", "/bin/true"]);
+    let stderr = err.err();
+    let build = build_of(stderr);
+    assert!(
+        stderr.contains("failed in phase snapshot")
+            && stderr.contains("timed out after 2s waiting for snapshot snap-"),
+        "{stderr}"
+    );
+    ec2.configure(json!({"snapshot_pending_secs": 0, "not_found_secs": {}}));
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let (_, tags) = snapshot_of(&ec2, &build);
+    assert_eq!(
+        tags.get("amidala:failed-build"),
+        Some(&build),
+        "the failed build's snapshot is tagged: {tags:?}"
+    );
+    ec2.assert_no_leaks();
+
+    // An image whose wait fails while EC2 does not know it yet: deregistered all the same.
+    ec2.configure(json!({
+        "not_found_secs": {"image": 3},
+        "fail": {"DescribeImages": {"code": "UnauthorizedOperation", "message": "emulated"}},
+    }));
+    let err = env.amidala_in(&ws, &["build", "--source", &base, "--", "/bin/true"]);
+    let stderr = err.err();
+    let build = build_of(stderr);
+    assert!(
+        stderr.contains("failed in phase register") && stderr.contains("emulated"),
+        "{stderr}"
+    );
+    ec2.configure(json!({"fail": {}, "not_found_secs": {}}));
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert_eq!(ec2.images_of(&build), Vec::<String>::new(), "image left");
+    ec2.assert_no_leaks();
+    env.assert_no_leaks();
+}

@@ -53,10 +53,6 @@ pub const BOOT_TEST_ROLE: &str = "boot-test";
 /// How a boot test's instance's volume is listed among the host's build volumes.
 pub const BOOT_VOLUME: &str = "root volume of a boot-test instance";
 
-/// How long a just launched instance may be unknown to TerminateInstances (EC2's eventual
-/// consistency) before it is taken for gone.
-const LAUNCH_VISIBLE: Duration = Duration::from_secs(60);
-
 /// What the network of boot tests is, once looked up.
 #[derive(Debug, Clone)]
 pub struct BootNetwork {
@@ -740,8 +736,10 @@ impl Ec2Provider {
         id: &str,
         just_launched: bool,
     ) -> Result<&'static str, Failure> {
+        // How long a just launched instance may be unknown to TerminateInstances (EC2's
+        // eventual consistency) before it is taken for gone.
         let visible = if just_launched {
-            LAUNCH_VISIBLE
+            Self::timeout(self.timeouts.consistency)
         } else {
             Duration::ZERO
         };

@@ -7,14 +7,17 @@
 //!
 //! Every resource is tagged when it is made (`amidala:build`, `amidala:owner`, `amidala:host`),
 //! every state change is awaited with [`wait::wait_for`], and a phase that fails part way
-//! undoes what it made before returning.
+//! undoes what it made before returning. EC2 may not know an id for a while after it made it:
+//! see [`consistency`].
 
 pub mod boot;
+pub mod consistency;
 pub mod devices;
 pub mod wait;
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +43,7 @@ use crate::provider::{
     BootJob, BuildVolume, ImageMeta, Keep, Provider, SnapshotMeta, Viewer, Volume,
     FAILED_BUILD_TAG, NO_OWNER,
 };
+use consistency::{is_not_found, Made};
 use devices::{DeviceAllocator, DeviceLease};
 use wait::wait_for;
 
@@ -126,6 +130,8 @@ pub struct Ec2Provider {
     loop_dir: PathBuf,
     devices: Arc<DeviceAllocator>,
     timeouts: Ec2Timeouts,
+    /// The volumes, snapshots and images this daemon made lately (eventual consistency).
+    made: Made,
     host: String,
     boot: BootSettings,
     /// The subnet and security group of boot tests, once looked up.
@@ -241,6 +247,7 @@ impl Ec2Provider {
                     .unwrap_or_else(devices::default_device_names),
             )),
             timeouts: config.timeouts.clone(),
+            made: Made::new(Duration::from_secs(config.timeouts.consistency)),
             host: nix::unistd::gethostname()
                 .map(|h| h.to_string_lossy().into_owned())
                 .unwrap_or_default(),
@@ -309,44 +316,71 @@ impl Ec2Provider {
         Ok(instance.clone())
     }
 
-    /// One snapshot, if it exists.
+    /// One snapshot, if EC2 knows it.
     async fn describe_snapshot(
         &self,
         snapshot_id: &str,
     ) -> Result<Option<aws_sdk_ec2::types::Snapshot>, Failure> {
-        let out = self
+        let out = match self
             .client
             .describe_snapshots()
             .snapshot_ids(snapshot_id)
             .send()
             .await
-            .map_err(cloud("DescribeSnapshots"))?;
-        Ok(out.snapshots().first().cloned())
+        {
+            Ok(out) => out,
+            Err(e) if is_not_found(e.code()) => return Ok(None),
+            Err(e) => return Err(cloud("DescribeSnapshots")(e)),
+        };
+        let found = out.snapshots().first().cloned();
+        if found.is_some() {
+            self.made.seen(snapshot_id);
+        }
+        Ok(found)
     }
 
+    /// The volume's state and its attachment to this instance; `None` if EC2 does not know it.
     async fn volume_state(
         &self,
         volume_id: &str,
-    ) -> Result<(Option<VolumeState>, Option<VolumeAttachmentState>), Failure> {
-        let out = self
+    ) -> Result<Option<(Option<VolumeState>, Option<VolumeAttachmentState>)>, Failure> {
+        let out = match self
             .client
             .describe_volumes()
             .volume_ids(volume_id)
             .send()
             .await
-            .map_err(cloud("DescribeVolumes"))?;
-        let volume = out.volumes().first().ok_or_else(|| {
-            Failure::new(
-                ErrorCode::Cloud,
-                format!("volume {volume_id} has disappeared"),
-            )
-        })?;
+        {
+            Ok(out) => out,
+            Err(e) if is_not_found(e.code()) => return Ok(None),
+            Err(e) => return Err(cloud("DescribeVolumes")(e)),
+        };
+        let Some(volume) = out.volumes().first() else {
+            return Ok(None);
+        };
+        self.made.seen(volume_id);
         let attachment = volume
             .attachments()
             .iter()
             .find(|a| a.instance_id() == Some(self.instance_id.as_str()))
             .and_then(|a| a.state().cloned());
-        Ok((volume.state().cloned(), attachment))
+        Ok(Some((volume.state().cloned(), attachment)))
+    }
+
+    /// [`volume_state`](Self::volume_state) in a wait: a volume EC2 does not know is "not yet"
+    /// if this daemon made it lately (`Ok(None)`), else an error.
+    async fn polled_volume_state(
+        &self,
+        volume_id: &str,
+    ) -> Result<Option<(Option<VolumeState>, Option<VolumeAttachmentState>)>, Failure> {
+        match self.volume_state(volume_id).await? {
+            Some(state) => Ok(Some(state)),
+            None if self.made.not_yet(volume_id, false) => Ok(None),
+            None => Err(Failure::new(
+                ErrorCode::Cloud,
+                format!("volume {volume_id} has disappeared"),
+            )),
+        }
     }
 
     async fn wait_volume_available(&self, volume_id: &str) -> Result<(), Failure> {
@@ -354,9 +388,9 @@ impl Ec2Provider {
             &format!("volume {volume_id} to become available"),
             Self::timeout(self.timeouts.volume_available),
             || async {
-                match self.volume_state(volume_id).await? {
-                    (Some(VolumeState::Available), None) => Ok(Some(())),
-                    (Some(VolumeState::Error), _) => Err(Failure::new(
+                match self.polled_volume_state(volume_id).await? {
+                    Some((Some(VolumeState::Available), None)) => Ok(Some(())),
+                    Some((Some(VolumeState::Error), _)) => Err(Failure::new(
                         ErrorCode::Cloud,
                         format!("volume {volume_id} is in state error"),
                     )),
@@ -375,12 +409,16 @@ impl Ec2Provider {
             &format!("snapshot {snapshot_id} to complete"),
             Self::timeout(self.timeouts.snapshot),
             || async {
-                let snapshot = self.describe_snapshot(snapshot_id).await?.ok_or_else(|| {
-                    Failure::new(
-                        ErrorCode::Cloud,
-                        format!("snapshot {snapshot_id} has disappeared"),
-                    )
-                })?;
+                let snapshot = match self.describe_snapshot(snapshot_id).await? {
+                    Some(snapshot) => snapshot,
+                    None if self.made.not_yet(snapshot_id, false) => return Ok(None),
+                    None => {
+                        return Err(Failure::new(
+                            ErrorCode::Cloud,
+                            format!("snapshot {snapshot_id} has disappeared"),
+                        ))
+                    }
+                };
                 match snapshot.state() {
                     Some(SnapshotState::Completed) => Ok(Some(snapshot)),
                     Some(SnapshotState::Error) => Err(Failure::new(
@@ -428,6 +466,7 @@ impl Ec2Provider {
                 "CreateVolume answered without a volume id",
             ));
         }
+        self.made.made(&volume_id);
         if let Err(e) = self.wait_volume_available(&volume_id).await {
             self.delete_volume_id(&volume_id).await;
             return Err(e);
@@ -437,18 +476,103 @@ impl Ec2Provider {
 
     /// DeleteVolume, logging rather than failing: used while undoing.
     async fn delete_volume_id(&self, volume_id: &str) {
-        if let Err(e) = self
-            .client
-            .delete_volume()
-            .volume_id(volume_id)
-            .send()
-            .await
-        {
-            tracing::error!(volume = volume_id, error = %cloud("DeleteVolume")(e), "could not delete a volume; amidala gc will find it by its tags");
+        if let Err(e) = self.delete_volume_now(volume_id).await {
+            tracing::error!(volume = volume_id, error = %e, "could not delete a volume; amidala gc will find it by its tags");
         }
+    }
+
+    /// DeleteVolume (a volume EC2 no longer knows is done, see [`consistency`]), and its file.
+    async fn delete_volume_now(&self, volume_id: &str) -> Result<(), Failure> {
+        self.delete_made(volume_id, "DeleteVolume", || {
+            self.client.delete_volume().volume_id(volume_id).send()
+        })
+        .await?;
         if self.data_plane == DataPlane::Loop {
-            let _ = remove_if_present(&self.loop_file("volumes", volume_id));
+            let path = self.loop_file("volumes", volume_id);
+            blocking(move || remove_if_present(&path)).await?;
         }
+        Ok(())
+    }
+
+    /// Sends `call`, an EC2 call naming `id`, again while EC2 answers NotFound for an id this
+    /// daemon made lately (see [`consistency`]); after that a NotFound is an error.
+    async fn call_made<T, E, F, Fut>(
+        &self,
+        id: &str,
+        name: &'static str,
+        call: F,
+    ) -> Result<T, Failure>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, aws_sdk_ec2::error::SdkError<E>>>,
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        self.send_made(id, name, false, call)
+            .await?
+            .ok_or_else(|| Failure::new(ErrorCode::Internal, format!("{name} of {id}: no answer")))
+    }
+
+    /// A delete through [`send_made`](Self::send_made): NotFound of an id EC2 was seen to know,
+    /// or no longer within the window, means it is gone (done). Never cancelled: it undoes.
+    async fn delete_made<T, E, F, Fut>(
+        &self,
+        id: &str,
+        name: &'static str,
+        call: F,
+    ) -> Result<(), Failure>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, aws_sdk_ec2::error::SdkError<E>>>,
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        if wait::uncancellable(self.send_made(id, name, true, call))
+            .await?
+            .is_none()
+        {
+            tracing::info!(
+                id,
+                call = name,
+                "EC2 does not know it (any more): taken as deleted"
+            );
+        }
+        self.made.forget(id);
+        Ok(())
+    }
+
+    /// Sends `call` until its answer is not a NotFound that [`Made::not_yet`] takes for "not
+    /// yet". `Ok(None)`: NotFound that means gone (only when `deleting`).
+    async fn send_made<T, E, F, Fut>(
+        &self,
+        id: &str,
+        name: &'static str,
+        deleting: bool,
+        mut call: F,
+    ) -> Result<Option<T>, Failure>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, aws_sdk_ec2::error::SdkError<E>>>,
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        // A second past the window: the last try comes after it.
+        let window = self.made.not_yet_for(id, deleting) + Duration::from_secs(1);
+        wait_for(&format!("EC2 to know {id} ({name})"), window, || {
+            let sent = call();
+            async move {
+                match sent.await {
+                    Ok(out) => {
+                        self.made.seen(id);
+                        Ok(Some(Some(out)))
+                    }
+                    Err(e) if is_not_found(e.code()) && self.made.not_yet(id, deleting) => {
+                        tracing::debug!(id, call = name, "not known to EC2 yet");
+                        Ok(None)
+                    }
+                    Err(e) if is_not_found(e.code()) && deleting => Ok(Some(None)),
+                    Err(e) => Err(cloud(name)(e)),
+                }
+            }
+        })
+        .await
     }
 
     /// Attaches `volume_id` at a free device name and waits for it: the block device node
@@ -492,8 +616,8 @@ impl Ec2Provider {
             Self::timeout(self.timeouts.attach),
             || async {
                 Ok(matches!(
-                    self.volume_state(volume_id).await?.1,
-                    Some(VolumeAttachmentState::Attached)
+                    self.polled_volume_state(volume_id).await?,
+                    Some((_, Some(VolumeAttachmentState::Attached)))
                 )
                 .then_some(()))
             },
@@ -588,6 +712,13 @@ impl Ec2Provider {
             .await
             .map_err(cloud("CreateSnapshot"))?;
         let snapshot_id = out.snapshot_id().unwrap_or_default().to_owned();
+        if snapshot_id.is_empty() {
+            return Err(Failure::new(
+                ErrorCode::Cloud,
+                "CreateSnapshot answered without a snapshot id",
+            ));
+        }
+        self.made.made(&snapshot_id);
         if self.data_plane == DataPlane::Loop {
             // EBS takes the point-in-time copy at CreateSnapshot; so does the loop plane.
             let (src, dst) = (
@@ -609,7 +740,8 @@ impl Ec2Provider {
                 // It may complete later: marked so that no build takes it for a source.
                 if let Some(build) = &meta.build_id {
                     let tags = [(FAILED_BUILD_TAG.to_owned(), build.clone())].into();
-                    if let Err(e) = self.tag_snapshot(&snapshot_id, &tags).await {
+                    let tagged = wait::uncancellable(self.tag_snapshot(&snapshot_id, &tags));
+                    if let Err(e) = tagged.await {
                         tracing::error!(snapshot = %snapshot_id, error = %e, "tagging the snapshot of a failed build");
                     }
                 }
@@ -637,19 +769,21 @@ impl Ec2Provider {
         }
     }
 
-    /// Adds `tags` to a volume, snapshot or image.
+    /// Adds `tags` to a volume, snapshot or image (sent again while EC2 does not know an id
+    /// this daemon just made).
     async fn tag_resource(&self, id: &str, tags: &BTreeMap<String, String>) -> Result<(), Failure> {
-        self.client
-            .create_tags()
-            .resources(id)
-            .set_tags(Some(
-                tags.iter()
-                    .map(|(k, v)| Tag::builder().key(k).value(v).build())
-                    .collect(),
-            ))
-            .send()
-            .await
-            .map_err(cloud("CreateTags"))?;
+        let tags: Vec<Tag> = tags
+            .iter()
+            .map(|(k, v)| Tag::builder().key(k).value(v).build())
+            .collect();
+        self.call_made(id, "CreateTags", || {
+            self.client
+                .create_tags()
+                .resources(id)
+                .set_tags(Some(tags.clone()))
+                .send()
+        })
+        .await?;
         Ok(())
     }
 
@@ -716,22 +850,18 @@ impl Ec2Provider {
             .region(Region::new(region.to_owned()))
             .build();
         let client = ec2_client(&config);
+        // Tagged on creation: no CreateTags on an id EC2 may not know yet.
         let copy = client
             .copy_image()
             .source_image_id(image_id)
             .source_region(&self.region)
             .name(name)
             .description(description)
+            .tag_specifications(tag_spec(ResourceType::Image, tags))
             .send()
             .await
             .map_err(cloud("CopyImage"))?;
-        let copy_id = copy.image_id().unwrap_or_default().to_owned();
-        let mut call = client.create_tags().resources(&copy_id);
-        for (k, v) in tags {
-            call = call.tags(Tag::builder().key(k).value(v).build());
-        }
-        call.send().await.map_err(cloud("CreateTags"))?;
-        Ok(copy_id)
+        Ok(copy.image_id().unwrap_or_default().to_owned())
     }
 }
 
@@ -928,29 +1058,45 @@ impl Provider for Ec2Provider {
         if self.require_imdsv2 {
             call = call.imds_support(ImdsSupportValues::V20);
         }
+        let mut tags = meta.tags.clone();
+        tags.insert("amidala:snapshot".into(), snapshot.id.clone());
+        // Tagged on creation: no CreateTags on an id EC2 may not know yet.
         let image_id = call
+            .tag_specifications(tag_spec(ResourceType::Image, &tags))
             .send()
             .await
             .map_err(cloud("RegisterImage"))?
             .image_id()
             .unwrap_or_default()
             .to_owned();
+        if image_id.is_empty() {
+            return Err(Failure::new(
+                ErrorCode::Cloud,
+                "RegisterImage answered without an image id",
+            ));
+        }
+        self.made.made(&image_id);
         let available = wait_for(
             &format!("image {image_id} to become available"),
             Self::timeout(self.timeouts.image),
             || async {
-                let out = self
+                let out = match self
                     .client
                     .describe_images()
                     .image_ids(&image_id)
                     .send()
-                    .await;
-                match out
-                    .map_err(cloud("DescribeImages"))?
-                    .images()
-                    .first()
-                    .and_then(|i| i.state())
+                    .await
                 {
+                    Err(e) if is_not_found(e.code()) && self.made.not_yet(&image_id, false) => {
+                        return Ok(None)
+                    }
+                    out => out.map_err(cloud("DescribeImages"))?,
+                };
+                let state = out.images().first().and_then(|i| i.state());
+                if state.is_some() {
+                    self.made.seen(&image_id);
+                }
+                match state {
                     Some(ImageState::Available) => Ok(Some(())),
                     Some(ImageState::Failed | ImageState::Invalid | ImageState::Error) => {
                         Err(Failure::new(
@@ -965,25 +1111,11 @@ impl Provider for Ec2Provider {
         .await;
         if let Err(f) = available {
             // Undone: an image that may yet become available, of a build that failed.
-            if let Err(e) = self
-                .client
-                .deregister_image()
-                .image_id(&image_id)
-                .send()
-                .await
-            {
-                tracing::error!(image = %image_id, error = %cloud("DeregisterImage")(e), "undoing a failed registration");
+            if let Err(e) = self.deregister_image(&image_id).await {
+                tracing::error!(image = %image_id, error = %e, "undoing a failed registration");
             }
             return Err(f);
         }
-        let mut tags = meta.tags.clone();
-        tags.insert("amidala:snapshot".into(), snapshot.id.clone());
-        // Tags after registering: EC2 takes them on RegisterImage too, emulators often do not.
-        let mut tag_call = self.client.create_tags().resources(&image_id);
-        for (k, v) in &tags {
-            tag_call = tag_call.tags(Tag::builder().key(k).value(v).build());
-        }
-        tag_call.send().await.map_err(cloud("CreateTags"))?;
         self.share_and_copy(
             &image_id,
             &meta.name,
@@ -1005,17 +1137,7 @@ impl Provider for Ec2Provider {
     }
 
     async fn delete_volume(&self, volume: Volume) -> Result<(), Failure> {
-        self.client
-            .delete_volume()
-            .volume_id(&volume.id)
-            .send()
-            .await
-            .map_err(cloud("DeleteVolume"))?;
-        if self.data_plane == DataPlane::Loop {
-            let path = self.loop_file("volumes", &volume.id);
-            blocking(move || remove_if_present(&path)).await?;
-        }
-        Ok(())
+        self.delete_volume_now(&volume.id).await
     }
 
     async fn import_image(
@@ -1169,24 +1291,16 @@ impl Provider for Ec2Provider {
             return self.reclaim_boot_volume(&volume.id).await;
         }
         if volume.state != "file without a volume" {
-            let (state, attachment) = self.volume_state(&volume.id).await?;
-            if attachment.is_some() {
-                self.detach_volume(&volume.id, None).await?;
-            } else if state == Some(VolumeState::Creating) {
-                self.wait_volume_available(&volume.id).await?;
+            // One EC2 no longer knows is deleted below as one that is gone.
+            match self.volume_state(&volume.id).await? {
+                Some((_, Some(_))) => self.detach_volume(&volume.id, None).await?,
+                Some((Some(VolumeState::Creating), None)) => {
+                    self.wait_volume_available(&volume.id).await?
+                }
+                _ => {}
             }
-            self.client
-                .delete_volume()
-                .volume_id(&volume.id)
-                .send()
-                .await
-                .map_err(cloud("DeleteVolume"))?;
         }
-        if self.data_plane == DataPlane::Loop {
-            let path = self.loop_file("volumes", &volume.id);
-            blocking(move || remove_if_present(&path)).await?;
-        }
-        Ok(())
+        self.delete_volume_now(&volume.id).await
     }
 
     async fn adopt_volume(
@@ -1205,13 +1319,14 @@ impl Provider for Ec2Provider {
     }
 
     async fn untag_snapshot(&self, id: &str, key: &str) -> Result<(), Failure> {
-        self.client
-            .delete_tags()
-            .resources(id)
-            .tags(Tag::builder().key(key).build())
-            .send()
-            .await
-            .map_err(cloud("DeleteTags"))?;
+        self.call_made(id, "DeleteTags", || {
+            self.client
+                .delete_tags()
+                .resources(id)
+                .tags(Tag::builder().key(key).build())
+                .send()
+        })
+        .await?;
         Ok(())
     }
 
@@ -1220,13 +1335,10 @@ impl Provider for Ec2Provider {
     }
 
     async fn deregister_image(&self, id: &str) -> Result<(), Failure> {
-        self.client
-            .deregister_image()
-            .image_id(id)
-            .send()
-            .await
-            .map_err(cloud("DeregisterImage"))?;
-        Ok(())
+        self.delete_made(id, "DeregisterImage", || {
+            self.client.deregister_image().image_id(id).send()
+        })
+        .await
     }
 
     fn boots_images(&self) -> bool {
@@ -1264,12 +1376,10 @@ impl Provider for Ec2Provider {
     }
 
     async fn delete_snapshot(&self, id: &str) -> Result<(), Failure> {
-        self.client
-            .delete_snapshot()
-            .snapshot_id(id)
-            .send()
-            .await
-            .map_err(cloud("DeleteSnapshot"))?;
+        self.delete_made(id, "DeleteSnapshot", || {
+            self.client.delete_snapshot().snapshot_id(id).send()
+        })
+        .await?;
         if self.data_plane == DataPlane::Loop {
             let path = self.loop_file("snapshots", id);
             blocking(move || remove_if_present(&path)).await?;
