@@ -132,7 +132,8 @@ pub struct Ec2Config {
     /// Subnet boot tests' instances run in (default: the builder instance's own).
     pub boot_test_subnet: Option<String>,
     /// Security group of boot tests' instances (default: one amidala makes in the subnet's
-    /// VPC for this builder host, `amidala-boot-test-HOST`, without inbound or outbound rules).
+    /// VPC for this builder, `amidala-boot-test-INSTANCE_ID`, without inbound or outbound
+    /// rules).
     pub boot_test_security_group: Option<String>,
     #[serde(default)]
     pub timeouts: Ec2Timeouts,

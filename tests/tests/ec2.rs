@@ -508,8 +508,8 @@ fn ec2_boot_test_boots_an_instance_of_the_image_and_always_terminates_it() {
     assert_eq!(itags["amidala:role"], "boot-test");
     assert_eq!(itags["amidala:owner"], "root");
     assert_eq!(
-        itags["amidala:host"],
-        nix::unistd::gethostname().unwrap().to_string_lossy()
+        itags["amidala:host"], ec2.instance_id,
+        "the builder's instance id"
     );
     let client = ec2.client(REGION);
     let builder = ec2
@@ -561,11 +561,9 @@ fn ec2_boot_test_boots_an_instance_of_the_image_and_always_terminates_it() {
         )
         .unwrap();
     let group = &group.security_groups()[0];
-    assert!(
-        group
-            .group_name()
-            .unwrap()
-            .starts_with("amidala-boot-test-"),
+    assert_eq!(
+        group.group_name().unwrap(),
+        format!("amidala-boot-test-{}", ec2.instance_id),
         "{group:?}"
     );
     assert!(group.ip_permissions().is_empty(), "{group:?}");
@@ -883,19 +881,20 @@ fn ec2_gc_terminates_boot_test_instances_of_builds_that_are_not_running() {
         .unwrap()
         .to_string_lossy()
         .into_owned();
+    env.import_busybox();
+    let ws = env.workspace("ws", &[]);
+    // A build this daemon's catalog records.
+    let failed = build_of(env.amidala_in(&ws, &["build", "--", "/bin/false"]).err());
     let client = ec2.client(REGION);
     // A boot test's instance of a build that is gone, as a crash leaves it, and one of another
-    // host's, which is not this daemon's to remove.
-    let launch = |host: &str| {
+    // builder's, which is not this daemon's to remove; and two that an older amidala tagged
+    // with the host name: of a build of this daemon's (its own), and of a build it does not
+    // know (perhaps of another builder with the same host name: left alone).
+    let launch = |host: &str, build: &str| {
         let tags = |kind| {
             TagSpecification::builder()
                 .resource_type(kind)
-                .tags(
-                    Tag::builder()
-                        .key("amidala:build")
-                        .value("bld-00000000000000dead")
-                        .build(),
-                )
+                .tags(Tag::builder().key("amidala:build").value(build).build())
                 .tags(Tag::builder().key("amidala:host").value(host).build())
                 .tags(
                     Tag::builder()
@@ -920,22 +919,25 @@ fn ec2_gc_terminates_boot_test_instances_of_builds_that_are_not_running() {
             .unwrap();
         out.instances()[0].instance_id().unwrap().to_owned()
     };
-    let dead = launch(&host);
-    let other = launch("some-other-builder");
+    let dead = launch(&ec2.instance_id, "bld-00000000000000dead");
+    let other = launch("i-0123456789abcdef0", "bld-00000000000000dead");
+    let legacy_ours = launch(&host, &failed);
+    let legacy_unknown = launch(&host, "bld-00000000000000dead");
 
     let listed = env.amidala(&["gc", "--dry-run", "--json"]).json();
     let items = listed.as_array().unwrap();
-    let found = items
+    let mut found: Vec<(&str, &str)> = items
         .iter()
-        .find(|i| i["kind"] == "instance")
-        .unwrap_or_else(|| panic!("no instance in {listed}"));
-    assert_eq!(found["id"], dead.as_str(), "{listed}");
-    assert_eq!(found["build"], "bld-00000000000000dead", "{listed}");
-    assert_eq!(
-        items.iter().filter(|i| i["kind"] == "instance").count(),
-        1,
-        "{listed}"
-    );
+        .filter(|i| i["kind"] == "instance")
+        .map(|i| (i["id"].as_str().unwrap(), i["build"].as_str().unwrap()))
+        .collect();
+    found.sort();
+    let mut expected = vec![
+        (dead.as_str(), "bld-00000000000000dead"),
+        (legacy_ours.as_str(), failed.as_str()),
+    ];
+    expected.sort();
+    assert_eq!(found, expected, "{listed}");
     assert!(
         items.iter().any(|i| i["kind"] == "volume"
             && i["detail"]
@@ -960,10 +962,16 @@ fn ec2_gc_terminates_boot_test_instances_of_builds_that_are_not_running() {
         "{removed}"
     );
     assert_eq!(ec2.instance_state(&dead), "terminated");
+    assert_eq!(ec2.instance_state(&legacy_ours), "terminated");
     assert_eq!(
         ec2.instance_state(&other),
         "running",
-        "another host's is left alone"
+        "another builder's is left alone"
+    );
+    assert_eq!(
+        ec2.instance_state(&legacy_unknown),
+        "running",
+        "one tagged with the host name, of a build this daemon does not know, is left alone"
     );
     assert_eq!(
         ec2.instance_state(&ec2.instance_id),
@@ -980,7 +988,13 @@ fn ec2_gc_terminates_boot_test_instances_of_builds_that_are_not_running() {
         "{again}"
     );
     ec2.runtime
-        .block_on(client.terminate_instances().instance_ids(&other).send())
+        .block_on(
+            client
+                .terminate_instances()
+                .instance_ids(&other)
+                .instance_ids(&legacy_unknown)
+                .send(),
+        )
         .unwrap();
     ec2.assert_no_leaks();
     env.assert_no_leaks();
@@ -1097,4 +1111,59 @@ fn ec2_new_ids_that_ec2_does_not_know_yet_are_waited_for_and_undone() {
     assert_eq!(ec2.images_of(&build), Vec::<String>::new(), "image left");
     ec2.assert_no_leaks();
     env.assert_no_leaks();
+}
+
+/// Two builders with the same host name (one image for the fleet) share an account: neither
+/// takes the other's live volume for its own (issue 16). Resources carry the builder's
+/// instance id in `amidala:host`.
+#[test]
+fn ec2_builders_with_one_host_name_leave_each_others_volumes_alone() {
+    let ec2 = Ec2Emulator::start();
+    let a = start(&ec2, "loop", "");
+    a.import_busybox();
+    // A second builder instance, its daemon on this same host (so with the same host name).
+    let other = ec2.launch_builder();
+    let b = Env::start_with(
+        &ec2.daemon_config("loop", "")
+            .replace(&ec2.instance_id, &other),
+        &AWS_ENV,
+    );
+    let ws = a.workspace("ws", &[]);
+    let client = a.spawn_build_sh(&ws, "while [ ! -e /workspace/go ]; do sleep 0.1; done");
+    let build = a.build_in_phase("provision");
+    let volumes = ec2.amidala_volumes();
+    assert_eq!(volumes.len(), 1, "{volumes:?}");
+    let out = ec2
+        .runtime
+        .block_on(
+            ec2.client(REGION)
+                .describe_volumes()
+                .volume_ids(&volumes[0].0)
+                .send(),
+        )
+        .unwrap();
+    let tags = tag_map(out.volumes()[0].tags());
+    assert_eq!(tags["amidala:build"], build);
+    assert_eq!(
+        tags["amidala:host"], ec2.instance_id,
+        "tagged with the builder's instance id"
+    );
+
+    let listed = b.amidala(&["gc", "--json"]).json();
+    assert_eq!(
+        listed,
+        json!([]),
+        "the other builder's gc took what is not its own"
+    );
+    std::fs::write(ws.join("go"), "").unwrap();
+    let out = client.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ec2.assert_no_leaks();
+    a.assert_no_leaks();
+    b.assert_no_leaks();
 }

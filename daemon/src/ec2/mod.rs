@@ -5,7 +5,8 @@
 //! under the state directory keyed by EC2 ids, attached as loop devices, so that every EC2 call
 //! of a build is made for real (against an emulator such as moto) on a host without EBS.
 //!
-//! Every resource is tagged when it is made (`amidala:build`, `amidala:owner`, `amidala:host`),
+//! Every resource is tagged when it is made (`amidala:build`, `amidala:owner`, `amidala:host`:
+//! this builder's instance id, see [`HOST_TAG`]),
 //! every state change is awaited with [`wait::wait_for`], and a phase that fails part way
 //! undoes what it made before returning. EC2 may not know an id for a while after it made it:
 //! see [`consistency`].
@@ -48,6 +49,13 @@ use devices::{DeviceAllocator, DeviceLease};
 use wait::wait_for;
 
 const GIB: u64 = 1 << 30;
+
+/// The tag naming the builder that made a resource: its instance id. Host names are not unique
+/// in a fleet (one image for every builder, overlapping VPC address ranges), so a builder that
+/// collected by host name would take another's live volumes. An amidala before issue 16 put the
+/// host name there: such resources are this builder's only if their build is in its catalog
+/// ([`BuildVolume::by_host_name`]).
+pub const HOST_TAG: &str = "amidala:host";
 
 /// The size in GiB of an EBS volume made from a snapshot of `snapshot_size` bytes with the
 /// requested `size`: whole GiB, at least the snapshot's and at least one.
@@ -132,7 +140,8 @@ pub struct Ec2Provider {
     timeouts: Ec2Timeouts,
     /// The volumes, snapshots and images this daemon made lately (eventual consistency).
     made: Made,
-    host: String,
+    /// This host's name, which older amidalas put in [`HOST_TAG`] (empty if unknown).
+    host_name: String,
     boot: BootSettings,
     /// The subnet and security group of boot tests, once looked up.
     boot_net: tokio::sync::Mutex<Option<boot::BootNetwork>>,
@@ -248,7 +257,7 @@ impl Ec2Provider {
             )),
             timeouts: config.timeouts.clone(),
             made: Made::new(Duration::from_secs(config.timeouts.consistency)),
-            host: nix::unistd::gethostname()
+            host_name: nix::unistd::gethostname()
                 .map(|h| h.to_string_lossy().into_owned())
                 .unwrap_or_default(),
             boot: BootSettings {
@@ -791,9 +800,19 @@ impl Ec2Provider {
         [
             ("amidala:build".to_owned(), build_or_job.to_owned()),
             (amidala::proto::OWNER_TAG.to_owned(), owner.to_owned()),
-            ("amidala:host".to_owned(), self.host.clone()),
+            (HOST_TAG.to_owned(), self.instance_id.clone()),
         ]
         .into()
+    }
+
+    /// The values of [`HOST_TAG`] that may be this builder's, each with whether it is the host
+    /// name an older amidala used (its resources need another proof of being this builder's).
+    fn host_tag_values(&self) -> Vec<(&str, bool)> {
+        let mut values = vec![(self.instance_id.as_str(), false)];
+        if !self.host_name.is_empty() && self.host_name != self.instance_id {
+            values.push((self.host_name.as_str(), true));
+        }
+        values
     }
 
     /// Shares the image with `share_with` and copies it (tagged `tags`) to `copy_to`.
@@ -1243,34 +1262,45 @@ impl Provider for Ec2Provider {
         } else {
             Vec::new()
         };
-        let mut found = Vec::new();
-        let mut pages = self
-            .client
-            .describe_volumes()
-            .filters(
-                Filter::builder()
-                    .name("tag:amidala:host")
-                    .values(&self.host)
-                    .build(),
-            )
-            .into_paginator()
-            .send();
-        while let Some(page) = pages.next().await {
-            for v in page.map_err(cloud("DescribeVolumes"))?.volumes() {
-                let tags = tags_of(v.tags());
-                let state = v.state().map_or("unknown", |s| s.as_str());
-                found.push(BuildVolume {
-                    id: v.volume_id().unwrap_or_default().to_owned(),
-                    build: tags.get("amidala:build").cloned(),
-                    // A boot test's instance's own: it goes with the instance.
-                    state: if tags.get(boot::ROLE_TAG).map(String::as_str)
-                        == Some(boot::BOOT_TEST_ROLE)
+        let mut found: Vec<BuildVolume> = Vec::new();
+        // One query per value: one filter's values are alternatives on EC2, not on every
+        // emulator.
+        for (host, by_host_name) in self.host_tag_values() {
+            let mut pages = self
+                .client
+                .describe_volumes()
+                .filters(
+                    Filter::builder()
+                        .name(format!("tag:{HOST_TAG}"))
+                        .values(host)
+                        .build(),
+                )
+                .into_paginator()
+                .send();
+            while let Some(page) = pages.next().await {
+                for v in page.map_err(cloud("DescribeVolumes"))?.volumes() {
+                    let tags = tags_of(v.tags());
+                    let id = v.volume_id().unwrap_or_default();
+                    if tags.get(HOST_TAG).map(String::as_str) != Some(host)
+                        || found.iter().any(|f| f.id == id)
                     {
-                        format!("{} ({state})", boot::BOOT_VOLUME)
-                    } else {
-                        state.to_owned()
-                    },
-                });
+                        continue;
+                    }
+                    let state = v.state().map_or("unknown", |s| s.as_str());
+                    found.push(BuildVolume {
+                        id: id.to_owned(),
+                        build: tags.get("amidala:build").cloned(),
+                        // A boot test's instance's own: it goes with the instance.
+                        state: if tags.get(boot::ROLE_TAG).map(String::as_str)
+                            == Some(boot::BOOT_TEST_ROLE)
+                        {
+                            format!("{} ({state})", boot::BOOT_VOLUME)
+                        } else {
+                            state.to_owned()
+                        },
+                        by_host_name,
+                    });
+                }
             }
         }
         for id in files {
@@ -1279,6 +1309,7 @@ impl Provider for Ec2Provider {
                     id,
                     build: None,
                     state: "file without a volume".into(),
+                    by_host_name: false,
                 });
             }
         }
