@@ -1115,7 +1115,7 @@ fn ec2_new_ids_that_ec2_does_not_know_yet_are_waited_for_and_undone() {
 
 /// Two builders with the same host name (one image for the fleet) share an account: neither
 /// takes the other's live volume for its own (issue 16). Resources carry the builder's
-/// instance id in `amidala:host`.
+/// instance id in `amidala:host`. A cleanup's DeleteVolume answered NotFound is done.
 #[test]
 fn ec2_builders_with_one_host_name_leave_each_others_volumes_alone() {
     let ec2 = Ec2Emulator::start();
@@ -1155,6 +1155,10 @@ fn ec2_builders_with_one_host_name_leave_each_others_volumes_alone() {
         json!([]),
         "the other builder's gc took what is not its own"
     );
+    // The answer of its DeleteVolume is lost and the SDK sends it again: EC2's NotFound for
+    // the volume it just deleted means done, not a failed cleanup.
+    ec2.configure(json!({"lose": {"DeleteVolume": 1}}));
+    let deletes = ec2.calls("DeleteVolume");
     std::fs::write(ws.join("go"), "").unwrap();
     let out = client.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -1162,6 +1166,11 @@ fn ec2_builders_with_one_host_name_leave_each_others_volumes_alone() {
         out.status.success(),
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        ec2.calls("DeleteVolume") - deletes,
+        2,
+        "the lost DeleteVolume was sent again"
     );
     ec2.assert_no_leaks();
     a.assert_no_leaks();
