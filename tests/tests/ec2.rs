@@ -1176,3 +1176,35 @@ fn ec2_builders_with_one_host_name_leave_each_others_volumes_alone() {
     a.assert_no_leaks();
     b.assert_no_leaks();
 }
+
+/// A daemon killed right after CreateVolume knows nothing of the volume when it starts again,
+/// and EC2 may still answer NotFound for it: recovery, which found it by its tags, deletes it
+/// once EC2 knows it rather than taking the NotFound for "gone" (issue 16).
+#[test]
+fn ec2_a_volume_ec2_does_not_know_yet_is_deleted_by_recovery_after_a_crash() {
+    let ec2 = Ec2Emulator::start();
+    let mut env = start(&ec2, "loop", "");
+    env.import_busybox();
+    let ws = env.workspace("ws", &[]);
+    ec2.configure(json!({"volume_creating_secs": -1, "not_found_secs": {"volume": 6}}));
+    let creates = ec2.calls("CreateVolume");
+    let client = env.spawn_build_sh(&ws, "true");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while ec2.calls("CreateVolume") == creates {
+        assert!(std::time::Instant::now() < deadline, "no CreateVolume");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    env.kill9();
+    drop(client.wait_with_output());
+    ec2.configure(json!({"volume_creating_secs": 0}));
+    let volumes = ec2.amidala_volumes();
+    assert_eq!(volumes.len(), 1, "{volumes:?}");
+    env.restart();
+    // The NotFound window is over: what EC2 still holds was left behind.
+    let left = std::time::Instant::now() + std::time::Duration::from_secs(7);
+    while std::time::Instant::now() < left {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    ec2.assert_no_leaks();
+    env.assert_no_leaks();
+}

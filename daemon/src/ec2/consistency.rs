@@ -6,7 +6,9 @@
 //! than the window (`[ec2.timeouts] consistency`) ago means "not yet": waits poll on, tags are
 //! sent again. A delete is different: once the id was seen to exist (a call naming it
 //! succeeded), or once the window has passed, NotFound means the resource is gone, and the
-//! delete is done (a retried delete whose first answer was lost meets exactly that).
+//! delete is done (a retried delete whose first answer was lost meets exactly that). A volume
+//! that recovery or gc lists, made less than the window ago by its CreateTime (by this daemon
+//! before a crash, say), counts as made then ([`Made::made_ago`]).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -64,6 +66,19 @@ impl Made {
                 seen: false,
             },
         );
+    }
+
+    /// Notes that `id`, found in a listing, was made `age` ago (by this daemon before it
+    /// restarted, say), unless it is known already or older than the window.
+    pub fn made_ago(&self, id: &str, age: Duration) {
+        if age >= self.window {
+            return;
+        }
+        if let Some(at) = Instant::now().checked_sub(age) {
+            self.ids()
+                .entry(id.to_owned())
+                .or_insert(MadeId { at, seen: false });
+        }
     }
 
     /// Notes that a call naming `id` succeeded.
@@ -129,6 +144,16 @@ mod tests {
         assert!(!made.not_yet("snap-1", false) && !made.not_yet("snap-1", true));
         made.made("ami-1");
         assert!(made.ids().get("vol-1").is_none(), "old ids are forgotten");
+        made.made_ago("vol-2", Duration::from_secs(50));
+        assert_eq!(made.not_yet_for("vol-2", true), Duration::from_secs(10));
+        made.made_ago("vol-3", Duration::from_secs(60));
+        assert!(!made.not_yet("vol-3", false), "listed, made long ago");
+        made.seen("ami-1");
+        made.made_ago("ami-1", Duration::ZERO);
+        assert!(
+            !made.not_yet("ami-1", true),
+            "known already: kept as it was"
+        );
         made.forget("ami-1");
         assert!(!made.not_yet("ami-1", false));
     }

@@ -1286,6 +1286,11 @@ impl Provider for Ec2Provider {
                     {
                         continue;
                     }
+                    // Made lately (before a restart, say): EC2 may still answer NotFound for it.
+                    if let Some(made) = v.create_time() {
+                        let age = Utc::now() - to_chrono(Some(made));
+                        self.made.made_ago(id, age.to_std().unwrap_or_default());
+                    }
                     let state = v.state().map_or("unknown", |s| s.as_str());
                     found.push(BuildVolume {
                         id: id.to_owned(),
