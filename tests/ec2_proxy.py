@@ -11,7 +11,16 @@ can, per its configuration:
 - answer each call of an action only after some seconds (EC2's own latency, stretched);
 - lose the answers of the first N calls of an action (the call reaches moto, the caller gets
   EC2's InternalError and retries);
+- answer NotFound (InvalidVolume.NotFound, InvalidSnapshot.NotFound, InvalidAMIID.NotFound) for
+  some seconds (or for ever, with a negative number) after a volume, snapshot or image was
+  made through it (CreateVolume, CreateSnapshot, RegisterImage, CopyImage), to every Describe*,
+  CreateTags, DeleteTags, Delete* and DeregisterImage call that names its id: EC2's eventual
+  consistency. Per kind (not_found_secs {"volume": s, "snapshot": s, "image": s}), as it was
+  set when the resource was made;
 - count the calls of each action, and record their order.
+
+And tags on creation where moto ignores them: RegisterImage's and CopyImage's TagSpecifications
+(resource type image) are applied to the new image, as EC2 does.
 
 And for instances (boot tests), what moto does not model:
 
@@ -33,7 +42,7 @@ And for instances (boot tests), what moto does not model:
   machine's do.
 
 Control: POST /_proxy/config with a JSON object (keys: volume_creating_secs,
-snapshot_pending_secs, throttle {Action: count}, fail {Action: {code, message, status}},
+snapshot_pending_secs, not_found_secs {kind: seconds}, throttle {Action: count}, fail {Action: {code, message, status}},
 latency {Action: seconds}, lose {Action: count}, instance_pending_secs,
 instance_status_initializing_secs, instance_shutting_down_secs, console_output,
 console_reveal_secs),
@@ -57,6 +66,7 @@ lock = threading.Lock()
 config = {
     "volume_creating_secs": 0,
     "snapshot_pending_secs": 0,
+    "not_found_secs": {},
     "throttle": {},
     "fail": {},
     "latency": {},
@@ -76,6 +86,71 @@ terminated = {}  # instance id -> (time, shutting-down seconds)
 tokens = {}  # RunInstances ClientToken -> its first answer
 registered = {}  # image id -> {"bootMode": ..., "architecture": ...} as RegisterImage was given
 names = {}  # image id -> the name RegisterImage gave it, while it is registered
+unknown_until = {}  # id -> monotonic time until which calls naming it answer NotFound (None: ever)
+
+# kind of resource: its id prefix, the element of its create answer, EC2's NotFound code and text
+KINDS = {
+    "volume": ("vol-", "volumeId", "InvalidVolume.NotFound", "The volume '%s' does not exist."),
+    "snapshot": ("snap-", "snapshotId", "InvalidSnapshot.NotFound", "The snapshot '%s' does not exist."),
+    "image": ("ami-", "imageId", "InvalidAMIID.NotFound", "The image id '[%s]' does not exist"),
+}
+MAKES = {"CreateVolume": "volume", "CreateSnapshot": "snapshot", "RegisterImage": "image", "CopyImage": "image"}
+# the parameters that name a volume, snapshot or image in the calls NotFound applies to
+ID_PARAMS = ("VolumeId", "SnapshotId", "ImageId", "ResourceId")
+
+
+def not_yet_known(action, params):
+    """The NotFound error (code, message) a call naming a just made id answers, or None."""
+    if not (action.startswith(("Describe", "Delete")) or action in ("CreateTags", "DeregisterImage")):
+        return None
+    now = time.monotonic()
+    for key, values in params.items():
+        if key.split(".")[0] not in ID_PARAMS:
+            continue
+        for ident in values:
+            if ident not in unknown_until:
+                continue
+            until = unknown_until[ident]
+            if until is not None and now >= until:
+                del unknown_until[ident]
+                continue
+            for prefix, _, code, message in KINDS.values():
+                if ident.startswith(prefix):
+                    return code, message % ident
+    return None
+
+
+def note_made(action, body):
+    """Starts the NotFound window of what a create call made, if one is set for its kind."""
+    kind = MAKES.get(action)
+    secs = config["not_found_secs"].get(kind, 0) if kind else 0
+    if secs == 0:
+        return None
+    try:
+        ident = child(ET.fromstring(body), KINDS[kind][1])
+    except ET.ParseError:
+        return None
+    if ident is None:
+        return None
+    with lock:
+        unknown_until[ident.text] = None if secs < 0 else time.monotonic() + secs
+    return ident.text
+
+
+def image_tags(params):
+    """The tags RegisterImage's or CopyImage's TagSpecifications give the image: [(key, value)]."""
+    tags = []
+    n = 1
+    while "TagSpecification.%d.ResourceType" % n in params:
+        if params["TagSpecification.%d.ResourceType" % n][0] == "image":
+            m = 1
+            while "TagSpecification.%d.Tag.%d.Key" % (n, m) in params:
+                key = params["TagSpecification.%d.Tag.%d.Key" % (n, m)][0]
+                value = params.get("TagSpecification.%d.Tag.%d.Value" % (n, m), [""])[0]
+                tags.append((key, value))
+                m += 1
+        n += 1
+    return tags
 
 
 def delayed(kind, ident, secs):
@@ -367,6 +442,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return self.reply(503, error_body("RequestLimitExceeded", "Request limit exceeded."))
         if fail:
             return self.reply(fail.get("status", 400), error_body(fail["code"], fail["message"]))
+        with lock:
+            unknown = not_yet_known(action, params)
+        if unknown is not None:
+            return self.reply(400, error_body(*unknown))
         if repeated is not None:
             # EC2's idempotency: the same token, the same instance, nothing new started.
             return self.reply(200, repeated)
@@ -389,7 +468,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
                         names[ident.text] = name
                 elif action == "DeregisterImage":
                     names.pop(params.get("ImageId", [""])[0], None)
+            if action in ("RegisterImage", "CopyImage"):
+                self.tag_on_create(action, data, params, headers)
             data = rewrite(action, data, params)
+            note_made(action, data)
             if token:
                 with lock:
                     tokens.setdefault(token, data)
@@ -407,6 +489,27 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass  # the caller died waiting (the fault-injection tests kill it on purpose)
         conn.close()
+
+
+    def tag_on_create(self, action, data, params, headers):
+        """Applies RegisterImage's or CopyImage's image TagSpecifications (moto ignores them)."""
+        tags = image_tags(params)
+        ident = child(ET.fromstring(data), "imageId") if tags else None
+        if ident is None:
+            return
+        query = [("Action", "CreateTags"), ("Version", params.get("Version", ["2016-11-15"])[0]), ("ResourceId.1", ident.text)]
+        for n, (key, value) in enumerate(tags, 1):
+            query += [("Tag.%d.Key" % n, key), ("Tag.%d.Value" % n, value)]
+        body = urllib.parse.urlencode(query).encode()
+        url = urllib.parse.urlsplit(self.upstream)
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+        # The same headers: moto reads the region from the signature's scope.
+        conn.request("POST", self.path, body=body, headers=headers)
+        response = conn.getresponse()
+        answer = response.read()
+        conn.close()
+        if response.status != 200:
+            raise RuntimeError("tagging %s for %s: %s" % (ident.text, action, answer[:300]))
 
 
 def main():

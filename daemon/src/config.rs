@@ -86,6 +86,9 @@ pub struct Ec2Timeouts {
     /// How long a boot test's instance is waited for to be `terminated` once TerminateInstances
     /// was accepted (EC2 finishes it anyway; gc finds one that does not end).
     pub instance_terminated: u64,
+    /// How long after amidala made a volume, snapshot, image or instance EC2 may still answer
+    /// NotFound for it (eventual consistency): such an answer means "not yet" until then.
+    pub consistency: u64,
 }
 
 impl Default for Ec2Timeouts {
@@ -98,6 +101,7 @@ impl Default for Ec2Timeouts {
             snapshot: 3600,
             image: 600,
             instance_terminated: 120,
+            consistency: 60,
         }
     }
 }
@@ -128,7 +132,8 @@ pub struct Ec2Config {
     /// Subnet boot tests' instances run in (default: the builder instance's own).
     pub boot_test_subnet: Option<String>,
     /// Security group of boot tests' instances (default: one amidala makes in the subnet's
-    /// VPC for this builder host, `amidala-boot-test-HOST`, without inbound or outbound rules).
+    /// VPC for this builder, `amidala-boot-test-INSTANCE_ID`, without inbound or outbound
+    /// rules).
     pub boot_test_security_group: Option<String>,
     #[serde(default)]
     pub timeouts: Ec2Timeouts,

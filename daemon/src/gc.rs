@@ -64,9 +64,16 @@ pub async fn collect(daemon: &Daemon, scope: Scope) -> Result<Vec<GcItem>, Failu
         .map(|r| r.id)
         .collect();
 
+    // Found by the host name an older amidala tagged it with: this daemon's only if its build
+    // is in the catalog (another builder may have the same host name).
+    let ours = |by_host_name: bool, build: &Option<String>| {
+        !by_host_name || build.as_ref().is_some_and(|b| known.contains(b))
+    };
+
     // 1. Listings.
     let mut found = {
         let state_dir = state_dir.clone();
+        let known = known.clone();
         blocking(move || {
             let mut found = Vec::new();
             if let Some(h) = &cgroups {
@@ -113,7 +120,8 @@ pub async fn collect(daemon: &Daemon, scope: Scope) -> Result<Vec<GcItem>, Failu
         })
         .await?
     };
-    let volumes = daemon.provider.build_volumes().await?;
+    let mut volumes = daemon.provider.build_volumes().await?;
+    volumes.retain(|v| ours(v.by_host_name, &v.build));
     let by_volume: HashMap<&str, &BuildVolume> =
         volumes.iter().map(|v| (v.id.as_str(), v)).collect();
     for item in &mut found {
@@ -130,6 +138,9 @@ pub async fn collect(daemon: &Daemon, scope: Scope) -> Result<Vec<GcItem>, Failu
     }
     // Instances before volumes: a boot test's instance holds its volume until it is terminated.
     for i in daemon.provider.boot_instances().await? {
+        if !ours(i.by_host_name, &i.build) {
+            continue;
+        }
         found.push(Found {
             build: i.build.clone(),
             detail: i.state.clone(),

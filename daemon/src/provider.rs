@@ -36,6 +36,9 @@ pub struct BuildVolume {
     pub build: Option<String>,
     /// Its state as the provider says it (`available`, `in-use`, `file`, ...).
     pub state: String,
+    /// Found by the host name an older amidala tagged it with, which builders may share
+    /// (ec2, see [`crate::ec2::HOST_TAG`]): this daemon's only if its build is in the catalog.
+    pub by_host_name: bool,
 }
 
 pub const RELEASE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -76,6 +79,8 @@ pub struct BootInstance {
     pub build: Option<String>,
     /// Its state as the provider says it (`running`, `shutting-down`, ...).
     pub state: String,
+    /// As [`BuildVolume::by_host_name`].
+    pub by_host_name: bool,
 }
 
 /// A writable volume made from a snapshot.
@@ -759,6 +764,7 @@ impl Provider for LocalProvider {
                     build: build_of_volume(id),
                     id: id.to_owned(),
                     state: "file".into(),
+                    by_host_name: false,
                 });
             }
             volumes.sort_by(|a, b| a.id.cmp(&b.id));

@@ -384,6 +384,14 @@ impl Env {
             .expect("starting amidala")
     }
 
+    /// `amidala build --json -- /bin/sh -c SCRIPT` started in the background in `workspace`.
+    pub fn spawn_build_sh(&self, workspace: &Path, script: &str) -> Child {
+        self.spawn_client(
+            workspace,
+            &["build", "--json", "--", "/bin/sh", "-c", script],
+        )
+    }
+
     /// Imports a fresh busybox root filesystem as the base (tagged `amidala=base`), published
     /// (as root, an admin): every user's builds and the warm pool may start from it. Returns
     /// the snapshot id.
@@ -854,11 +862,16 @@ impl Ec2Emulator {
             instance_id: String::new(),
         };
         // The builder instance that the daemon attaches volumes to.
-        let client = emulator.client(REGION);
-        let run = emulator
+        emulator.instance_id = emulator.launch_builder();
+        emulator
+    }
+
+    /// Starts a builder instance in [`ZONE`]; returns its id.
+    pub fn launch_builder(&self) -> String {
+        let run = self
             .runtime
             .block_on(
-                client
+                self.client(REGION)
                     .run_instances()
                     .image_id("ami-12345678")
                     .min_count(1)
@@ -871,8 +884,7 @@ impl Ec2Emulator {
                     .send(),
             )
             .expect("RunInstances");
-        emulator.instance_id = run.instances()[0].instance_id().unwrap().to_owned();
-        emulator
+        run.instances()[0].instance_id().unwrap().to_owned()
     }
 
     /// An SDK client for `region`, through the proxy.

@@ -298,10 +298,12 @@ fn kill_the_daemon_in_every_phase_ec2() {
     let ws = env.workspace("ws", &[]);
     // EC2's delays, stretched so that each phase lasts long enough to die in: volumes are
     // `creating` and snapshots `pending` for a while, and the calls of the short phases
-    // answer slowly.
+    // answer slowly. And EC2's eventual consistency: what was just made is unknown to the
+    // calls naming it for a while (issue 16).
     ec2.configure(json!({
         "volume_creating_secs": 1,
         "snapshot_pending_secs": 1,
+        "not_found_secs": {"volume": 2, "snapshot": 2, "image": 2},
         "latency": {
             "DescribeSnapshots": 0.3,
             "AttachVolume": 1,

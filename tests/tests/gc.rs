@@ -48,17 +48,7 @@ fn gc_finds_and_removes_leftovers_but_not_what_live_builds_hold() {
     .unwrap();
 
     // And a live build, which gc must leave alone.
-    let live = env.spawn_client(
-        &ws,
-        &[
-            "build",
-            "--json",
-            "--",
-            "/bin/sh",
-            "-c",
-            "sleep 2; echo ok > /root/ok",
-        ],
-    );
+    let live = env.spawn_build_sh(&ws, "sleep 2; echo ok > /root/ok");
     std::thread::sleep(std::time::Duration::from_millis(500));
 
     let listed = env.amidala(&["gc", "--dry-run", "--json"]).json();

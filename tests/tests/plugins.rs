@@ -196,17 +196,7 @@ fn plugin_faults_fail_only_their_own_build() {
     let ws = env.workspace("ws", &[]);
 
     // A build that runs while the faulty ones fail.
-    let good = env.spawn_client(
-        &ws,
-        &[
-            "build",
-            "--json",
-            "--",
-            "/bin/sh",
-            "-c",
-            "sleep 2; echo fine > /root/fine",
-        ],
-    );
+    let good = env.spawn_build_sh(&ws, "sleep 2; echo fine > /root/fine");
     let faulty: Vec<_> = ["panic", "segfault", "abort"]
         .iter()
         .map(|mode| {

@@ -5,17 +5,17 @@
 //!    from its boot mode ([`firmware_of`]), and the instance type from its architecture
 //!    (`boot_test_instance_type`, `boot_test_instance_type_arm64`).
 //! 2. The network: `boot_test_subnet`, else the builder instance's own subnet; the security
-//!    group `boot_test_security_group`, else one per builder host, `amidala-boot-test-HOST`,
-//!    in the subnet's VPC, made on first use without inbound or outbound rules (the test reads
+//!    group `boot_test_security_group`, else one per builder, `amidala-boot-test-INSTANCE`
+//!    (the builder's instance id), in the subnet's VPC, made on first use without inbound or outbound rules (the test reads
 //!    only the serial console, and a user's image is not to reach the fleet's network) and
-//!    found again by name and VPC afterwards. One per host rather than one per test: a group
+//!    found again by name and VPC afterwards. One per builder rather than one per test: a group
 //!    cannot be deleted while the terminated instance's network interface still holds it
 //!    (minutes after the termination), so a group per test would be a second thing to
 //!    clean up after every test and after every crash.
 //! 3. RunInstances: one instance in that subnet and group, IMDSv2 required, a shutdown from
 //!    inside terminating it, no instance profile, a client token derived from the build (a
 //!    retried request starts no second instance), the instance and its volumes tagged with
-//!    the build, owner and host (and `amidala:role = boot-test`) on creation, so that recovery
+//!    the build, owner and builder (and `amidala:role = boot-test`) on creation, so that recovery
 //!    and `amidala gc` find it whatever happens to the daemon.
 //! 4. Waits for `running` (DescribeInstances), then polls, together, the status checks
 //!    (DescribeInstanceStatus: instance and system status `ok`) and the serial console
@@ -41,7 +41,7 @@ use aws_sdk_ec2::types::{
 };
 use tokio::time::Instant;
 
-use super::{cloud, tag_spec, tags_of, wait, Ec2Provider};
+use super::{cloud, tag_spec, tags_of, wait, Ec2Provider, HOST_TAG};
 use crate::bootvm::{clean, read_sign, with_tail, Firmware, Sign, TAIL_LINES};
 use crate::error::Failure;
 use crate::provider::{BootInstance, BootJob};
@@ -52,10 +52,6 @@ pub const ROLE_TAG: &str = "amidala:role";
 pub const BOOT_TEST_ROLE: &str = "boot-test";
 /// How a boot test's instance's volume is listed among the host's build volumes.
 pub const BOOT_VOLUME: &str = "root volume of a boot-test instance";
-
-/// How long a just launched instance may be unknown to TerminateInstances (EC2's eventual
-/// consistency) before it is taken for gone.
-const LAUNCH_VISIBLE: Duration = Duration::from_secs(60);
 
 /// What the network of boot tests is, once looked up.
 #[derive(Debug, Clone)]
@@ -116,9 +112,9 @@ fn client_token(job: &str) -> String {
     token
 }
 
-/// A name for a security group made of `host`: what EC2 takes in a name, the rest `-`.
-fn group_name(host: &str) -> String {
-    let host: String = host
+/// A name for a security group made of `builder`: what EC2 takes in a name, the rest `-`.
+fn group_name(builder: &str) -> String {
+    let builder: String = builder
         .chars()
         .take(200)
         .map(|c| {
@@ -129,7 +125,7 @@ fn group_name(host: &str) -> String {
             }
         })
         .collect();
-    format!("amidala-boot-test-{host}")
+    format!("amidala-boot-test-{builder}")
 }
 
 /// Decodes standard base64 (GetConsoleOutput's encoding), skipping white space.
@@ -370,11 +366,11 @@ impl Ec2Provider {
         Ok(network)
     }
 
-    /// This host's security group of boot tests in `vpc`: found by its name, else made
+    /// This builder's security group of boot tests in `vpc`: found by its name, else made
     /// without rules. One found with inbound rules is refused; one found with outbound rules
     /// (its maker stopped before it took them) has them taken first.
     async fn host_group(&self, vpc: &str) -> Result<String, Failure> {
-        let name = group_name(&self.host);
+        let name = group_name(&self.instance_id);
         for attempt in 0..2 {
             let out = self
                 .client
@@ -410,7 +406,7 @@ impl Ec2Provider {
                 break;
             }
             let mut tags: BTreeMap<String, String> = [
-                ("amidala:host".to_owned(), self.host.clone()),
+                (HOST_TAG.to_owned(), self.instance_id.clone()),
                 (ROLE_TAG.to_owned(), BOOT_TEST_ROLE.to_owned()),
             ]
             .into();
@@ -429,7 +425,7 @@ impl Ec2Provider {
                 .await;
             let id = match made {
                 Ok(out) => out.group_id().unwrap_or_default().to_owned(),
-                // Made meanwhile (by another daemon of this host name): found next time round.
+                // Made meanwhile (by another daemon of this builder): found next time round.
                 Err(e) if e.code() == Some("InvalidGroup.Duplicate") => continue,
                 Err(e) => return Err(cloud("CreateSecurityGroup")(e)),
             };
@@ -740,8 +736,10 @@ impl Ec2Provider {
         id: &str,
         just_launched: bool,
     ) -> Result<&'static str, Failure> {
+        // How long a just launched instance may be unknown to TerminateInstances (EC2's
+        // eventual consistency) before it is taken for gone.
         let visible = if just_launched {
-            LAUNCH_VISIBLE
+            Self::timeout(self.timeouts.consistency)
         } else {
             Duration::ZERO
         };
@@ -826,60 +824,65 @@ impl Ec2Provider {
         }
     }
 
-    /// Boot tests' instances of this host that are not terminated.
+    /// Boot tests' instances of this builder that are not terminated.
     pub(super) async fn host_boot_instances(&self) -> Result<Vec<BootInstance>, Failure> {
-        let mut found = Vec::new();
-        let mut pages = self
-            .client
-            .describe_instances()
-            .filters(
-                Filter::builder()
-                    .name("tag:amidala:host")
-                    .values(&self.host)
-                    .build(),
-            )
-            .filters(
-                Filter::builder()
-                    .name(format!("tag:{ROLE_TAG}"))
-                    .values(BOOT_TEST_ROLE)
-                    .build(),
-            )
-            .filters(
-                Filter::builder()
-                    .name("instance-state-name")
-                    .values("pending")
-                    .values("running")
-                    .values("stopping")
-                    .values("stopped")
-                    .values("shutting-down")
-                    .build(),
-            )
-            .into_paginator()
-            .send();
-        while let Some(page) = pages.next().await {
-            for i in page
-                .map_err(cloud("DescribeInstances"))?
-                .reservations()
-                .iter()
-                .flat_map(|r| r.instances())
-            {
-                let state = i
-                    .state()
-                    .and_then(|s| s.name())
-                    .map_or("unknown", |s| s.as_str());
-                // Filters are alternatives on some emulators: checked again.
-                let tags = tags_of(i.tags());
-                if state == "terminated"
-                    || tags.get("amidala:host") != Some(&self.host)
-                    || tags.get(ROLE_TAG).map(String::as_str) != Some(BOOT_TEST_ROLE)
+        let mut found: Vec<BootInstance> = Vec::new();
+        for (host, by_host_name) in self.host_tag_values() {
+            let mut pages = self
+                .client
+                .describe_instances()
+                .filters(
+                    Filter::builder()
+                        .name(format!("tag:{HOST_TAG}"))
+                        .values(host)
+                        .build(),
+                )
+                .filters(
+                    Filter::builder()
+                        .name(format!("tag:{ROLE_TAG}"))
+                        .values(BOOT_TEST_ROLE)
+                        .build(),
+                )
+                .filters(
+                    Filter::builder()
+                        .name("instance-state-name")
+                        .values("pending")
+                        .values("running")
+                        .values("stopping")
+                        .values("stopped")
+                        .values("shutting-down")
+                        .build(),
+                )
+                .into_paginator()
+                .send();
+            while let Some(page) = pages.next().await {
+                for i in page
+                    .map_err(cloud("DescribeInstances"))?
+                    .reservations()
+                    .iter()
+                    .flat_map(|r| r.instances())
                 {
-                    continue;
+                    let state = i
+                        .state()
+                        .and_then(|s| s.name())
+                        .map_or("unknown", |s| s.as_str());
+                    // Filters are alternatives on some emulators: checked again.
+                    let tags = tags_of(i.tags());
+                    let id = i.instance_id().unwrap_or_default();
+                    if state == "terminated"
+                        || tags.get(HOST_TAG).map(String::as_str) != Some(host)
+                        || tags.get(ROLE_TAG).map(String::as_str) != Some(BOOT_TEST_ROLE)
+                        || found.iter().any(|f| f.id == id)
+                    {
+                        continue;
+                    }
+                    found.push(BootInstance {
+                        id: id.to_owned(),
+                        build: tags.get("amidala:build").cloned(),
+                        state: format!("boot-test instance, {state}"),
+                        by_host_name,
+                    });
                 }
-                found.push(BootInstance {
-                    id: i.instance_id().unwrap_or_default().to_owned(),
-                    build: tags.get("amidala:build").cloned(),
-                    state: format!("boot-test instance, {state}"),
-                });
             }
         }
         found.sort_by(|a, b| a.id.cmp(&b.id));

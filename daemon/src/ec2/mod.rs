@@ -5,16 +5,20 @@
 //! under the state directory keyed by EC2 ids, attached as loop devices, so that every EC2 call
 //! of a build is made for real (against an emulator such as moto) on a host without EBS.
 //!
-//! Every resource is tagged when it is made (`amidala:build`, `amidala:owner`, `amidala:host`),
+//! Every resource is tagged when it is made (`amidala:build`, `amidala:owner`, `amidala:host`:
+//! this builder's instance id, see [`HOST_TAG`]),
 //! every state change is awaited with [`wait::wait_for`], and a phase that fails part way
-//! undoes what it made before returning.
+//! undoes what it made before returning. EC2 may not know an id for a while after it made it:
+//! see [`consistency`].
 
 pub mod boot;
+pub mod consistency;
 pub mod devices;
 pub mod wait;
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,10 +44,18 @@ use crate::provider::{
     BootJob, BuildVolume, ImageMeta, Keep, Provider, SnapshotMeta, Viewer, Volume,
     FAILED_BUILD_TAG, NO_OWNER,
 };
+use consistency::{is_not_found, Made};
 use devices::{DeviceAllocator, DeviceLease};
 use wait::wait_for;
 
 const GIB: u64 = 1 << 30;
+
+/// The tag naming the builder that made a resource: its instance id. Host names are not unique
+/// in a fleet (one image for every builder, overlapping VPC address ranges), so a builder that
+/// collected by host name would take another's live volumes. An amidala before issue 16 put the
+/// host name there: such resources are this builder's only if their build is in its catalog
+/// ([`BuildVolume::by_host_name`]).
+pub const HOST_TAG: &str = "amidala:host";
 
 /// The size in GiB of an EBS volume made from a snapshot of `snapshot_size` bytes with the
 /// requested `size`: whole GiB, at least the snapshot's and at least one.
@@ -126,7 +138,10 @@ pub struct Ec2Provider {
     loop_dir: PathBuf,
     devices: Arc<DeviceAllocator>,
     timeouts: Ec2Timeouts,
-    host: String,
+    /// The volumes, snapshots and images this daemon made lately (eventual consistency).
+    made: Made,
+    /// This host's name, which older amidalas put in [`HOST_TAG`] (empty if unknown).
+    host_name: String,
     boot: BootSettings,
     /// The subnet and security group of boot tests, once looked up.
     boot_net: tokio::sync::Mutex<Option<boot::BootNetwork>>,
@@ -241,7 +256,8 @@ impl Ec2Provider {
                     .unwrap_or_else(devices::default_device_names),
             )),
             timeouts: config.timeouts.clone(),
-            host: nix::unistd::gethostname()
+            made: Made::new(Duration::from_secs(config.timeouts.consistency)),
+            host_name: nix::unistd::gethostname()
                 .map(|h| h.to_string_lossy().into_owned())
                 .unwrap_or_default(),
             boot: BootSettings {
@@ -309,44 +325,71 @@ impl Ec2Provider {
         Ok(instance.clone())
     }
 
-    /// One snapshot, if it exists.
+    /// One snapshot, if EC2 knows it.
     async fn describe_snapshot(
         &self,
         snapshot_id: &str,
     ) -> Result<Option<aws_sdk_ec2::types::Snapshot>, Failure> {
-        let out = self
+        let out = match self
             .client
             .describe_snapshots()
             .snapshot_ids(snapshot_id)
             .send()
             .await
-            .map_err(cloud("DescribeSnapshots"))?;
-        Ok(out.snapshots().first().cloned())
+        {
+            Ok(out) => out,
+            Err(e) if is_not_found(e.code()) => return Ok(None),
+            Err(e) => return Err(cloud("DescribeSnapshots")(e)),
+        };
+        let found = out.snapshots().first().cloned();
+        if found.is_some() {
+            self.made.seen(snapshot_id);
+        }
+        Ok(found)
     }
 
+    /// The volume's state and its attachment to this instance; `None` if EC2 does not know it.
     async fn volume_state(
         &self,
         volume_id: &str,
-    ) -> Result<(Option<VolumeState>, Option<VolumeAttachmentState>), Failure> {
-        let out = self
+    ) -> Result<Option<(Option<VolumeState>, Option<VolumeAttachmentState>)>, Failure> {
+        let out = match self
             .client
             .describe_volumes()
             .volume_ids(volume_id)
             .send()
             .await
-            .map_err(cloud("DescribeVolumes"))?;
-        let volume = out.volumes().first().ok_or_else(|| {
-            Failure::new(
-                ErrorCode::Cloud,
-                format!("volume {volume_id} has disappeared"),
-            )
-        })?;
+        {
+            Ok(out) => out,
+            Err(e) if is_not_found(e.code()) => return Ok(None),
+            Err(e) => return Err(cloud("DescribeVolumes")(e)),
+        };
+        let Some(volume) = out.volumes().first() else {
+            return Ok(None);
+        };
+        self.made.seen(volume_id);
         let attachment = volume
             .attachments()
             .iter()
             .find(|a| a.instance_id() == Some(self.instance_id.as_str()))
             .and_then(|a| a.state().cloned());
-        Ok((volume.state().cloned(), attachment))
+        Ok(Some((volume.state().cloned(), attachment)))
+    }
+
+    /// [`volume_state`](Self::volume_state) in a wait: a volume EC2 does not know is "not yet"
+    /// if this daemon made it lately (`Ok(None)`), else an error.
+    async fn polled_volume_state(
+        &self,
+        volume_id: &str,
+    ) -> Result<Option<(Option<VolumeState>, Option<VolumeAttachmentState>)>, Failure> {
+        match self.volume_state(volume_id).await? {
+            Some(state) => Ok(Some(state)),
+            None if self.made.not_yet(volume_id, false) => Ok(None),
+            None => Err(Failure::new(
+                ErrorCode::Cloud,
+                format!("volume {volume_id} has disappeared"),
+            )),
+        }
     }
 
     async fn wait_volume_available(&self, volume_id: &str) -> Result<(), Failure> {
@@ -354,9 +397,9 @@ impl Ec2Provider {
             &format!("volume {volume_id} to become available"),
             Self::timeout(self.timeouts.volume_available),
             || async {
-                match self.volume_state(volume_id).await? {
-                    (Some(VolumeState::Available), None) => Ok(Some(())),
-                    (Some(VolumeState::Error), _) => Err(Failure::new(
+                match self.polled_volume_state(volume_id).await? {
+                    Some((Some(VolumeState::Available), None)) => Ok(Some(())),
+                    Some((Some(VolumeState::Error), _)) => Err(Failure::new(
                         ErrorCode::Cloud,
                         format!("volume {volume_id} is in state error"),
                     )),
@@ -375,12 +418,16 @@ impl Ec2Provider {
             &format!("snapshot {snapshot_id} to complete"),
             Self::timeout(self.timeouts.snapshot),
             || async {
-                let snapshot = self.describe_snapshot(snapshot_id).await?.ok_or_else(|| {
-                    Failure::new(
-                        ErrorCode::Cloud,
-                        format!("snapshot {snapshot_id} has disappeared"),
-                    )
-                })?;
+                let snapshot = match self.describe_snapshot(snapshot_id).await? {
+                    Some(snapshot) => snapshot,
+                    None if self.made.not_yet(snapshot_id, false) => return Ok(None),
+                    None => {
+                        return Err(Failure::new(
+                            ErrorCode::Cloud,
+                            format!("snapshot {snapshot_id} has disappeared"),
+                        ))
+                    }
+                };
                 match snapshot.state() {
                     Some(SnapshotState::Completed) => Ok(Some(snapshot)),
                     Some(SnapshotState::Error) => Err(Failure::new(
@@ -428,6 +475,7 @@ impl Ec2Provider {
                 "CreateVolume answered without a volume id",
             ));
         }
+        self.made.made(&volume_id);
         if let Err(e) = self.wait_volume_available(&volume_id).await {
             self.delete_volume_id(&volume_id).await;
             return Err(e);
@@ -437,18 +485,103 @@ impl Ec2Provider {
 
     /// DeleteVolume, logging rather than failing: used while undoing.
     async fn delete_volume_id(&self, volume_id: &str) {
-        if let Err(e) = self
-            .client
-            .delete_volume()
-            .volume_id(volume_id)
-            .send()
-            .await
-        {
-            tracing::error!(volume = volume_id, error = %cloud("DeleteVolume")(e), "could not delete a volume; amidala gc will find it by its tags");
+        if let Err(e) = self.delete_volume_now(volume_id).await {
+            tracing::error!(volume = volume_id, error = %e, "could not delete a volume; amidala gc will find it by its tags");
         }
+    }
+
+    /// DeleteVolume (a volume EC2 no longer knows is done, see [`consistency`]), and its file.
+    async fn delete_volume_now(&self, volume_id: &str) -> Result<(), Failure> {
+        self.delete_made(volume_id, "DeleteVolume", || {
+            self.client.delete_volume().volume_id(volume_id).send()
+        })
+        .await?;
         if self.data_plane == DataPlane::Loop {
-            let _ = remove_if_present(&self.loop_file("volumes", volume_id));
+            let path = self.loop_file("volumes", volume_id);
+            blocking(move || remove_if_present(&path)).await?;
         }
+        Ok(())
+    }
+
+    /// Sends `call`, an EC2 call naming `id`, again while EC2 answers NotFound for an id this
+    /// daemon made lately (see [`consistency`]); after that a NotFound is an error.
+    async fn call_made<T, E, F, Fut>(
+        &self,
+        id: &str,
+        name: &'static str,
+        call: F,
+    ) -> Result<T, Failure>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, aws_sdk_ec2::error::SdkError<E>>>,
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        self.send_made(id, name, false, call)
+            .await?
+            .ok_or_else(|| Failure::new(ErrorCode::Internal, format!("{name} of {id}: no answer")))
+    }
+
+    /// A delete through [`send_made`](Self::send_made): NotFound of an id EC2 was seen to know,
+    /// or no longer within the window, means it is gone (done). Never cancelled: it undoes.
+    async fn delete_made<T, E, F, Fut>(
+        &self,
+        id: &str,
+        name: &'static str,
+        call: F,
+    ) -> Result<(), Failure>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, aws_sdk_ec2::error::SdkError<E>>>,
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        if wait::uncancellable(self.send_made(id, name, true, call))
+            .await?
+            .is_none()
+        {
+            tracing::info!(
+                id,
+                call = name,
+                "EC2 does not know it (any more): taken as deleted"
+            );
+        }
+        self.made.forget(id);
+        Ok(())
+    }
+
+    /// Sends `call` until its answer is not a NotFound that [`Made::not_yet`] takes for "not
+    /// yet". `Ok(None)`: NotFound that means gone (only when `deleting`).
+    async fn send_made<T, E, F, Fut>(
+        &self,
+        id: &str,
+        name: &'static str,
+        deleting: bool,
+        mut call: F,
+    ) -> Result<Option<T>, Failure>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, aws_sdk_ec2::error::SdkError<E>>>,
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        // A second past the window: the last try comes after it.
+        let window = self.made.not_yet_for(id, deleting) + Duration::from_secs(1);
+        wait_for(&format!("EC2 to know {id} ({name})"), window, || {
+            let sent = call();
+            async move {
+                match sent.await {
+                    Ok(out) => {
+                        self.made.seen(id);
+                        Ok(Some(Some(out)))
+                    }
+                    Err(e) if is_not_found(e.code()) && self.made.not_yet(id, deleting) => {
+                        tracing::debug!(id, call = name, "not known to EC2 yet");
+                        Ok(None)
+                    }
+                    Err(e) if is_not_found(e.code()) && deleting => Ok(Some(None)),
+                    Err(e) => Err(cloud(name)(e)),
+                }
+            }
+        })
+        .await
     }
 
     /// Attaches `volume_id` at a free device name and waits for it: the block device node
@@ -492,8 +625,8 @@ impl Ec2Provider {
             Self::timeout(self.timeouts.attach),
             || async {
                 Ok(matches!(
-                    self.volume_state(volume_id).await?.1,
-                    Some(VolumeAttachmentState::Attached)
+                    self.polled_volume_state(volume_id).await?,
+                    Some((_, Some(VolumeAttachmentState::Attached)))
                 )
                 .then_some(()))
             },
@@ -588,6 +721,13 @@ impl Ec2Provider {
             .await
             .map_err(cloud("CreateSnapshot"))?;
         let snapshot_id = out.snapshot_id().unwrap_or_default().to_owned();
+        if snapshot_id.is_empty() {
+            return Err(Failure::new(
+                ErrorCode::Cloud,
+                "CreateSnapshot answered without a snapshot id",
+            ));
+        }
+        self.made.made(&snapshot_id);
         if self.data_plane == DataPlane::Loop {
             // EBS takes the point-in-time copy at CreateSnapshot; so does the loop plane.
             let (src, dst) = (
@@ -609,7 +749,8 @@ impl Ec2Provider {
                 // It may complete later: marked so that no build takes it for a source.
                 if let Some(build) = &meta.build_id {
                     let tags = [(FAILED_BUILD_TAG.to_owned(), build.clone())].into();
-                    if let Err(e) = self.tag_snapshot(&snapshot_id, &tags).await {
+                    let tagged = wait::uncancellable(self.tag_snapshot(&snapshot_id, &tags));
+                    if let Err(e) = tagged.await {
                         tracing::error!(snapshot = %snapshot_id, error = %e, "tagging the snapshot of a failed build");
                     }
                 }
@@ -637,19 +778,21 @@ impl Ec2Provider {
         }
     }
 
-    /// Adds `tags` to a volume, snapshot or image.
+    /// Adds `tags` to a volume, snapshot or image (sent again while EC2 does not know an id
+    /// this daemon just made).
     async fn tag_resource(&self, id: &str, tags: &BTreeMap<String, String>) -> Result<(), Failure> {
-        self.client
-            .create_tags()
-            .resources(id)
-            .set_tags(Some(
-                tags.iter()
-                    .map(|(k, v)| Tag::builder().key(k).value(v).build())
-                    .collect(),
-            ))
-            .send()
-            .await
-            .map_err(cloud("CreateTags"))?;
+        let tags: Vec<Tag> = tags
+            .iter()
+            .map(|(k, v)| Tag::builder().key(k).value(v).build())
+            .collect();
+        self.call_made(id, "CreateTags", || {
+            self.client
+                .create_tags()
+                .resources(id)
+                .set_tags(Some(tags.clone()))
+                .send()
+        })
+        .await?;
         Ok(())
     }
 
@@ -657,9 +800,19 @@ impl Ec2Provider {
         [
             ("amidala:build".to_owned(), build_or_job.to_owned()),
             (amidala::proto::OWNER_TAG.to_owned(), owner.to_owned()),
-            ("amidala:host".to_owned(), self.host.clone()),
+            (HOST_TAG.to_owned(), self.instance_id.clone()),
         ]
         .into()
+    }
+
+    /// The values of [`HOST_TAG`] that may be this builder's, each with whether it is the host
+    /// name an older amidala used (its resources need another proof of being this builder's).
+    fn host_tag_values(&self) -> Vec<(&str, bool)> {
+        let mut values = vec![(self.instance_id.as_str(), false)];
+        if !self.host_name.is_empty() && self.host_name != self.instance_id {
+            values.push((self.host_name.as_str(), true));
+        }
+        values
     }
 
     /// Shares the image with `share_with` and copies it (tagged `tags`) to `copy_to`.
@@ -716,22 +869,18 @@ impl Ec2Provider {
             .region(Region::new(region.to_owned()))
             .build();
         let client = ec2_client(&config);
+        // Tagged on creation: no CreateTags on an id EC2 may not know yet.
         let copy = client
             .copy_image()
             .source_image_id(image_id)
             .source_region(&self.region)
             .name(name)
             .description(description)
+            .tag_specifications(tag_spec(ResourceType::Image, tags))
             .send()
             .await
             .map_err(cloud("CopyImage"))?;
-        let copy_id = copy.image_id().unwrap_or_default().to_owned();
-        let mut call = client.create_tags().resources(&copy_id);
-        for (k, v) in tags {
-            call = call.tags(Tag::builder().key(k).value(v).build());
-        }
-        call.send().await.map_err(cloud("CreateTags"))?;
-        Ok(copy_id)
+        Ok(copy.image_id().unwrap_or_default().to_owned())
     }
 }
 
@@ -928,29 +1077,45 @@ impl Provider for Ec2Provider {
         if self.require_imdsv2 {
             call = call.imds_support(ImdsSupportValues::V20);
         }
+        let mut tags = meta.tags.clone();
+        tags.insert("amidala:snapshot".into(), snapshot.id.clone());
+        // Tagged on creation: no CreateTags on an id EC2 may not know yet.
         let image_id = call
+            .tag_specifications(tag_spec(ResourceType::Image, &tags))
             .send()
             .await
             .map_err(cloud("RegisterImage"))?
             .image_id()
             .unwrap_or_default()
             .to_owned();
+        if image_id.is_empty() {
+            return Err(Failure::new(
+                ErrorCode::Cloud,
+                "RegisterImage answered without an image id",
+            ));
+        }
+        self.made.made(&image_id);
         let available = wait_for(
             &format!("image {image_id} to become available"),
             Self::timeout(self.timeouts.image),
             || async {
-                let out = self
+                let out = match self
                     .client
                     .describe_images()
                     .image_ids(&image_id)
                     .send()
-                    .await;
-                match out
-                    .map_err(cloud("DescribeImages"))?
-                    .images()
-                    .first()
-                    .and_then(|i| i.state())
+                    .await
                 {
+                    Err(e) if is_not_found(e.code()) && self.made.not_yet(&image_id, false) => {
+                        return Ok(None)
+                    }
+                    out => out.map_err(cloud("DescribeImages"))?,
+                };
+                let state = out.images().first().and_then(|i| i.state());
+                if state.is_some() {
+                    self.made.seen(&image_id);
+                }
+                match state {
                     Some(ImageState::Available) => Ok(Some(())),
                     Some(ImageState::Failed | ImageState::Invalid | ImageState::Error) => {
                         Err(Failure::new(
@@ -965,25 +1130,11 @@ impl Provider for Ec2Provider {
         .await;
         if let Err(f) = available {
             // Undone: an image that may yet become available, of a build that failed.
-            if let Err(e) = self
-                .client
-                .deregister_image()
-                .image_id(&image_id)
-                .send()
-                .await
-            {
-                tracing::error!(image = %image_id, error = %cloud("DeregisterImage")(e), "undoing a failed registration");
+            if let Err(e) = self.deregister_image(&image_id).await {
+                tracing::error!(image = %image_id, error = %e, "undoing a failed registration");
             }
             return Err(f);
         }
-        let mut tags = meta.tags.clone();
-        tags.insert("amidala:snapshot".into(), snapshot.id.clone());
-        // Tags after registering: EC2 takes them on RegisterImage too, emulators often do not.
-        let mut tag_call = self.client.create_tags().resources(&image_id);
-        for (k, v) in &tags {
-            tag_call = tag_call.tags(Tag::builder().key(k).value(v).build());
-        }
-        tag_call.send().await.map_err(cloud("CreateTags"))?;
         self.share_and_copy(
             &image_id,
             &meta.name,
@@ -1005,17 +1156,7 @@ impl Provider for Ec2Provider {
     }
 
     async fn delete_volume(&self, volume: Volume) -> Result<(), Failure> {
-        self.client
-            .delete_volume()
-            .volume_id(&volume.id)
-            .send()
-            .await
-            .map_err(cloud("DeleteVolume"))?;
-        if self.data_plane == DataPlane::Loop {
-            let path = self.loop_file("volumes", &volume.id);
-            blocking(move || remove_if_present(&path)).await?;
-        }
-        Ok(())
+        self.delete_volume_now(&volume.id).await
     }
 
     async fn import_image(
@@ -1138,34 +1279,50 @@ impl Provider for Ec2Provider {
         } else {
             Vec::new()
         };
-        let mut found = Vec::new();
-        let mut pages = self
-            .client
-            .describe_volumes()
-            .filters(
-                Filter::builder()
-                    .name("tag:amidala:host")
-                    .values(&self.host)
-                    .build(),
-            )
-            .into_paginator()
-            .send();
-        while let Some(page) = pages.next().await {
-            for v in page.map_err(cloud("DescribeVolumes"))?.volumes() {
-                let tags = tags_of(v.tags());
-                let state = v.state().map_or("unknown", |s| s.as_str());
-                found.push(BuildVolume {
-                    id: v.volume_id().unwrap_or_default().to_owned(),
-                    build: tags.get("amidala:build").cloned(),
-                    // A boot test's instance's own: it goes with the instance.
-                    state: if tags.get(boot::ROLE_TAG).map(String::as_str)
-                        == Some(boot::BOOT_TEST_ROLE)
+        let mut found: Vec<BuildVolume> = Vec::new();
+        // One query per value: one filter's values are alternatives on EC2, not on every
+        // emulator.
+        for (host, by_host_name) in self.host_tag_values() {
+            let mut pages = self
+                .client
+                .describe_volumes()
+                .filters(
+                    Filter::builder()
+                        .name(format!("tag:{HOST_TAG}"))
+                        .values(host)
+                        .build(),
+                )
+                .into_paginator()
+                .send();
+            while let Some(page) = pages.next().await {
+                for v in page.map_err(cloud("DescribeVolumes"))?.volumes() {
+                    let tags = tags_of(v.tags());
+                    let id = v.volume_id().unwrap_or_default();
+                    if tags.get(HOST_TAG).map(String::as_str) != Some(host)
+                        || found.iter().any(|f| f.id == id)
                     {
-                        format!("{} ({state})", boot::BOOT_VOLUME)
-                    } else {
-                        state.to_owned()
-                    },
-                });
+                        continue;
+                    }
+                    // Made lately (before a restart, say): EC2 may still answer NotFound for it.
+                    if let Some(made) = v.create_time() {
+                        let age = Utc::now() - to_chrono(Some(made));
+                        self.made.made_ago(id, age.to_std().unwrap_or_default());
+                    }
+                    let state = v.state().map_or("unknown", |s| s.as_str());
+                    found.push(BuildVolume {
+                        id: id.to_owned(),
+                        build: tags.get("amidala:build").cloned(),
+                        // A boot test's instance's own: it goes with the instance.
+                        state: if tags.get(boot::ROLE_TAG).map(String::as_str)
+                            == Some(boot::BOOT_TEST_ROLE)
+                        {
+                            format!("{} ({state})", boot::BOOT_VOLUME)
+                        } else {
+                            state.to_owned()
+                        },
+                        by_host_name,
+                    });
+                }
             }
         }
         for id in files {
@@ -1174,6 +1331,7 @@ impl Provider for Ec2Provider {
                     id,
                     build: None,
                     state: "file without a volume".into(),
+                    by_host_name: false,
                 });
             }
         }
@@ -1186,24 +1344,16 @@ impl Provider for Ec2Provider {
             return self.reclaim_boot_volume(&volume.id).await;
         }
         if volume.state != "file without a volume" {
-            let (state, attachment) = self.volume_state(&volume.id).await?;
-            if attachment.is_some() {
-                self.detach_volume(&volume.id, None).await?;
-            } else if state == Some(VolumeState::Creating) {
-                self.wait_volume_available(&volume.id).await?;
+            // One EC2 no longer knows is deleted below as one that is gone.
+            match self.volume_state(&volume.id).await? {
+                Some((_, Some(_))) => self.detach_volume(&volume.id, None).await?,
+                Some((Some(VolumeState::Creating), None)) => {
+                    self.wait_volume_available(&volume.id).await?
+                }
+                _ => {}
             }
-            self.client
-                .delete_volume()
-                .volume_id(&volume.id)
-                .send()
-                .await
-                .map_err(cloud("DeleteVolume"))?;
         }
-        if self.data_plane == DataPlane::Loop {
-            let path = self.loop_file("volumes", &volume.id);
-            blocking(move || remove_if_present(&path)).await?;
-        }
-        Ok(())
+        self.delete_volume_now(&volume.id).await
     }
 
     async fn adopt_volume(
@@ -1222,13 +1372,14 @@ impl Provider for Ec2Provider {
     }
 
     async fn untag_snapshot(&self, id: &str, key: &str) -> Result<(), Failure> {
-        self.client
-            .delete_tags()
-            .resources(id)
-            .tags(Tag::builder().key(key).build())
-            .send()
-            .await
-            .map_err(cloud("DeleteTags"))?;
+        self.call_made(id, "DeleteTags", || {
+            self.client
+                .delete_tags()
+                .resources(id)
+                .tags(Tag::builder().key(key).build())
+                .send()
+        })
+        .await?;
         Ok(())
     }
 
@@ -1237,13 +1388,10 @@ impl Provider for Ec2Provider {
     }
 
     async fn deregister_image(&self, id: &str) -> Result<(), Failure> {
-        self.client
-            .deregister_image()
-            .image_id(id)
-            .send()
-            .await
-            .map_err(cloud("DeregisterImage"))?;
-        Ok(())
+        self.delete_made(id, "DeregisterImage", || {
+            self.client.deregister_image().image_id(id).send()
+        })
+        .await
     }
 
     fn boots_images(&self) -> bool {
@@ -1281,12 +1429,10 @@ impl Provider for Ec2Provider {
     }
 
     async fn delete_snapshot(&self, id: &str) -> Result<(), Failure> {
-        self.client
-            .delete_snapshot()
-            .snapshot_id(id)
-            .send()
-            .await
-            .map_err(cloud("DeleteSnapshot"))?;
+        self.delete_made(id, "DeleteSnapshot", || {
+            self.client.delete_snapshot().snapshot_id(id).send()
+        })
+        .await?;
         if self.data_plane == DataPlane::Loop {
             let path = self.loop_file("snapshots", id);
             blocking(move || remove_if_present(&path)).await?;
