@@ -7,7 +7,7 @@ can, per its configuration:
   ever, with a negative number) after they were made through it, if they were made while
   that delay was set;
 - answer the first N calls of an action with EC2's throttling error (RequestLimitExceeded);
-- answer every call of an action with a given error;
+- answer every call of an action with a given error (or every one after the first N);
 - answer each call of an action only after some seconds (EC2's own latency, stretched);
 - lose the answers of the first N calls of an action (the call reaches moto, the caller gets
   EC2's InternalError and retries);
@@ -42,7 +42,7 @@ And for instances (boot tests), what moto does not model:
   machine's do.
 
 Control: POST /_proxy/config with a JSON object (keys: volume_creating_secs,
-snapshot_pending_secs, not_found_secs {kind: seconds}, throttle {Action: count}, fail {Action: {code, message, status}},
+snapshot_pending_secs, not_found_secs {kind: seconds}, throttle {Action: count}, fail {Action: {code, message, status, after}},
 latency {Action: seconds}, lose {Action: count}, instance_pending_secs,
 instance_status_initializing_secs, instance_shutting_down_secs, console_output,
 console_reveal_secs),
@@ -433,6 +433,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if throttle > 0:
                 config["throttle"][action] = throttle - 1
             fail = config["fail"].get(action)
+            if fail and fail.get("after", 0) > 0:
+                # The first calls pass: only those after them fail.
+                fail["after"] -= 1
+                fail = None
             latency = config["latency"].get(action, 0)
             if latency > 0:
                 injected[action] = injected.get(action, 0) + latency

@@ -1097,7 +1097,8 @@ fn ec2_new_ids_that_ec2_does_not_know_yet_are_waited_for_and_undone() {
     // An image whose wait fails while EC2 does not know it yet: deregistered all the same.
     ec2.configure(json!({
         "not_found_secs": {"image": 3},
-        "fail": {"DescribeImages": {"code": "UnauthorizedOperation", "message": "emulated"}},
+        // The first DescribeImages (the resolve phase's check of the image's name) passes.
+        "fail": {"DescribeImages": {"code": "UnauthorizedOperation", "message": "emulated", "after": 1}},
     }));
     let err = env.amidala_in(&ws, &["build", "--source", &base, "--", "/bin/true"]);
     let stderr = err.err();
