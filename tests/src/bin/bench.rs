@@ -836,21 +836,9 @@ fn concurrent_section(opts: &Opts, report: &mut Report) {
         one.push(timed_build(&env, &ws, &["--", "true"]).wall);
         cpu_one += host_cpu_seconds() - busy;
         let busy = host_cpu_seconds();
-        let start = Instant::now();
-        let started: Vec<_> = (0..N)
-            .map(|_| start_build(&env, &ws, &["--", "true"]))
-            .collect();
-        let followers: Vec<_> = started
-            .into_iter()
-            .map(|(child, at)| std::thread::spawn(move || finish_build(child, at, None)))
-            .collect();
-        for follower in followers {
-            match follower.join().expect("a concurrent build") {
-                Ok(build) => phases.add(&build),
-                Err(e) => build_failed(&env, &e),
-            }
-        }
-        many.push(start.elapsed().as_secs_f64());
+        let (wall, builds) = builds_at_once(&env, &ws, &["--", "true"], N);
+        builds.iter().for_each(|build| phases.add(build));
+        many.push(wall);
         cpu_many += host_cpu_seconds() - busy;
     }
     // After amidala's runs, so that what the kernel does after a script (writeback, deferred
@@ -922,18 +910,7 @@ fn concurrent_section(opts: &Opts, report: &mut Report) {
     for _ in 0..opts.runs {
         check_interrupted();
         slept_one.push(timed_build(&env, &ws, &SLEEP).wall);
-        let start = Instant::now();
-        let started: Vec<_> = (0..N).map(|_| start_build(&env, &ws, &SLEEP)).collect();
-        let followers: Vec<_> = started
-            .into_iter()
-            .map(|(child, at)| std::thread::spawn(move || finish_build(child, at, None)))
-            .collect();
-        for follower in followers {
-            if let Err(e) = follower.join().expect("a concurrent build") {
-                build_failed(&env, &e);
-            }
-        }
-        slept_many.push(start.elapsed().as_secs_f64());
+        slept_many.push(builds_at_once(&env, &ws, &SLEEP, N).0);
     }
     let (a, b) = (median(&slept_one), median(&slept_many));
     report.row(
@@ -943,6 +920,27 @@ fn concurrent_section(opts: &Opts, report: &mut Report) {
         "<= 1.2x",
         Verdict::of(b / a <= 1.2),
     );
+}
+
+/// `n` builds of `args` started at once and followed to their ends: the wall time from the first
+/// start to the last end, and each build's phases.
+fn builds_at_once(env: &Env, ws: &Path, args: &[&str], n: usize) -> (f64, Vec<TimedBuild>) {
+    let start = Instant::now();
+    let started: Vec<_> = (0..n).map(|_| start_build(env, ws, args)).collect();
+    let followers: Vec<_> = started
+        .into_iter()
+        .map(|(child, at)| std::thread::spawn(move || finish_build(child, at, None)))
+        .collect();
+    let builds = followers
+        .into_iter()
+        .map(
+            |follower| match follower.join().expect("a concurrent build") {
+                Ok(build) => build,
+                Err(e) => build_failed(env, &e),
+            },
+        )
+        .collect();
+    (start.elapsed().as_secs_f64(), builds)
 }
 
 /// Seconds of CPU time spent by the whole host so far (all CPUs, everything but idle and
