@@ -75,12 +75,19 @@ impl Arch {
         }
     }
 
-    /// The GRUB platforms amidala installs for it.
+    /// The GRUB platforms amidala installs for it, its UEFI one last.
     pub fn grub_platforms(self) -> &'static [&'static str] {
         match self {
             Arch::X86_64 => &["i386-pc", "x86_64-efi"],
             Arch::Arm64 => &["arm64-efi"],
         }
+    }
+
+    /// Its UEFI GRUB platform.
+    pub fn efi_platform(self) -> &'static str {
+        self.grub_platforms()
+            .last()
+            .expect("every architecture boots with UEFI")
     }
 
     /// The firmware its disks boot with, as the [`amidala::proto::BOOT_TAG`] says it.

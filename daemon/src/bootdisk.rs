@@ -268,11 +268,8 @@ fn core_image(platform: &str, extra: &[&str], dir: &Path, name: &str) -> Result<
 /// images.
 pub fn install_loader(image: &Path, layout: &Layout, dir: &Path) -> Result<(), Failure> {
     // UEFI: the ESP, formatted and filled through mtools, addressing the image at its offset.
-    let (platform, file) = match layout.arch {
-        Arch::X86_64 => ("x86_64-efi", Arch::X86_64.efi_file()),
-        Arch::Arm64 => ("arm64-efi", Arch::Arm64.efi_file()),
-    };
-    let efi = core_image(platform, EFI_MODULES, dir, file)?;
+    let file = layout.arch.efi_file();
+    let efi = core_image(layout.arch.efi_platform(), EFI_MODULES, dir, file)?;
     let esp = format!("{}@@{ESP_START}", image.display());
     run(
         "mformat",

@@ -186,14 +186,21 @@ pub fn on_path(program: &str) -> bool {
     })
 }
 
+/// The UEFI firmware QEMU boots `arch`'s guests with: its code and its variable store.
+fn uefi_files(arch: Arch) -> (&'static str, &'static str) {
+    match arch {
+        Arch::X86_64 => (OVMF_CODE, OVMF_VARS),
+        Arch::Arm64 => (AAVMF_CODE, AAVMF_VARS),
+    }
+}
+
 /// What the host lacks to boot `arch`'s images with `firmware`, by package.
 pub fn missing(arch: Arch, firmware: &[Firmware]) -> Option<String> {
     let mut missing = Vec::new();
-    let (qemu, code, vars, packages) = match arch {
+    let (code, vars) = uefi_files(arch);
+    let (qemu, packages) = match arch {
         Arch::X86_64 => (
             QEMU,
-            OVMF_CODE,
-            OVMF_VARS,
             [
                 "qemu-system-x86_64 (package qemu-system-x86)",
                 "UEFI firmware for QEMU (package ovmf)",
@@ -201,8 +208,6 @@ pub fn missing(arch: Arch, firmware: &[Firmware]) -> Option<String> {
         ),
         Arch::Arm64 => (
             QEMU_ARM64,
-            AAVMF_CODE,
-            AAVMF_VARS,
             [
                 "qemu-system-aarch64 (package qemu-system-arm)",
                 "UEFI firmware for QEMU's arm64 machine (package qemu-efi-aarch64)",
@@ -707,10 +712,7 @@ fn qemu_args(firmware: Firmware, arch: Arch, kvm: bool, settings: &Settings) -> 
         settings.cpus.to_string(),
     ]);
     if firmware == Firmware::Uefi {
-        let code = match arch {
-            Arch::X86_64 => OVMF_CODE,
-            Arch::Arm64 => AAVMF_CODE,
-        };
+        let (code, _) = uefi_files(arch);
         args.extend([
             "-drive".to_owned(),
             format!("if=pflash,format=raw,unit=0,readonly=on,file={code}"),
@@ -1490,10 +1492,10 @@ fn helper() -> Result<std::convert::Infallible, String> {
         }
     }
     if job.uefi {
-        let vars = match job.program {
-            Program::QemuArm64 => AAVMF_VARS,
-            _ => OVMF_VARS,
-        };
+        let (_, vars) = uefi_files(match job.program {
+            Program::QemuArm64 => Arch::Arm64,
+            _ => Arch::X86_64,
+        });
         std::fs::copy(vars, root.join("vm/vars.fd"))
             .map_err(|err| format!("copying {vars}: {err}"))?;
         std::os::unix::fs::chown(root.join("vm/vars.fd"), Some(job.uid), Some(job.uid))
